@@ -1,0 +1,118 @@
+"""Command line: arguments -> options; EngineError -> one line on stderr and an exit code."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from collections.abc import Sequence
+
+from engine.config import (IMAGE_FORMATS, LAYOUTS, RUNNERS, ConvertOptions, FetchOptions,
+                           ImageOptions, parse_size)
+from engine.errors import EngineError, UsageError
+
+PROG = "engine"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), not the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Convert images + JSON annotations into training datasets: "
+                     "Hugging Face LLM image-extraction Parquet or packed Arrow (datasets.save_to_disk).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    c = sub.add_parser("convert", help="convert a JSONL manifest (+ config.json) into a dataset folder",
+                       description="Convert a JSONL manifest of images and expected outputs into a dataset "
+                       "folder. Every input row ends up written or in OUT/rejects.jsonl with its stage and reason.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = c.add_argument_group("input and output")
+    io.add_argument("--manifest", required=True, metavar="PATH",
+                    help="JSONL manifest: one object per line with image_id, image_path or image_url, output "
+                    "(relative paths resolve against the manifest's folder)")
+    io.add_argument("--config", metavar="PATH", help="config.json with 'instructions' and 'json_schema'; "
+                    "copied into the output")
+    io.add_argument("--out", required=True, metavar="DIR", help="output dataset folder")
+    io.add_argument("--layout", choices=LAYOUTS, default="parquet",
+                    help="parquet: Hugging Face LLM image-extraction Parquet; arrow: packed Arrow shards")
+    io.add_argument("--split", default="train", help="split of rows that have no 'split' key")
+    io.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    img = c.add_argument_group("images")
+    img.add_argument("--max-size", type=int, default=1024, metavar="PX",
+                     help="downscale so the longest side is at most PX pixels (0: keep the size)")
+    img.add_argument("--image-format", choices=IMAGE_FORMATS, default="jpeg",
+                     help="format of re-encoded images; keep: the source's format")
+    img.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality of re-encoded images")
+    img.add_argument("--no-passthrough", dest="passthrough", action="store_false",
+                     help="re-encode every image, even one that needs no change (by default such an image "
+                     "keeps its original bytes)")
+    img.add_argument("--max-pixels", type=int, default=ImageOptions().max_pixels,
+                     help="reject images with more pixels than this (checked from the header, before decoding)")
+    out = c.add_argument_group("shards")
+    out.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per output shard")
+    out.add_argument("--max-shard-size", default="500MB", metavar="SIZE",
+                     help="at most about SIZE of data per output shard (e.g. 500MB, 1GiB)")
+    out.add_argument("--row-group-rows", type=int, default=100, metavar="N", help="at most N rows per Parquet row group")
+    run = c.add_argument_group("execution")
+    run.add_argument("--workers", type=int, metavar="N", help="parallel workers (default: every core, "
+                     "or every CPU of the Ray cluster)")
+    run.add_argument("--runner", choices=RUNNERS, default="ray",
+                     help="ray: Ray workers (embedded, or the cluster of --ray-address); local: in this process")
+    run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: $RAY_ADDRESS, else "
+                     "start Ray embedded)")
+    run.add_argument("--http-timeout", type=float, default=30.0, metavar="S", help="timeout of each HTTP request")
+    run.add_argument("--http-retries", type=int, default=3, metavar="N", help="retries of a failed HTTP request "
+                     "(connection errors, 408/429/5xx), with exponential backoff")
+    run.add_argument("--max-reject-ratio", type=float, default=1.0, metavar="R",
+                     help="exit with code 1 when more than this fraction of rows is rejected")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    run.add_argument("--verbose", action="store_true", help="log debugging detail")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> ConvertOptions:
+    image = ImageOptions(max_size=args.max_size or None, format=args.image_format, quality=args.quality,
+                         passthrough=args.passthrough, max_pixels=args.max_pixels)
+    fetch = FetchOptions(timeout=args.http_timeout, retries=args.http_retries,
+                         total_timeout=max(args.http_timeout * (args.http_retries + 1) + 10, args.http_timeout))
+    return ConvertOptions(
+        manifest=args.manifest, out=args.out, config=args.config, layout=args.layout, split=args.split,
+        image=image, fetch=fetch, shard_rows=args.shard_rows, max_shard_bytes=parse_size(args.max_shard_size),
+        row_group_rows=args.row_group_rows, workers=args.workers, runner=args.runner, ray_address=args.ray_address,
+        overwrite=args.overwrite, quiet=args.quiet, max_reject_ratio=args.max_reject_ratio)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command is None:
+            build_parser().print_help(sys.stderr)
+            return 2
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
+        opts = options_from_args(args)
+        if opts.layout == "arrow":
+            raise UsageError("--layout arrow is not available yet")
+        from engine.driver import convert
+        from engine.progress import BarProgress, NullProgress
+
+        convert(opts, NullProgress() if opts.quiet else BarProgress(), command=shlex.join([PROG, *argv]))
+        return 0
+    except EngineError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+

@@ -1,0 +1,159 @@
+"""The task configuration (instructions + JSON schema) and the run options.
+
+Both are frozen dataclasses, checked before any image is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from engine.errors import ConfigError, UsageError
+
+LAYOUTS = ("parquet", "arrow")
+IMAGE_FORMATS = ("jpeg", "webp", "png", "keep")
+RUNNERS = ("ray", "local")
+SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")
+DEFAULT_ATTACHMENT_TOKEN = "<|reserved_special_token_0|>"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """The contents of config.json: what the model is asked and the schema its answer follows."""
+
+    instructions: str
+    json_schema: dict[str, Any]
+    raw: bytes = field(repr=False)  # the file as read, copied unchanged into every output
+
+    @property
+    def schema_json(self) -> str:
+        return orjson.dumps(self.json_schema, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def parse_task_config(raw: bytes, source: str = "config.json") -> TaskConfig:
+    """Parse and check config.json. Raises ConfigError with one line naming what is wrong."""
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ConfigError(f"{source} is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source} must hold a JSON object, got {type(doc).__name__}")
+    missing = [k for k in ("instructions", "json_schema") if k not in doc]
+    if missing:
+        raise ConfigError(f"{source} lacks the key(s) {', '.join(repr(k) for k in missing)}")
+    if not isinstance(doc["instructions"], str) or not doc["instructions"].strip():
+        raise ConfigError(f"{source}: 'instructions' must be a non-empty string")
+    schema = doc["json_schema"]
+    if not isinstance(schema, dict):
+        raise ConfigError(f"{source}: 'json_schema' must be a JSON object, got {type(schema).__name__}")
+    from engine.validate import check_schema  # local import: keeps config free of validator deps
+
+    problem = check_schema(schema)
+    if problem:
+        raise ConfigError(f"{source}: 'json_schema' is not a valid JSON Schema: {problem}")
+    return TaskConfig(instructions=doc["instructions"], json_schema=schema, raw=bytes(raw))
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "ki": 2**10, "mib": 2**20, "mi": 2**20,
+          "gib": 2**30, "gi": 2**30, "tib": 2**40, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000, '64MiB' -> 67_108_864, '1000' -> 1000."""
+    m = _SIZE.match(str(text))
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(f"not a size: {text!r} (examples: 500MB, 64MiB, 1GB)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageOptions:
+    """How each image is transformed. Picklable; shipped to every worker."""
+
+    max_size: int | None = 1024  # longest side; None keeps the size
+    format: str = "jpeg"  # format of re-encoded images: jpeg, webp, png, keep (the source's)
+    quality: int = 90
+    passthrough: bool = True  # keep the original bytes when nothing needs changing
+    max_pixels: int = 178_956_970  # decompression-bomb limit, checked from the header
+    max_image_bytes: int = 256 * 2**20
+
+
+@dataclass(frozen=True, kw_only=True)
+class FetchOptions:
+    timeout: float = 30.0  # per request (connect and read)
+    retries: int = 3
+    total_timeout: float = 120.0  # per image, retries included
+    io_threads: int = 8  # concurrent fetches per worker
+
+
+@dataclass(frozen=True, kw_only=True)
+class ConvertOptions:
+    """Everything a run needs, resolved and checked. Written to stats.json."""
+
+    manifest: str
+    out: str
+    config: str | None = None
+    layout: str = "parquet"
+    split: str = "train"
+    image: ImageOptions = field(default_factory=ImageOptions)
+    fetch: FetchOptions = field(default_factory=FetchOptions)
+    shard_rows: int | None = None  # cap on rows per output shard
+    max_shard_bytes: int = 500 * 10**6
+    row_group_rows: int = 100
+    row_group_bytes: int = 100 * 10**6
+    unit_rows: int = 64  # rows per work unit (the unit of parallelism, not of output)
+    workers: int | None = None  # None: every core (or every CPU of the cluster)
+    runner: str = "ray"
+    ray_address: str | None = None
+    overwrite: bool = False
+    quiet: bool = False
+    max_reject_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        check = _check_options(self)
+        if check:
+            raise UsageError(check)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_options(o: ConvertOptions) -> str | None:
+    if o.layout not in LAYOUTS:
+        return f"--layout must be one of {', '.join(LAYOUTS)}, not {o.layout!r}"
+    if o.runner not in RUNNERS:
+        return f"--runner must be one of {', '.join(RUNNERS)}, not {o.runner!r}"
+    if o.image.format not in IMAGE_FORMATS:
+        return f"--image-format must be one of {', '.join(IMAGE_FORMATS)}, not {o.image.format!r}"
+    if not SPLIT_NAME.match(o.split):
+        return f"--split {o.split!r} is not a valid split name (letters, digits, _ and .)"
+    if o.image.max_size is not None and o.image.max_size < 1:
+        return f"--max-size must be a positive number of pixels, not {o.image.max_size}"
+    if not 1 <= o.image.quality <= 100:
+        return f"--quality must be between 1 and 100, not {o.image.quality}"
+    if o.image.max_pixels < 1:
+        return "--max-pixels must be positive"
+    for name, value in (("--shard-rows", o.shard_rows), ("--workers", o.workers)):
+        if value is not None and value < 1:
+            return f"{name} must be at least 1, not {value}"
+    if o.max_shard_bytes < 1:
+        return "--max-shard-size must be positive"
+    if o.unit_rows < 1 or o.row_group_rows < 1 or o.row_group_bytes < 1:
+        return "unit and row-group sizes must be positive"
+    if not 0.0 <= o.max_reject_ratio <= 1.0:
+        return f"--max-reject-ratio must be between 0 and 1, not {o.max_reject_ratio}"
+    if o.fetch.timeout <= 0 or o.fetch.total_timeout <= 0 or o.fetch.retries < 0:
+        return "--http-timeout must be positive and --http-retries not negative"
+    if o.layout == "parquet" and not o.config:
+        return "--config is required for --layout parquet (it holds the instructions and JSON schema)"
+    if os.path.abspath(o.out) == os.path.abspath(os.path.dirname(os.path.abspath(o.manifest))):
+        return "--out must not be the manifest's own folder"
+    return None

@@ -1,0 +1,195 @@
+"""The driver: plan the manifest, run the units, cut and write the final shards, then write the
+accounting (rejects.jsonl, stats.json) and the dataset card. Knows no Ray and no CLI."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from engine.config import ConvertOptions, TaskConfig, parse_task_config
+from engine.errors import ConfigError, RejectRatioExceeded, UsageError
+from engine.pipeline import UnitContext, UnitResult, process_unit
+from engine.progress import NullProgress, Progress
+from engine.records import extraction_features, order_meta_keys
+from engine.runners import make_runner
+from engine.sinks.card import dataset_card
+from engine.sinks.chunking import plan_chunks
+from engine.sinks.files import atomic_path, write_bytes_atomic
+from engine.sinks.parquet import Piece, ShardResult, ShardSpec, write_parquet_shard
+from engine.sources import location
+from engine.sources.manifest import plan_manifest
+from engine.stats import RunStats
+
+log = logging.getLogger(__name__)
+WORK_DIR = ".engine"  # scratch space inside OUT: parts, temporary files; removed on success
+SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    out: str
+    stats: dict[str, Any]
+
+
+def load_task_config(path: str) -> TaskConfig:
+    try:
+        with location.open_binary(path) as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"config not found: {path}") from None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    return parse_task_config(raw, os.path.basename(path) or path)
+
+
+def prepare_out(out: str, overwrite: bool) -> str:
+    """Check the output folder is free (or may be replaced) and create the work folder."""
+    if location.is_url(out):
+        raise UsageError(f"remote output folders are not supported yet: {out}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a folder")
+    if os.path.isdir(out) and os.listdir(out):
+        if not overwrite:
+            raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
+        for entry in os.listdir(out):
+            path = os.path.join(out, entry)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    work = os.path.join(out, WORK_DIR)
+    os.makedirs(os.path.join(work, "parts"), exist_ok=True)
+    os.makedirs(os.path.join(work, "tmp"), exist_ok=True)
+    return work
+
+
+def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
+    started = time.perf_counter()
+    progress = progress or NullProgress()
+    task = load_task_config(opts.config) if opts.config else None
+    if not location.exists(opts.manifest):
+        raise UsageError(f"manifest not found: {opts.manifest}")
+    work = prepare_out(opts.out, opts.overwrite)
+    plan = plan_manifest(opts.manifest, opts.unit_rows)
+    ctx = UnitContext(schema_json=task.schema_json if task else "{}", image=opts.image, fetch=opts.fetch,
+                      default_split=opts.split, work_dir=work)
+    stats = RunStats()
+    results: list[UnitResult] = []
+    with make_runner(opts) as runner:
+        progress.start(plan.num_rows, "converting")
+        for result in runner.map_unordered(process_unit, ((unit, ctx) for unit in plan.units)):
+            results.append(result)
+            stats.add_unit(result)
+            progress.advance(result.num_rows, sum(result.rejected.values()))
+        progress.close()
+        results.sort(key=lambda r: r.index)
+        meta_keys = tuple(order_meta_keys({k for r in results for k in r.meta_keys}))
+        specs = plan_shards(results, opts, meta_keys, work, default_split=opts.split)
+        progress.start(len(specs), "writing shards")
+        shards: list[ShardResult] = []
+        for shard in runner.map_unordered(write_parquet_shard, ((s,) for s in specs)):
+            shards.append(shard)
+            progress.advance(1, 0)
+        progress.close()
+    stats.check()
+    stats.seconds = time.perf_counter() - started
+    summary = finish(opts, task, results, shards, stats, meta_keys, command, workers=runner.num_workers)
+    shutil.rmtree(work, ignore_errors=True)
+    progress.message(f"engine: {stats.summary()} -> {opts.out}")
+    if stats.reject_ratio > opts.max_reject_ratio:
+        raise RejectRatioExceeded(
+            f"{stats.num_rejected:,} of {stats.num_input_rows:,} rows rejected ({stats.reject_ratio:.1%}), "
+            f"over --max-reject-ratio {opts.max_reject_ratio:g}; see {os.path.join(opts.out, 'rejects.jsonl')}")
+    return ConvertResult(out=opts.out, stats=summary)
+
+
+def ordered_splits(names: Sequence[str]) -> list[str]:
+    return sorted(set(names), key=lambda n: (SPLIT_ORDER.get(n, 99), n))
+
+
+def plan_shards(results: list[UnitResult], opts: ConvertOptions, meta_keys: tuple[str, ...], work: str,
+                default_split: str) -> list[ShardSpec]:
+    """Cut every split's rows (in line order) into shards by size and row cap.
+
+    Uses only per-row byte sizes, so the cut is the same whatever the number of units or workers.
+    """
+    specs: list[ShardSpec] = []
+    splits = ordered_splits([s for r in results for s in r.sizes]) or [default_split]
+    for split in splits:
+        segments = [(r.part, len(r.sizes[split])) for r in results if split in r.sizes]
+        sizes = np.concatenate([r.sizes[split] for r in results if split in r.sizes] or [np.zeros(0, np.int64)])
+        chunks = plan_chunks(sizes.tolist(), opts.max_shard_bytes, opts.shard_rows) or [(0, 0)]
+        for index, (start, stop) in enumerate(chunks):
+            specs.append(ShardSpec(split=split, index=index, num_shards=len(chunks),
+                                   pieces=pieces_for(segments, start, stop), meta_keys=meta_keys,
+                                   row_group_rows=opts.row_group_rows, row_group_bytes=opts.row_group_bytes,
+                                   out=opts.out, tmp_dir=os.path.join(work, "tmp")))
+    return specs
+
+
+def pieces_for(segments: list[tuple[str, int]], start: int, stop: int) -> tuple[Piece, ...]:
+    """Map the global row range ``[start, stop)`` onto (part, local start, local stop) pieces."""
+    pieces, offset = [], 0
+    for part, count in segments:
+        lo, hi = max(start, offset), min(stop, offset + count)
+        if lo < hi:
+            pieces.append(Piece(part, lo - offset, hi - offset))
+        offset += count
+        if offset >= stop:
+            break
+    return tuple(pieces)
+
+
+def finish(opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResult], shards: list[ShardResult],
+           stats: RunStats, meta_keys: tuple[str, ...], command: str, workers: int) -> dict[str, Any]:
+    """Write what sits beside the data, in this order: config.json, rejects.jsonl, README.md,
+    and last stats.json, so a folder with stats.json is a finished dataset."""
+    out, tmp = opts.out, os.path.join(opts.out, WORK_DIR, "tmp")
+    if task is not None:
+        write_bytes_atomic(os.path.join(out, "config.json"), task.raw, tmp)
+    with atomic_path(os.path.join(out, "rejects.jsonl"), tmp) as path, open(path, "wb") as dst:
+        for r in results:
+            if r.rejects:
+                with open(r.rejects, "rb") as src:
+                    shutil.copyfileobj(src, dst)
+
+    splits: dict[str, dict[str, Any]] = {}
+    for shard in sorted(shards, key=lambda s: s.path):
+        s = splits.setdefault(shard.split, {"num_rows": 0, "num_shards": 0, "num_bytes": 0, "file_bytes": 0, "files": []})
+        s["num_rows"] += shard.num_rows
+        s["num_shards"] += 1
+        s["file_bytes"] += shard.num_bytes
+        s["files"].append(shard.path)
+    for r in results:
+        for split, sizes in r.sizes.items():
+            splits[split]["num_bytes"] += int(sizes.sum())
+    splits = {name: splits[name] for name in ordered_splits(list(splits))}
+    doc = stats.to_dict()
+    card = dataset_card(features=extraction_features(list(meta_keys)), splits=splits, data_glob="data/{split}-*",
+                        title=f"{os.path.basename(os.path.abspath(out))}", instructions=task.instructions if task else None,
+                        stats=doc, command=command)
+    write_bytes_atomic(os.path.join(out, "README.md"), card.encode(), tmp)
+    doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
+                "versions": _versions()})
+    write_bytes_atomic(os.path.join(out, "stats.json"), orjson.dumps(doc, option=orjson.OPT_INDENT_2), tmp)
+    return doc
+
+
+def _versions() -> dict[str, Any]:
+    import importlib.metadata as md
+
+    import PIL
+
+    def version(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    return {"engine": version("engine"), "pillow": PIL.__version__, "pillow_simd": version("pillow-simd") is not None,
+            "pyarrow": version("pyarrow"), "datasets": version("datasets"), "ray": version("ray")}

@@ -1,0 +1,221 @@
+"""Pure bytes -> bytes image work: decode, EXIF orientation, downscale, re-encode or pass through.
+
+Nothing here touches files, stats or Ray. ``transform_image`` never raises for a bad image:
+it returns an :class:`ImageFailure` whose reason goes to rejects.jsonl.
+
+The order of operations follows what measured fastest (FORMATS.md §6): JPEG DCT scaling
+(``draft``) to the smallest scale still at least the target, ``thumbnail``, and only then the
+EXIF transpose, on the small image.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile
+
+from engine.config import ImageOptions
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+# The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_SOURCE_FORMAT = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
+# Modes a reader handles as they are, per stored format: these may pass through untouched.
+_STORABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "RGBA", "L", "LA"}, "webp": {"RGB", "RGBA"}}
+_EXTENSION = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImage:
+    data: bytes
+    format: str  # jpeg | png | webp
+    width: int
+    height: int
+    passthrough: bool
+
+    @property
+    def extension(self) -> str:
+        return _EXTENSION[self.format]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageFailure:
+    reason: str
+
+
+def transform_image(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
+    """Make ``data`` upright, at most ``opts.max_size`` on its longest side, in a storable mode."""
+    if not data:
+        return ImageFailure("empty file (0 bytes)")
+    try:
+        return _transform(data, opts)
+    except Image.DecompressionBombError as exc:
+        return ImageFailure(f"over the pixel limit: {exc}")
+    except MemoryError:
+        return ImageFailure("out of memory while decoding")
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
+        return ImageFailure(f"cannot decode image: {type(exc).__name__}: {exc}")
+
+
+def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
+    if opts.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        Image.MAX_IMAGE_PIXELS = opts.max_pixels
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        return ImageFailure("not an image (unrecognised format)")
+    width, height = im.size
+    if width < 1 or height < 1:
+        return ImageFailure(f"invalid dimensions {width}x{height}")
+    if width * height > opts.max_pixels:
+        return ImageFailure(
+            f"{width}x{height} = {width * height:,} pixels is over the pixel limit of {opts.max_pixels:,}"
+        )
+    orientation = read_orientation(im)
+    if isinstance(orientation, ImageFailure):
+        return orientation
+    source = _SOURCE_FORMAT.get(im.format or "")
+    target = target_size(width, height, opts.max_size)
+    if (
+        opts.passthrough
+        and source is not None
+        and orientation == 1
+        and target == (width, height)
+        and im.mode in _STORABLE[source]
+        and getattr(im, "n_frames", 1) == 1
+    ):
+        problem = check_complete(data, im, source)
+        if problem:
+            return ImageFailure(problem)
+        return EncodedImage(data, source, width, height, passthrough=True)
+
+    out_format = opts.format if opts.format != "keep" else (source or "png")
+    im = _normalise_mode_before_resize(im)
+    if target != (width, height):
+        if im.format in ("JPEG", "MPO"):
+            im.draft(None, target)
+        im.thumbnail(target)
+    else:
+        im.load()
+    if orientation != 1:
+        im = im.transpose(_TRANSPOSE[orientation])
+    im = _mode_for_format(im, out_format)
+    return EncodedImage(_encode(im, out_format, opts.quality), out_format, im.width, im.height, False)
+
+
+def target_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
+    """Size after downscaling so the longest side is at most ``max_size`` (aspect kept, >= 1 px)."""
+    if max_size is None or max(width, height) <= max_size:
+        return width, height
+    scale = max_size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def read_orientation(im: Image.Image) -> int | ImageFailure:
+    """The EXIF orientation (1 when absent), read without decoding pixels.
+
+    JPEG, PNG and WebP keep their EXIF block in ``im.info`` at open time; ``getexif()`` on a PNG
+    would force a full decode (FORMATS.md §6).
+    """
+    try:
+        if im.format in ("JPEG", "MPO", "PNG", "WEBP"):
+            raw = im.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = im.getexif()
+        value = exif.get(ORIENTATION_TAG, 1)
+    except Exception as exc:  # noqa: BLE001
+        return ImageFailure(f"corrupt EXIF block: {type(exc).__name__}: {exc}")
+    if isinstance(value, tuple) and len(value) == 1:
+        value = value[0]
+    if not isinstance(value, int) or not 1 <= value <= 8:
+        return ImageFailure(f"invalid EXIF orientation {value!r} (must be 1 to 8)")
+    return value
+
+
+def check_complete(data: bytes, im: Image.Image, source: str) -> str | None:
+    """Cheap structural check of a file that passes through without a full decode.
+
+    A truncated JPEG lacks its end-of-image marker after the scan data; a truncated PNG lacks
+    its IEND chunk; a truncated WebP is shorter than its RIFF header says.
+    """
+    if source == "jpeg":
+        scan_start = im.tile[0][2] if im.tile else 0
+        if data.rfind(b"\xff\xd9") < scan_start:
+            return "truncated JPEG: no end-of-image marker after the scan data"
+    elif source == "png":
+        scan_start = im.tile[0][2] if im.tile else 0
+        if data.rfind(b"IEND\xaeB`\x82") < scan_start:
+            return "truncated PNG: no IEND chunk"
+    elif source == "webp":
+        if len(data) < 8 + int.from_bytes(data[4:8], "little"):
+            return "truncated WebP: shorter than its RIFF header says"
+    return None
+
+
+def _normalise_mode_before_resize(im: Image.Image) -> Image.Image:
+    """Modes that resize badly or cannot be stored: palette, 1-bit, 16/32-bit, float."""
+    mode = im.mode
+    if mode == "P" or mode == "PA":
+        return im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
+    if mode == "1":
+        return im.convert("L")
+    if mode.startswith("I;16") or mode == "I":
+        import numpy as np
+
+        arr = np.asarray(im)
+        if mode == "I" and arr.size and int(arr.max()) > 65535:
+            arr = arr.astype(np.float64) * (255.0 / float(arr.max()))
+        else:
+            arr = arr.astype(np.uint32) >> 8
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+    if mode == "F":
+        import numpy as np
+
+        return Image.fromarray(np.clip(np.asarray(im), 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def _mode_for_format(im: Image.Image, fmt: str) -> Image.Image:
+    mode = im.mode
+    has_alpha = mode in ("RGBA", "LA", "RGBa", "La")
+    if fmt == "jpeg":
+        if has_alpha:  # JPEG holds no alpha: composite over white rather than expose hidden colour
+            rgba = im.convert("RGBA")
+            background = Image.new("RGB", rgba.size, (255, 255, 255))
+            background.paste(rgba, mask=rgba.getchannel("A"))
+            return background
+        return im if mode in ("RGB", "L") else im.convert("RGB")
+    if fmt == "webp":
+        return im if mode in ("RGB", "RGBA") else im.convert("RGBA" if has_alpha else "RGB")
+    return im if mode in ("RGB", "RGBA", "L", "LA") else im.convert("RGBA" if has_alpha else "RGB")
+
+
+def _encode(im: Image.Image, fmt: str, quality: int) -> bytes:
+    buf = io.BytesIO()
+    icc = im.info.get("icc_profile")
+    extra = {"icc_profile": icc} if icc else {}
+    if fmt == "jpeg":
+        im.save(buf, "JPEG", quality=quality, **extra)
+    elif fmt == "webp":
+        im.save(buf, "WEBP", quality=quality, **extra)
+    else:
+        im.save(buf, "PNG", **extra)
+    return buf.getvalue()

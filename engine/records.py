@@ -1,0 +1,110 @@
+"""The sample record, the reject record, and the Arrow schemas of every layout.
+
+Schemas are declared up front from ``datasets.Features``, never inferred from the first row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+# Fixed meta fields of the LLM image-extraction layout, in this order; extra manifest keys
+# follow, sorted by name.
+META_FIXED = ("barcode", "off_image_id", "image_url")
+# Manifest keys that are the record itself, never copied into meta.
+RESERVED_KEYS = frozenset({"image_id", "image_url", "image_path", "output", "split"})
+
+STAGES = ("manifest", "duplicate", "validate", "fetch", "decode", "write")
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """One input row that was not written: where it came from, which stage refused it, why."""
+
+    line: int
+    image_id: str | None
+    stage: str
+    reason: str
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {"line": self.line, "image_id": self.image_id, "stage": self.stage, "reason": self.reason}
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One converted row, ready for a sink: the encoded image and the validated output."""
+
+    line: int
+    split: str
+    image_id: str
+    image_bytes: bytes
+    image_name: str  # file name stored in image.path (never a directory)
+    output: str  # compact JSON
+    meta: dict[str, str | None]
+
+    @property
+    def num_bytes(self) -> int:
+        """Uncompressed size estimate used to cut row groups and shards."""
+        meta = sum(len(v) for v in self.meta.values() if v)
+        return len(self.image_bytes) + len(self.output) + len(self.image_id) + len(self.image_name) + meta
+
+
+IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+# Intermediate per-unit part files (Arrow IPC streams), shared by every output layout.
+PART_SCHEMA = pa.schema(
+    [
+        ("line", pa.int64()),
+        ("split", pa.string()),
+        ("image_id", pa.string()),
+        ("image", IMAGE_STRUCT),
+        ("output", pa.string()),
+        ("meta", pa.string()),  # compact JSON object; becomes a struct once all keys are known
+        ("num_bytes", pa.int64()),
+    ]
+)
+
+
+def samples_to_part_batch(samples: list[Sample]) -> pa.RecordBatch:
+    return pa.RecordBatch.from_arrays(
+        [
+            pa.array([s.line for s in samples], pa.int64()),
+            pa.array([s.split for s in samples], pa.string()),
+            pa.array([s.image_id for s in samples], pa.string()),
+            pa.array([{"bytes": s.image_bytes, "path": s.image_name} for s in samples], IMAGE_STRUCT),
+            pa.array([s.output for s in samples], pa.string()),
+            pa.array([orjson.dumps(s.meta).decode() for s in samples], pa.string()),
+            pa.array([s.num_bytes for s in samples], pa.int64()),
+        ],
+        schema=PART_SCHEMA,
+    )
+
+
+def order_meta_keys(keys: set[str] | frozenset[str]) -> list[str]:
+    return list(META_FIXED) + sorted(set(keys) - set(META_FIXED))
+
+
+def extraction_features(meta_keys: list[str]):
+    """``datasets.Features`` of the LLM image-extraction layout (FORMATS.md §3)."""
+    from datasets import Features, Image, Value
+
+    return Features(
+        {
+            "image_id": Value("string"),
+            "image": Image(),
+            "output": Value("string"),
+            "meta": {k: Value("string") for k in meta_keys},
+        }
+    )
+
+
+def meta_struct_array(meta_json: pa.Array, meta_keys: list[str]) -> pa.StructArray:
+    """Turn the parts' compact-JSON meta column into the struct column, keys in order."""
+    dicts: list[dict[str, Any]] = [orjson.loads(m) for m in meta_json.to_pylist()]
+    columns = [pa.array([d.get(k) for d in dicts], pa.string()) for k in meta_keys]
+    return pa.StructArray.from_arrays(columns, names=meta_keys)

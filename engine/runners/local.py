@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+
+class LocalRunner:
+    """Everything in this process, one item after another. For tests, debugging and tiny jobs."""
+
+    num_workers = 1
+
+    def __enter__(self) -> LocalRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple]) -> Iterator[Any]:
+        for args in items:
+            yield fn(*args)

@@ -1,0 +1,1 @@
+"""Outputs: the per-unit part files every layout starts from, and one module per final layout."""

@@ -1,0 +1,58 @@
+"""Per-unit part files: the processed rows of one work unit as an Arrow IPC stream.
+
+Every layout's final shards are assembled from parts, cut by row sizes alone, so the final
+files are the same whatever the number of workers or units.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from engine.records import PART_SCHEMA, Sample, samples_to_part_batch
+from engine.sinks.files import atomic_path
+
+BATCH_ROWS = 16
+
+
+class PartWriter:
+    """Streams samples into ``path`` in small batches; the file appears only on ``close``."""
+
+    def __init__(self, path: str, tmp_dir: str):
+        self._path, self._tmp_dir = path, tmp_dir
+        self._pending: list[Sample] = []
+        self._ctx = atomic_path(path, tmp_dir)
+        self._tmp = self._ctx.__enter__()
+        self._sink = pa.OSFile(self._tmp, "wb")
+        self._writer = ipc.new_stream(self._sink, PART_SCHEMA)
+
+    def write(self, sample: Sample) -> None:
+        self._pending.append(sample)
+        if len(self._pending) >= BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_batch(samples_to_part_batch(self._pending))
+            self._pending = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._sink.close()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        try:
+            self._writer.close()
+            self._sink.close()
+        finally:
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def read_part_rows(path: str, split: str, start: int, stop: int) -> pa.Table:
+    """Rows ``[start, stop)`` of ``split`` in a part file."""
+    table = ipc.open_stream(pa.memory_map(path)).read_all()  # zero-copy; the map lives with the table
+    table = table.filter(pc.equal(table["split"], split))
+    return table.slice(start, stop - start)

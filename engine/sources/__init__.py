@@ -1,0 +1,1 @@
+"""Inputs: planning a manifest into small work-unit descriptors, reading them, fetching images."""

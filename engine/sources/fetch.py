@@ -1,0 +1,126 @@
+"""Fetching image bytes: local files, HTTP(S) with timeouts and bounded retries, fsspec URLs.
+
+Every failure is returned as a :class:`FetchFailure` (stage ``fetch``), never raised.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from engine.config import FetchOptions
+from engine.sources.location import local_path
+
+_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailure:
+    reason: str
+
+
+class Fetcher:
+    """Reads image bytes. One per worker process; thread-safe (one HTTP session per thread)."""
+
+    def __init__(self, opts: FetchOptions, max_bytes: int):
+        self._opts = opts
+        self._max_bytes = max_bytes
+        self._local = threading.local()
+
+    def fetch(self, location: str) -> bytes | FetchFailure:
+        try:
+            if location.startswith(("http://", "https://")):
+                return self._fetch_http(location)
+            path = local_path(location)
+            if path is not None:
+                return self._read_local(path)
+            return self._read_fsspec(location)
+        except Exception as exc:  # noqa: BLE001 - any I/O problem is this row's failure
+            return FetchFailure(f"{type(exc).__name__}: {exc}")
+
+    def _too_big(self, size: int) -> FetchFailure:
+        return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
+
+    def _read_local(self, path: str) -> bytes | FetchFailure:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > self._max_bytes:
+                    return self._too_big(size)
+                return f.read()
+        except FileNotFoundError:
+            return FetchFailure(f"file not found: {path}")
+        except IsADirectoryError:
+            return FetchFailure(f"is a directory, not a file: {path}")
+        except PermissionError:
+            return FetchFailure(f"permission denied: {path}")
+
+    def _read_fsspec(self, url: str) -> bytes | FetchFailure:
+        import fsspec
+
+        try:
+            with fsspec.open(url, "rb") as f:
+                data = f.read(self._max_bytes + 1)
+        except FileNotFoundError:
+            return FetchFailure(f"not found: {url}")
+        return self._too_big(len(data)) if len(data) > self._max_bytes else data
+
+    def _session(self):
+        session = getattr(self._local, "session", None)
+        if session is None:
+            import requests
+
+            session = requests.Session()
+            session.headers["User-Agent"] = "engine/0.1 (image dataset converter)"
+            self._local.session = session
+        return session
+
+    def _fetch_http(self, url: str) -> bytes | FetchFailure:
+        """GET with a per-request timeout, retries with exponential backoff on connection errors
+        and retryable statuses, and a total time bound per image."""
+        import requests
+
+        opts = self._opts
+        deadline = time.monotonic() + opts.total_timeout
+        last = "no attempt made"
+        for attempt in range(opts.retries + 1):
+            if attempt:
+                pause = min(0.25 * 2 ** (attempt - 1), 4.0)
+                if time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            timeout = min(opts.timeout, remaining)
+            try:
+                with self._session().get(url, timeout=timeout, stream=True) as resp:
+                    if resp.status_code in _RETRY_STATUS:
+                        last = f"HTTP {resp.status_code} {resp.reason}"
+                        continue
+                    if resp.status_code >= 400:
+                        return FetchFailure(f"HTTP {resp.status_code} {resp.reason}: {url}")
+                    declared = int(resp.headers.get("Content-Length") or 0)
+                    if declared > self._max_bytes:
+                        return self._too_big(declared)
+                    chunks, size = [], 0
+                    for chunk in resp.iter_content(1 << 16):
+                        size += len(chunk)
+                        if size > self._max_bytes:
+                            return self._too_big(size)
+                        if time.monotonic() > deadline:
+                            return FetchFailure(f"timed out after {opts.total_timeout:g} s: {url}")
+                        chunks.append(chunk)
+                    return b"".join(chunks)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                last = f"{type(exc).__name__}: {_short(exc)}"
+            except requests.RequestException as exc:
+                return FetchFailure(f"{type(exc).__name__}: {_short(exc)}")
+        return FetchFailure(f"gave up after {attempt + 1} attempt(s) ({last}): {url}")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc)
+    return text if len(text) < 200 else text[:200] + "…"

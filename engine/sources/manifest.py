@@ -1,0 +1,182 @@
+"""The labelr-style JSONL manifest (FORMATS.md §1).
+
+Planning (driver) streams the file once in large blocks: it records the byte range of every
+work unit and finds repeated ``image_id``s with polars, without holding rows as Python objects.
+Reading (worker) parses only its own byte range, one line at a time, so one bad line can
+never fail its neighbours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+import polars as pl
+
+from engine.config import SPLIT_NAME
+from engine.errors import UsageError
+from engine.records import META_FIXED, RESERVED_KEYS, Reject
+from engine.sources import location
+
+BLOCK_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True, slots=True)
+class UnitSpec:
+    """A small, picklable work unit: a byte range of the manifest and what the driver knows."""
+
+    index: int
+    manifest: str
+    byte_start: int
+    byte_end: int
+    first_line: int  # 1-based number of the physical line at byte_start
+    num_rows: int  # non-blank lines in the range
+    duplicate_lines: tuple[int, ...]  # lines whose image_id an earlier line already claimed
+
+
+@dataclass(frozen=True)
+class ManifestPlan:
+    units: list[UnitSpec]
+    num_rows: int
+    num_duplicates: int
+    num_bytes: int
+
+
+def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
+    """Split the manifest into units of ``unit_rows`` non-blank lines and find duplicate ids."""
+    bounds: list[tuple[int, int, int, int]] = []  # (byte_start, byte_end, first_line, rows)
+    id_frames: list[pl.DataFrame] = []
+    unit_start, unit_first_line, unit_count = 0, 1, 0
+    offset, line_no, num_rows = 0, 0, 0
+    try:
+        f = location.open_binary(manifest)
+    except FileNotFoundError:
+        raise UsageError(f"manifest not found: {manifest}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read manifest {manifest}: {exc}") from None
+    with f:
+        carry = b""
+        while True:
+            block = f.read(BLOCK_BYTES)
+            buf = carry + block
+            if not block:
+                lines, carry = ([buf] if buf else []), b""
+            else:
+                lines = buf.split(b"\n")
+                carry = lines.pop()
+            block_lines: list[int] = []
+            block_texts: list[str | None] = []
+            for raw in lines:
+                line_no += 1
+                start = offset
+                offset += len(raw) + 1
+                if not raw.strip():
+                    continue
+                if unit_count == unit_rows:
+                    bounds.append((unit_start, start, unit_first_line, unit_count))
+                    unit_start, unit_first_line, unit_count = start, line_no, 0
+                unit_count += 1
+                num_rows += 1
+                block_lines.append(line_no)
+                try:
+                    block_texts.append(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    block_texts.append(None)
+            if block_lines:
+                ids = pl.Series("id", block_texts, dtype=pl.String).str.json_path_match("$.image_id")
+                id_frames.append(pl.DataFrame({"line": block_lines, "id": ids}))
+            if not block:
+                break
+    if unit_count:
+        bounds.append((unit_start, offset, unit_first_line, unit_count))
+    duplicates = _duplicate_lines(id_frames)
+    units = []
+    for i, (start, end, first, rows) in enumerate(bounds):
+        last = bounds[i + 1][2] if i + 1 < len(bounds) else line_no + 1
+        lo, hi = np.searchsorted(duplicates, [first, last])
+        units.append(UnitSpec(index=i, manifest=manifest, byte_start=start, byte_end=end, first_line=first,
+                              num_rows=rows, duplicate_lines=tuple(int(x) for x in duplicates[lo:hi])))
+    return ManifestPlan(units=units, num_rows=num_rows, num_duplicates=len(duplicates), num_bytes=offset)
+
+
+def _duplicate_lines(frames: list[pl.DataFrame]) -> np.ndarray:
+    if not frames:
+        return np.zeros(0, dtype=np.int64)
+    ids = pl.concat(frames).filter(pl.col("id").is_not_null() & (pl.col("id") != ""))
+    dup = ids.filter(~pl.col("id").is_first_distinct()).get_column("line")
+    return np.sort(dup.to_numpy().astype(np.int64))
+
+
+def read_unit_lines(unit: UnitSpec) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw line) for every non-blank line of the unit."""
+    with location.open_binary(unit.manifest) as f:
+        f.seek(unit.byte_start)
+        data = f.read(unit.byte_end - unit.byte_start)
+    for i, raw in enumerate(data.split(b"\n")):
+        if raw.strip():
+            yield unit.first_line + i, raw
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRow:
+    line: int
+    image_id: str
+    location: str  # resolved against the manifest's folder
+    split: str
+    output: Any
+    meta: dict[str, str | None]
+
+
+def parse_row(line: int, raw: bytes, *, base: str, default_split: str) -> ManifestRow | Reject:
+    """One manifest line -> a row, or a ``manifest``-stage reject naming what is wrong."""
+    def reject(reason: str, image_id: str | None = None) -> Reject:
+        return Reject(line, image_id, "manifest", reason)
+
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject(f"line is not valid UTF-8 (byte {exc.start})")
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return reject(f"line is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return reject(f"line is a JSON {type(obj).__name__}, not an object")
+    image_id = obj.get("image_id")
+    if isinstance(image_id, int) and not isinstance(image_id, bool):
+        image_id = str(image_id)
+    if not isinstance(image_id, str) or not image_id:
+        return reject("no 'image_id' (a non-empty string)")
+    if "\x00" in image_id:
+        return reject("'image_id' contains a NUL byte", image_id.replace("\x00", "\\0"))
+    where = obj.get("image_path") or obj.get("image_url")
+    if not isinstance(where, str) or not where:
+        return reject("no 'image_path' or 'image_url'", image_id)
+    if "\x00" in where:
+        return reject("image location contains a NUL byte", image_id)
+    split = obj.get("split") or default_split
+    if not isinstance(split, str) or not SPLIT_NAME.match(split):
+        return reject(f"invalid split name {split!r}", image_id)
+    if "output" not in obj:
+        return reject("no 'output'", image_id)
+    return ManifestRow(line=line, image_id=image_id, location=location.resolve(where, base), split=split,
+                       output=obj["output"], meta=build_meta(obj))
+
+
+def build_meta(obj: dict[str, Any]) -> dict[str, str | None]:
+    """barcode, off_image_id, image_url, then every other non-reserved key, as strings."""
+    meta: dict[str, str | None] = {k: _as_text(obj.get(k)) for k in META_FIXED}
+    meta["image_url"] = _as_text(obj.get("image_url"))
+    for key, value in obj.items():
+        if key not in RESERVED_KEYS and key not in META_FIXED:
+            meta[key] = _as_text(value)
+    return meta
+
+
+def _as_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()

@@ -1,0 +1,64 @@
+"""Counters of a run: merged from the units, with images per second and the invariant
+``num_input_rows == num_written + num_rejected``."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.records import STAGES
+
+
+@dataclass
+class RunStats:
+    num_input_rows: int = 0
+    num_written: int = 0
+    num_rejected: int = 0
+    num_passthrough: int = 0
+    rejected_by_reason: Counter = field(default_factory=Counter)
+    units_by_node: Counter = field(default_factory=Counter)
+    seconds: float = 0.0
+
+    def add_unit(self, result: Any) -> None:
+        self.num_input_rows += result.num_rows
+        self.num_written += result.num_written
+        self.num_passthrough += result.num_passthrough
+        self.rejected_by_reason.update(result.rejected)
+        self.num_rejected += sum(result.rejected.values())
+        if result.node:
+            self.units_by_node[result.node] += 1
+
+    @property
+    def images_per_second(self) -> float:
+        return self.num_written / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def reject_ratio(self) -> float:
+        return self.num_rejected / self.num_input_rows if self.num_input_rows else 0.0
+
+    def check(self) -> None:
+        if self.num_input_rows != self.num_written + self.num_rejected:
+            raise AssertionError(f"accounting broken: {self.num_input_rows} rows != "
+                                 f"{self.num_written} written + {self.num_rejected} rejected")
+
+    def to_dict(self) -> dict[str, Any]:
+        order = {s: i for i, s in enumerate(STAGES)}
+        return {
+            "num_input_rows": self.num_input_rows,
+            "num_written": self.num_written,
+            "num_rejected": self.num_rejected,
+            "rejected_by_reason": dict(sorted(self.rejected_by_reason.items(), key=lambda kv: order.get(kv[0], 99))),
+            "num_passthrough": self.num_passthrough,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 2),
+            "units_by_node": dict(self.units_by_node),
+        }
+
+    def summary(self) -> str:
+        parts = [f"{self.num_written:,} of {self.num_input_rows:,} rows written"]
+        if self.num_rejected:
+            stages = ", ".join(f"{k} {v}" for k, v in self.to_dict()["rejected_by_reason"].items())
+            parts.append(f"{self.num_rejected:,} rejected ({stages})")
+        parts.append(f"{self.seconds:.1f} s, {self.images_per_second:.1f} img/s")
+        return "; ".join(parts)

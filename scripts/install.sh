@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs everything the engine needs into ./.venv:
+#   1. Debian headers Pillow-SIMD builds against (when apt-get is available and we are root);
+#   2. the engine and its dependencies (pip, editable);
+#   3. Pillow-SIMD, last and with --no-deps, because any package that depends on `pillow`
+#      would otherwise reinstall stock Pillow into the same PIL/ folder.
+# If the Pillow-SIMD build fails, stock Pillow is installed instead, with a warning.
+# The outcome is written to .venv/pillow-build.txt ("simd" or "fallback: <reason>").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+PILLOW_SIMD_VERSION=${PILLOW_SIMD_VERSION:-12.1.1.post0}
+EXTRAS=${ENGINE_EXTRAS:-test,bench}
+
+log() { echo "[install] $*" >&2; }
+
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  if ! dpkg -s libjpeg62-turbo-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev >/dev/null 2>&1; then
+    log "installing Debian image headers for the Pillow-SIMD build"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      libjpeg62-turbo-dev zlib1g-dev libpng-dev libwebp-dev libtiff-dev >/dev/null
+  fi
+else
+  log "not root or no apt-get: assuming image headers (libjpeg, zlib, png, webp, tiff) are present"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+$VPY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+log "installing the engine and its dependencies"
+$VPY -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "^WARNING: Location" || true
+$VPY -c "import engine, ray, datasets, pyarrow, polars, jsonschema_rs" \
+  || { log "dependency install failed"; exit 1; }
+
+simd_ok() { $VPY - <<'PY'
+import importlib.metadata as md, PIL, pathlib
+dist = md.distribution("pillow-simd")
+files = {str(dist.locate_file(f)) for f in dist.files or []}
+assert str(pathlib.Path(PIL.__file__)) in files, PIL.__file__
+from PIL import Image, features
+assert features.check("jpg") and features.check("webp") and features.check("zlib")
+PY
+}
+
+if simd_ok >/dev/null 2>&1; then
+  log "Pillow-SIMD already installed"
+  echo simd > .venv/pillow-build.txt
+else
+  log "building Pillow-SIMD ${PILLOW_SIMD_VERSION} (about a minute)"
+  $VPY -m pip uninstall -y -q pillow pillow-simd >/dev/null 2>&1 || true
+  CFLAGS_SIMD="-mavx2"
+  grep -qw avx2 /proc/cpuinfo 2>/dev/null || CFLAGS_SIMD="-msse4"
+  if CC="cc ${CFLAGS_SIMD}" $VPY -m pip install -q --no-deps --no-binary pillow-simd \
+        "pillow-simd==${PILLOW_SIMD_VERSION}" >/tmp/engine-pillow-simd.log 2>&1 && simd_ok; then
+    echo simd > .venv/pillow-build.txt
+    log "Pillow-SIMD installed"
+  else
+    reason=$(grep -m1 -iE "error" /tmp/engine-pillow-simd.log || echo "build failed")
+    log "WARNING: Pillow-SIMD build failed ($reason); falling back to stock Pillow (about 1.5x slower resizing)"
+    $VPY -m pip uninstall -y -q pillow-simd >/dev/null 2>&1 || true
+    $VPY -m pip install -q pillow
+    echo "fallback: $reason" > .venv/pillow-build.txt
+  fi
+fi
+log "done: $($VPY -c 'import PIL; print("Pillow", PIL.__version__)') ($(cat .venv/pillow-build.txt))"
