@@ -76,11 +76,14 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         raise UsageError(f"manifest not found: {opts.manifest}")
     work = prepare_out(opts.out, opts.overwrite)
     plan = plan_manifest(opts.manifest, opts.unit_rows)
+    log.debug("planned %d rows into %d units (%d duplicates) in %.2f s", plan.num_rows, len(plan.units),
+              plan.num_duplicates, time.perf_counter() - started)
     ctx = UnitContext(schema_json=task.schema_json if task else "{}", image=opts.image, fetch=opts.fetch,
                       default_split=opts.split, work_dir=work)
     stats = RunStats()
     results: list[UnitResult] = []
     with make_runner(opts) as runner:
+        log.debug("runner ready with %d workers at %.2f s", runner.num_workers, time.perf_counter() - started)
         progress.start(plan.num_rows, "converting")
         for result in runner.map_unordered(process_unit, ((unit, ctx) for unit in plan.units)):
             results.append(result)
@@ -90,12 +93,14 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         results.sort(key=lambda r: r.index)
         meta_keys = tuple(order_meta_keys({k for r in results for k in r.meta_keys}))
         specs = plan_shards(results, opts, meta_keys, work, default_split=opts.split)
-        progress.start(len(specs), "writing shards")
+        log.debug("units done at %.2f s; writing %d shards", time.perf_counter() - started, len(specs))
+        progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
         for shard in runner.map_unordered(write_parquet_shard, ((s,) for s in specs)):
             shards.append(shard)
             progress.advance(1, 0)
         progress.close()
+    log.debug("shards done at %.2f s", time.perf_counter() - started)
     stats.check()
     stats.seconds = time.perf_counter() - started
     summary = finish(opts, task, results, shards, stats, meta_keys, command, workers=runner.num_workers)
@@ -119,6 +124,7 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, meta_keys: tupl
     Uses only per-row byte sizes, so the cut is the same whatever the number of units or workers.
     """
     specs: list[ShardSpec] = []
+    schema = extraction_features(list(meta_keys)).arrow_schema
     splits = ordered_splits([s for r in results for s in r.sizes]) or [default_split]
     for split in splits:
         segments = [(r.part, len(r.sizes[split])) for r in results if split in r.sizes]
@@ -126,7 +132,7 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, meta_keys: tupl
         chunks = plan_chunks(sizes.tolist(), opts.max_shard_bytes, opts.shard_rows) or [(0, 0)]
         for index, (start, stop) in enumerate(chunks):
             specs.append(ShardSpec(split=split, index=index, num_shards=len(chunks),
-                                   pieces=pieces_for(segments, start, stop), meta_keys=meta_keys,
+                                   pieces=pieces_for(segments, start, stop), meta_keys=meta_keys, schema=schema,
                                    row_group_rows=opts.row_group_rows, row_group_bytes=opts.row_group_bytes,
                                    out=opts.out, tmp_dir=os.path.join(work, "tmp")))
     return specs

@@ -7,7 +7,7 @@ from typing import Protocol
 
 
 class Progress(Protocol):
-    def start(self, total: int, description: str) -> None: ...
+    def start(self, total: int, description: str, unit: str = "img") -> None: ...
 
     def advance(self, rows: int, rejected: int) -> None: ...
 
@@ -17,7 +17,7 @@ class Progress(Protocol):
 
 
 class NullProgress:
-    def start(self, total: int, description: str) -> None: ...
+    def start(self, total: int, description: str, unit: str = "img") -> None: ...
 
     def advance(self, rows: int, rejected: int) -> None: ...
 
@@ -33,12 +33,12 @@ class BarProgress:
         self._bar = None
         self._rejected = 0
 
-    def start(self, total: int, description: str) -> None:
+    def start(self, total: int, description: str, unit: str = "img") -> None:
         from tqdm import tqdm
 
         self.close()
         self._rejected = 0
-        self._bar = tqdm(total=total, desc=description, unit="img", file=sys.stderr, dynamic_ncols=True,
+        self._bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True,
                          smoothing=0.1, mininterval=0.5)
 
     def advance(self, rows: int, rejected: int) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.records import PART_SCHEMA, extraction_features, meta_struct_array
+from engine.records import PART_SCHEMA, meta_struct_array
 from engine.sinks.chunking import plan_chunks, shard_name
 from engine.sinks.files import atomic_path
 from engine.sinks.parts import read_part_rows
@@ -36,6 +36,7 @@ class ShardSpec:
     num_shards: int
     pieces: tuple[Piece, ...]
     meta_keys: tuple[str, ...]
+    schema: pa.Schema  # final schema with the huggingface metadata, built once on the driver
     row_group_rows: int
     row_group_bytes: int
     out: str
@@ -67,7 +68,7 @@ def shard_table(spec: ShardSpec, schema: pa.Schema) -> tuple[pa.Table, list[int]
 
 def write_parquet_shard(spec: ShardSpec) -> ShardResult:
     """Assemble and write one final Parquet shard (runs in a worker)."""
-    schema = extraction_features(list(spec.meta_keys)).arrow_schema
+    schema = spec.schema
     table, sizes = shard_table(spec, schema)
     relpath = parquet_shard_path(spec.split, spec.index, spec.num_shards)
     final = os.path.join(spec.out, relpath)
