@@ -8,7 +8,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from engine.config import (IMAGE_FORMATS, LAYOUTS, RUNNERS, ConvertOptions, FetchOptions,
+from engine.config import (DEFAULT_ATTACHMENT_TOKEN, IMAGE_FORMATS, LAYOUTS, RUNNERS, ConvertOptions, FetchOptions,
                            ImageOptions, parse_size)
 from engine.errors import EngineError, UsageError
 
@@ -34,11 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--manifest", required=True, metavar="PATH",
                     help="JSONL manifest: one object per line with image_id, image_path or image_url, output "
                     "(relative paths resolve against the manifest's folder)")
-    io.add_argument("--config", metavar="PATH", help="config.json with 'instructions' and 'json_schema'; "
-                    "copied into the output")
+    io.add_argument("--config", metavar="PATH", help="config.json with 'instructions' and 'json_schema'; copied into the output "
+                    "(required for manifests with 'output'; not for trainer-style JSONL)")
     io.add_argument("--out", required=True, metavar="DIR", help="output dataset folder")
     io.add_argument("--layout", choices=LAYOUTS, default="parquet",
-                    help="parquet: Hugging Face LLM image-extraction Parquet; arrow: packed Arrow shards")
+                    help="parquet: Hugging Face LLM image-extraction Parquet; arrow: packed Arrow shards "
+                    "(datasets.save_to_disk layout) with conversations + modalities")
     io.add_argument("--split", default="train", help="split of rows that have no 'split' key")
     io.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     img = c.add_argument_group("images")
@@ -52,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
                      "keeps its original bytes)")
     img.add_argument("--max-pixels", type=int, default=ImageOptions().max_pixels,
                      help="reject images with more pixels than this (checked from the header, before decoding)")
+    packed = c.add_argument_group("packed Arrow layout (--layout arrow)")
+    packed.add_argument("--images-as-paths", action="store_true",
+                        help="fs-image loader: write the images under OUT/images and store their paths "
+                        "(default: raw-image, bytes embedded in the shards)")
+    packed.add_argument("--system-prompt", metavar="TEXT", help="add a system turn with TEXT before the user turn")
+    packed.add_argument("--attachment-token", default=DEFAULT_ATTACHMENT_TOKEN, metavar="TOKEN",
+                        help="image placeholder in the user turn (one per image)")
+    packed.add_argument("--prompt-template", default="plain", metavar="TEMPLATE",
+                        help="user prompt: 'plain' (the instructions), 'json-schema' (the instructions, then "
+                        "'Response must be formatted as JSON, and follow this JSON schema:' and the compact "
+                        "schema), or your own text with {instructions} and {json_schema} placeholders")
+    packed.add_argument("--base-path", metavar="DIR", help="folder relative image paths resolve against "
+                        "(default: the manifest's folder)")
     out = c.add_argument_group("shards")
     out.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per output shard")
     out.add_argument("--max-shard-size", default="500MB", metavar="SIZE",
@@ -83,7 +97,9 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         manifest=args.manifest, out=args.out, config=args.config, layout=args.layout, split=args.split,
         image=image, fetch=fetch, shard_rows=args.shard_rows, max_shard_bytes=parse_size(args.max_shard_size),
         row_group_rows=args.row_group_rows, workers=args.workers, runner=args.runner, ray_address=args.ray_address,
-        overwrite=args.overwrite, quiet=args.quiet, max_reject_ratio=args.max_reject_ratio)
+        overwrite=args.overwrite, quiet=args.quiet, max_reject_ratio=args.max_reject_ratio,
+        images_as_paths=args.images_as_paths, system_prompt=args.system_prompt,
+        attachment_token=args.attachment_token, prompt_template=args.prompt_template, base_path=args.base_path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -96,8 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
         opts = options_from_args(args)
-        if opts.layout == "arrow":
-            raise UsageError("--layout arrow is not available yet")
         from engine.driver import convert
         from engine.progress import BarProgress, NullProgress
 

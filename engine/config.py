@@ -116,6 +116,12 @@ class ConvertOptions:
     overwrite: bool = False
     quiet: bool = False
     max_reject_ratio: float = 1.0
+    # packed Arrow layout
+    images_as_paths: bool = False  # fs-image loader: image files under OUT/images, paths in the rows
+    system_prompt: str | None = None
+    attachment_token: str = DEFAULT_ATTACHMENT_TOKEN
+    prompt_template: str = "plain"  # plain | json-schema | a string with {instructions} / {json_schema}
+    base_path: str | None = None  # folder relative image paths resolve against (default: the manifest's)
 
     def __post_init__(self) -> None:
         check = _check_options(self)
@@ -152,8 +158,14 @@ def _check_options(o: ConvertOptions) -> str | None:
         return f"--max-reject-ratio must be between 0 and 1, not {o.max_reject_ratio}"
     if o.fetch.timeout <= 0 or o.fetch.total_timeout <= 0 or o.fetch.retries < 0:
         return "--http-timeout must be positive and --http-retries not negative"
+    if o.images_as_paths and o.layout != "arrow":
+        return "--images-as-paths applies to --layout arrow only"
+    if not o.attachment_token:
+        return "--attachment-token must not be empty"
     if o.layout == "parquet" and not o.config:
         return "--config is required for --layout parquet (it holds the instructions and JSON schema)"
+    if o.prompt_template not in ("plain", "json-schema") and "{instructions}" not in o.prompt_template:
+        return "--prompt-template must be plain, json-schema, or a text containing {instructions}"
     if os.path.abspath(o.out) == os.path.abspath(os.path.dirname(os.path.abspath(o.manifest))):
         return "--out must not be the manifest's own folder"
     return None

@@ -1,5 +1,5 @@
 """The driver: plan the manifest, run the units, cut and write the final shards, then write the
-accounting (rejects.jsonl, stats.json) and the dataset card. Knows no Ray and no CLI."""
+accounting (rejects.jsonl, stats.json) and the layout's metadata. Knows no Ray and no CLI."""
 
 from __future__ import annotations
 
@@ -15,15 +15,18 @@ import numpy as np
 import orjson
 
 from engine.config import ConvertOptions, TaskConfig, parse_task_config
-from engine.errors import ConfigError, RejectRatioExceeded, UsageError
+from engine.conversation import render_prompt, user_content
+from engine.errors import ConfigError, EngineError, RejectRatioExceeded, UsageError
 from engine.pipeline import UnitContext, UnitResult, process_unit
 from engine.progress import NullProgress, Progress
-from engine.records import extraction_features, order_meta_keys
+from engine.records import extraction_features, order_meta_keys, packed_features
 from engine.runners import make_runner
+from engine.sinks.arrow import arrow_shard_path, write_dataset_dict, write_save_to_disk_metadata
 from engine.sinks.card import dataset_card
 from engine.sinks.chunking import plan_chunks
 from engine.sinks.files import atomic_path, write_bytes_atomic
-from engine.sinks.parquet import Piece, ShardResult, ShardSpec, write_parquet_shard
+from engine.sinks.parquet import parquet_shard_path
+from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
 from engine.sources.manifest import plan_manifest
 from engine.stats import RunStats
@@ -68,6 +71,18 @@ def prepare_out(out: str, overwrite: bool) -> str:
     return work
 
 
+def unit_context(opts: ConvertOptions, task: TaskConfig | None, work: str) -> UnitContext:
+    user = None
+    if task is not None and opts.layout == "arrow":
+        user = user_content(render_prompt(opts.prompt_template, task.instructions, task.json_schema),
+                            opts.attachment_token)
+    base = opts.base_path or location.parent(opts.manifest)
+    return UnitContext(layout=opts.layout, schema_json=task.schema_json if task else None, image=opts.image,
+                       fetch=opts.fetch, default_split=opts.split, base=base, work_dir=work, out=opts.out,
+                       user_content=user, system_prompt=opts.system_prompt, attachment_token=opts.attachment_token,
+                       images_as_paths=opts.images_as_paths)
+
+
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
     started = time.perf_counter()
     progress = progress or NullProgress()
@@ -78,8 +93,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     plan = plan_manifest(opts.manifest, opts.unit_rows)
     log.debug("planned %d rows into %d units (%d duplicates) in %.2f s", plan.num_rows, len(plan.units),
               plan.num_duplicates, time.perf_counter() - started)
-    ctx = UnitContext(schema_json=task.schema_json if task else "{}", image=opts.image, fetch=opts.fetch,
-                      default_split=opts.split, work_dir=work)
+    ctx = unit_context(opts, task, work)
     stats = RunStats()
     results: list[UnitResult] = []
     with make_runner(opts) as runner:
@@ -91,19 +105,18 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             progress.advance(result.num_rows, sum(result.rejected.values()))
         progress.close()
         results.sort(key=lambda r: r.index)
-        meta_keys = tuple(order_meta_keys({k for r in results for k in r.meta_keys}))
-        specs = plan_shards(results, opts, meta_keys, work, default_split=opts.split)
+        specs, features = plan_shards(results, opts, work)
         log.debug("units done at %.2f s; writing %d shards", time.perf_counter() - started, len(specs))
         progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
-        for shard in runner.map_unordered(write_parquet_shard, ((s,) for s in specs)):
+        for shard in runner.map_unordered(write_shard, ((s,) for s in specs)):
             shards.append(shard)
             progress.advance(1, 0)
         progress.close()
     log.debug("shards done at %.2f s", time.perf_counter() - started)
     stats.check()
     stats.seconds = time.perf_counter() - started
-    summary = finish(opts, task, results, shards, stats, meta_keys, command, workers=runner.num_workers)
+    summary = finish(opts, task, results, shards, features, stats, command, workers=runner.num_workers)
     shutil.rmtree(work, ignore_errors=True)
     progress.message(f"engine: {stats.summary()} -> {opts.out}")
     if stats.reject_ratio > opts.max_reject_ratio:
@@ -117,25 +130,43 @@ def ordered_splits(names: Sequence[str]) -> list[str]:
     return sorted(set(names), key=lambda n: (SPLIT_ORDER.get(n, 99), n))
 
 
-def plan_shards(results: list[UnitResult], opts: ConvertOptions, meta_keys: tuple[str, ...], work: str,
-                default_split: str) -> list[ShardSpec]:
+def layout_features(results: list[UnitResult], opts: ConvertOptions):
+    """The output ``datasets.Features``, known once every unit has reported what it saw."""
+    if opts.layout == "parquet":
+        meta_keys = tuple(order_meta_keys({k for r in results for k in r.meta_keys}))
+        return extraction_features(list(meta_keys)), meta_keys, ""
+    columns = {c for r in results for c in r.text_columns}
+    if len(columns) > 1:
+        raise EngineError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
+                          "convert them into separate datasets")
+    text_column = columns.pop() if columns else "conversations"
+    return packed_features(text_column=text_column, images_as_paths=opts.images_as_paths), (), text_column
+
+
+def plan_shards(results: list[UnitResult], opts: ConvertOptions, work: str) -> tuple[list[ShardSpec], Any]:
     """Cut every split's rows (in line order) into shards by size and row cap.
 
     Uses only per-row byte sizes, so the cut is the same whatever the number of units or workers.
     """
+    features, meta_keys, text_column = layout_features(results, opts)
+    schema = features.arrow_schema
+    splits = ordered_splits([s for r in results for s in r.sizes]) or [opts.split]
     specs: list[ShardSpec] = []
-    schema = extraction_features(list(meta_keys)).arrow_schema
-    splits = ordered_splits([s for r in results for s in r.sizes]) or [default_split]
     for split in splits:
         segments = [(r.part, len(r.sizes[split])) for r in results if split in r.sizes]
         sizes = np.concatenate([r.sizes[split] for r in results if split in r.sizes] or [np.zeros(0, np.int64)])
         chunks = plan_chunks(sizes.tolist(), opts.max_shard_bytes, opts.shard_rows) or [(0, 0)]
         for index, (start, stop) in enumerate(chunks):
-            specs.append(ShardSpec(split=split, index=index, num_shards=len(chunks),
-                                   pieces=pieces_for(segments, start, stop), meta_keys=meta_keys, schema=schema,
+            if opts.layout == "parquet":
+                relpath = parquet_shard_path(split, index, len(chunks))
+            else:
+                relpath = arrow_shard_path(split, index, len(chunks), nested=len(splits) > 1)
+            specs.append(ShardSpec(layout=opts.layout, split=split, relpath=relpath,
+                                   pieces=pieces_for(segments, start, stop), schema=schema, meta_keys=meta_keys,
+                                   text_column=text_column, images_as_paths=opts.images_as_paths,
                                    row_group_rows=opts.row_group_rows, row_group_bytes=opts.row_group_bytes,
                                    out=opts.out, tmp_dir=os.path.join(work, "tmp")))
-    return specs
+    return specs, features
 
 
 def pieces_for(segments: list[tuple[str, int]], start: int, stop: int) -> tuple[Piece, ...]:
@@ -152,9 +183,9 @@ def pieces_for(segments: list[tuple[str, int]], start: int, stop: int) -> tuple[
 
 
 def finish(opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResult], shards: list[ShardResult],
-           stats: RunStats, meta_keys: tuple[str, ...], command: str, workers: int) -> dict[str, Any]:
-    """Write what sits beside the data, in this order: config.json, rejects.jsonl, README.md,
-    and last stats.json, so a folder with stats.json is a finished dataset."""
+           features, stats: RunStats, command: str, workers: int) -> dict[str, Any]:
+    """Write what sits beside the data: config.json, rejects.jsonl, the layout's metadata, and
+    last stats.json, so a folder with stats.json is a finished dataset."""
     out, tmp = opts.out, os.path.join(opts.out, WORK_DIR, "tmp")
     if task is not None:
         write_bytes_atomic(os.path.join(out, "config.json"), task.raw, tmp)
@@ -176,12 +207,20 @@ def finish(opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResu
             splits[split]["num_bytes"] += int(sizes.sum())
     splits = {name: splits[name] for name in ordered_splits(list(splits))}
     doc = stats.to_dict()
-    card = dataset_card(features=extraction_features(list(meta_keys)), splits=splits, data_glob="data/{split}-*",
-                        title=f"{os.path.basename(os.path.abspath(out))}", instructions=task.instructions if task else None,
-                        stats=doc, command=command)
-    write_bytes_atomic(os.path.join(out, "README.md"), card.encode(), tmp)
+    if opts.layout == "parquet":
+        card = dataset_card(features=features, splits=splits, data_glob="data/{split}-*",
+                            title=os.path.basename(os.path.abspath(out)), instructions=task.instructions if task else None,
+                            stats=doc, command=command)
+        write_bytes_atomic(os.path.join(out, "README.md"), card.encode(), tmp)
+    else:
+        nested = len(splits) > 1
+        for name, s in splits.items():
+            write_save_to_disk_metadata(out, name, [x for x in shards if x.split == name], features, s["num_bytes"],
+                                        nested, tmp)
+        if nested:
+            write_dataset_dict(out, list(splits), tmp)
     doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
-                "versions": _versions()})
+                "command": command, "versions": _versions()})
     write_bytes_atomic(os.path.join(out, "stats.json"), orjson.dumps(doc, option=orjson.OPT_INDENT_2), tmp)
     return doc
 

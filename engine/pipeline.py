@@ -1,4 +1,4 @@
-"""One work unit end to end, in one process: read -> validate -> fetch -> transform -> write.
+"""One work unit end to end, in one process: read -> check -> fetch -> transform -> write.
 
 Per-sample failures are data (:class:`Reject`), kept in line order. This module knows nothing of
 Ray or the CLI; runners call :func:`process_unit` wherever they run it.
@@ -14,29 +14,39 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import orjson
 
 from engine.config import FetchOptions, ImageOptions
-from engine.imaging import ImageFailure, transform_image
+from engine.conversation import build_conversation, count_attachments
+from engine.imaging import EncodedImage, ImageFailure, transform_image
 from engine.naming import safe_stem
 from engine.records import META_FIXED, Reject, Sample
+from engine.sinks.files import write_bytes_atomic
 from engine.sinks.parts import PartWriter
 from engine.sources.fetch import FetchFailure, Fetcher
-from engine.sources.location import parent
 from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
 from engine.validate import validator_for
 
 MAX_OUTPUT_BYTES = 1 << 20  # an `output` larger than 1 MiB is rejected at the validate stage
+IMAGES_DIR = "images"  # fs-image files, relative to OUT
 
 
 @dataclass(frozen=True, slots=True)
 class UnitContext:
     """What every unit of a run shares: small and picklable."""
 
-    schema_json: str
+    layout: str  # parquet | arrow
+    schema_json: str | None  # None without a config.json
     image: ImageOptions
     fetch: FetchOptions
     default_split: str
+    base: str  # folder that relative image paths resolve against
     work_dir: str
+    out: str
+    user_content: str | None = None  # packed layout from labelr rows: the user turn (tokens + prompt)
+    system_prompt: str | None = None
+    attachment_token: str = "<|reserved_special_token_0|>"
+    images_as_paths: bool = False  # fs-image: write files under OUT/images, store their paths
 
 
 @dataclass(slots=True)
@@ -47,6 +57,7 @@ class UnitResult:
     num_passthrough: int
     rejected: dict[str, int]
     meta_keys: tuple[str, ...]  # extra meta keys seen (beyond the fixed ones)
+    text_columns: tuple[str, ...]  # packed layout: 'conversations' and/or 'text' seen
     sizes: dict[str, np.ndarray]  # split -> byte size of every written row, in line order
     part: str | None
     rejects: str | None
@@ -64,51 +75,81 @@ def _fetcher(opts: FetchOptions, max_bytes: int) -> Fetcher:
     return Fetcher(opts, max_bytes)
 
 
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A row that passed every check that needs no image: what its sample will hold."""
+
+    row: ManifestRow
+    output: str | None = None
+    conversations: str | None = None
+    text: str | None = None
+
+
+def check_row(row: ManifestRow, ctx: UnitContext) -> _Checked | Reject:
+    """The manifest- and validate-stage checks of one parsed row, for the run's layout."""
+    def reject(stage: str, reason: str) -> Reject:
+        return Reject(row.line, row.image_id, stage, reason)
+
+    if row.kind == "trainer":
+        if ctx.layout != "arrow":
+            return reject("manifest", "a trainer-style row (conversations/text + modalities) needs --layout arrow")
+        found = count_attachments(row.conversations, row.text, ctx.attachment_token)
+        if found != len(row.locations):
+            return reject("manifest", f"{found} attachment token(s) {ctx.attachment_token!r} in the text but "
+                          f"{len(row.locations)} image modality(ies)")
+        turns = orjson.dumps(list(row.conversations)).decode() if row.conversations is not None else None
+        return _Checked(row, conversations=turns, text=row.text)
+    if ctx.schema_json is None:
+        return reject("manifest", "a row with 'output' needs --config (instructions and JSON schema)")
+    verdict = validator_for(ctx.schema_json).check(row.output, MAX_OUTPUT_BYTES)
+    if verdict.reason is not None:
+        return reject("validate", verdict.reason)
+    if ctx.layout == "arrow":
+        turns = build_conversation(ctx.user_content or "", verdict.output, ctx.system_prompt)
+        return _Checked(row, conversations=orjson.dumps(turns).decode())
+    return _Checked(row, output=verdict.output)
+
+
 def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     started = time.perf_counter()
-    base = parent(unit.manifest)
-    validator = validator_for(ctx.schema_json)
     duplicates = frozenset(unit.duplicate_lines)
     rejects: list[Reject] = []
-    ready: list[tuple[ManifestRow, str]] = []  # rows that passed manifest, duplicate, validate
+    ready: list[_Checked] = []
     num_rows = 0
     for line, raw in read_unit_lines(unit):
         num_rows += 1
-        row = parse_row(line, raw, base=base, default_split=ctx.default_split)
+        row = parse_row(line, raw, base=ctx.base, default_split=ctx.default_split)
         if isinstance(row, Reject):
             rejects.append(row)
         elif line in duplicates:
             rejects.append(Reject(line, row.image_id, "duplicate", f"image_id {row.image_id!r} already seen on an earlier line"))
         else:
-            verdict = validator.check(row.output, MAX_OUTPUT_BYTES)
-            if verdict.reason is not None:
-                rejects.append(Reject(line, row.image_id, "validate", verdict.reason))
-            else:
-                ready.append((row, verdict.output))
+            checked = check_row(row, ctx)
+            (rejects if isinstance(checked, Reject) else ready).append(checked)
 
     part_path, rejects_path = unit_paths(ctx.work_dir, unit.index)
     tmp_dir = os.path.join(ctx.work_dir, "tmp")
     writer = PartWriter(part_path, tmp_dir)
     sizes: dict[str, list[int]] = {}
     extra_keys: set[str] = set()
+    text_columns: set[str] = set()
     num_passthrough = 0
     fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
     try:
-        for row, output, data in _prefetched(fetcher, ready, ctx.fetch.io_threads):
-            if isinstance(data, FetchFailure):
-                rejects.append(Reject(row.line, row.image_id, "fetch", data.reason))
+        for checked, payloads in _prefetched(fetcher, ready, ctx.fetch.io_threads):
+            row = checked.row
+            images = _transform_all(row, payloads, ctx)
+            if isinstance(images, Reject):
+                rejects.append(images)
                 continue
-            image = transform_image(data, ctx.image)
-            del data
-            if isinstance(image, ImageFailure):
-                rejects.append(Reject(row.line, row.image_id, "decode", image.reason))
-                continue
-            sample = Sample(line=row.line, split=row.split, image_id=row.image_id, image_bytes=image.data,
-                            image_name=f"{safe_stem(row.image_id)}.{image.extension}", output=output, meta=row.meta)
+            stored = _store_images(row, images, ctx, tmp_dir)
+            sample = Sample(line=row.line, split=row.split, image_id=row.image_id, images=stored, meta=row.meta,
+                            output=checked.output, conversations=checked.conversations, text=checked.text)
             writer.write(sample)
             sizes.setdefault(row.split, []).append(sample.num_bytes)
             extra_keys.update(k for k in row.meta if k not in META_FIXED)
-            num_passthrough += image.passthrough
+            text_columns.add("text" if checked.text is not None else "conversations")
+            num_passthrough += sum(im.passthrough for im in images)
     except BaseException as exc:
         writer.abort(exc)
         raise
@@ -128,6 +169,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
         num_passthrough=num_passthrough,
         rejected=dict(Counter(r.stage for r in rejects)),
         meta_keys=tuple(sorted(extra_keys)),
+        text_columns=tuple(sorted(text_columns)),
         sizes={k: np.asarray(v, dtype=np.int64) for k, v in sizes.items()},
         part=part_path,
         rejects=rejects_path if rejects else None,
@@ -135,21 +177,55 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     )
 
 
-def _prefetched(fetcher: Fetcher, rows: list[tuple[ManifestRow, str]], threads: int):
-    """Yield (row, output, bytes | FetchFailure) in order, fetching a bounded window ahead in
-    threads so file and network I/O overlap with decoding."""
+def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext) -> list[EncodedImage] | Reject:
+    images = []
+    for i, data in enumerate(payloads):
+        which = f"image {i + 1} of {len(payloads)}: " if len(payloads) > 1 else ""
+        if isinstance(data, FetchFailure):
+            return Reject(row.line, row.image_id, "fetch", which + data.reason)
+        image = transform_image(data, ctx.image)
+        if isinstance(image, ImageFailure):
+            return Reject(row.line, row.image_id, "decode", which + image.reason)
+        images.append(image)
+    return images
+
+
+def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext,
+                  tmp_dir: str) -> tuple[tuple[bytes | None, str], ...]:
+    """(bytes, file name) to embed, or, for fs-image, write each file under OUT/images and keep
+    (None, path relative to OUT). Names come from safe_stem, so no id can escape OUT."""
+    stem = safe_stem(row.image_id)
+    names = [f"{stem}.{im.extension}" if len(images) == 1 else f"{stem}-{i}.{im.extension}"
+             for i, im in enumerate(images)]
+    if not ctx.images_as_paths:
+        return tuple((im.data, name) for im, name in zip(images, names))
+    stored = []
+    for im, name in zip(images, names):
+        relpath = f"{IMAGES_DIR}/{name}"
+        write_bytes_atomic(os.path.join(ctx.out, IMAGES_DIR, name), im.data, tmp_dir)
+        stored.append((None, relpath))
+    return tuple(stored)
+
+
+def _fetch_all(fetcher: Fetcher, checked: _Checked) -> list[bytes | FetchFailure]:
+    return [fetcher.fetch(loc) for loc in checked.row.locations]
+
+
+def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int):
+    """Yield (row, [bytes | FetchFailure per image]) in order, fetching a bounded window ahead
+    in threads so file and network I/O overlap with decoding."""
     if not rows:
         return
     with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="fetch") as pool:
-        window: deque[tuple[ManifestRow, str, Future]] = deque()
+        window: deque[tuple[_Checked, Future]] = deque()
         pending = iter(rows)
-        for row, output in pending:
-            window.append((row, output, pool.submit(fetcher.fetch, row.location)))
+        for checked in pending:
+            window.append((checked, pool.submit(_fetch_all, fetcher, checked)))
             if len(window) >= threads:
                 break
         while window:
-            row, output, future = window.popleft()
+            checked, future = window.popleft()
             nxt = next(pending, None)
             if nxt is not None:
-                window.append((nxt[0], nxt[1], pool.submit(fetcher.fetch, nxt[0].location)))
-            yield row, output, future.result()
+                window.append((nxt, pool.submit(_fetch_all, fetcher, nxt)))
+            yield checked, future.result()

@@ -15,7 +15,8 @@ import pyarrow as pa
 # follow, sorted by name.
 META_FIXED = ("barcode", "off_image_id", "image_url")
 # Manifest keys that are the record itself, never copied into meta.
-RESERVED_KEYS = frozenset({"image_id", "image_url", "image_path", "output", "split"})
+RESERVED_KEYS = frozenset({"image_id", "image_url", "image_path", "output", "split", "conversations", "text",
+                           "modalities", "id"})
 
 STAGES = ("manifest", "duplicate", "validate", "fetch", "decode", "write")
 
@@ -37,21 +38,23 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """One converted row, ready for a sink: the encoded image and the validated output."""
+    """One converted row, ready for a sink: its encoded images and its text fields."""
 
     line: int
     split: str
     image_id: str
-    image_bytes: bytes
-    image_name: str  # file name stored in image.path (never a directory)
-    output: str  # compact JSON
+    images: tuple[tuple[bytes | None, str], ...]  # (encoded bytes, file name or path); bytes None for fs-image
     meta: dict[str, str | None]
+    output: str | None = None  # compact JSON (extraction rows)
+    conversations: str | None = None  # JSON list of {role, content} (packed layout)
+    text: str | None = None  # pretraining text (packed layout)
 
     @property
     def num_bytes(self) -> int:
         """Uncompressed size estimate used to cut row groups and shards."""
-        meta = sum(len(v) for v in self.meta.values() if v)
-        return len(self.image_bytes) + len(self.output) + len(self.image_id) + len(self.image_name) + meta
+        size = len(self.image_id) + sum(len(v) for v in self.meta.values() if v)
+        size += sum(len(b or b"") + len(name) for b, name in self.images)
+        return size + sum(len(t) for t in (self.output, self.conversations, self.text) if t)
 
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -62,8 +65,10 @@ PART_SCHEMA = pa.schema(
         ("line", pa.int64()),
         ("split", pa.string()),
         ("image_id", pa.string()),
-        ("image", IMAGE_STRUCT),
+        ("images", pa.list_(IMAGE_STRUCT)),
         ("output", pa.string()),
+        ("conversations", pa.string()),
+        ("text", pa.string()),
         ("meta", pa.string()),  # compact JSON object; becomes a struct once all keys are known
         ("num_bytes", pa.int64()),
     ]
@@ -76,8 +81,10 @@ def samples_to_part_batch(samples: list[Sample]) -> pa.RecordBatch:
             pa.array([s.line for s in samples], pa.int64()),
             pa.array([s.split for s in samples], pa.string()),
             pa.array([s.image_id for s in samples], pa.string()),
-            pa.array([{"bytes": s.image_bytes, "path": s.image_name} for s in samples], IMAGE_STRUCT),
+            pa.array([[{"bytes": b, "path": p} for b, p in s.images] for s in samples], pa.list_(IMAGE_STRUCT)),
             pa.array([s.output for s in samples], pa.string()),
+            pa.array([s.conversations for s in samples], pa.string()),
+            pa.array([s.text for s in samples], pa.string()),
             pa.array([orjson.dumps(s.meta).decode() for s in samples], pa.string()),
             pa.array([s.num_bytes for s in samples], pa.int64()),
         ],
@@ -108,3 +115,17 @@ def meta_struct_array(meta_json: pa.Array, meta_keys: list[str]) -> pa.StructArr
     dicts: list[dict[str, Any]] = [orjson.loads(m) for m in meta_json.to_pylist()]
     columns = [pa.array([d.get(k) for d in dicts], pa.string()) for k in meta_keys]
     return pa.StructArray.from_arrays(columns, names=meta_keys)
+
+
+def packed_features(*, text_column: str, images_as_paths: bool):
+    """``datasets.Features`` of the packed trainer layout (FORMATS.md §4)."""
+    from datasets import Features, Image, List, Value
+
+    value = Value("string") if images_as_paths else Image()
+    turns = List({"role": Value("string"), "content": Value("string")})
+    return Features(
+        {
+            text_column: turns if text_column == "conversations" else Value("string"),
+            "modalities": List({"type": Value("string"), "value": value}),
+        }
+    )

@@ -122,12 +122,18 @@ def read_unit_lines(unit: UnitSpec) -> Iterator[tuple[int, bytes]]:
 
 @dataclass(frozen=True, slots=True)
 class ManifestRow:
+    """A parsed manifest line. ``kind`` is ``labelr`` (image + output) or ``trainer``
+    (conversations or text + image modalities, the packed trainer's own JSONL)."""
+
     line: int
+    kind: str
     image_id: str
-    location: str  # resolved against the manifest's folder
     split: str
-    output: Any
+    locations: tuple[str, ...]  # resolved against the base folder
     meta: dict[str, str | None]
+    output: Any = None
+    conversations: tuple[dict[str, str], ...] | None = None
+    text: str | None = None
 
 
 def parse_row(line: int, raw: bytes, *, base: str, default_split: str) -> ManifestRow | Reject:
@@ -145,25 +151,58 @@ def parse_row(line: int, raw: bytes, *, base: str, default_split: str) -> Manife
         return reject(f"line is not valid JSON: {exc}")
     if not isinstance(obj, dict):
         return reject(f"line is a JSON {type(obj).__name__}, not an object")
+    trainer = "modalities" in obj or "conversations" in obj or ("text" in obj and "output" not in obj)
     image_id = obj.get("image_id")
+    if image_id is None and trainer:
+        image_id = obj.get("id", f"line-{line}")
     if isinstance(image_id, int) and not isinstance(image_id, bool):
         image_id = str(image_id)
     if not isinstance(image_id, str) or not image_id:
         return reject("no 'image_id' (a non-empty string)")
     if "\x00" in image_id:
         return reject("'image_id' contains a NUL byte", image_id.replace("\x00", "\\0"))
+    split = obj.get("split") or default_split
+    if not isinstance(split, str) or not SPLIT_NAME.match(split):
+        return reject(f"invalid split name {split!r}", image_id)
+    if trainer:
+        return _trainer_row(obj, line, image_id, split, base, reject)
     where = obj.get("image_path") or obj.get("image_url")
     if not isinstance(where, str) or not where:
         return reject("no 'image_path' or 'image_url'", image_id)
     if "\x00" in where:
         return reject("image location contains a NUL byte", image_id)
-    split = obj.get("split") or default_split
-    if not isinstance(split, str) or not SPLIT_NAME.match(split):
-        return reject(f"invalid split name {split!r}", image_id)
     if "output" not in obj:
         return reject("no 'output'", image_id)
-    return ManifestRow(line=line, image_id=image_id, location=location.resolve(where, base), split=split,
-                       output=obj["output"], meta=build_meta(obj))
+    return ManifestRow(line=line, kind="labelr", image_id=image_id, split=split,
+                       locations=(location.resolve(where, base),), meta=build_meta(obj), output=obj["output"])
+
+
+def _trainer_row(obj: dict[str, Any], line: int, image_id: str, split: str, base: str, reject) -> ManifestRow | Reject:
+    conversations, text = obj.get("conversations"), obj.get("text")
+    if (conversations is None) == (text is None):
+        return reject("a trainer-style row needs exactly one of 'conversations' and 'text'", image_id)
+    if conversations is not None:
+        if not isinstance(conversations, list) or not conversations or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in conversations
+        ):
+            return reject("'conversations' must be a non-empty list of {role, content} strings", image_id)
+        conversations = tuple({"role": t["role"], "content": t["content"]} for t in conversations)
+    elif not isinstance(text, str):
+        return reject("'text' must be a string", image_id)
+    modalities = obj.get("modalities", [])
+    if not isinstance(modalities, list):
+        return reject("'modalities' must be a list", image_id)
+    locations = []
+    for i, m in enumerate(modalities):
+        if not isinstance(m, dict) or m.get("type") != "image":
+            return reject(f"modality {i + 1} is not of type 'image'", image_id)
+        value = m.get("value")
+        if not isinstance(value, str) or not value or "\x00" in value:
+            return reject(f"modality {i + 1} has no image path in 'value'", image_id)
+        locations.append(location.resolve(value, base))
+    return ManifestRow(line=line, kind="trainer", image_id=image_id, split=split, locations=tuple(locations),
+                       meta={}, conversations=conversations, text=text)
 
 
 def build_meta(obj: dict[str, Any]) -> dict[str, str | None]:

@@ -1,0 +1,38 @@
+"""Pure text building for the packed trainer layout: the user prompt and the conversation turns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+SCHEMA_SENTENCE = "Response must be formatted as JSON, and follow this JSON schema:"
+PROMPT_TEMPLATES = {
+    "plain": "{instructions}",
+    # what labelr's trainer does: instructions, the sentence, the compact schema
+    "json-schema": "{instructions}\n" + SCHEMA_SENTENCE + "\n{json_schema}",
+}
+
+
+def render_prompt(template: str, instructions: str, json_schema: dict[str, Any]) -> str:
+    """``template`` is a preset name (``plain``, ``json-schema``) or a string with ``{instructions}``
+    and/or ``{json_schema}`` placeholders."""
+    text = PROMPT_TEMPLATES.get(template, template)
+    schema = orjson.dumps(json_schema).decode()
+    return text.replace("{instructions}", instructions).replace("{json_schema}", schema)
+
+
+def user_content(prompt: str, attachment_token: str, num_images: int = 1) -> str:
+    """The attachment placeholders first (one per image), then the prompt."""
+    return attachment_token * num_images + "\n" + prompt
+
+
+def build_conversation(user: str, output: str, system_prompt: str | None) -> list[dict[str, str]]:
+    turns = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return turns + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def count_attachments(turns: Any, text: str | None, token: str) -> int:
+    if text is not None:
+        return text.count(token)
+    return sum(t["content"].count(token) for t in turns)

@@ -1,0 +1,83 @@
+"""The packed trainer layout: ``datasets.save_to_disk`` folders (FORMATS.md §4).
+
+Arrow IPC *stream* shards ``data-{i:05d}-of-{n:05d}.arrow`` written directly with pyarrow,
+plus ``state.json`` and ``dataset_info.json`` as ``save_to_disk`` writes them, and
+``dataset_dict.json`` when there are several splits. ``datasets`` only provides the schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from engine.sinks.chunking import plan_chunks, shard_name
+from engine.sinks.files import atomic_path, write_bytes_atomic
+from engine.sinks.shards import ShardResult, ShardSpec, list_parts, read_shard_rows
+
+
+def arrow_shard_path(split: str, index: int, count: int, nested: bool) -> str:
+    name = shard_name("data", index, count, "arrow")
+    return f"{split}/{name}" if nested else name
+
+
+def write_arrow_shard(spec: ShardSpec) -> ShardResult:
+    parts = read_shard_rows(spec)
+    schema = spec.schema
+    if spec.text_column == "conversations":
+        turns_type = schema.field("conversations").type
+        text = pa.array([orjson.loads(c) for c in parts["conversations"].to_pylist()], turns_type)
+    else:
+        text = parts["text"].combine_chunks()
+    offsets, images = list_parts(parts["images"])
+    value = images.field("path") if spec.images_as_paths else images
+    kinds = pa.array(["image"] * len(images), pa.string())
+    item_type = schema.field("modalities").type.value_type
+    items = pa.StructArray.from_arrays([kinds, value], fields=list(item_type))
+    modalities = pa.ListArray.from_arrays(offsets, items, type=schema.field("modalities").type)
+    table = pa.Table.from_arrays([text, modalities], schema=schema)
+    final = os.path.join(spec.out, spec.relpath)
+    with atomic_path(final, spec.tmp_dir) as tmp:
+        with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, schema) as writer:
+            sizes = parts["num_bytes"].to_pylist()
+            for start, stop in plan_chunks(sizes, spec.row_group_bytes, spec.row_group_rows):
+                writer.write_table(table.slice(start, stop - start))
+    return ShardResult(spec.relpath, spec.split, table.num_rows, os.path.getsize(final))
+
+
+def write_save_to_disk_metadata(out: str, split: str, shards: list[ShardResult], features, num_bytes: int,
+                                nested: bool, tmp_dir: str) -> None:
+    """state.json and dataset_info.json of one split's folder, as ``Dataset.save_to_disk`` writes them."""
+    from datasets import DatasetInfo, SplitDict, SplitInfo
+    from datasets.utils.py_utils import asdict
+
+    folder = os.path.join(out, split) if nested else out
+    files = sorted(os.path.basename(s.path) for s in shards)
+    num_rows = sum(s.num_rows for s in shards)
+    fingerprint = hashlib.sha256(orjson.dumps([split, files, [s.num_rows for s in sorted(shards, key=lambda s: s.path)],
+                                               features.to_dict()])).hexdigest()[:16]
+    state: dict[str, Any] = {
+        "_data_files": [{"filename": f} for f in files],
+        "_fingerprint": fingerprint,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": split,
+    }
+    splits = SplitDict()
+    splits.add(SplitInfo(name=split, num_bytes=num_bytes, num_examples=num_rows))
+    info = asdict(DatasetInfo(features=features, splits=splits, dataset_size=num_bytes,
+                              size_in_bytes=sum(s.num_bytes for s in shards)))
+    info = {key: info[key] for key in sorted(info)}
+    write_bytes_atomic(os.path.join(folder, "state.json"), json.dumps(state, indent=2, sort_keys=True).encode(), tmp_dir)
+    write_bytes_atomic(os.path.join(folder, "dataset_info.json"), json.dumps(info, indent=2).encode(), tmp_dir)
+
+
+def write_dataset_dict(out: str, splits: list[str], tmp_dir: str) -> None:
+    write_bytes_atomic(os.path.join(out, "dataset_dict.json"), json.dumps({"splits": splits}).encode(), tmp_dir)
