@@ -109,7 +109,7 @@ class ConvertOptions:
     max_shard_bytes: int = 500 * 10**6
     row_group_rows: int = 100
     row_group_bytes: int = 100 * 10**6
-    unit_rows: int = 64  # rows per work unit (the unit of parallelism, not of output)
+    unit_rows: int | None = None  # rows per work unit (parallelism only, never output); None: automatic
     workers: int | None = None  # None: every core (or every CPU of the cluster)
     runner: str = "ray"
     ray_address: str | None = None
@@ -152,7 +152,7 @@ def _check_options(o: ConvertOptions) -> str | None:
             return f"{name} must be at least 1, not {value}"
     if o.max_shard_bytes < 1:
         return "--max-shard-size must be positive"
-    if o.unit_rows < 1 or o.row_group_rows < 1 or o.row_group_bytes < 1:
+    if (o.unit_rows is not None and o.unit_rows < 1) or o.row_group_rows < 1 or o.row_group_bytes < 1:
         return "unit and row-group sizes must be positive"
     if not 0.0 <= o.max_reject_ratio <= 1.0:
         return f"--max-reject-ratio must be between 0 and 1, not {o.max_reject_ratio}"

@@ -34,6 +34,12 @@ from engine.stats import RunStats
 log = logging.getLogger(__name__)
 WORK_DIR = ".engine"  # scratch space inside OUT: parts, temporary files; removed on success
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
+UNIT_GRAIN = 16  # the manifest is planned in units of this many rows, then coalesced
+
+
+def unit_rows_for(num_rows: int, workers: int) -> int:
+    """About 16 units per worker, so the last units leave little idle time, between 16 and 256 rows."""
+    return max(UNIT_GRAIN, min(256, -(-num_rows // (max(workers, 1) * 16))))
 
 
 @dataclass(frozen=True)
@@ -90,14 +96,14 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     if not location.exists(opts.manifest):
         raise UsageError(f"manifest not found: {opts.manifest}")
     work = prepare_out(opts.out, opts.overwrite)
-    plan = plan_manifest(opts.manifest, opts.unit_rows)
-    log.debug("planned %d rows into %d units (%d duplicates) in %.2f s", plan.num_rows, len(plan.units),
-              plan.num_duplicates, time.perf_counter() - started)
     ctx = unit_context(opts, task, work)
     stats = RunStats()
     results: list[UnitResult] = []
-    with make_runner(opts) as runner:
-        log.debug("runner ready with %d workers at %.2f s", runner.num_workers, time.perf_counter() - started)
+    with make_runner(opts) as runner:  # an embedded Ray starts in the background meanwhile
+        plan = plan_manifest(opts.manifest, min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN))
+        plan = plan.coalesce(opts.unit_rows or unit_rows_for(plan.num_rows, runner.num_workers))
+        log.debug("planned %d rows into %d units (%d duplicates) at %.2f s", plan.num_rows, len(plan.units),
+                  plan.num_duplicates, time.perf_counter() - started)
         progress.start(plan.num_rows, "converting")
         for result in runner.map_unordered(process_unit, ((unit, ctx) for unit in plan.units)):
             results.append(result)

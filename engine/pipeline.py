@@ -193,17 +193,21 @@ def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: 
 def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext,
                   tmp_dir: str) -> tuple[tuple[bytes | None, str], ...]:
     """(bytes, file name) to embed, or, for fs-image, write each file under OUT/images and keep
-    (None, path relative to OUT). Names come from safe_stem, so no id can escape OUT."""
+    (None, path relative to OUT).
+
+    Names come from safe_stem, so no id can escape OUT. fs-image names also start with the
+    manifest line number, which no other row shares, so two rows can never write the same file
+    (an id like ``two-0`` next to a two-image row ``two``, say).
+    """
     stem = safe_stem(row.image_id)
-    names = [f"{stem}.{im.extension}" if len(images) == 1 else f"{stem}-{i}.{im.extension}"
-             for i, im in enumerate(images)]
+    suffixes = [""] if len(images) == 1 else [f"-{i}" for i in range(len(images))]
     if not ctx.images_as_paths:
-        return tuple((im.data, name) for im, name in zip(images, names))
+        return tuple((im.data, f"{stem}{sfx}.{im.extension}") for im, sfx in zip(images, suffixes))
     stored = []
-    for im, name in zip(images, names):
-        relpath = f"{IMAGES_DIR}/{name}"
+    for im, sfx in zip(images, suffixes):
+        name = f"{row.line:08d}-{stem}{sfx}.{im.extension}"
         write_bytes_atomic(os.path.join(ctx.out, IMAGES_DIR, name), im.data, tmp_dir)
-        stored.append((None, relpath))
+        stored.append((None, f"{IMAGES_DIR}/{name}"))
     return tuple(stored)
 
 

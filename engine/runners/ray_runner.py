@@ -1,21 +1,25 @@
 """The Ray runner: the only module that imports ``ray``.
 
-Without an address, Ray starts embedded on this machine with one CPU per worker. With an
-address (or ``RAY_ADDRESS``), it joins that cluster. Tasks receive small descriptors, never
-image bytes; in-flight tasks are bounded so driver and object-store memory stay flat.
+Without an address, Ray starts embedded on this machine with one CPU per worker. Starting it
+takes seconds (mostly waiting on its processes), so it starts in a background thread while the
+driver works through the first items itself ("warm start"); the rest go to Ray once it is up.
+With an address (or ``RAY_ADDRESS``), it joins that cluster. Tasks receive small descriptors,
+never image bytes, and in-flight tasks are bounded so driver and object-store memory stay flat.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from engine.errors import ShardError, UsageError
+from engine.errors import EngineError, ShardError, UsageError
 
 log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
+IN_FLIGHT_PER_WORKER = 2
 
 
 def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, str]:
@@ -25,47 +29,105 @@ def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, str]:
 
 
 class RayRunner:
-    def __init__(self, workers: int | None = None, address: str | None = None):
+    def __init__(self, workers: int | None = None, address: str | None = None, warm_start: bool = True):
         self._workers = workers
         self._address = address or os.environ.get("RAY_ADDRESS") or None
+        self._warm_start = warm_start
         self._started = False
+        self._init_thread: threading.Thread | None = None
+        self._init_done = threading.Event()
+        self._release = threading.Event()
+        self._init_error: BaseException | None = None
         self.num_workers = workers or (os.cpu_count() or 1)
+        self.num_local_items = 0  # items the driver ran itself while Ray was starting
 
     def __enter__(self) -> RayRunner:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         import ray
 
-        if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
-                                      "configure_logging": True, "log_to_driver": True}
-            if self._address:
-                kwargs["address"] = self._address
-            else:
-                kwargs["num_cpus"] = self.num_workers
-                kwargs["object_store_memory"] = 256 * 2**20  # results are small; images never go through it
-            try:
-                ray.init(**kwargs)
-            except (ConnectionError, ValueError, RuntimeError) as exc:
-                where = self._address or "an embedded instance"
-                raise UsageError(f"cannot start or join Ray ({where}): {str(exc).splitlines()[0]}") from None
-            self._started = True
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        self.num_workers = min(self._workers or cpus, max(cpus, 1))
+        if ray.is_initialized():
+            self._resolve_workers()
+        elif self._address or not self._warm_start:
+            self._init()
+            self._raise_init_error()
+        else:
+            self._init_thread = threading.Thread(target=self._init_and_hold, name="ray-init", daemon=True)
+            self._init_thread.start()
         return self
 
+    def _init(self) -> None:
+        import ray
+
+        kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+        if self._address:
+            kwargs["address"] = self._address
+        else:
+            kwargs["num_cpus"] = self.num_workers
+            kwargs["object_store_memory"] = 256 * 2**20  # results are small; images never go through it
+        try:
+            ray.init(**kwargs)
+            self._started = True
+            self._resolve_workers()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the driver's thread
+            self._init_error = exc
+
+    def _init_and_hold(self) -> None:
+        """Start Ray, then keep this thread alive until shutdown: Ray's processes are started with
+        a parent-death signal tied to the thread that spawned them, so they would die with it."""
+        try:
+            self._init()
+        finally:
+            self._init_done.set()
+        self._release.wait()
+
+    def _resolve_workers(self) -> None:
+        import ray
+
+        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        self.num_workers = min(self._workers or cpus, cpus)
+
+    def _raise_init_error(self) -> None:
+        if self._init_error is not None:
+            where = self._address or "an embedded instance"
+            first = str(self._init_error).strip().splitlines()[0] if str(self._init_error).strip() else ""
+            raise UsageError(f"cannot start or join Ray ({where}): {type(self._init_error).__name__} {first}")
+
+    def _ready(self) -> bool:
+        if self._init_thread is not None and not self._init_done.is_set():
+            return False
+        self._raise_init_error()
+        return True
+
     def __exit__(self, *exc: object) -> None:
+        if self._init_thread is not None:
+            self._init_done.wait()
         if self._started:
             import ray
 
             ray.shutdown()
+        self._release.set()
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple]) -> Iterator[Any]:
+        pending = iter(items)
+        while not self._ready():  # warm start: work here until Ray is up
+            args = next(pending, None)
+            if args is None:
+                return
+            self.num_local_items += 1
+            try:
+                yield fn(*args)
+            except EngineError:
+                raise
+            except Exception as exc:
+                raise ShardError(_describe(args), f"{type(exc).__name__}: {exc}") from exc
+        yield from self._map_ray(fn, pending)
+
+    def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple]) -> Iterator[Any]:
         import ray
 
         remote = ray.remote(_call).options(num_cpus=1, max_retries=MAX_TASK_RETRIES)
         in_flight: dict[Any, tuple] = {}
-        pending = iter(items)
-        limit = max(1, self.num_workers) * 2
+        limit = max(1, self.num_workers) * IN_FLIGHT_PER_WORKER
         exhausted = False
         while in_flight or not exhausted:
             while not exhausted and len(in_flight) < limit:
@@ -83,6 +145,8 @@ class RayRunner:
                     result, node = ray.get(ref)
                 except ray.exceptions.RayTaskError as exc:
                     cause = exc.cause if exc.cause is not None else exc
+                    if isinstance(cause, EngineError):
+                        raise cause from None
                     raise ShardError(_describe(args), f"{type(cause).__name__}: {cause}") from cause
                 except ray.exceptions.RayError as exc:
                     raise ShardError(_describe(args), f"failed after {MAX_TASK_RETRIES} retries: {exc}") from exc
@@ -94,5 +158,6 @@ class RayRunner:
 def _describe(args: tuple) -> str:
     first = args[0] if args else None
     index = getattr(first, "index", None)
-    kind = type(first).__name__
-    return f"{kind} {index}" if index is not None else kind
+    if index is not None:
+        return f"unit {index}"
+    return getattr(first, "relpath", type(first).__name__)

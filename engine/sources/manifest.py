@@ -44,6 +44,23 @@ class ManifestPlan:
     num_duplicates: int
     num_bytes: int
 
+    def coalesce(self, rows_per_unit: int) -> ManifestPlan:
+        """Merge consecutive units into units of about ``rows_per_unit`` rows. The output does not
+        depend on unit boundaries, so this only tunes parallelism and load balance."""
+        grain = max((u.num_rows for u in self.units), default=1)
+        k = max(1, rows_per_unit // max(grain, 1))
+        if k == 1:
+            return self
+        merged = []
+        for i in range(0, len(self.units), k):
+            group = self.units[i:i + k]
+            merged.append(UnitSpec(index=len(merged), manifest=group[0].manifest, byte_start=group[0].byte_start,
+                                   byte_end=group[-1].byte_end, first_line=group[0].first_line,
+                                   num_rows=sum(u.num_rows for u in group),
+                                   duplicate_lines=tuple(d for u in group for d in u.duplicate_lines)))
+        return ManifestPlan(units=merged, num_rows=self.num_rows, num_duplicates=self.num_duplicates,
+                            num_bytes=self.num_bytes)
+
 
 def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
     """Split the manifest into units of ``unit_rows`` non-blank lines and find duplicate ids."""
@@ -86,7 +103,9 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
                 except UnicodeDecodeError:
                     block_texts.append(None)
             if block_lines:
-                ids = pl.Series("id", block_texts, dtype=pl.String).str.json_path_match("$.image_id")
+                texts = pl.Series("id", block_texts, dtype=pl.String)
+                # a row's identity: image_id, or a trainer-style row's id (as parse_row reads it)
+                ids = texts.str.json_path_match("$.image_id").fill_null(texts.str.json_path_match("$.id"))
                 id_frames.append(pl.DataFrame({"line": block_lines, "id": ids}))
             if not block:
                 break

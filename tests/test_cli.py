@@ -1,0 +1,247 @@
+"""The command line: help text for every command and option, and usage/config errors that end
+in exit code 2 with one line on stderr and no traceback."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+import imagegen
+from conftest import CONFIG_BYTES, REPO, Output, convert, row, run_main, write_input
+
+CONVERT_OPTIONS = [
+    "--manifest",
+    "--config",
+    "--out",
+    "--layout",
+    "--split",
+    "--max-size",
+    "--image-format",
+    "--quality",
+    "--shard-rows",
+    "--max-shard-size",
+    "--workers",
+    "--runner",
+    "--ray-address",
+    "--overwrite",
+    "--quiet",
+    "--max-reject-ratio",
+]
+
+
+def help_of(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        from engine.cli import main
+
+        main(argv)
+    assert exc.value.code in (0, None), f"{argv} exited {exc.value.code}"
+    out = capsys.readouterr().out
+    assert out.strip(), f"{argv} printed no help"
+    return out
+
+
+def option_descriptions(help_text: str) -> dict[str, str]:
+    """Map each long option in an argparse/click-style help text to its description."""
+    result: dict[str, str] = {}
+    current: list[str] = []
+    for line in help_text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("-"):
+            head, desc = _split_head(stripped)
+            current = re.findall(r"--[\w-]+", head)
+            for opt in current:
+                result[opt] = desc.strip()
+        elif current and stripped and line.startswith(" " * 6):
+            for opt in current:
+                result[opt] = (result[opt] + " " + stripped).strip()
+        else:
+            current = []
+    return result
+
+
+def _split_head(stripped: str) -> tuple[str, str]:
+    """'--out OUT   Where to write.' -> ('--out OUT', 'Where to write.')"""
+    parts = re.split(r"\s{2,}", stripped, maxsplit=1)
+    return parts[0], parts[1] if len(parts) > 1 else ""
+
+
+def subcommands(help_text: str) -> list[str]:
+    """Subcommand names from a top-level help: a `{a,b}` choice list, or the indented
+    `name   description` lines that argparse prints under a COMMAND metavar."""
+    m = re.search(r"\{([\w,-]+)\}", help_text)
+    if m:
+        return m.group(1).split(",")
+    return re.findall(r"^ {2,8}([a-z][\w-]*) {2,}\S", help_text, re.M)
+
+
+# --- help ------------------------------------------------------------------------------------
+
+
+def test_top_level_help_lists_convert(capsys):
+    text = help_of(capsys, ["--help"])
+    assert "convert" in subcommands(text), text
+
+
+def test_every_subcommand_has_help(capsys):
+    top = help_of(capsys, ["--help"])
+    cmds = subcommands(top)
+    assert cmds
+    for cmd in cmds:
+        text = help_of(capsys, [cmd, "--help"])
+        described = option_descriptions(text)
+        assert described, f"{cmd} --help lists no options"
+        undescribed = [o for o, d in described.items() if not d]
+        assert not undescribed, f"{cmd}: options without help text: {undescribed}\n{text}"
+        # every subcommand is introduced in the top-level help, with words
+        m = re.search(rf"^\s+{re.escape(cmd)}\s{{2,}}(\S.*)$", top, re.M)
+        assert m, f"{cmd} has no one-line description in the top-level help"
+
+
+def test_convert_help_describes_every_option(capsys):
+    described = option_descriptions(help_of(capsys, ["convert", "--help"]))
+    missing = [o for o in CONVERT_OPTIONS if o not in described]
+    assert not missing, f"convert --help does not mention {missing}"
+    empty = [o for o in CONVERT_OPTIONS if len(described[o]) < 10]
+    assert not empty, f"options without a real description: {empty}"
+
+
+def test_python_dash_m_help():
+    proc = subprocess.run([sys.executable, "-m", "engine", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "convert" in proc.stdout
+
+
+def test_console_script_declared():
+    import tomllib
+
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    scripts = meta.get("project", {}).get("scripts", {})
+    assert any(v.startswith("engine.cli:") for v in scripts.values()), scripts
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def good(tmp_path):
+    return write_input(tmp_path / "in", [row("a", "a.jpg")], {"a.jpg": imagegen.jpeg()})
+
+
+def assert_usage_error(capsys, argv, *must_mention: str, out_dir=None):
+    code = run_main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, f"exit code {code}, stderr: {err!r}"
+    assert "Traceback" not in err
+    assert len(lines) == 1, f"expected exactly one line on stderr, got: {err!r}"
+    if must_mention:
+        assert any(m.lower() in lines[0].lower() for m in must_mention), f"{lines[0]!r} names none of {must_mention}"
+    if out_dir is not None:
+        assert not list(out_dir.glob("data/*.parquet")), "a config error must fail before any data is written"
+    return lines[0]
+
+
+def _argv(inp, out, config=None, manifest=None):
+    return [
+        "convert",
+        "--manifest",
+        str(manifest or inp.manifest),
+        "--config",
+        str(config or inp.config),
+        "--out",
+        str(out),
+        "--runner",
+        "local",
+        "--quiet",
+    ]
+
+
+def test_missing_manifest(capsys, good, tmp_path):
+    missing = tmp_path / "no-such-manifest.jsonl"
+    assert_usage_error(capsys, _argv(good, tmp_path / "out", manifest=missing), "no-such-manifest", out_dir=tmp_path / "out")
+
+
+def test_missing_config_file(capsys, good, tmp_path):
+    missing = tmp_path / "no-such-config.json"
+    assert_usage_error(capsys, _argv(good, tmp_path / "out", config=missing), "no-such-config", out_dir=tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "content,mention",
+    [
+        (b'{"instructions": "x"}', "json_schema"),
+        (json.dumps({"json_schema": {"type": "object"}}).encode(), "instructions"),
+        (json.dumps({"instructions": "x", "json_schema": {"type": "bogus"}}).encode(), "schema"),
+        (json.dumps({"instructions": "x", "json_schema": {"type": "object", "required": "price"}}).encode(), "schema"),
+        (b'{"instructions": "x", "json_schema": ', "json"),
+        (b"\xff\xfe not utf-8 \x00", "config"),
+        (b"[]", "config"),
+    ],
+    ids=["no-json_schema", "no-instructions", "bogus-type", "required-not-array", "truncated-json", "binary", "not-object"],
+)
+def test_bad_config(capsys, good, tmp_path, content, mention):
+    cfg = tmp_path / "bad-config.json"
+    cfg.write_bytes(content)
+    assert_usage_error(capsys, _argv(good, tmp_path / "out", config=cfg), mention, "bad-config", out_dir=tmp_path / "out")
+
+
+def test_config_is_a_directory(capsys, good, tmp_path):
+    cfg = tmp_path / "cfgdir"
+    cfg.mkdir()
+    assert_usage_error(capsys, _argv(good, tmp_path / "out", config=cfg), "cfgdir", "config")
+
+
+def test_non_empty_out_needs_overwrite(capsys, good, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert_usage_error(capsys, _argv(good, out), "overwrite", str(out))
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert not (out / "data").exists()
+
+    assert run_main(_argv(good, out) + ["--overwrite"]) == 0
+    assert Output(out).stats["num_written"] == 1
+
+
+def test_empty_out_dir_is_fine(good, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert run_main(_argv(good, out)) == 0
+    assert (out / "config.json").read_bytes() == CONFIG_BYTES
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [["--layout", "nonsense"], ["--image-format", "gif"], ["--max-shard-size", "lots"], ["--runner", "spark"]],
+    ids=["layout", "image-format", "max-shard-size", "runner"],
+)
+def test_bad_option_values_exit_2(capsys, good, tmp_path, extra):
+    code = run_main(_argv(good, tmp_path / "out") + extra)
+    err = capsys.readouterr().err
+    assert code == 2, (code, err)
+    assert "Traceback" not in err
+    assert not list((tmp_path / "out").glob("data/*.parquet"))
+
+
+def test_config_error_from_a_real_process(good, tmp_path):
+    """Through `python -m engine`: real stderr, real exit status."""
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"instructions": "x", "json_schema": {"type": "bogus"}}))
+    argv = [sys.executable, "-m", "engine"] + _argv(good, tmp_path / "out", config=cfg)
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+
+
+def test_quiet_is_quiet_and_default_reports(capsys, good, tmp_path):
+    assert convert(good, tmp_path / "q", quiet=True) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "", f"--quiet still wrote to stderr: {captured.err!r}"
+    assert convert(good, tmp_path / "loud", quiet=False) == 0
+    err = capsys.readouterr().err
+    assert err.strip(), "without --quiet the run should report progress and a summary on stderr"
