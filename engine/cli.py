@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -102,6 +103,25 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         attachment_token=args.attachment_token, prompt_template=args.prompt_template, base_path=args.base_path)
 
 
+PATH_OPTIONS = frozenset({"--manifest", "--config", "--out", "--base-path"})
+
+
+def public_command(argv: Sequence[str]) -> str:
+    """The command line for the dataset card, with local paths cut to their last component, so a
+    published card does not reveal the builder's folders."""
+    shown, hide_next = [PROG], False
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        if hide_next:
+            arg, hide_next = (arg if "://" in arg else os.path.basename(arg.rstrip("/")) or arg), False
+        elif eq and name in PATH_OPTIONS and "://" not in value:
+            arg = f"{name}={os.path.basename(value.rstrip('/')) or value}"
+        elif arg in PATH_OPTIONS:
+            hide_next = True
+        shown.append(arg)
+    return shlex.join(shown)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -115,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.driver import convert
         from engine.progress import BarProgress, NullProgress
 
-        convert(opts, NullProgress() if opts.quiet else BarProgress(), command=shlex.join([PROG, *argv]))
+        convert(opts, NullProgress() if opts.quiet else BarProgress(), command=public_command(argv))
         return 0
     except EngineError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
