@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "(datasets.save_to_disk layout) with conversations + modalities")
     io.add_argument("--split", default="train", help="split of rows that have no 'split' key")
     io.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
+    io.add_argument("--resume", action="store_true",
+                    help="finish an interrupted run in --out: completed work units are kept, the rest is "
+                    "redone; refused if the options, manifest or config differ from the interrupted run")
     img = c.add_argument_group("images")
     img.add_argument("--max-size", type=int, default=1024, metavar="PX",
                      help="downscale so the longest side is at most PX pixels (0: keep the size)")
@@ -79,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ray: Ray workers (embedded, or the cluster of --ray-address); local: in this process")
     run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: $RAY_ADDRESS, else "
                      "start Ray embedded)")
+    run.add_argument("--unit-rows", type=int, metavar="N", help="rows per work unit (default: automatic, "
+                     "about 16 units per worker); affects parallelism and resume granularity, never the output")
     run.add_argument("--http-timeout", type=float, default=30.0, metavar="S", help="timeout of each HTTP request")
     run.add_argument("--http-retries", type=int, default=3, metavar="N", help="retries of a failed HTTP request "
                      "(connection errors, 408/429/5xx), with exponential backoff")
@@ -98,7 +103,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         manifest=args.manifest, out=args.out, config=args.config, layout=args.layout, split=args.split,
         image=image, fetch=fetch, shard_rows=args.shard_rows, max_shard_bytes=parse_size(args.max_shard_size),
         row_group_rows=args.row_group_rows, workers=args.workers, runner=args.runner, ray_address=args.ray_address,
-        overwrite=args.overwrite, quiet=args.quiet, max_reject_ratio=args.max_reject_ratio,
+        overwrite=args.overwrite, resume=args.resume, unit_rows=args.unit_rows, quiet=args.quiet, max_reject_ratio=args.max_reject_ratio,
         images_as_paths=args.images_as_paths, system_prompt=args.system_prompt,
         attachment_token=args.attachment_token, prompt_template=args.prompt_template, base_path=args.base_path)
 

@@ -114,6 +114,7 @@ class ConvertOptions:
     runner: str = "ray"
     ray_address: str | None = None
     overwrite: bool = False
+    resume: bool = False  # finish an interrupted run in --out, reusing its completed units
     quiet: bool = False
     max_reject_ratio: float = 1.0
     # packed Arrow layout
@@ -130,6 +131,15 @@ class ConvertOptions:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def output_defining(self) -> dict[str, Any]:
+        """The options that decide the output's content (not how fast or where it runs): a run
+        may only be resumed with the same ones."""
+        doc = self.to_dict()
+        for key in ("overwrite", "resume", "quiet", "workers", "runner", "ray_address", "unit_rows", "max_reject_ratio"):
+            doc.pop(key)
+        doc["fetch"].pop("io_threads")
+        return doc
 
 
 def _check_options(o: ConvertOptions) -> str | None:
@@ -158,6 +168,8 @@ def _check_options(o: ConvertOptions) -> str | None:
         return f"--max-reject-ratio must be between 0 and 1, not {o.max_reject_ratio}"
     if o.fetch.timeout <= 0 or o.fetch.total_timeout <= 0 or o.fetch.retries < 0:
         return "--http-timeout must be positive and --http-retries not negative"
+    if o.resume and o.overwrite:
+        return "--resume and --overwrite exclude each other"
     if o.images_as_paths and o.layout != "arrow":
         return "--images-as-paths applies to --layout arrow only"
     if not o.attachment_token:

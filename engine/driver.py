@@ -3,6 +3,7 @@ accounting (rejects.jsonl, stats.json) and the layout's metadata. Knows no Ray a
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -17,7 +18,7 @@ import orjson
 from engine.config import ConvertOptions, TaskConfig, parse_task_config
 from engine.conversation import render_prompt, user_content
 from engine.errors import ConfigError, EngineError, RejectRatioExceeded, UsageError
-from engine.pipeline import UnitContext, UnitResult, process_unit
+from engine.pipeline import UnitContext, UnitResult, load_unit_result, process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import extraction_features, order_meta_keys, packed_features
 from engine.runners import make_runner
@@ -59,22 +60,65 @@ def load_task_config(path: str) -> TaskConfig:
     return parse_task_config(raw, os.path.basename(path) or path)
 
 
-def prepare_out(out: str, overwrite: bool) -> str:
-    """Check the output folder is free (or may be replaced) and create the work folder."""
+def prepare_out(out: str, overwrite: bool, resume: bool) -> str:
+    """Check the output folder is free (or may be replaced, or resumed); create the work folder."""
     if location.is_url(out):
         raise UsageError(f"remote output folders are not supported yet: {out}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a folder")
-    if os.path.isdir(out) and os.listdir(out):
-        if not overwrite:
-            raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace its contents")
-        for entry in os.listdir(out):
-            path = os.path.join(out, entry)
-            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     work = os.path.join(out, WORK_DIR)
+    if os.path.isdir(out) and os.listdir(out):
+        if resume:
+            if not os.path.isdir(work):
+                raise UsageError(f"cannot resume: {out} holds no interrupted run (no {WORK_DIR}/ folder)")
+        elif not overwrite:
+            raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace its contents, "
+                             "or --resume to finish an interrupted run")
+        else:
+            for entry in os.listdir(out):
+                path = os.path.join(out, entry)
+                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     os.makedirs(os.path.join(work, "parts"), exist_ok=True)
     os.makedirs(os.path.join(work, "tmp"), exist_ok=True)
     return work
+
+
+def is_finished(out: str) -> bool:
+    """stats.json is written last and the work folder removed after it: both say 'done'."""
+    return os.path.isfile(os.path.join(out, "stats.json")) and not os.path.isdir(os.path.join(out, WORK_DIR))
+
+
+def run_state(work: str, opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str,
+              unit_rows: int) -> int:
+    """Record (or, when resuming, check) what this run produces; returns the unit size to use.
+
+    A resumed run must produce the same dataset: same output-defining options, same manifest
+    and config bytes. The unit size is kept, so completed units line up with the plan.
+    """
+    path = os.path.join(work, "run.json")
+    fingerprint = {"options": opts.output_defining(), "manifest_sha256": manifest_sha256,
+                   "config_sha256": hashlib.sha256(task.raw).hexdigest() if task else None}
+    fingerprint = orjson.loads(orjson.dumps(fingerprint))
+    if os.path.exists(path):
+        with open(path, "rb") as f:
+            previous = orjson.loads(f.read())
+        if previous["fingerprint"] != fingerprint:
+            changed = sorted(_differences(previous["fingerprint"], fingerprint))
+            raise UsageError(f"cannot resume: this run differs from the interrupted one in {', '.join(changed)}; "
+                             "resuming would mix two datasets (use --overwrite to start again)")
+        return int(previous["unit_rows"])
+    write_bytes_atomic(path, orjson.dumps({"fingerprint": fingerprint, "unit_rows": unit_rows},
+                                          option=orjson.OPT_INDENT_2), os.path.join(work, "tmp"))
+    return unit_rows
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".") or "(root)"]
 
 
 def unit_context(opts: ConvertOptions, task: TaskConfig | None, work: str) -> UnitContext:
@@ -95,17 +139,35 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     task = load_task_config(opts.config) if opts.config else None
     if not location.exists(opts.manifest):
         raise UsageError(f"manifest not found: {opts.manifest}")
-    work = prepare_out(opts.out, opts.overwrite)
+    if opts.resume and is_finished(opts.out):
+        progress.message(f"engine: {opts.out} is already complete; nothing to resume")
+        with open(os.path.join(opts.out, "stats.json"), "rb") as f:
+            return ConvertResult(out=opts.out, stats=orjson.loads(f.read()))
+    work = prepare_out(opts.out, opts.overwrite, opts.resume)
     ctx = unit_context(opts, task, work)
     stats = RunStats()
     results: list[UnitResult] = []
     with make_runner(opts) as runner:  # an embedded Ray starts in the background meanwhile
-        plan = plan_manifest(opts.manifest, min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN))
-        plan = plan.coalesce(opts.unit_rows or unit_rows_for(plan.num_rows, runner.num_workers))
+        grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
+        plan = plan_manifest(opts.manifest, grain)
+        unit_rows = run_state(work, opts, task, plan.sha256,
+                              opts.unit_rows or unit_rows_for(plan.num_rows, runner.num_workers))
+        plan = plan.coalesce(unit_rows)
         log.debug("planned %d rows into %d units (%d duplicates) at %.2f s", plan.num_rows, len(plan.units),
                   plan.num_duplicates, time.perf_counter() - started)
         progress.start(plan.num_rows, "converting")
-        for result in runner.map_unordered(process_unit, ((unit, ctx) for unit in plan.units)):
+        todo = []
+        for unit in plan.units:
+            done = load_unit_result(work, unit.index) if opts.resume else None
+            if done is None:
+                todo.append(unit)
+                continue
+            results.append(done)
+            stats.add_unit(done)
+            progress.advance(done.num_rows, sum(done.rejected.values()))
+        if opts.resume:
+            log.info("resuming: %d of %d units already complete", len(plan.units) - len(todo), len(plan.units))
+        for result in runner.map_unordered(process_unit, ((unit, ctx) for unit in todo)):
             results.append(result)
             stats.add_unit(result)
             progress.advance(result.num_rows, sum(result.rejected.values()))

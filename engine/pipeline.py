@@ -65,9 +65,34 @@ class UnitResult:
     node: str | None = field(default=None)
 
 
-def unit_paths(work_dir: str, index: int) -> tuple[str, str]:
+    def to_json(self) -> bytes:
+        doc = {k: getattr(self, k) for k in self.__slots__}
+        doc["sizes"] = {k: v.tolist() for k, v in self.sizes.items()}
+        return orjson.dumps(doc)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> UnitResult:
+        doc = orjson.loads(raw)
+        doc["sizes"] = {k: np.asarray(v, dtype=np.int64) for k, v in doc["sizes"].items()}
+        doc["meta_keys"], doc["text_columns"] = tuple(doc["meta_keys"]), tuple(doc["text_columns"])
+        return cls(**doc)
+
+
+def unit_paths(work_dir: str, index: int) -> tuple[str, str, str]:
+    """The unit's part file, its rejects, and its result: the checkpoint a resumed run trusts."""
     stem = os.path.join(work_dir, "parts", f"unit-{index:06d}")
-    return stem + ".arrow", stem + ".rejects.jsonl"
+    return stem + ".arrow", stem + ".rejects.jsonl", stem + ".json"
+
+
+def load_unit_result(work_dir: str, index: int) -> UnitResult | None:
+    """The result of a unit that completed in an earlier run, or None."""
+    part, _, result = unit_paths(work_dir, index)
+    try:
+        with open(result, "rb") as f:
+            done = UnitResult.from_json(f.read())
+    except FileNotFoundError:
+        return None
+    return done if os.path.exists(part) and (done.rejects is None or os.path.exists(done.rejects)) else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -127,7 +152,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
             checked = check_row(row, ctx)
             (rejects if isinstance(checked, Reject) else ready).append(checked)
 
-    part_path, rejects_path = unit_paths(ctx.work_dir, unit.index)
+    part_path, rejects_path, result_path = unit_paths(ctx.work_dir, unit.index)
     tmp_dir = os.path.join(ctx.work_dir, "tmp")
     writer = PartWriter(part_path, tmp_dir)
     sizes: dict[str, list[int]] = {}
@@ -157,12 +182,11 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
 
     rejects.sort(key=lambda r: r.line)
     if rejects:
-        with open(rejects_path, "wb") as f:
-            f.writelines(r.to_json() + b"\n" for r in rejects)
+        write_bytes_atomic(rejects_path, b"".join(r.to_json() + b"\n" for r in rejects), tmp_dir)
     num_written = sum(len(v) for v in sizes.values())
     if num_written + len(rejects) != num_rows:  # an invariant, not an input problem
         raise AssertionError(f"unit {unit.index}: {num_rows} rows but {num_written} written + {len(rejects)} rejected")
-    return UnitResult(
+    result = UnitResult(
         index=unit.index,
         num_rows=num_rows,
         num_written=num_written,
@@ -175,6 +199,8 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
         rejects=rejects_path if rejects else None,
         seconds=time.perf_counter() - started,
     )
+    write_bytes_atomic(result_path, result.to_json(), tmp_dir)  # last: marks the unit complete
+    return result
 
 
 def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext) -> list[EncodedImage] | Reject:

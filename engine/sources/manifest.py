@@ -8,6 +8,7 @@ never fail its neighbours.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ class ManifestPlan:
     num_rows: int
     num_duplicates: int
     num_bytes: int
+    sha256: str = ""  # of the manifest's bytes: part of the run's fingerprint
 
     def coalesce(self, rows_per_unit: int) -> ManifestPlan:
         """Merge consecutive units into units of about ``rows_per_unit`` rows. The output does not
@@ -59,7 +61,7 @@ class ManifestPlan:
                                    num_rows=sum(u.num_rows for u in group),
                                    duplicate_lines=tuple(d for u in group for d in u.duplicate_lines)))
         return ManifestPlan(units=merged, num_rows=self.num_rows, num_duplicates=self.num_duplicates,
-                            num_bytes=self.num_bytes)
+                            num_bytes=self.num_bytes, sha256=self.sha256)
 
 
 def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
@@ -74,10 +76,12 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
         raise UsageError(f"manifest not found: {manifest}") from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read manifest {manifest}: {exc}") from None
+    digest = hashlib.sha256()
     with f:
         carry = b""
         while True:
             block = f.read(BLOCK_BYTES)
+            digest.update(block)
             buf = carry + block
             if not block:
                 lines, carry = ([buf] if buf else []), b""
@@ -118,7 +122,8 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
         lo, hi = np.searchsorted(duplicates, [first, last])
         units.append(UnitSpec(index=i, manifest=manifest, byte_start=start, byte_end=end, first_line=first,
                               num_rows=rows, duplicate_lines=tuple(int(x) for x in duplicates[lo:hi])))
-    return ManifestPlan(units=units, num_rows=num_rows, num_duplicates=len(duplicates), num_bytes=offset)
+    return ManifestPlan(units=units, num_rows=num_rows, num_duplicates=len(duplicates), num_bytes=offset,
+                        sha256=digest.hexdigest())
 
 
 def _duplicate_lines(frames: list[pl.DataFrame]) -> np.ndarray:
