@@ -28,6 +28,19 @@ def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, str]:
     return fn(*args), ray.get_runtime_context().get_node_id()
 
 
+_REMOTE = None
+
+
+def _remote_call():
+    """One remote function for every task of the process (registering one is not free)."""
+    global _REMOTE
+    if _REMOTE is None:
+        import ray
+
+        _REMOTE = ray.remote(_call).options(num_cpus=1, max_retries=MAX_TASK_RETRIES)
+    return _REMOTE
+
+
 class RayRunner:
     def __init__(self, workers: int | None = None, address: str | None = None, warm_start: bool = True):
         self._workers = workers
@@ -125,7 +138,7 @@ class RayRunner:
     def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple]) -> Iterator[Any]:
         import ray
 
-        remote = ray.remote(_call).options(num_cpus=1, max_retries=MAX_TASK_RETRIES)
+        remote = _remote_call()
         in_flight: dict[Any, tuple] = {}
         limit = max(1, self.num_workers) * IN_FLIGHT_PER_WORKER
         exhausted = False
