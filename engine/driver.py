@@ -136,6 +136,7 @@ def unit_context(opts: ConvertOptions, task: TaskConfig | None, work: str) -> Un
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
     started = time.perf_counter()
     progress = progress or NullProgress()
+    _prewarm_datasets()
     task = load_task_config(opts.config) if opts.config else None
     if not location.exists(opts.manifest):
         raise UsageError(f"manifest not found: {opts.manifest}")
@@ -173,11 +174,12 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             progress.advance(result.num_rows, sum(result.rejected.values()))
         progress.close()
         results.sort(key=lambda r: r.index)
+        log.debug("units done at %.2f s", time.perf_counter() - started)
         specs, features = plan_shards(results, opts, work)
-        log.debug("units done at %.2f s; writing %d shards", time.perf_counter() - started, len(specs))
+        log.debug("shards planned at %.2f s; writing %d", time.perf_counter() - started, len(specs))
         progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
-        for shard in runner.map_unordered(write_shard, ((s,) for s in specs)):
+        for shard in runner.map_unordered(write_shard, ((s,) for s in specs), local_first=True):
             shards.append(shard)
             progress.advance(1, 0)
         progress.close()
@@ -185,6 +187,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     stats.check()
     stats.seconds = time.perf_counter() - started
     summary = finish(opts, task, results, shards, features, stats, command, workers=runner.num_workers)
+    log.debug("finished at %.2f s", time.perf_counter() - started)
     shutil.rmtree(work, ignore_errors=True)
     progress.message(f"engine: {stats.summary()} -> {opts.out}")
     if stats.reject_ratio > opts.max_reject_ratio:
@@ -192,6 +195,21 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             f"{stats.num_rejected:,} of {stats.num_input_rows:,} rows rejected ({stats.reject_ratio:.1%}), "
             f"over --max-reject-ratio {opts.max_reject_ratio:g}; see {os.path.join(opts.out, 'rejects.jsonl')}")
     return ConvertResult(out=opts.out, stats=summary)
+
+
+def _prewarm_datasets() -> None:
+    """``datasets`` (needed only for the schema and metadata at the end) takes about a second to
+    import: do it in the background while the images are processed."""
+    import sys
+    import threading
+
+    if "datasets" not in sys.modules:
+        def load() -> None:
+            t = time.perf_counter()
+            __import__("datasets")
+            log.debug("datasets imported in the background in %.2f s", time.perf_counter() - t)
+
+        threading.Thread(target=load, name="import-datasets", daemon=True).start()
 
 
 def ordered_splits(names: Sequence[str]) -> list[str]:

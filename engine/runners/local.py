@@ -15,6 +15,6 @@ class LocalRunner:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple]) -> Iterator[Any]:
+    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
         for args in items:
             yield fn(*args)

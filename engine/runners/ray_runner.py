@@ -120,38 +120,63 @@ class RayRunner:
             ray.shutdown()
         self._release.set()
 
-    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple]) -> Iterator[Any]:
+    @property
+    def embedded(self) -> bool:
+        """Ray runs on this machine only, so the driver may share the work."""
+        return self._address is None
+
+    def _run_here(self, fn: Callable[..., Any], args: tuple) -> Any:
+        self.num_local_items += 1
+        try:
+            return fn(*args)
+        except EngineError:
+            raise
+        except Exception as exc:
+            raise ShardError(_describe(args), f"{type(exc).__name__}: {exc}") from exc
+
+    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
+        """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works: while
+        Ray starts, until Ray's workers deliver their first result, and, with ``local_first``,
+        on the first item (a single short task runs faster here than through a fresh worker)."""
         pending = iter(items)
         while not self._ready():  # warm start: work here until Ray is up
             args = next(pending, None)
             if args is None:
                 return
-            self.num_local_items += 1
-            try:
-                yield fn(*args)
-            except EngineError:
-                raise
-            except Exception as exc:
-                raise ShardError(_describe(args), f"{type(exc).__name__}: {exc}") from exc
-        yield from self._map_ray(fn, pending)
+            yield self._run_here(fn, args)
+        yield from self._map_ray(fn, pending, local_first and self.embedded)
 
-    def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple]) -> Iterator[Any]:
+    def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple], local_first: bool) -> Iterator[Any]:
         import ray
 
         remote = _remote_call()
         in_flight: dict[Any, tuple] = {}
         limit = max(1, self.num_workers) * IN_FLIGHT_PER_WORKER
-        exhausted = False
-        while in_flight or not exhausted:
+        mine = next(pending, None) if local_first else None
+        exhausted, seen_result = False, False
+        while in_flight or not exhausted or mine is not None:
             while not exhausted and len(in_flight) < limit:
                 args = next(pending, None)
                 if args is None:
                     exhausted = True
                     break
                 in_flight[remote.remote(fn, args)] = args
+            if mine is not None:
+                yield self._run_here(fn, mine)
+                mine = None
+                continue
             if not in_flight:
                 break
-            done, _ = ray.wait(list(in_flight), num_returns=1)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0 if self.embedded and not seen_result else None)
+            if not done:  # Ray's workers are still starting: keep the driver busy meanwhile
+                args = next(pending, None)
+                if args is None:
+                    exhausted = True
+                    done, _ = ray.wait(list(in_flight), num_returns=1)
+                else:
+                    yield self._run_here(fn, args)
+                    continue
+            seen_result = True
             for ref in done:
                 args = in_flight.pop(ref)
                 try:

@@ -18,7 +18,7 @@ import pyarrow.ipc as ipc
 
 from engine.sinks.chunking import plan_chunks, shard_name
 from engine.sinks.files import atomic_path, write_bytes_atomic
-from engine.sinks.shards import ShardResult, ShardSpec, list_parts, read_shard_rows
+from engine.sinks.shards import ShardResult, ShardSpec, map_list_chunks, read_shard_rows
 
 
 def arrow_shard_path(split: str, index: int, count: int, nested: bool) -> str:
@@ -34,19 +34,22 @@ def write_arrow_shard(spec: ShardSpec) -> ShardResult:
         text = pa.array([orjson.loads(c) for c in parts["conversations"].to_pylist()], turns_type)
     else:
         text = parts["text"].combine_chunks()
-    offsets, images = list_parts(parts["images"])
-    value = images.field("path") if spec.images_as_paths else images
-    kinds = pa.array(["image"] * len(images), pa.string())
-    item_type = schema.field("modalities").type.value_type
-    items = pa.StructArray.from_arrays([kinds, value], fields=list(item_type))
-    modalities = pa.ListArray.from_arrays(offsets, items, type=schema.field("modalities").type)
+    modalities_type = schema.field("modalities").type
+
+    def modality_items(images: pa.StructArray) -> pa.StructArray:
+        value = images.field("path") if spec.images_as_paths else images
+        kinds = pa.array(["image"] * len(images), pa.string())
+        return pa.StructArray.from_arrays([kinds, value], fields=list(modalities_type.value_type))
+
+    modalities = map_list_chunks(parts["images"], modality_items, modalities_type)
     table = pa.Table.from_arrays([text, modalities], schema=schema)
     final = os.path.join(spec.out, spec.relpath)
     with atomic_path(final, spec.tmp_dir) as tmp:
         with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, schema) as writer:
             sizes = parts["num_bytes"].to_pylist()
             for start, stop in plan_chunks(sizes, spec.row_group_bytes, spec.row_group_rows):
-                writer.write_table(table.slice(start, stop - start))
+                # one record batch per group, whatever chunks the units produced
+                writer.write_batch(table.slice(start, stop - start).combine_chunks().to_batches()[0])
     return ShardResult(spec.relpath, spec.split, table.num_rows, os.path.getsize(final))
 
 

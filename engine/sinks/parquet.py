@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.records import meta_struct_array
 from engine.sinks.chunking import plan_chunks, shard_name
 from engine.sinks.files import atomic_path
-from engine.sinks.shards import ShardResult, ShardSpec, list_parts, read_shard_rows
+from engine.sinks.shards import ShardResult, ShardSpec, read_shard_rows
 
 
 def parquet_shard_path(split: str, index: int, count: int) -> str:
@@ -23,7 +24,7 @@ def parquet_shard_path(split: str, index: int, count: int) -> str:
 
 def write_parquet_shard(spec: ShardSpec) -> ShardResult:
     parts = read_shard_rows(spec)
-    _, image = list_parts(parts["images"])  # exactly one image per extraction row
+    image = pc.list_flatten(parts["images"])  # exactly one image per extraction row
     meta = meta_struct_array(parts["meta"].combine_chunks(), list(spec.meta_keys))
     table = pa.Table.from_arrays([parts["image_id"], image, parts["output"], meta], schema=spec.schema)
     final = os.path.join(spec.out, spec.relpath)
@@ -42,5 +43,6 @@ def write_parquet_shard(spec: ShardSpec) -> ShardResult:
         ) as writer:
             sizes = parts["num_bytes"].to_pylist()
             for start, stop in plan_chunks(sizes, spec.row_group_bytes, spec.row_group_rows):
-                writer.write_table(table.slice(start, stop - start), row_group_size=stop - start)
+                # combined per group: the bytes must not depend on how units chunked the rows
+                writer.write_table(table.slice(start, stop - start).combine_chunks(), row_group_size=stop - start)
     return ShardResult(spec.relpath, spec.split, table.num_rows, os.path.getsize(final))

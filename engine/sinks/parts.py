@@ -54,5 +54,7 @@ class PartWriter:
 def read_part_rows(path: str, split: str, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of ``split`` in a part file."""
     table = ipc.open_stream(pa.memory_map(path)).read_all()  # zero-copy; the map lives with the table
-    table = table.filter(pc.equal(table["split"], split))
+    mask = pc.equal(table["split"], split)
+    if not pc.all(mask).as_py():  # a part usually holds one split: then no filtering copy
+        table = table.filter(mask)
     return table.slice(start, stop - start)

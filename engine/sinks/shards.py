@@ -3,6 +3,8 @@ the dispatch to each layout's writer."""
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -10,6 +12,8 @@ import pyarrow.compute as pc
 
 from engine.records import PART_SCHEMA
 from engine.sinks.parts import read_part_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,24 +52,29 @@ class ShardResult:
 
 
 def read_shard_rows(spec: ShardSpec) -> pa.Table:
-    """The shard's rows, in line order, still in the part schema."""
+    """The shard's rows, in line order, still in the part schema. Chunked, one chunk per piece or
+    more: the image bytes stay in the memory-mapped parts until they are written."""
     tables = [read_part_rows(p.part, spec.split, p.start, p.stop) for p in spec.pieces]
-    return pa.concat_tables(tables).combine_chunks() if tables else PART_SCHEMA.empty_table()
+    return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
 
 
-def list_parts(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
-    """(zero-based offsets, flattened values) of a list column, without copying the values."""
-    arr = column.combine_chunks()
-    offsets = pc.subtract(arr.offsets, arr.offsets[0]) if len(arr) else pa.array([0], pa.int32())
-    return offsets, arr.flatten()
+def map_list_chunks(column: pa.ChunkedArray, build, type: pa.DataType) -> pa.ChunkedArray:
+    """Rebuild a list column chunk by chunk: ``build(values)`` maps the flattened values of a
+    chunk to the new list items; offsets are kept. No image bytes are copied."""
+    chunks = []
+    for chunk in column.chunks:
+        offsets = pc.subtract(chunk.offsets, chunk.offsets[0])
+        chunks.append(pa.ListArray.from_arrays(offsets, build(chunk.flatten()), type=type))
+    return pa.chunked_array(chunks, type=type)
 
 
 def write_shard(spec: ShardSpec) -> ShardResult:
     """Assemble and write one final shard (runs in a worker)."""
+    started = time.perf_counter()
     if spec.layout == "parquet":
-        from engine.sinks.parquet import write_parquet_shard
-
-        return write_parquet_shard(spec)
-    from engine.sinks.arrow import write_arrow_shard
-
-    return write_arrow_shard(spec)
+        from engine.sinks.parquet import write_parquet_shard as write
+    else:
+        from engine.sinks.arrow import write_arrow_shard as write
+    result = write(spec)
+    log.debug("wrote %s (%d rows) in %.2f s", spec.relpath, result.num_rows, time.perf_counter() - started)
+    return result
