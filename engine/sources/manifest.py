@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import orjson
-import polars as pl
 
 from engine.config import SPLIT_NAME
 from engine.errors import UsageError
@@ -66,6 +65,8 @@ class ManifestPlan:
 
 def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
     """Split the manifest into units of ``unit_rows`` non-blank lines and find duplicate ids."""
+    import polars as pl  # the driver's planner only: workers never import it
+
     bounds: list[tuple[int, int, int, int]] = []  # (byte_start, byte_end, first_line, rows)
     id_frames: list[pl.DataFrame] = []
     unit_start, unit_first_line, unit_count = 0, 1, 0
@@ -126,7 +127,10 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
                         sha256=digest.hexdigest())
 
 
-def _duplicate_lines(frames: list[pl.DataFrame]) -> np.ndarray:
+def _duplicate_lines(frames: list) -> np.ndarray:
+    """Lines whose id an earlier line already has (polars frames of line, id)."""
+    import polars as pl
+
     if not frames:
         return np.zeros(0, dtype=np.int64)
     ids = pl.concat(frames).filter(pl.col("id").is_not_null() & (pl.col("id") != ""))
