@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from engine.config import (DEFAULT_ATTACHMENT_TOKEN, IMAGE_FORMATS, LAYOUTS, RUNNERS, ConvertOptions, FetchOptions,
                            ImageOptions, parse_size)
-from engine.errors import EngineError, UsageError
+from engine.errors import EngineError, ShardError, UsageError
 
 PROG = "engine"
 
@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "schema), or your own text with {instructions} and {json_schema} placeholders")
     packed.add_argument("--base-path", metavar="DIR", help="folder relative image paths resolve against "
                         "(default: the manifest's folder)")
+    img.add_argument("--image-timeout", type=float, default=60.0, metavar="S",
+                     help="reject an image whose decode, resize and encode take longer than S seconds (0: no bound)")
     out = c.add_argument_group("shards")
     out.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per output shard")
     out.add_argument("--max-shard-size", default="500MB", metavar="SIZE",
@@ -96,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     image = ImageOptions(max_size=args.max_size or None, format=args.image_format, quality=args.quality,
-                         passthrough=args.passthrough, max_pixels=args.max_pixels)
+                         passthrough=args.passthrough, max_pixels=args.max_pixels,
+                         timeout=args.image_timeout or None)
     fetch = FetchOptions(timeout=args.http_timeout, retries=args.http_retries,
                          total_timeout=max(args.http_timeout * (args.http_retries + 1) + 10, args.http_timeout))
     return ConvertOptions(
@@ -143,8 +146,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         convert(opts, NullProgress() if opts.quiet else BarProgress(), command=public_command(argv))
         return 0
     except EngineError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        hint = " (fix the cause, then finish the run with --resume)" if isinstance(exc, ShardError) else ""
+        print(f"{PROG}: error: {exc}{hint}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:  # disk full, permissions, a vanished folder: the driver's own I/O
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"{PROG}: error: {exc.strerror or exc}{where} (the run can be finished with --resume)",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -84,6 +84,7 @@ class ImageOptions:
     passthrough: bool = True  # keep the original bytes when nothing needs changing
     max_pixels: int = 178_956_970  # decompression-bomb limit, checked from the header
     max_image_bytes: int = 256 * 2**20
+    timeout: float | None = 60.0  # wall-time bound per image transform (decode ... encode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,7 +139,8 @@ class ConvertOptions:
         doc = self.to_dict()
         for key in ("overwrite", "resume", "quiet", "workers", "runner", "ray_address", "unit_rows", "max_reject_ratio"):
             doc.pop(key)
-        doc["fetch"].pop("io_threads")
+        doc.pop("fetch")  # timeouts and retries: a resume after network trouble may raise them
+        doc["image"].pop("timeout")
         return doc
 
 
@@ -155,6 +157,8 @@ def _check_options(o: ConvertOptions) -> str | None:
         return f"--max-size must be a positive number of pixels, not {o.image.max_size}"
     if not 1 <= o.image.quality <= 100:
         return f"--quality must be between 1 and 100, not {o.image.quality}"
+    if o.image.timeout is not None and o.image.timeout <= 0:
+        return "--image-timeout must be positive (or 0 for no bound)"
     if o.image.max_pixels < 1:
         return "--max-pixels must be positive"
     for name, value in (("--shard-rows", o.shard_rows), ("--workers", o.workers)):

@@ -137,7 +137,11 @@ def read_orientation(im: Image.Image) -> int | ImageFailure:
             if not raw:
                 return 1
             exif = Image.Exif()
-            exif.load(raw)
+            with warnings.catch_warnings(record=True) as caught:  # Pillow only warns on a broken block
+                warnings.simplefilter("always")
+                exif.load(raw)
+            if caught:  # any warning while parsing the block means part of it is unreadable
+                return ImageFailure(f"corrupt EXIF block: {caught[0].message}".strip())
         else:
             exif = im.getexif()
         value = exif.get(ORIENTATION_TAG, 1)

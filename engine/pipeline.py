@@ -6,8 +6,11 @@ Ray or the CLI; runners call :func:`process_unit` wherever they run it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -203,13 +206,42 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     return result
 
 
+class ImageTimeout(BaseException):
+    """Raised by the alarm inside a transform that ran past its time bound (a BaseException, so
+    the transform's own error handling cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Interrupt the block after ``seconds`` of wall time. Needs the main thread (where Ray runs
+    tasks and the driver works); elsewhere the block runs unbounded."""
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise ImageTimeout()
+
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext) -> list[EncodedImage] | Reject:
     images = []
     for i, data in enumerate(payloads):
         which = f"image {i + 1} of {len(payloads)}: " if len(payloads) > 1 else ""
         if isinstance(data, FetchFailure):
             return Reject(row.line, row.image_id, "fetch", which + data.reason)
-        image = transform_image(data, ctx.image)
+        try:
+            with time_limit(ctx.image.timeout):
+                image = transform_image(data, ctx.image)
+        except ImageTimeout:
+            return Reject(row.line, row.image_id, "decode", f"{which}took longer than {ctx.image.timeout:g} s")
         if isinstance(image, ImageFailure):
             return Reject(row.line, row.image_id, "decode", which + image.reason)
         images.append(image)

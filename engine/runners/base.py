@@ -3,6 +3,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from engine.errors import EngineError, ShardError
+
 
 class Runner(Protocol):
     """Runs ``fn(*args)`` for every ``args`` and yields results in completion order."""
@@ -14,3 +16,29 @@ class Runner(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]: ...
+
+
+def describe(args: tuple) -> str:
+    """How an item is named in errors: ``unit 12`` or a shard's path."""
+    first = args[0] if args else None
+    index = getattr(first, "index", None)
+    if index is not None:
+        return f"unit {index}"
+    return getattr(first, "relpath", type(first).__name__)
+
+
+def run_item(fn: Callable[..., Any], args: tuple) -> Any:
+    """Run one item here; a failure that is not already an EngineError names its item."""
+    try:
+        return fn(*args)
+    except EngineError:
+        raise
+    except Exception as exc:
+        raise ShardError(describe(args), reason(exc)) from exc
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from engine.runners.base import run_item
+
 
 class LocalRunner:
     """Everything in this process, one item after another. For tests, debugging and tiny jobs."""
@@ -17,4 +19,4 @@ class LocalRunner:
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
         for args in items:
-            yield fn(*args)
+            yield run_item(fn, args)

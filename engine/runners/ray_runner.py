@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from engine.errors import EngineError, ShardError, UsageError
+from engine.runners.base import describe, reason, run_item
 
 log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
@@ -127,12 +128,7 @@ class RayRunner:
 
     def _run_here(self, fn: Callable[..., Any], args: tuple) -> Any:
         self.num_local_items += 1
-        try:
-            return fn(*args)
-        except EngineError:
-            raise
-        except Exception as exc:
-            raise ShardError(_describe(args), f"{type(exc).__name__}: {exc}") from exc
+        return run_item(fn, args)
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
         """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works: while
@@ -185,17 +181,9 @@ class RayRunner:
                     cause = exc.cause if exc.cause is not None else exc
                     if isinstance(cause, EngineError):
                         raise cause from None
-                    raise ShardError(_describe(args), f"{type(cause).__name__}: {cause}") from cause
+                    raise ShardError(describe(args), reason(cause)) from cause
                 except ray.exceptions.RayError as exc:
-                    raise ShardError(_describe(args), f"failed after {MAX_TASK_RETRIES} retries: {exc}") from exc
+                    raise ShardError(describe(args), f"failed after {MAX_TASK_RETRIES} retries: {exc}") from exc
                 if hasattr(result, "node"):
                     result.node = node
                 yield result
-
-
-def _describe(args: tuple) -> str:
-    first = args[0] if args else None
-    index = getattr(first, "index", None)
-    if index is not None:
-        return f"unit {index}"
-    return getattr(first, "relpath", type(first).__name__)
