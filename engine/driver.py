@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from engine.runners import make_runner
 from engine.sinks.arrow import arrow_shard_path, write_dataset_dict, write_save_to_disk_metadata
 from engine.sinks.card import dataset_card
 from engine.sinks.chunking import plan_chunks
-from engine.sinks.files import atomic_path, write_bytes_atomic
+from engine.sinks.store import WORK_DIR, Store
 from engine.sinks.parquet import parquet_shard_path
 from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
@@ -33,7 +32,6 @@ from engine.sources.manifest import plan_manifest
 from engine.stats import RunStats
 
 log = logging.getLogger(__name__)
-WORK_DIR = ".engine"  # scratch space inside OUT: parts, temporary files; removed on success
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
 UNIT_GRAIN = 16  # the manifest is planned in units of this many rows, then coalesced
 
@@ -60,55 +58,48 @@ def load_task_config(path: str) -> TaskConfig:
     return parse_task_config(raw, os.path.basename(path) or path)
 
 
-def prepare_out(out: str, overwrite: bool, resume: bool) -> str:
-    """Check the output folder is free (or may be replaced, or resumed); create the work folder."""
-    if location.is_url(out):
-        raise UsageError(f"remote output folders are not supported yet: {out}")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise UsageError(f"--out {out} exists and is not a folder")
-    work = os.path.join(out, WORK_DIR)
-    if os.path.isdir(out) and os.listdir(out):
+def prepare_out(store: Store, overwrite: bool, resume: bool) -> None:
+    """Check the output folder is free (or may be replaced, or resumed)."""
+    if not store.remote and os.path.exists(store.root) and not os.path.isdir(store.root):
+        raise UsageError(f"--out {store.root} exists and is not a folder")
+    entries = store.entries()
+    if entries:
         if resume:
-            if not os.path.isdir(work):
-                raise UsageError(f"cannot resume: {out} holds no interrupted run (no {WORK_DIR}/ folder)")
+            if WORK_DIR not in entries:
+                raise UsageError(f"cannot resume: {store.root} holds no interrupted run (no {WORK_DIR}/ folder)")
         elif not overwrite:
-            raise UsageError(f"output folder {out} is not empty; pass --overwrite to replace its contents, "
+            raise UsageError(f"output folder {store.root} is not empty; pass --overwrite to replace its contents, "
                              "or --resume to finish an interrupted run")
         else:
-            for entry in os.listdir(out):
-                path = os.path.join(out, entry)
-                shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    os.makedirs(os.path.join(work, "parts"), exist_ok=True)
-    os.makedirs(os.path.join(work, "tmp"), exist_ok=True)
-    return work
+            for entry in entries:
+                store.remove(entry)
+    store.make_dirs(f"{WORK_DIR}/parts")
 
 
-def is_finished(out: str) -> bool:
+def is_finished(store: Store) -> bool:
     """stats.json is written last and the work folder removed after it: both say 'done'."""
-    return os.path.isfile(os.path.join(out, "stats.json")) and not os.path.isdir(os.path.join(out, WORK_DIR))
+    return store.is_file("stats.json") and not store.exists(WORK_DIR)
 
 
-def run_state(work: str, opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str,
+def run_state(store: Store, opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str,
               unit_rows: int) -> int:
     """Record (or, when resuming, check) what this run produces; returns the unit size to use.
 
     A resumed run must produce the same dataset: same output-defining options, same manifest
     and config bytes. The unit size is kept, so completed units line up with the plan.
     """
-    path = os.path.join(work, "run.json")
+    rel = f"{WORK_DIR}/run.json"
     fingerprint = {"options": opts.output_defining(), "manifest_sha256": manifest_sha256,
                    "config_sha256": hashlib.sha256(task.raw).hexdigest() if task else None}
     fingerprint = orjson.loads(orjson.dumps(fingerprint))
-    if os.path.exists(path):
-        with open(path, "rb") as f:
-            previous = orjson.loads(f.read())
+    if store.exists(rel):
+        previous = orjson.loads(store.read_bytes(rel))
         if previous["fingerprint"] != fingerprint:
             changed = sorted(_differences(previous["fingerprint"], fingerprint))
             raise UsageError(f"cannot resume: this run differs from the interrupted one in {', '.join(changed)}; "
                              "resuming would mix two datasets (use --overwrite to start again)")
         return int(previous["unit_rows"])
-    write_bytes_atomic(path, orjson.dumps({"fingerprint": fingerprint, "unit_rows": unit_rows},
-                                          option=orjson.OPT_INDENT_2), os.path.join(work, "tmp"))
+    store.write_bytes(rel, orjson.dumps({"fingerprint": fingerprint, "unit_rows": unit_rows}, option=orjson.OPT_INDENT_2))
     return unit_rows
 
 
@@ -121,14 +112,14 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "(root)"]
 
 
-def unit_context(opts: ConvertOptions, task: TaskConfig | None, work: str) -> UnitContext:
+def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store) -> UnitContext:
     user = None
     if task is not None and opts.layout == "arrow":
         user = user_content(render_prompt(opts.prompt_template, task.instructions, task.json_schema),
                             opts.attachment_token)
     base = opts.base_path or location.parent(opts.manifest)
     return UnitContext(layout=opts.layout, schema_json=task.schema_json if task else None, image=opts.image,
-                       fetch=opts.fetch, default_split=opts.split, base=base, work_dir=work, out=opts.out,
+                       fetch=opts.fetch, default_split=opts.split, base=base, store=store,
                        user_content=user, system_prompt=opts.system_prompt, attachment_token=opts.attachment_token,
                        images_as_paths=opts.images_as_paths)
 
@@ -140,18 +131,18 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     task = load_task_config(opts.config) if opts.config else None
     if not location.exists(opts.manifest):
         raise UsageError(f"manifest not found: {opts.manifest}")
-    if opts.resume and is_finished(opts.out):
+    store = Store(opts.out)
+    if opts.resume and is_finished(store):
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
-        with open(os.path.join(opts.out, "stats.json"), "rb") as f:
-            return ConvertResult(out=opts.out, stats=orjson.loads(f.read()))
-    work = prepare_out(opts.out, opts.overwrite, opts.resume)
-    ctx = unit_context(opts, task, work)
+        return ConvertResult(out=opts.out, stats=orjson.loads(store.read_bytes("stats.json")))
+    prepare_out(store, opts.overwrite, opts.resume)
+    ctx = unit_context(opts, task, store)
     stats = RunStats()
     results: list[UnitResult] = []
     with make_runner(opts) as runner:  # an embedded Ray starts in the background meanwhile
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
         plan = plan_manifest(opts.manifest, grain)
-        unit_rows = run_state(work, opts, task, plan.sha256,
+        unit_rows = run_state(store, opts, task, plan.sha256,
                               opts.unit_rows or unit_rows_for(plan.num_rows, runner.num_workers))
         plan = plan.coalesce(unit_rows)
         log.debug("planned %d rows into %d units (%d duplicates) at %.2f s", plan.num_rows, len(plan.units),
@@ -159,7 +150,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         progress.start(plan.num_rows, "converting")
         todo = []
         for unit in plan.units:
-            done = load_unit_result(work, unit.index) if opts.resume else None
+            done = load_unit_result(store, unit.index) if opts.resume else None
             if done is None:
                 todo.append(unit)
                 continue
@@ -175,20 +166,21 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         progress.close()
         results.sort(key=lambda r: r.index)
         log.debug("units done at %.2f s", time.perf_counter() - started)
-        specs, features = plan_shards(results, opts, work)
+        specs, features = plan_shards(results, opts, store)
         log.debug("shards planned at %.2f s; writing %d", time.perf_counter() - started, len(specs))
         progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
         for shard in runner.map_unordered(write_shard, ((s,) for s in specs), local_first=True):
             shards.append(shard)
+            stats.add_shard(shard)
             progress.advance(1, 0)
         progress.close()
     log.debug("shards done at %.2f s", time.perf_counter() - started)
     stats.check()
     stats.seconds = time.perf_counter() - started
-    summary = finish(opts, task, results, shards, features, stats, command, workers=runner.num_workers)
+    summary = finish(store, opts, task, results, shards, features, stats, command, workers=runner.num_workers)
     log.debug("finished at %.2f s", time.perf_counter() - started)
-    shutil.rmtree(work, ignore_errors=True)
+    store.remove(WORK_DIR)
     progress.message(f"engine: {stats.summary()} -> {opts.out}")
     if stats.reject_ratio > opts.max_reject_ratio:
         raise RejectRatioExceeded(
@@ -229,7 +221,7 @@ def layout_features(results: list[UnitResult], opts: ConvertOptions):
     return packed_features(text_column=text_column, images_as_paths=opts.images_as_paths), (), text_column
 
 
-def plan_shards(results: list[UnitResult], opts: ConvertOptions, work: str) -> tuple[list[ShardSpec], Any]:
+def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -> tuple[list[ShardSpec], Any]:
     """Cut every split's rows (in line order) into shards by size and row cap.
 
     Uses only per-row byte sizes, so the cut is the same whatever the number of units or workers.
@@ -251,7 +243,7 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, work: str) -> t
                                    pieces=pieces_for(segments, start, stop), schema=schema, meta_keys=meta_keys,
                                    text_column=text_column, images_as_paths=opts.images_as_paths,
                                    row_group_rows=opts.row_group_rows, row_group_bytes=opts.row_group_bytes,
-                                   out=opts.out, tmp_dir=os.path.join(work, "tmp")))
+                                   store=store))
     return specs, features
 
 
@@ -268,18 +260,16 @@ def pieces_for(segments: list[tuple[str, int]], start: int, stop: int) -> tuple[
     return tuple(pieces)
 
 
-def finish(opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResult], shards: list[ShardResult],
-           features, stats: RunStats, command: str, workers: int) -> dict[str, Any]:
+def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResult],
+           shards: list[ShardResult], features, stats: RunStats, command: str, workers: int) -> dict[str, Any]:
     """Write what sits beside the data: config.json, rejects.jsonl, the layout's metadata, and
     last stats.json, so a folder with stats.json is a finished dataset."""
-    out, tmp = opts.out, os.path.join(opts.out, WORK_DIR, "tmp")
     if task is not None:
-        write_bytes_atomic(os.path.join(out, "config.json"), task.raw, tmp)
-    with atomic_path(os.path.join(out, "rejects.jsonl"), tmp) as path, open(path, "wb") as dst:
-        for r in results:
+        store.write_bytes("config.json", task.raw)
+    with store.writing("rejects.jsonl") as path, open(path, "wb") as dst:
+        for r in results:  # unit order is line order
             if r.rejects:
-                with open(r.rejects, "rb") as src:
-                    shutil.copyfileobj(src, dst)
+                dst.write(store.read_bytes(r.rejects))
 
     splits: dict[str, dict[str, Any]] = {}
     for shard in sorted(shards, key=lambda s: s.path):
@@ -295,19 +285,19 @@ def finish(opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResu
     doc = stats.to_dict()
     if opts.layout == "parquet":
         card = dataset_card(features=features, splits=splits, data_glob="data/{split}-*",
-                            title=os.path.basename(os.path.abspath(out)), instructions=task.instructions if task else None,
-                            stats=doc, command=command)
-        write_bytes_atomic(os.path.join(out, "README.md"), card.encode(), tmp)
+                            title=store.root.rstrip("/").rsplit("/", 1)[-1], stats=doc, command=command,
+                            instructions=task.instructions if task else None)
+        store.write_bytes("README.md", card.encode())
     else:
         nested = len(splits) > 1
         for name, s in splits.items():
-            write_save_to_disk_metadata(out, name, [x for x in shards if x.split == name], features, s["num_bytes"],
-                                        nested, tmp)
+            write_save_to_disk_metadata(store, name, [x for x in shards if x.split == name], features,
+                                        s["num_bytes"], nested)
         if nested:
-            write_dataset_dict(out, list(splits), tmp)
+            write_dataset_dict(store, list(splits))
     doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
                 "command": command, "versions": _versions()})
-    write_bytes_atomic(os.path.join(out, "stats.json"), orjson.dumps(doc, option=orjson.OPT_INDENT_2), tmp)
+    store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last: the commit marker
     return doc
 
 

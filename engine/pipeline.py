@@ -24,8 +24,8 @@ from engine.conversation import build_conversation, count_attachments
 from engine.imaging import EncodedImage, ImageFailure, transform_image
 from engine.naming import safe_stem
 from engine.records import META_FIXED, Reject, Sample
-from engine.sinks.files import write_bytes_atomic
 from engine.sinks.parts import PartWriter
+from engine.sinks.store import WORK_DIR, Store
 from engine.sources.fetch import FetchFailure, Fetcher
 from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
 from engine.validate import validator_for
@@ -44,8 +44,7 @@ class UnitContext:
     fetch: FetchOptions
     default_split: str
     base: str  # folder that relative image paths resolve against
-    work_dir: str
-    out: str
+    store: Store  # the output folder (local or object storage)
     user_content: str | None = None  # packed layout from labelr rows: the user turn (tokens + prompt)
     system_prompt: str | None = None
     attachment_token: str = "<|reserved_special_token_0|>"
@@ -81,21 +80,22 @@ class UnitResult:
         return cls(**doc)
 
 
-def unit_paths(work_dir: str, index: int) -> tuple[str, str, str]:
-    """The unit's part file, its rejects, and its result: the checkpoint a resumed run trusts."""
-    stem = os.path.join(work_dir, "parts", f"unit-{index:06d}")
+def unit_paths(index: int) -> tuple[str, str, str]:
+    """The unit's part file, its rejects, and its result (paths relative to OUT): the checkpoint a
+    resumed run trusts."""
+    stem = f"{WORK_DIR}/parts/unit-{index:06d}"
     return stem + ".arrow", stem + ".rejects.jsonl", stem + ".json"
 
 
-def load_unit_result(work_dir: str, index: int) -> UnitResult | None:
+def load_unit_result(store: Store, index: int) -> UnitResult | None:
     """The result of a unit that completed in an earlier run, or None."""
-    part, _, result = unit_paths(work_dir, index)
+    part, _, result = unit_paths(index)
     try:
-        with open(result, "rb") as f:
-            done = UnitResult.from_json(f.read())
+        done = UnitResult.from_json(store.read_bytes(result))
     except FileNotFoundError:
         return None
-    return done if os.path.exists(part) and (done.rejects is None or os.path.exists(done.rejects)) else None
+    complete = store.exists(part) and (done.rejects is None or store.exists(done.rejects))
+    return done if complete else None
 
 
 @functools.lru_cache(maxsize=4)
@@ -155,9 +155,8 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
             checked = check_row(row, ctx)
             (rejects if isinstance(checked, Reject) else ready).append(checked)
 
-    part_path, rejects_path, result_path = unit_paths(ctx.work_dir, unit.index)
-    tmp_dir = os.path.join(ctx.work_dir, "tmp")
-    writer = PartWriter(part_path, tmp_dir)
+    part_path, rejects_path, result_path = unit_paths(unit.index)
+    writer = PartWriter(ctx.store, part_path)
     sizes: dict[str, list[int]] = {}
     extra_keys: set[str] = set()
     text_columns: set[str] = set()
@@ -170,7 +169,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
             if isinstance(images, Reject):
                 rejects.append(images)
                 continue
-            stored = _store_images(row, images, ctx, tmp_dir)
+            stored = _store_images(row, images, ctx)
             sample = Sample(line=row.line, split=row.split, image_id=row.image_id, images=stored, meta=row.meta,
                             output=checked.output, conversations=checked.conversations, text=checked.text)
             writer.write(sample)
@@ -185,7 +184,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
 
     rejects.sort(key=lambda r: r.line)
     if rejects:
-        write_bytes_atomic(rejects_path, b"".join(r.to_json() + b"\n" for r in rejects), tmp_dir)
+        ctx.store.write_bytes(rejects_path, b"".join(r.to_json() + b"\n" for r in rejects))
     num_written = sum(len(v) for v in sizes.values())
     if num_written + len(rejects) != num_rows:  # an invariant, not an input problem
         raise AssertionError(f"unit {unit.index}: {num_rows} rows but {num_written} written + {len(rejects)} rejected")
@@ -202,7 +201,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
         rejects=rejects_path if rejects else None,
         seconds=time.perf_counter() - started,
     )
-    write_bytes_atomic(result_path, result.to_json(), tmp_dir)  # last: marks the unit complete
+    ctx.store.write_bytes(result_path, result.to_json())  # last: marks the unit complete
     return result
 
 
@@ -248,8 +247,7 @@ def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: 
     return images
 
 
-def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext,
-                  tmp_dir: str) -> tuple[tuple[bytes | None, str], ...]:
+def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext) -> tuple[tuple[bytes | None, str], ...]:
     """(bytes, file name) to embed, or, for fs-image, write each file under OUT/images and keep
     (None, path relative to OUT).
 
@@ -264,7 +262,7 @@ def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext
     stored = []
     for im, sfx in zip(images, suffixes):
         name = f"{row.line:08d}-{stem}{sfx}.{im.extension}"
-        write_bytes_atomic(os.path.join(ctx.out, IMAGES_DIR, name), im.data, tmp_dir)
+        ctx.store.write_bytes(f"{IMAGES_DIR}/{name}", im.data)
         stored.append((None, f"{IMAGES_DIR}/{name}"))
     return tuple(stored)
 

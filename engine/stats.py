@@ -18,6 +18,7 @@ class RunStats:
     num_passthrough: int = 0
     rejected_by_reason: Counter = field(default_factory=Counter)
     units_by_node: Counter = field(default_factory=Counter)
+    shards_by_node: Counter = field(default_factory=Counter)
     seconds: float = 0.0
 
     def add_unit(self, result: Any) -> None:
@@ -26,8 +27,10 @@ class RunStats:
         self.num_passthrough += result.num_passthrough
         self.rejected_by_reason.update(result.rejected)
         self.num_rejected += sum(result.rejected.values())
-        if result.node:
-            self.units_by_node[result.node] += 1
+        self.units_by_node[result.node or "driver"] += 1
+
+    def add_shard(self, result: Any) -> None:
+        self.shards_by_node[result.node or "driver"] += 1
 
     @property
     def images_per_second(self) -> float:
@@ -53,6 +56,7 @@ class RunStats:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "units_by_node": dict(self.units_by_node),
+            "shards_by_node": dict(self.shards_by_node),
         }
 
     def summary(self) -> str:

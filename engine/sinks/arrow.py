@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from engine.sinks.chunking import plan_chunks, shard_name
-from engine.sinks.files import atomic_path, write_bytes_atomic
+from engine.sinks.store import Store
 from engine.sinks.shards import ShardResult, ShardSpec, map_list_chunks, read_shard_rows
 
 
@@ -43,23 +43,23 @@ def write_arrow_shard(spec: ShardSpec) -> ShardResult:
 
     modalities = map_list_chunks(parts["images"], modality_items, modalities_type)
     table = pa.Table.from_arrays([text, modalities], schema=schema)
-    final = os.path.join(spec.out, spec.relpath)
-    with atomic_path(final, spec.tmp_dir) as tmp:
+    with spec.store.writing(spec.relpath) as tmp:
         with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, schema) as writer:
             sizes = parts["num_bytes"].to_pylist()
             for start, stop in plan_chunks(sizes, spec.row_group_bytes, spec.row_group_rows):
                 # one record batch per group, whatever chunks the units produced
                 writer.write_batch(table.slice(start, stop - start).combine_chunks().to_batches()[0])
-    return ShardResult(spec.relpath, spec.split, table.num_rows, os.path.getsize(final))
+        size = os.path.getsize(tmp)
+    return ShardResult(spec.relpath, spec.split, table.num_rows, size)
 
 
-def write_save_to_disk_metadata(out: str, split: str, shards: list[ShardResult], features, num_bytes: int,
-                                nested: bool, tmp_dir: str) -> None:
+def write_save_to_disk_metadata(store: Store, split: str, shards: list[ShardResult], features, num_bytes: int,
+                                nested: bool) -> None:
     """state.json and dataset_info.json of one split's folder, as ``Dataset.save_to_disk`` writes them."""
     from datasets import DatasetInfo, SplitDict, SplitInfo
     from datasets.utils.py_utils import asdict
 
-    folder = os.path.join(out, split) if nested else out
+    folder = f"{split}/" if nested else ""
     files = sorted(os.path.basename(s.path) for s in shards)
     num_rows = sum(s.num_rows for s in shards)
     fingerprint = hashlib.sha256(orjson.dumps([split, files, [s.num_rows for s in sorted(shards, key=lambda s: s.path)],
@@ -78,9 +78,9 @@ def write_save_to_disk_metadata(out: str, split: str, shards: list[ShardResult],
     info = asdict(DatasetInfo(features=features, splits=splits, dataset_size=num_bytes,
                               size_in_bytes=sum(s.num_bytes for s in shards)))
     info = {key: info[key] for key in sorted(info)}
-    write_bytes_atomic(os.path.join(folder, "state.json"), json.dumps(state, indent=2, sort_keys=True).encode(), tmp_dir)
-    write_bytes_atomic(os.path.join(folder, "dataset_info.json"), json.dumps(info, indent=2).encode(), tmp_dir)
+    store.write_bytes(f"{folder}state.json", json.dumps(state, indent=2, sort_keys=True).encode())
+    store.write_bytes(f"{folder}dataset_info.json", json.dumps(info, indent=2).encode())
 
 
-def write_dataset_dict(out: str, splits: list[str], tmp_dir: str) -> None:
-    write_bytes_atomic(os.path.join(out, "dataset_dict.json"), json.dumps({"splits": splits}).encode(), tmp_dir)
+def write_dataset_dict(store: Store, splits: list[str]) -> None:
+    store.write_bytes("dataset_dict.json", json.dumps({"splits": splits}).encode())

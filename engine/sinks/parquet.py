@@ -14,7 +14,6 @@ import pyarrow.parquet as pq
 
 from engine.records import meta_struct_array
 from engine.sinks.chunking import plan_chunks, shard_name
-from engine.sinks.files import atomic_path
 from engine.sinks.shards import ShardResult, ShardSpec, read_shard_rows
 
 
@@ -27,11 +26,10 @@ def write_parquet_shard(spec: ShardSpec) -> ShardResult:
     image = pc.list_flatten(parts["images"])  # exactly one image per extraction row
     meta = meta_struct_array(parts["meta"].combine_chunks(), list(spec.meta_keys))
     table = pa.Table.from_arrays([parts["image_id"], image, parts["output"], meta], schema=spec.schema)
-    final = os.path.join(spec.out, spec.relpath)
     leaves = ["image_id", "image.bytes", "image.path", "output"] + [f"meta.{k}" for k in spec.meta_keys]
     compression = {c: "zstd" for c in leaves}
     compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
-    with atomic_path(final, spec.tmp_dir) as tmp:
+    with spec.store.writing(spec.relpath) as tmp:
         with pq.ParquetWriter(
             tmp,
             spec.schema,
@@ -45,4 +43,5 @@ def write_parquet_shard(spec: ShardSpec) -> ShardResult:
             for start, stop in plan_chunks(sizes, spec.row_group_bytes, spec.row_group_rows):
                 # combined per group: the bytes must not depend on how units chunked the rows
                 writer.write_table(table.slice(start, stop - start).combine_chunks(), row_group_size=stop - start)
-    return ShardResult(spec.relpath, spec.split, table.num_rows, os.path.getsize(final))
+        size = os.path.getsize(tmp)
+    return ShardResult(spec.relpath, spec.split, table.num_rows, size)

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from engine.records import PART_SCHEMA, Sample, samples_to_part_batch
-from engine.sinks.files import atomic_path
+from engine.sinks.store import Store
 
 BATCH_ROWS = 16
 
@@ -19,10 +19,9 @@ BATCH_ROWS = 16
 class PartWriter:
     """Streams samples into ``path`` in small batches; the file appears only on ``close``."""
 
-    def __init__(self, path: str, tmp_dir: str):
-        self._path, self._tmp_dir = path, tmp_dir
+    def __init__(self, store: Store, rel: str):
         self._pending: list[Sample] = []
-        self._ctx = atomic_path(path, tmp_dir)
+        self._ctx = store.writing(rel)
         self._tmp = self._ctx.__enter__()
         self._sink = pa.OSFile(self._tmp, "wb")
         self._writer = ipc.new_stream(self._sink, PART_SCHEMA)
@@ -51,9 +50,9 @@ class PartWriter:
             self._ctx.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def read_part_rows(path: str, split: str, start: int, stop: int) -> pa.Table:
+def read_part_rows(store: Store, rel: str, split: str, start: int, stop: int) -> pa.Table:
     """Rows ``[start, stop)`` of ``split`` in a part file."""
-    table = ipc.open_stream(pa.memory_map(path)).read_all()  # zero-copy; the map lives with the table
+    table = ipc.open_stream(store.open_arrow(rel)).read_all()  # locally zero-copy (memory-mapped)
     mask = pc.equal(table["split"], split)
     if not pc.all(mask).as_py():  # a part usually holds one split: then no filtering copy
         table = table.filter(mask)

@@ -12,13 +12,14 @@ import pyarrow.compute as pc
 
 from engine.records import PART_SCHEMA
 from engine.sinks.parts import read_part_rows
+from engine.sinks.store import Store
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Piece:
-    """Rows ``[start, stop)`` of one split inside one part file."""
+    """Rows ``[start, stop)`` of one split inside one part file (path relative to OUT)."""
 
     part: str
     start: int
@@ -39,22 +40,22 @@ class ShardSpec:
     images_as_paths: bool
     row_group_rows: int
     row_group_bytes: int
-    out: str
-    tmp_dir: str
+    store: Store
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ShardResult:
     path: str  # relative to OUT
     split: str
     num_rows: int
     num_bytes: int  # file size
+    node: str | None = None  # Ray node that wrote it (set by the runner); None: the driver
 
 
 def read_shard_rows(spec: ShardSpec) -> pa.Table:
     """The shard's rows, in line order, still in the part schema. Chunked, one chunk per piece or
     more: the image bytes stay in the memory-mapped parts until they are written."""
-    tables = [read_part_rows(p.part, spec.split, p.start, p.stop) for p in spec.pieces]
+    tables = [read_part_rows(spec.store, p.part, spec.split, p.start, p.stop) for p in spec.pieces]
     return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
 
 

@@ -1,0 +1,1 @@
+"""Benchmark harness for the `engine` converter (see bench/RESULTS.md)."""

@@ -1,0 +1,99 @@
+"""``python -m bench run | memory | scaling | report``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from bench import harness, report
+from bench.tools import SCENARIOS, TOOLS
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _choices(values: list[str], allowed, what: str) -> list[str]:
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (choose from {', '.join(allowed)})")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--workdir", type=Path, default=BENCH_DIR / ".cache",
+                       help="corpora, venvs and scratch outputs (default bench/.cache)")
+        p.add_argument("--results", type=Path, default=BENCH_DIR / "results",
+                       help="where JSON/PNG results go; RESULTS.md is written beside it")
+        p.add_argument("--timeout", type=float, default=3600, help="seconds per tool run")
+
+    run = sub.add_parser("run", help="tools × scenarios throughput benchmark")
+    run.add_argument("--n", type=int, default=1000, help="rows per corpus")
+    run.add_argument("--scenarios", default=",".join(SCENARIOS),
+                     help=f"comma-separated, from {','.join(SCENARIOS)}")
+    run.add_argument("--peers", default=",".join(TOOLS[2:]),
+                     help=f"comma-separated tools besides engine and limit, from "
+                          f"{','.join(TOOLS[2:])}; 'none' for no peers")
+    run.add_argument("--no-engine", action="store_true", help="leave the engine out")
+    run.add_argument("--repeats", type=int, default=3)
+    run.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    common(run)
+
+    memory = sub.add_parser("memory", help="engine peak RSS against row count (pass-through)")
+    memory.add_argument("--sizes", default="1000,10000,50000")
+    memory.add_argument("--base-images", type=int, default=300)
+    memory.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    common(memory)
+
+    scaling = sub.add_parser("scaling", help="engine throughput at workers = 1 … cores")
+    scaling.add_argument("--n", type=int, default=200)
+    scaling.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
+    common(scaling)
+
+    rep = sub.add_parser("report", help="regenerate the plot and RESULTS.md from the JSON files")
+    common(rep)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    command = "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    workdir = args.workdir.resolve()
+    if args.command == "run":
+        peers = [] if args.peers == "none" else _choices(_csv(args.peers), TOOLS[2:], "peer")
+        tools = ([] if args.no_engine else ["engine"]) + ["limit"] + peers
+        opts = harness.RunOptions(
+            n=args.n, scenarios=_choices(_csv(args.scenarios), SCENARIOS, "scenario"),
+            tools=tools, repeats=args.repeats, workdir=workdir, results_dir=args.results,
+            workers=args.workers, command=command, timeout=args.timeout)
+        harness.run_benchmark(opts)
+    elif args.command == "memory":
+        harness.run_memory(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir,
+                           results_dir=args.results, workers=args.workers, command=command,
+                           base_images=args.base_images, timeout=args.timeout)
+    elif args.command == "scaling":
+        harness.run_scaling(n=args.n, workdir=workdir, results_dir=args.results,
+                            max_workers=args.max_workers, command=command,
+                            timeout=args.timeout)
+    else:
+        report.plot_throughput(args.results)
+        report.write_results_md(args.results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

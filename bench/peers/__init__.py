@@ -1,0 +1,1 @@
+"""Peer tools the engine is compared with, one script each (run as subprocesses)."""

@@ -1,0 +1,289 @@
+"""Result files: per-scenario JSON, throughput/scaling plots and ``bench/RESULTS.md``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TOOL_ORDER = ("engine", "limit", "hf-datasets", "serial-pillow", "ray-data", "img2dataset")
+SCENARIO_ORDER = ("photos-parquet", "small-passthrough", "photos-arrow", "mixed-parquet")
+
+
+def today() -> str:
+    return dt.date.today().isoformat()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    import PIL
+
+    return {
+        "cores": os.cpu_count(), "cpu_model": _cpu_model(), "python": platform.python_version(),
+        "platform": platform.platform(), "pillow": PIL.__version__,
+        "pillow_simd": _version("pillow-simd") is not None,
+        "ray": _version("ray"), "datasets": _version("datasets"), "pyarrow": _version("pyarrow"),
+        "numpy": _version("numpy"), "memory_gb": round(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+    }
+
+
+def write_json(results_dir: Path, stem: str, payload: dict) -> Path:
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{stem}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    log.info("wrote %s", path)
+    return path
+
+
+def load_results(results_dir: Path) -> list[dict]:
+    results = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            payload = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            log.warning("skipping unreadable %s", path)
+            continue
+        payload["_file"] = path.name
+        results.append(payload)
+    return results
+
+
+def latest_runs(results: list[dict]) -> dict[str, dict]:
+    """The newest ``run`` result per scenario (files are date-prefixed, so sorted order)."""
+    latest: dict[str, dict] = {}
+    for result in results:
+        if result.get("kind") == "run":
+            latest[result["scenario"]] = result
+    return latest
+
+
+def _ordered(names, order) -> list[str]:
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+# --------------------------------------------------------------------------- plots
+
+def plot_throughput(results_dir: Path) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = latest_runs(load_results(results_dir))
+    if not runs:
+        return None
+    scenarios = _ordered(runs, SCENARIO_ORDER)
+    tools = _ordered({t for r in runs.values() for t in r["tools"]}, TOOL_ORDER)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    width = 0.8 / max(1, len(tools))
+    for i, tool in enumerate(tools):
+        values = [runs[s]["tools"].get(tool, {}).get("median_images_per_second") or 0
+                  for s in scenarios]
+        bars = ax.bar([x + i * width for x in range(len(scenarios))], values, width, label=tool)
+        for bar, value in zip(bars, values):
+            if value:
+                ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value),
+                            ha="center", va="bottom", fontsize=7)
+    ax.set_xticks([x + width * (len(tools) - 1) / 2 for x in range(len(scenarios))])
+    ax.set_xticklabels([f"{s}\n(n={runs[s]['n']})" for s in scenarios])
+    ax.set_ylabel("images / s (median, whole command)")
+    ax.set_title("Throughput per tool (missing bar: not available, not applicable or invalid)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = results_dir / f"{today()}-throughput.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_scaling(results_dir: Path, result: dict) -> Path | None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [p for p in result["points"] if p.get("status") == "ok"]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([p["workers"] for p in points], [p["images_per_second"] for p in points], "o-")
+    ax.set_xlabel("--workers")
+    ax.set_ylabel("images / s (whole command)")
+    ax.set_title(f"engine scaling, photos → Parquet, n={result['n']}")
+    fig.tight_layout()
+    path = results_dir / f"{result['date']}-scaling.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- RESULTS.md
+
+def _cell(tool: dict | None) -> str:
+    if not tool:
+        return "–"
+    if tool.get("median_images_per_second"):
+        return f"{tool['median_images_per_second']:.2f}"
+    status = tool.get("status", "")
+    return status.split(":", 1)[0]
+
+
+def _run_section(runs: dict[str, dict]) -> list[str]:
+    scenarios = _ordered(runs, SCENARIO_ORDER)
+    tools = _ordered({t for r in runs.values() for t in r["tools"]}, TOOL_ORDER)
+    lines = ["## Throughput (images/s, median of repeats, whole command incl. start-up)", "",
+             "| tool | " + " | ".join(f"{s} (n={runs[s]['n']})" for s in scenarios) + " |",
+             "|---|" + "---:|" * len(scenarios)]
+    for tool in tools:
+        lines.append(f"| {tool} | " + " | ".join(_cell(runs[s]["tools"].get(tool))
+                                                  for s in scenarios) + " |")
+    ratio_names = _ordered({k for r in runs.values() for k in r.get("ratios", {})},
+                           tuple(f"engine/{t}" for t in TOOL_ORDER))
+    if ratio_names:
+        lines += ["", "Ratios (from medians of the same run):", "",
+                  "| ratio | " + " | ".join(scenarios) + " |",
+                  "|---|" + "---:|" * len(scenarios)]
+        for name in ratio_names:
+            cells = [runs[s].get("ratios", {}).get(name) for s in scenarios]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.2f}×" if c else "–" for c in cells)
+                         + " |")
+    lines += ["", "## Details per scenario", ""]
+    for s in scenarios:
+        r = runs[s]
+        corpus = r["corpus"]
+        lines += [f"### {s}: {r['description']}", "",
+                  f"Corpus `{corpus['name']}`: {corpus['num_rows']} rows, {corpus['num_valid']} "
+                  f"valid images, {corpus['input_bytes'] / 1e6:.0f} MB; {r['repeats']} repeats, "
+                  f"workers={r['workers']}, file `results/{r['_file']}`.", "",
+                  "| tool | status | images/s | MB/s | peak RSS MB | CPU util | upright samples |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for tool in _ordered(r["tools"], TOOL_ORDER):
+            t = r["tools"][tool]
+            lines.append(_detail_row(tool, t))
+        lines.append("")
+    return lines
+
+
+def _detail_row(tool: str, t: dict) -> str:
+    if not t.get("median_images_per_second"):
+        return f"| {tool} | {t.get('status', '').replace('|', '/')[:200]} | | | | | |"
+    checks = [r["check"] for r in t["runs"] if "check" in r]
+    upright = ""
+    if checks and checks[-1]["num_upright_known"]:
+        upright = f"{checks[-1]['num_upright']}/{checks[-1]['num_upright_known']}"
+    own = t.get("median_own_images_per_second")
+    ips = f"{t['median_images_per_second']:.2f}" + (f" (own {own:.1f})" if own else "")
+    return (f"| {tool} | {t['status']} | {ips} | {t['median_mb_per_second']:.1f} | "
+            f"{t['median_peak_rss_mb']:.0f} | {100 * t['median_cpu_util']:.0f}% | {upright} |")
+
+
+def _memory_section(result: dict) -> list[str]:
+    lines = [f"## Memory: engine pass-through on repeated `small` images ({result['_file']})", "",
+             f"Command: `{result['command']}`; {result['base_images']} distinct images "
+             "repeated under distinct image_ids.", "",
+             "| rows | status | peak RSS MB (process tree) | images/s |", "|---:|---|---:|---:|"]
+    for p in result["points"]:
+        if p.get("status") == "ok":
+            lines.append(f"| {p['num_rows']} | ok | {p['peak_rss_mb']:.0f} | "
+                         f"{p['images_per_second']:.1f} |")
+        else:
+            lines.append(f"| {p['num_rows']} | {p.get('status', '')[:200]} | | |")
+    return lines + [""]
+
+
+def _scaling_section(result: dict) -> list[str]:
+    lines = [f"## Scaling: engine on photos → Parquet ({result['_file']})", "",
+             f"Command: `{result['command']}`", "",
+             "| workers | status | images/s | CPU util | peak RSS MB |", "|---:|---|---:|---:|---:|"]
+    for p in result["points"]:
+        if p.get("status") == "ok":
+            lines.append(f"| {p['workers']} | ok | {p['images_per_second']:.2f} | "
+                         f"{100 * p['cpu_util']:.0f}% | {p['peak_rss_mb']:.0f} |")
+        else:
+            lines.append(f"| {p['workers']} | {p.get('status', '')[:200]} | | | |")
+    return lines + [""]
+
+
+NOTES = """## Notes
+
+- images/s = input rows / wall time of the whole command (interpreter, Ray or
+  `datasets` start-up, writing and closing included). The engine's own figure from its
+  `stats.json` is shown as "own". MB/s = input bytes / wall time.
+- A column with a small n (a smoke test such as `--n 8`) measures start-up (Ray about
+  10–15 s here), not throughput; compare tools only at n ≥ 200.
+- Tools run one after another, interleaved per repeat, never concurrently; every input file
+  is read once before timing, so all tools see a warm page cache.
+- Peak RSS sums RSS over the whole process tree, sampled every 50 ms; memory shared between
+  processes (Ray's object store, forked workers' copy-on-write pages) counts once per process,
+  so it over-states Ray and `multiprocessing` tools. CPU util = CPU seconds of the tree /
+  wall / cores.
+- Validity: row count = the corpus's decodable images, and ~20 sampled images decode with
+  longest side ≤ 1024. "upright samples" counts sampled rows whose aspect matches the
+  EXIF-corrected size (only orientations 5–8 change the aspect); it is information, not part
+  of validity. img2dataset decodes with OpenCV and ignores EXIF orientation.
+- `limit` is the imaging floor: one process per core, `draft` → `thumbnail` → transpose →
+  JPEG q90 into memory, nothing written but ~20 samples. Pass-through: read + header parse.
+- `hf-datasets` and `serial-pillow` store the PIL image through the `datasets` `Image`
+  feature, which encodes it as PNG (the image lost its format in `exif_transpose`). That is
+  what today's scripts do, and the main reason they are slow and their output large.
+  `serial-pillow` does this even in the pass-through scenario.
+- `ray-data` decodes fully (no `draft`) like a user's script, and encodes JPEG q90.
+- Ray Data and img2dataset have no `save_to_disk` writer, so they do not apply to
+  `photos-arrow`. img2dataset uses `resize_mode=keep_ratio_largest` (its `keep_ratio` bounds
+  the shortest side).
+"""
+
+
+def write_results_md(results_dir: Path) -> Path:
+    """Regenerate ``RESULTS.md`` beside ``results_dir`` (``bench/RESULTS.md`` by default)."""
+    path = results_dir.parent / "RESULTS.md"
+    results = load_results(results_dir)
+    runs = latest_runs(results)
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m bench` from the JSON files in `bench/results/` "
+             "(the newest file per scenario). Do not edit by hand.", ""]
+    machine = next((r["machine"] for r in reversed(results) if "machine" in r), None)
+    if machine:
+        lines += ["## Machine", "",
+                  f"{machine['cores']} cores ({machine['cpu_model']}), "
+                  f"{machine.get('memory_gb', '?')} GB RAM, Python {machine['python']}, "
+                  f"Pillow {machine['pillow']} "
+                  f"({'Pillow-SIMD' if machine['pillow_simd'] else 'stock Pillow'}), "
+                  f"ray {machine['ray']}, datasets {machine['datasets']}, "
+                  f"pyarrow {machine['pyarrow']}. Shared, noisy machine.", ""]
+    commands = sorted({r["command"] for r in runs.values()})
+    if commands:
+        lines += ["## Command", ""] + [f"    {c}" for c in commands] + [""]
+        lines += _run_section(runs)
+        pngs = sorted(results_dir.glob("*-throughput.png"))
+        if pngs:
+            lines += [f"![throughput](results/{pngs[-1].name})", ""]
+    if any(r.get("kind") == "memory" for r in results):
+        lines += _memory_section([r for r in results if r.get("kind") == "memory"][-1])
+    if any(r.get("kind") == "scaling" for r in results):
+        lines += _scaling_section([r for r in results if r.get("kind") == "scaling"][-1])
+    lines += [NOTES]
+    path.write_text("\n".join(lines))
+    log.info("wrote %s", path)
+    return path

@@ -1,0 +1,140 @@
+"""The output folder: a local path, or any fsspec URL (``s3://bucket/prefix``, ``gs://``, ...).
+
+Every file appears whole or not at all:
+- locally, it is written to ``OUT/.engine/tmp``, fsynced, and renamed into place (same filesystem);
+- on object storage, which has no rename, it is written to a local temporary file and uploaded
+  to its final key in one PUT (or one multipart upload), which the store makes visible only
+  once complete. The dataset as a whole is committed by ``stats.json``, written last.
+
+A store is small and picklable: workers get it in their descriptors and write their own files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+
+import pyarrow as pa
+
+from engine.sources.location import is_url, local_path
+
+WORK_DIR = ".engine"  # scratch space inside OUT: parts, checkpoints, temporary files
+
+
+class Store:
+    def __init__(self, root: str):
+        path = local_path(root)
+        self.remote = path is None
+        self.root = root.rstrip("/") if self.remote else os.path.abspath(path)
+        self._fs = None
+
+    def __getstate__(self):
+        return {"root": self.root, "remote": self.remote}
+
+    def __setstate__(self, state):
+        self.root, self.remote, self._fs = state["root"], state["remote"], None
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            self._fs, _ = fsspec.core.url_to_fs(self.root)
+        return self._fs
+
+    def path(self, rel: str = "") -> str:
+        if not rel:
+            return self.root
+        return f"{self.root}/{rel}" if self.remote else os.path.join(self.root, *rel.split("/"))
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def writing(self, rel: str) -> Iterator[str]:
+        """Yield a local path to write ``rel`` to; it appears under its final name only on success."""
+        if self.remote:
+            folder = tempfile.mkdtemp(prefix="engine-")
+            tmp = os.path.join(folder, os.path.basename(rel))
+            try:
+                yield tmp
+                self.fs.put_file(tmp, self.path(rel))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            return
+        final = self.path(rel)
+        tmp_dir = self.path(f"{WORK_DIR}/tmp")
+        os.makedirs(tmp_dir, exist_ok=True)
+        tmp = os.path.join(tmp_dir, f".{os.path.basename(final)}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(tmp, final)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        with self.writing(rel) as tmp, open(tmp, "wb") as f:
+            f.write(data)
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def read_bytes(self, rel: str) -> bytes:
+        if self.remote:
+            return self.fs.cat_file(self.path(rel))
+        with open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def open_arrow(self, rel: str) -> pa.NativeFile:
+        """A part file for reading: memory-mapped locally, fetched whole from object storage."""
+        if self.remote:
+            return pa.BufferReader(self.read_bytes(rel))
+        return pa.memory_map(self.path(rel))
+
+    def exists(self, rel: str = "") -> bool:
+        return self.fs.exists(self.path(rel)) if self.remote else os.path.exists(self.path(rel))
+
+    def is_file(self, rel: str) -> bool:
+        return self.fs.isfile(self.path(rel)) if self.remote else os.path.isfile(self.path(rel))
+
+    def is_dir(self, rel: str = "") -> bool:
+        return self.fs.isdir(self.path(rel)) if self.remote else os.path.isdir(self.path(rel))
+
+    def entries(self) -> list[str]:
+        """Names directly under the root (empty when it does not exist)."""
+        if self.remote:
+            if not self.fs.exists(self.root):
+                return []
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        return os.listdir(self.root) if os.path.isdir(self.root) else []
+
+    # ---- removing ------------------------------------------------------------------------------
+
+    def remove(self, rel: str) -> None:
+        """Remove a file or a folder (recursively); missing is fine."""
+        target = self.path(rel)
+        if self.remote:
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(target, recursive=True)
+        elif os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(target)
+
+    def make_dirs(self, rel: str) -> None:
+        if not self.remote:  # object stores have no folders to make
+            os.makedirs(self.path(rel), exist_ok=True)
+
+
+def is_remote(location: str) -> bool:
+    return is_url(location) and local_path(location) is None
