@@ -67,6 +67,7 @@ def measure_tool(tool: str, command: list[str], corpus: Corpus, run_dir: Path, *
         "images_per_second": num_rows / m.wall_seconds,
         "mb_per_second": corpus.input_bytes / MB / m.wall_seconds * (num_rows / corpus.num_rows),
         "peak_rss_mb": m.peak_rss_bytes / MB, "cpu_util": m.cpu_util,
+        "driver_peak_rss_mb": m.peak_rss_driver_bytes / MB, "raylet_peak_rss_mb": m.peak_rss_raylet_bytes / MB,
         "cpu_seconds": m.cpu_seconds, "max_processes": m.max_processes, "workers": workers,
     }
     if m.returncode != 0:

@@ -29,12 +29,14 @@ POLL_SECONDS = 0.05
 class Measurement:
     returncode: int
     wall_seconds: float
-    peak_rss_bytes: int
+    peak_rss_bytes: int      # the whole process tree (shared pages counted once per process)
     cpu_seconds: float
     cpu_util: float          # cpu_seconds / wall / cores
     max_processes: int
     timed_out: bool
     stderr_tail: str
+    peak_rss_driver_bytes: int = 0   # the command's own process (for the engine: the Ray driver)
+    peak_rss_raylet_bytes: int = 0   # Ray's raylet, which holds the plasma object store
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,7 +66,7 @@ def run_measured(command: list[str], *, cwd: Path | None = None, env: dict | Non
     log_path.parent.mkdir(parents=True, exist_ok=True)
     known: dict[tuple[int, float], psutil.Process] = {}
     cpu_seen: dict[tuple[int, float], float] = {}
-    peak_rss = 0
+    peak_rss = peak_driver = peak_raylet = 0
     max_procs = 0
     timed_out = False
     with open(log_path, "wb") as log_file:
@@ -73,17 +75,23 @@ def run_measured(command: list[str], *, cwd: Path | None = None, env: dict | Non
                                  start_new_session=True)
         root = psutil.Process(popen.pid)
         while popen.poll() is None:
-            rss = 0
+            rss = raylet = 0
             procs = _tree(root, known)
             for proc in procs:
                 try:
                     with proc.oneshot():
-                        rss += proc.memory_info().rss
+                        proc_rss = proc.memory_info().rss
+                        rss += proc_rss
+                        if proc.pid == root.pid:
+                            peak_driver = max(peak_driver, proc_rss)
+                        elif proc.name() == "raylet":
+                            raylet += proc_rss
                         times = proc.cpu_times()
                     cpu_seen[(proc.pid, proc.create_time())] = times.user + times.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
             peak_rss = max(peak_rss, rss)
+            peak_raylet = max(peak_raylet, raylet)
             max_procs = max(max_procs, len(procs))
             if time.perf_counter() - start > timeout:
                 timed_out = True
@@ -102,7 +110,8 @@ def run_measured(command: list[str], *, cwd: Path | None = None, env: dict | Non
         tail = log_path.read_bytes()[-3000:].decode(errors="replace")
     return Measurement(returncode=popen.returncode, wall_seconds=wall, peak_rss_bytes=peak_rss,
                        cpu_seconds=cpu, cpu_util=cpu / wall / cores if wall else 0.0,
-                       max_processes=max_procs, timed_out=timed_out, stderr_tail=tail)
+                       max_processes=max_procs, timed_out=timed_out, stderr_tail=tail,
+                       peak_rss_driver_bytes=peak_driver, peak_rss_raylet_bytes=peak_raylet)
 
 
 def _kill_tree(popen: subprocess.Popen, known: dict[tuple[int, float], psutil.Process]) -> None:

@@ -202,13 +202,14 @@ def _memory_section(result: dict) -> list[str]:
     lines = [f"## Memory: engine pass-through on repeated `small` images ({result['_file']})", "",
              f"Command: `{result['command']}`; {result['base_images']} distinct images "
              "repeated under distinct image_ids.", "",
-             "| rows | status | peak RSS MB (process tree) | images/s |", "|---:|---|---:|---:|"]
+             "| rows | status | peak RSS MB (process tree) | driver peak RSS MB | raylet (object store) peak RSS MB "
+             "| images/s |", "|---:|---|---:|---:|---:|---:|"]
     for p in result["points"]:
         if p.get("status") == "ok":
-            lines.append(f"| {p['num_rows']} | ok | {p['peak_rss_mb']:.0f} | "
-                         f"{p['images_per_second']:.1f} |")
+            lines.append(f"| {p['num_rows']} | ok | {p['peak_rss_mb']:.0f} | {p.get('driver_peak_rss_mb', 0):.0f} | "
+                         f"{p.get('raylet_peak_rss_mb', 0):.0f} | {p['images_per_second']:.1f} |")
         else:
-            lines.append(f"| {p['num_rows']} | {p.get('status', '')[:200]} | | |")
+            lines.append(f"| {p['num_rows']} | {p.get('status', '')[:200]} | | | | |")
     return lines + [""]
 
 
