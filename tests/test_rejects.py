@@ -223,7 +223,7 @@ def test_unusual_file_names_and_locations(tmp_path, monkeypatch):
     relative to a working directory other than its own folder."""
     inroot = tmp_path / "in"
     name = "dir with space/café 1.jpg"
-    inp = write_input(
+    write_input(
         inroot,
         [
             row("rel", name),

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import imagegen
-from conftest import GOOD_OUTPUT, Output, convert, row, run_main, write_input
+from conftest import Output, row, run_main, write_input
 
 NUM_IMAGES = 36
 UNIT_ROWS = 2  # many small units, so kills land between and inside units
