@@ -284,6 +284,17 @@ def write_results_md(results_dir: Path) -> Path:
         lines += _memory_section([r for r in results if r.get("kind") == "memory"][-1])
     if any(r.get("kind") == "scaling" for r in results):
         lines += _scaling_section([r for r in results if r.get("kind") == "scaling"][-1])
+    steady = [r for r in results if r.get("kind") == "steady-state"]
+    if steady:
+        s = steady[-1]
+        lines += ["## Steady state: the engine with Ray already running", "",
+                  f"Command: `{s['command']}` ({s['_file']}). Median of {s['repeats']} runs, {s['n']} photos.", "",
+                  "| engine, Ray warm (img/s) | limit (img/s) | ratio |", "|---:|---:|---:|",
+                  f"| {s['engine_warm_images_per_second']:.1f} | {s['limit_images_per_second']:.1f} | "
+                  f"{s['ratio_engine_warm_vs_limit']:.2f} |", ""]
+    gap = Path(__file__).with_name("GAP.md")
+    if gap.exists():
+        lines += [gap.read_text().strip(), ""]
     lines += [NOTES]
     path.write_text("\n".join(lines))
     log.info("wrote %s", path)
