@@ -30,11 +30,17 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-$VPY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-log "installing the engine and its dependencies"
-$VPY -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "^WARNING: Location" || true
-$VPY -c "import engine, ray, datasets, pyarrow, polars, jsonschema_rs" \
-  || { log "dependency install failed"; exit 1; }
+STAMP=".venv/.deps-$( (cat pyproject.toml; echo "$EXTRAS") | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] && [ -f .venv/pillow-build.txt ]; then
+  log "dependencies up to date ($STAMP)"
+else
+  $VPY -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  log "installing the engine and its dependencies"
+  $VPY -m pip install -q -e ".[${EXTRAS}]" 2>&1 | grep -v "^WARNING: Location" || true
+  $VPY -c "import engine, ray, datasets, pyarrow, polars, jsonschema_rs" \
+    || { log "dependency install failed"; exit 1; }
+  rm -f .venv/.deps-* .venv/pillow-build.txt
+fi
 
 simd_ok() { $VPY - <<'PY'
 import importlib.metadata as md, PIL, pathlib
@@ -66,4 +72,5 @@ else
     echo "fallback: $reason" > .venv/pillow-build.txt
   fi
 fi
+touch "$STAMP"
 log "done: $($VPY -c 'import PIL; print("Pillow", PIL.__version__)') ($(cat .venv/pillow-build.txt))"
