@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory = sub.add_parser("memory", help="engine peak RSS against row count (pass-through)")
     memory.add_argument("--sizes", default="1000,10000,50000")
     memory.add_argument("--base-images", type=int, default=300)
+    memory.add_argument("--corpus", default="small", choices=["small", "tiny"],
+                        help="small: 1024 px JPEGs; tiny: 32x24 JPEGs, for driver memory at a million rows")
     memory.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     common(memory)
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "memory":
         harness.run_memory(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir,
                            results_dir=args.results, workers=args.workers, command=command,
-                           base_images=args.base_images, timeout=args.timeout)
+                           base_images=args.base_images, timeout=args.timeout, corpus_name=args.corpus)
     elif args.command == "scaling":
         harness.run_scaling(n=args.n, workdir=workdir, results_dir=args.results,
                             max_workers=args.max_workers, command=command,

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 log = logging.getLogger(__name__)
 
-CORPUS_NAMES = ("photos", "small", "mixed")
+CORPUS_NAMES = ("photos", "small", "mixed", "tiny")
 ORIENTATION_TAG = 0x0112
 PLACEHOLDER = "<|reserved_special_token_0|>"
 INSTRUCTIONS = (
@@ -230,7 +230,16 @@ def _build_mixed(n: int, rng: np.random.Generator):
         yield f"img{i:06d}.{ext}", tag_unique(data, f"mixed-{i}"), upright
 
 
-_BUILDERS = {"photos": _build_photos, "small": _build_small, "mixed": _build_mixed}
+def _build_tiny(n: int, rng: np.random.Generator):
+    """Upright 32x24 JPEGs (~1 KB): pass-through rows whose cost is all per-row overhead, for
+    driver-memory runs at a million rows."""
+    bases = [draw_scene(rng, 32, 24, noise_sigma=2.5) for _ in range(min(16, n))]
+    encoded = [encode(b, "JPEG") for b in bases]
+    for i in range(n):
+        yield f"img{i:06d}.jpg", encoded[i % len(bases)], [32, 24]
+
+
+_BUILDERS = {"photos": _build_photos, "small": _build_small, "mixed": _build_mixed, "tiny": _build_tiny}
 
 
 def _output_for(rng: np.random.Generator) -> dict:

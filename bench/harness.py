@@ -176,19 +176,19 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
 
 
 def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: int,
-               command: str, base_images: int = 300, timeout: float = 3600) -> Path:
+               command: str, base_images: int = 300, timeout: float = 3600, corpus_name: str = "small") -> Path:
     """Engine pass-through at growing row counts over the same few hundred images."""
     reason = engine_available()
-    corpus = build_corpus("small", base_images, workdir)
+    corpus = build_corpus(corpus_name, base_images, workdir)
     warm_page_cache(corpus)
     points = []
     for size in sizes:
         if reason:
             points.append({"num_rows": size, "status": f"not available: {reason}"})
             continue
-        manifest_dir = workdir / "memory" / f"manifest-{size}"
+        manifest_dir = workdir / "memory" / f"{corpus_name}-manifest-{size}"
         manifest = repeated_manifest(corpus, size, manifest_dir)
-        run_dir = workdir / "runs" / "memory" / str(size)
+        run_dir = workdir / "runs" / "memory" / f"{corpus_name}-{size}"
         cmd = engine_command(manifest=manifest, config=manifest_dir / "config.json",
                              out=run_dir / "out", layout="parquet", mode="passthrough",
                              workers=workers)
@@ -198,10 +198,11 @@ def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: i
         record["status"] = "ok" if record["valid"] else (
             f"failed: {record['error']}" if "error" in record else "invalid")
         points.append(record)
-    result = {"kind": "memory", "date": report.today(), "command": command,
+    result = {"kind": "memory", "date": report.today(), "command": command, "corpus_name": corpus_name,
               "base_images": base_images, "workers": workers, "machine": report.machine_info(),
               "corpus": corpus.summary(), "points": points}
-    path = report.write_json(results_dir, f"{report.today()}-memory", result)
+    stem = f"{report.today()}-memory" + ("" if corpus_name == "small" else f"-{corpus_name}")
+    path = report.write_json(results_dir, stem, result)
     report.write_results_md(results_dir)
     return path
 

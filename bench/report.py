@@ -199,7 +199,8 @@ def _detail_row(tool: str, t: dict) -> str:
 
 
 def _memory_section(result: dict) -> list[str]:
-    lines = [f"## Memory: engine pass-through on repeated `small` images ({result['_file']})", "",
+    lines = [f"## Memory: engine pass-through on repeated `{result.get('corpus_name', 'small')}` images "
+             f"({result['_file']})", "",
              f"Command: `{result['command']}`; {result['base_images']} distinct images "
              "repeated under distinct image_ids.", "",
              "| rows | status | peak RSS MB (process tree) | driver peak RSS MB | raylet (object store) peak RSS MB "
@@ -280,8 +281,10 @@ def write_results_md(results_dir: Path) -> Path:
         pngs = sorted(results_dir.glob("*-throughput.png"))
         if pngs:
             lines += [f"![throughput](results/{pngs[-1].name})", ""]
-    if any(r.get("kind") == "memory" for r in results):
-        lines += _memory_section([r for r in results if r.get("kind") == "memory"][-1])
+    for corpus_name in ("small", "tiny"):
+        memory = [r for r in results if r.get("kind") == "memory" and r.get("corpus_name", "small") == corpus_name]
+        if memory:
+            lines += _memory_section(memory[-1])
     if any(r.get("kind") == "scaling" for r in results):
         lines += _scaling_section([r for r in results if r.get("kind") == "scaling"][-1])
     steady = [r for r in results if r.get("kind") == "steady-state"]
