@@ -29,17 +29,19 @@ def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, str]:
     return fn(*args), ray.get_runtime_context().get_node_id()
 
 
-_REMOTE = None
+_REMOTE: dict[str, Any] = {}
 
 
-def _remote_call():
-    """One remote function for every task of the process (registering one is not free)."""
-    global _REMOTE
-    if _REMOTE is None:
+def _remote_call(strategy: str):
+    """One remote function per scheduling strategy for every task of the process (registering
+    one is not free). On a cluster, SPREAD places tasks across nodes, so every node's CPUs and
+    disks share the work even when tasks are short."""
+    if strategy not in _REMOTE:
         import ray
 
-        _REMOTE = ray.remote(_call).options(num_cpus=1, max_retries=MAX_TASK_RETRIES)
-    return _REMOTE
+        _REMOTE[strategy] = ray.remote(_call).options(num_cpus=1, max_retries=MAX_TASK_RETRIES,
+                                                      scheduling_strategy=strategy)
+    return _REMOTE[strategy]
 
 
 class RayRunner:
@@ -145,7 +147,7 @@ class RayRunner:
     def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple], local_first: bool) -> Iterator[Any]:
         import ray
 
-        remote = _remote_call()
+        remote = _remote_call("DEFAULT" if self.embedded else "SPREAD")
         in_flight: dict[Any, tuple] = {}
         limit = max(1, self.num_workers) * IN_FLIGHT_PER_WORKER
         mine = next(pending, None) if local_first else None
