@@ -242,7 +242,8 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -
             specs.append(ShardSpec(layout=opts.layout, split=split, relpath=relpath,
                                    pieces=pieces_for(segments, start, stop), schema=schema, meta_keys=meta_keys,
                                    text_column=text_column, images_as_paths=opts.images_as_paths,
-                                   row_group_rows=opts.row_group_rows, row_group_bytes=opts.row_group_bytes,
+                                   row_groups=tuple(b - a for a, b in plan_chunks(
+                                       sizes[start:stop].tolist(), opts.row_group_bytes, opts.row_group_rows)),
                                    store=store))
     return specs, features
 

@@ -16,9 +16,9 @@ import orjson
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from engine.sinks.chunking import plan_chunks, shard_name
+from engine.sinks.chunking import shard_name
 from engine.sinks.store import Store
-from engine.sinks.shards import ShardResult, ShardSpec, map_list_chunks, read_shard_rows
+from engine.sinks.shards import ShardResult, ShardSpec, iter_row_groups, map_list_chunks
 
 
 def arrow_shard_path(split: str, index: int, count: int, nested: bool) -> str:
@@ -26,14 +26,14 @@ def arrow_shard_path(split: str, index: int, count: int, nested: bool) -> str:
     return f"{split}/{name}" if nested else name
 
 
-def write_arrow_shard(spec: ShardSpec) -> ShardResult:
-    parts = read_shard_rows(spec)
+def packed_batch(group: pa.Table, spec: ShardSpec) -> pa.RecordBatch:
+    """Part rows -> one record batch of conversations (or text) and modalities."""
     schema = spec.schema
     if spec.text_column == "conversations":
         turns_type = schema.field("conversations").type
-        text = pa.array([orjson.loads(c) for c in parts["conversations"].to_pylist()], turns_type)
+        text = pa.array([orjson.loads(c) for c in group["conversations"].to_pylist()], turns_type)
     else:
-        text = parts["text"].combine_chunks()
+        text = group["text"].combine_chunks()
     modalities_type = schema.field("modalities").type
 
     def modality_items(images: pa.StructArray) -> pa.StructArray:
@@ -41,16 +41,19 @@ def write_arrow_shard(spec: ShardSpec) -> ShardResult:
         kinds = pa.array(["image"] * len(images), pa.string())
         return pa.StructArray.from_arrays([kinds, value], fields=list(modalities_type.value_type))
 
-    modalities = map_list_chunks(parts["images"], modality_items, modalities_type)
-    table = pa.Table.from_arrays([text, modalities], schema=schema)
+    modalities = map_list_chunks(group["images"], modality_items, modalities_type)
+    return pa.RecordBatch.from_arrays([text, modalities.combine_chunks()], schema=schema)
+
+
+def write_arrow_shard(spec: ShardSpec) -> ShardResult:
+    num_rows = 0
     with spec.store.writing(spec.relpath) as tmp:
-        with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, schema) as writer:
-            sizes = parts["num_bytes"].to_pylist()
-            for start, stop in plan_chunks(sizes, spec.row_group_bytes, spec.row_group_rows):
-                # one record batch per group, whatever chunks the units produced
-                writer.write_batch(table.slice(start, stop - start).combine_chunks().to_batches()[0])
+        with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, spec.schema) as writer:
+            for group in iter_row_groups(spec):  # one record batch per row group
+                writer.write_batch(packed_batch(group, spec))
+                num_rows += group.num_rows
         size = os.path.getsize(tmp)
-    return ShardResult(spec.relpath, spec.split, table.num_rows, size)
+    return ShardResult(spec.relpath, spec.split, num_rows, size)
 
 
 def write_save_to_disk_metadata(store: Store, split: str, shards: list[ShardResult], features, num_bytes: int,

@@ -13,19 +13,23 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.records import meta_struct_array
-from engine.sinks.chunking import plan_chunks, shard_name
-from engine.sinks.shards import ShardResult, ShardSpec, read_shard_rows
+from engine.sinks.chunking import shard_name
+from engine.sinks.shards import ShardResult, ShardSpec, iter_row_groups
 
 
 def parquet_shard_path(split: str, index: int, count: int) -> str:
     return f"data/{shard_name(split, index, count, 'parquet')}"
 
 
+def extraction_table(group: pa.Table, spec: ShardSpec) -> pa.Table:
+    """Part rows -> the final columns: one image per row, meta as a struct of the run's keys."""
+    image = pc.list_flatten(group["images"])
+    meta = meta_struct_array(group["meta"].combine_chunks(), list(spec.meta_keys))
+    return pa.Table.from_arrays([group["image_id"], image, group["output"], meta], schema=spec.schema)
+
+
 def write_parquet_shard(spec: ShardSpec) -> ShardResult:
-    parts = read_shard_rows(spec)
-    image = pc.list_flatten(parts["images"])  # exactly one image per extraction row
-    meta = meta_struct_array(parts["meta"].combine_chunks(), list(spec.meta_keys))
-    table = pa.Table.from_arrays([parts["image_id"], image, parts["output"], meta], schema=spec.schema)
+    num_rows = 0
     leaves = ["image_id", "image.bytes", "image.path", "output"] + [f"meta.{k}" for k in spec.meta_keys]
     compression = {c: "zstd" for c in leaves}
     compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
@@ -39,9 +43,8 @@ def write_parquet_shard(spec: ShardSpec) -> ShardResult:
             write_page_index=True,
             use_content_defined_chunking=True,
         ) as writer:
-            sizes = parts["num_bytes"].to_pylist()
-            for start, stop in plan_chunks(sizes, spec.row_group_bytes, spec.row_group_rows):
-                # combined per group: the bytes must not depend on how units chunked the rows
-                writer.write_table(table.slice(start, stop - start).combine_chunks(), row_group_size=stop - start)
+            for group in iter_row_groups(spec):
+                writer.write_table(extraction_table(group, spec), row_group_size=group.num_rows)
+                num_rows += group.num_rows
         size = os.path.getsize(tmp)
-    return ShardResult(spec.relpath, spec.split, table.num_rows, size)
+    return ShardResult(spec.relpath, spec.split, num_rows, size)

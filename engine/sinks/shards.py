@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.records import PART_SCHEMA
 from engine.sinks.parts import read_part_rows
 from engine.sinks.store import Store
 
@@ -38,8 +38,7 @@ class ShardSpec:
     meta_keys: tuple[str, ...]
     text_column: str  # arrow layout: conversations | text
     images_as_paths: bool
-    row_group_rows: int
-    row_group_bytes: int
+    row_groups: tuple[int, ...]  # rows per row group (record batch), cut by the driver from row sizes
     store: Store
 
 
@@ -52,11 +51,27 @@ class ShardResult:
     node: str | None = None  # Ray node that wrote it (set by the runner); None: the driver
 
 
-def read_shard_rows(spec: ShardSpec) -> pa.Table:
-    """The shard's rows, in line order, still in the part schema. Chunked, one chunk per piece or
-    more: the image bytes stay in the memory-mapped parts until they are written."""
-    tables = [read_part_rows(spec.store, p.part, spec.split, p.start, p.stop) for p in spec.pieces]
-    return pa.concat_tables(tables) if tables else PART_SCHEMA.empty_table()
+def iter_row_groups(spec: ShardSpec) -> Iterator[pa.Table]:
+    """The shard's rows in line order, in the part schema, as one contiguous table per row group.
+
+    Streamed: a part file is read only when its rows are needed, and released once they are
+    written, so memory stays at about one part plus one group, whatever the shard size. Each
+    group is one contiguous copy, so the written bytes never depend on how units chunked rows.
+    """
+    pieces = iter(spec.pieces)
+    pending: list[pa.Table] = []
+    have = 0
+    for count in spec.row_groups:
+        while have < count:
+            piece = next(pieces)
+            table = read_part_rows(spec.store, piece.part, spec.split, piece.start, piece.stop)
+            pending.append(table)
+            have += table.num_rows
+        group = pa.concat_tables(pending).slice(0, count).combine_chunks()
+        leftover = have - count  # rows beyond this group all come from the last part read
+        pending = [pending[-1].slice(pending[-1].num_rows - leftover)] if leftover else []
+        have = leftover
+        yield group
 
 
 def map_list_chunks(column: pa.ChunkedArray, build, type: pa.DataType) -> pa.ChunkedArray:
