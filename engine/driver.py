@@ -139,7 +139,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     ctx = unit_context(opts, task, store)
     stats = RunStats()
     results: list[UnitResult] = []
-    with make_runner(opts) as runner:  # an embedded Ray starts in the background meanwhile
+    with make_runner(opts) as runner:  # an embedded Ray starts only when the work is worth it
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
         plan = plan_manifest(opts.manifest, grain)
         unit_rows = run_state(store, opts, task, plan.sha256,
@@ -159,7 +159,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             progress.advance(done.num_rows, sum(done.rejected.values()))
         if opts.resume:
             log.info("resuming: %d of %d units already complete", len(plan.units) - len(todo), len(plan.units))
-        for result in runner.map_unordered(process_unit, ((unit, ctx) for unit in todo)):
+        for result in runner.map_unordered(process_unit, [(unit, ctx) for unit in todo]):
             results.append(result)
             stats.add_unit(result)
             progress.advance(result.num_rows, sum(result.rejected.values()))
@@ -170,7 +170,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         log.debug("shards planned at %.2f s; writing %d", time.perf_counter() - started, len(specs))
         progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
-        for shard in runner.map_unordered(write_shard, ((s,) for s in specs), local_first=True):
+        for shard in runner.map_unordered(write_shard, [(s,) for s in specs], local_first=True):
             shards.append(shard)
             stats.add_shard(shard)
             progress.advance(1, 0)

@@ -1,8 +1,10 @@
 """The Ray runner: the only module that imports ``ray``.
 
-Without an address, Ray starts embedded on this machine with one CPU per worker. Starting it
-takes seconds (mostly waiting on its processes), so it starts in a background thread while the
-driver works through the first items itself ("warm start"); the rest go to Ray once it is up.
+Without an address, Ray starts embedded on this machine with one CPU per worker. Starting and
+stopping it costs seconds, so the driver works through the first items itself, measures them,
+and starts Ray only when the remaining work spread over the other cores saves more than that
+("lazy start"; small jobs never pay for Ray). Ray then starts in a background thread while the
+driver keeps working ("warm start"); the rest goes to Ray once it is up.
 With an address (or ``RAY_ADDRESS``), it joins that cluster. Tasks receive small descriptors,
 never image bytes, and in-flight tasks are bounded so driver and object-store memory stay flat.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -21,6 +24,7 @@ from engine.runners.base import describe, reason, run_item
 log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
 IN_FLIGHT_PER_WORKER = 2
+RAY_START_SECONDS = 5.0  # what an embedded Ray costs on 2 cores: start, first tasks, shutdown
 
 
 def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, str]:
@@ -45,17 +49,18 @@ def _remote_call(strategy: str):
 
 
 class RayRunner:
-    def __init__(self, workers: int | None = None, address: str | None = None, warm_start: bool = True):
+    def __init__(self, workers: int | None = None, address: str | None = None, lazy_start: bool = True):
         self._workers = workers
         self._address = address or os.environ.get("RAY_ADDRESS") or None
-        self._warm_start = warm_start
+        self._lazy_start = lazy_start
         self._started = False
         self._init_thread: threading.Thread | None = None
         self._init_done = threading.Event()
         self._release = threading.Event()
         self._init_error: BaseException | None = None
         self.num_workers = workers or (os.cpu_count() or 1)
-        self.num_local_items = 0  # items the driver ran itself while Ray was starting
+        self.num_local_items = 0  # items the driver ran itself
+        self._local_seconds = 0.0
 
     def __enter__(self) -> RayRunner:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -63,13 +68,27 @@ class RayRunner:
 
         if ray.is_initialized():
             self._resolve_workers()
-        elif self._address or not self._warm_start:
+            self._init_done.set()
+        elif self._address or not self._lazy_start:
             self._init()
+            self._init_done.set()
             self._raise_init_error()
-        else:
+        return self  # an embedded Ray starts later, once the work is known to be worth it
+
+    def _start_in_background(self) -> None:
+        if self._init_thread is None:
+            log.debug("starting Ray in the background")
             self._init_thread = threading.Thread(target=self._init_and_hold, name="ray-init", daemon=True)
             self._init_thread.start()
-        return self
+
+    def _worth_starting(self, remaining: int | None) -> bool:
+        """Whether Ray would save time: the remaining items, at the driver's measured pace,
+        spread over the other cores, against Ray's fixed cost."""
+        if remaining is None or not self.num_local_items:
+            return remaining is None
+        per_item = self._local_seconds / self.num_local_items
+        saved = remaining * per_item * (1 - 1 / max(self.num_workers, 1))
+        return saved > RAY_START_SECONDS
 
     def _init(self) -> None:
         import ray
@@ -109,7 +128,7 @@ class RayRunner:
             raise UsageError(f"cannot start or join Ray ({where}): {type(self._init_error).__name__} {first}")
 
     def _ready(self) -> bool:
-        if self._init_thread is not None and not self._init_done.is_set():
+        if not self._init_done.is_set():
             return False
         self._raise_init_error()
         return True
@@ -117,6 +136,9 @@ class RayRunner:
     def __exit__(self, *exc: object) -> None:
         if self._init_thread is not None:
             self._init_done.wait()
+        if self.num_local_items:
+            log.debug("the driver ran %d items itself; Ray %s", self.num_local_items,
+                      "was started" if self._started else "was not needed")
         if self._started:
             import ray
 
@@ -129,19 +151,30 @@ class RayRunner:
         return self._address is None
 
     def _run_here(self, fn: Callable[..., Any], args: tuple) -> Any:
-        self.num_local_items += 1
-        return run_item(fn, args)
+        started = time.perf_counter()
+        try:
+            return run_item(fn, args)
+        finally:
+            self.num_local_items += 1
+            self._local_seconds += time.perf_counter() - started
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
-        """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works: while
-        Ray starts, until Ray's workers deliver their first result, and, with ``local_first``,
-        on the first item (a single short task runs faster here than through a fresh worker)."""
+        """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works: before
+        Ray is worth starting, while it starts, until Ray's workers deliver their first result,
+        and, with ``local_first``, on the first item (a single short task runs faster here than
+        through a fresh worker)."""
+        items = list(items) if not isinstance(items, Iterator) else items
+        remaining = len(items) if isinstance(items, list) else None
         pending = iter(items)
-        while not self._ready():  # warm start: work here until Ray is up
+        while not self._ready():  # lazy and warm start: work here until Ray is up
+            if self._init_thread is None and self._worth_starting(remaining):
+                self._start_in_background()
             args = next(pending, None)
             if args is None:
                 return
             yield self._run_here(fn, args)
+            if remaining is not None:
+                remaining -= 1
         yield from self._map_ray(fn, pending, local_first and self.embedded)
 
     def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple], local_first: bool) -> Iterator[Any]:

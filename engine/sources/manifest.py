@@ -46,15 +46,17 @@ class ManifestPlan:
     sha256: str = ""  # of the manifest's bytes: part of the run's fingerprint
 
     def coalesce(self, rows_per_unit: int) -> ManifestPlan:
-        """Merge consecutive units into units of about ``rows_per_unit`` rows. The output does not
-        depend on unit boundaries, so this only tunes parallelism and load balance."""
+        """Merge consecutive units into units of about ``rows_per_unit`` rows, except the first,
+        which stays small: the driver measures it to decide whether starting Ray pays. The output
+        does not depend on unit boundaries, so this only tunes parallelism and load balance."""
         grain = max((u.num_rows for u in self.units), default=1)
         k = max(1, rows_per_unit // max(grain, 1))
         if k == 1:
             return self
         merged = []
-        for i in range(0, len(self.units), k):
-            group = self.units[i:i + k]
+        bounds = [0] + list(range(1, len(self.units), k))
+        for i in bounds:
+            group = self.units[i:i + k] if i else self.units[:1]
             merged.append(UnitSpec(index=len(merged), manifest=group[0].manifest, byte_start=group[0].byte_start,
                                    byte_end=group[-1].byte_end, first_line=group[0].first_line,
                                    num_rows=sum(u.num_rows for u in group),
