@@ -229,6 +229,24 @@ def time_limit(seconds: float | None):
         signal.signal(signal.SIGALRM, previous)
 
 
+def probe_row_seconds(unit: UnitSpec, ctx: UnitContext, max_lines: int = 8) -> float | None:
+    """Time the fetch and transform of the unit's first valid row, writing nothing: the driver's
+    estimate of the work per row, to decide whether starting Ray pays. None if no row qualifies."""
+    fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
+    for i, (line, raw) in enumerate(read_unit_lines(unit)):
+        if i >= max_lines:
+            break
+        row = parse_row(line, raw, base=ctx.base, default_split=ctx.default_split)
+        if isinstance(row, Reject) or not row.locations:
+            continue
+        started = time.perf_counter()
+        payloads = [fetcher.fetch(loc) for loc in row.locations]
+        if isinstance(_transform_all(row, payloads, ctx), Reject):
+            continue
+        return time.perf_counter() - started
+    return None
+
+
 def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext) -> list[EncodedImage] | Reject:
     images = []
     for i, data in enumerate(payloads):

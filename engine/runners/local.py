@@ -11,6 +11,9 @@ class LocalRunner:
 
     num_workers = 1
 
+    def expect_work(self, seconds: float | None) -> None:
+        return None
+
     def __enter__(self) -> LocalRunner:
         return self
 

@@ -81,6 +81,13 @@ class RayRunner:
             self._init_thread = threading.Thread(target=self._init_and_hold, name="ray-init", daemon=True)
             self._init_thread.start()
 
+    def expect_work(self, seconds: float | None) -> None:
+        """The driver's estimate of the whole job, single-core: start an embedded Ray right away
+        when it clearly pays, instead of after the first measured item."""
+        if seconds is not None and not self._init_done.is_set() and self._init_thread is None:
+            if seconds * (1 - 1 / max(self.num_workers, 1)) > 2 * RAY_START_SECONDS:
+                self._start_in_background()
+
     def _worth_starting(self, remaining: int | None) -> bool:
         """Whether Ray would save time: the remaining items, at the driver's measured pace,
         spread over the other cores, against Ray's fixed cost."""
