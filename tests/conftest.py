@@ -6,6 +6,7 @@ Everything is built from fixed seeds at test time; no binary fixture is committe
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -184,6 +185,11 @@ class Output:
 
     def rejects_by_line(self) -> dict[int, dict]:
         return {r["line"]: r for r in self.rejects}
+
+
+def parquet_hashes(out: Path) -> dict[str, str]:
+    """sha256 of every Parquet shard under ``out/data``, by file name: byte-identity checks."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.parquet"))}
 
 
 def decode(image_struct: dict) -> Image.Image:

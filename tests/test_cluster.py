@@ -5,22 +5,17 @@ mid-run must still finish the job with nothing lost or duplicated."""
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 import imagegen
-from conftest import Output, convert, row, write_input
+from conftest import Output, convert, parquet_hashes, row, write_input
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 NUM = 48
 
-
-def _hashes(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.parquet"))}
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def test_conversion_on_a_three_node_cluster(cluster, cluster_input, tmp_path):
     stats = Output(out).stats
     assert len([n for n in stats["units_by_node"] if n != "driver"]) >= 2, stats["units_by_node"]
     assert len([n for n in stats["shards_by_node"] if n != "driver"]) >= 2, stats["shards_by_node"]
-    assert _hashes(out) == _hashes(reference) and len(_hashes(out)) == 5
+    assert parquet_hashes(out) == parquet_hashes(reference) and len(parquet_hashes(out)) == 5
     assert stats["num_input_rows"] == NUM + 1 and stats["num_written"] == NUM
 
 
@@ -87,7 +82,7 @@ def test_losing_a_worker_node_mid_run_finishes_the_job(cluster, cluster_input, t
     thread.join(timeout=300)
     assert not thread.is_alive()
     assert result["code"] == 0
-    assert _hashes(out) == _hashes(reference)
+    assert parquet_hashes(out) == parquet_hashes(reference)
     stats = Output(out).stats
     assert stats["num_input_rows"] == NUM + 1 and stats["num_written"] == NUM
     assert [r["stage"] for r in Output(out).rejects] == ["duplicate"]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 import imagegen
-from conftest import Output, convert, row, write_input
+from conftest import Output, convert, parquet_hashes, row, write_input
 
 
 def _images(n: int, size=(480, 360)) -> tuple[list, dict]:
@@ -20,9 +18,6 @@ def _images(n: int, size=(480, 360)) -> tuple[list, dict]:
         rows.append(row(f"id{i}", f"img/{i}.jpg"))
     return rows, images
 
-
-def _hashes(out: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.parquet"))}
 
 
 @pytest.fixture
@@ -58,7 +53,7 @@ def test_disk_full_gives_one_line_then_resume_completes(small_fs, tmp_path, caps
     assert convert(inp, out, "--max-size", "0", "--no-passthrough", "--unit-rows", "4", "--resume") == 0
     clean = tmp_path / "clean"
     assert convert(inp, clean, "--max-size", "0", "--no-passthrough", "--unit-rows", "4") == 0
-    assert _hashes(out) == _hashes(clean) and _hashes(out)
+    assert parquet_hashes(out) == parquet_hashes(clean) and parquet_hashes(out)
     assert Output(out).stats["num_written"] == 40
 
 

@@ -10,7 +10,7 @@ import socket
 import pytest
 
 import imagegen
-from conftest import convert, row, write_input
+from conftest import convert, parquet_hashes, row, write_input
 
 pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -82,9 +82,6 @@ def _s3_hashes(fs, prefix: str) -> dict[str, str]:
             for p in fs.glob(f"{prefix}/data/*.parquet")}
 
 
-def _local_hashes(out) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "data").glob("*.parquet")}
-
 
 @pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])])
 def test_s3_to_s3_round_trip(s3, local_input, tmp_path, runner, online):
@@ -102,7 +99,7 @@ def test_s3_to_s3_round_trip(s3, local_input, tmp_path, runner, online):
     # byte-identical to the same conversion on local disk
     local_out = tmp_path / "local"
     assert convert(local_input, local_out, "--shard-rows", "4", "--max-size", "200") == 0
-    assert _s3_hashes(s3, f"bucket/out-{runner}") == _local_hashes(local_out)
+    assert _s3_hashes(s3, f"bucket/out-{runner}") == parquet_hashes(local_out)
     ds = datasets.load_dataset("parquet", data_files={"train": f"{out}/data/train-*.parquet",
                                                       "test": f"{out}/data/test-*.parquet"})
     assert ds.num_rows == {"train": 9, "test": 3}
