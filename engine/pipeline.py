@@ -240,8 +240,7 @@ def probe_row_seconds(unit: UnitSpec, ctx: UnitContext, max_lines: int = 8) -> f
         if isinstance(row, Reject) or not row.locations:
             continue
         started = time.perf_counter()
-        payloads = [fetcher.fetch(loc) for loc in row.locations]
-        if isinstance(_transform_all(row, payloads, ctx), Reject):
+        if isinstance(_transform_all(row, _fetch_all(fetcher, row), ctx), Reject):
             continue
         return time.perf_counter() - started
     return None
@@ -284,8 +283,8 @@ def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext
     return tuple(stored)
 
 
-def _fetch_all(fetcher: Fetcher, checked: _Checked) -> list[bytes | FetchFailure]:
-    return [fetcher.fetch(loc) for loc in checked.row.locations]
+def _fetch_all(fetcher: Fetcher, row: ManifestRow) -> list[bytes | FetchFailure]:
+    return [fetcher.fetch(loc) for loc in row.locations]
 
 
 def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int):
@@ -297,12 +296,12 @@ def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int):
         window: deque[tuple[_Checked, Future]] = deque()
         pending = iter(rows)
         for checked in pending:
-            window.append((checked, pool.submit(_fetch_all, fetcher, checked)))
+            window.append((checked, pool.submit(_fetch_all, fetcher, checked.row)))
             if len(window) >= threads:
                 break
         while window:
             checked, future = window.popleft()
             nxt = next(pending, None)
             if nxt is not None:
-                window.append((nxt, pool.submit(_fetch_all, fetcher, nxt)))
+                window.append((nxt, pool.submit(_fetch_all, fetcher, nxt.row)))
             yield checked, future.result()

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 
-from engine.sources.location import is_url, local_path
+from engine.sources.location import local_path
 
 WORK_DIR = ".engine"  # scratch space inside OUT: parts, checkpoints, temporary files
 
@@ -106,8 +106,6 @@ class Store:
     def is_file(self, rel: str) -> bool:
         return self.fs.isfile(self.path(rel)) if self.remote else os.path.isfile(self.path(rel))
 
-    def is_dir(self, rel: str = "") -> bool:
-        return self.fs.isdir(self.path(rel)) if self.remote else os.path.isdir(self.path(rel))
 
     def entries(self) -> list[str]:
         """Names directly under the root (empty when it does not exist)."""
@@ -135,6 +133,3 @@ class Store:
         if not self.remote:  # object stores have no folders to make
             os.makedirs(self.path(rel), exist_ok=True)
 
-
-def is_remote(location: str) -> bool:
-    return is_url(location) and local_path(location) is None
