@@ -3,12 +3,19 @@ in exit code 2 with one line on stderr and no traceback."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import imagegen
 from conftest import CONFIG_BYTES, REPO, Output, convert, row, run_main, write_input
@@ -245,3 +252,46 @@ def test_quiet_is_quiet_and_default_reports(capsys, good, tmp_path):
     assert convert(good, tmp_path / "loud", quiet=False) == 0
     err = capsys.readouterr().err
     assert err.strip(), "without --quiet the run should report progress and a summary on stderr"
+
+
+def _processes_mentioning(marker: str) -> list[str]:
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # the process ended meanwhile
+            continue
+        if marker in text:
+            found.append(text[:160])
+    return found
+
+
+def test_console_process_with_embedded_ray_exits_clean(tmp_path):
+    """`python -m engine` starting its own Ray (ENGINE_RAY_START=eager): the output is complete,
+    stderr holds no Ray noise, and no Ray process outlives the command, although the command
+    skips the interpreter's teardown and stops Ray's monitor early."""
+    names = [f"p{i}" for i in range(40)]
+    inp = write_input(tmp_path / "in", [row(n, f"{n}.jpg") for n in names],
+                      {f"{n}.jpg": imagegen.oriented(6) if i % 3 == 0 else imagegen.noise_jpeg(seed=i)
+                       for i, n in enumerate(names)})
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eng-ray-", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        env = dict(os.environ, ENGINE_RAY_START="eager", RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
+        argv = [sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest), "--config",
+                str(inp.config), "--out", str(tmp_path / "out"), "--workers", "2", "--quiet"]
+        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr.strip() == "", proc.stderr
+        out = Output(tmp_path / "out")
+        assert out.stats["num_written"] == len(names)
+        rows = out.by_id()
+        assert sorted(rows) == sorted(names)
+        assert out.stats["workers"] == 2
+        for i in range(0, len(names), 3):  # rotated on the way: upright quadrants
+            imagegen.assert_quadrants(Image.open(io.BytesIO(rows[f"p{i}"]["image"]["bytes"])))
+        deadline = time.monotonic() + 10
+        while (left := _processes_mentioning(str(ray_tmp))) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not left, f"Ray processes outlived the command: {left}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
