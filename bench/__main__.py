@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"comma-separated tools besides engine and limit, from "
                           f"{','.join(TOOLS[2:])}; 'none' for no peers")
     run.add_argument("--no-engine", action="store_true", help="leave the engine out")
+    run.add_argument("--rows", type=int, default=None,
+                     help="rows per run (default: --n); more than --n cycles over the corpus's images "
+                          "with distinct ids, to show how the fixed start-up cost spreads over a longer job")
     run.add_argument("--repeats", type=int, default=3)
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     common(run)
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = harness.RunOptions(
             n=args.n, scenarios=_choices(_csv(args.scenarios), SCENARIOS, "scenario"),
             tools=tools, repeats=args.repeats, workdir=workdir, results_dir=args.results,
-            workers=args.workers, command=command, timeout=args.timeout)
+            workers=args.workers, command=command, timeout=args.timeout, rows=args.rows)
         harness.run_benchmark(opts)
     elif args.command == "memory":
         harness.run_memory(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir,

@@ -312,11 +312,28 @@ def _load(meta_path: Path) -> Corpus:
                   upright_sizes=meta["upright_sizes"])
 
 
-def repeated_manifest(corpus: Corpus, num_rows: int, out_dir: Path) -> Path:
+def cycled(corpus: Corpus, num_rows: int, out_dir: Path) -> Corpus:
+    """``corpus`` seen as ``num_rows`` rows that cycle over its images, each with its own id: a
+    longer job over the same files (and the same page cache), for runs where the fixed start-up
+    cost should be spread over more rows than the corpus has. Only corpora without bad files."""
+    if corpus.num_valid != corpus.num_rows:
+        raise SystemExit(f"--rows needs a corpus without bad files; {corpus.name} has "
+                         f"{corpus.num_rows - corpus.num_valid}")
+    repeated_manifest(corpus, num_rows, out_dir, name="manifest.jsonl")
+    rows = [json.loads(line) for line in corpus.manifest.read_text().splitlines() if line]
+    ids = [r["image_id"] for r in rows]
+    file_bytes = [(corpus.root / r["image_path"]).stat().st_size for r in rows]
+    return Corpus(name=corpus.name, root=out_dir, num_rows=num_rows, num_valid=num_rows,
+                  input_bytes=sum(file_bytes[i % len(rows)] for i in range(num_rows)),
+                  upright_sizes={f"{ids[i % len(ids)]}-r{i}": corpus.upright_sizes.get(ids[i % len(ids)])
+                                 for i in range(num_rows)})
+
+
+def repeated_manifest(corpus: Corpus, num_rows: int, out_dir: Path, name: str | None = None) -> Path:
     """A manifest of ``num_rows`` rows cycling over ``corpus``'s images with distinct ids."""
     rows = [json.loads(line) for line in corpus.manifest.read_text().splitlines() if line]
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"manifest-{num_rows}.jsonl"
+    path = out_dir / (name or f"manifest-{num_rows}.jsonl")
     with open(path, "w") as f:
         for i in range(num_rows):
             row = dict(rows[i % len(rows)])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import report
-from bench.corpora import Corpus, build_corpus, repeated_manifest, warm_page_cache
+from bench.corpora import Corpus, build_corpus, cycled, repeated_manifest, warm_page_cache
 from bench.measure import run_measured
 from bench.tools import (REPO_ROOT, SCENARIOS, NotApplicable, engine_available,
                          engine_command, ensure_img2dataset, failure_reason, tool_command)
@@ -38,6 +38,7 @@ class RunOptions:
     workers: int
     command: str
     timeout: float = 3600
+    rows: int | None = None  # rows per run when more than n: cycle over the corpus
 
 
 def _env(workdir: Path, run_dir: Path) -> dict:
@@ -143,6 +144,8 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
         scenario = SCENARIOS[name]
         corpus = build_corpus(scenario.corpus, opts.n, opts.workdir)
         warm_page_cache(corpus)
+        if opts.rows and opts.rows != corpus.num_rows:
+            corpus = cycled(corpus, opts.rows, opts.workdir / "cycled" / f"{corpus.name}-{opts.n}x{opts.rows}")
         log.info("scenario %s: %s (%d rows, %.0f MB)", name, scenario.description,
                  corpus.num_rows, corpus.input_bytes / MB)
         runs: dict[str, list[dict]] = {tool: [] for tool in opts.tools}
@@ -167,9 +170,11 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
         tools = {tool: summarise(runs[tool], skipped.get(tool)) for tool in opts.tools}
         result = {"kind": "run", "scenario": name, "description": scenario.description,
                   "date": report.today(), "command": opts.command, "n": opts.n,
+                  "rows": corpus.num_rows, "cycled": corpus.num_rows != opts.n,
                   "repeats": opts.repeats, "workers": opts.workers, "corpus": corpus.summary(),
                   "machine": machine, "tools": tools, "ratios": ratios(tools)}
-        written.append(report.write_json(opts.results_dir, f"{report.today()}-{name}", result))
+        stem = f"{report.today()}-{name}" + (f"-rows{corpus.num_rows}" if result["cycled"] else "")
+        written.append(report.write_json(opts.results_dir, stem, result))
     report.plot_throughput(opts.results_dir)
     report.write_results_md(opts.results_dir)
     return written

@@ -75,8 +75,17 @@ def latest_runs(results: list[dict]) -> dict[str, dict]:
     """The newest ``run`` result per scenario (files are date-prefixed, so sorted order)."""
     latest: dict[str, dict] = {}
     for result in results:
-        if result.get("kind") == "run":
+        if result.get("kind") == "run" and not result.get("cycled"):
             latest[result["scenario"]] = result
+    return latest
+
+
+def latest_cycled_runs(results: list[dict]) -> dict[tuple[str, int], dict]:
+    """The newest ``run --rows`` result per (scenario, rows): longer jobs over the same corpus."""
+    latest: dict[tuple[str, int], dict] = {}
+    for result in results:
+        if result.get("kind") == "run" and result.get("cycled"):
+            latest[(result["scenario"], result["rows"])] = result
     return latest
 
 
@@ -257,6 +266,23 @@ NOTES = """## Notes
 """
 
 
+def _cycled_section(runs: dict[tuple[str, int], dict]) -> list[str]:
+    """Longer jobs over the same corpus (``run --rows``): how the fixed cost per command spreads."""
+    lines = ["## Longer jobs: the fixed start-up cost spread over more rows", "",
+             "`run --rows R` cycles over the corpus's images with distinct ids, so a job of R rows reads "
+             "the same files (warm page cache). Medians of the repeats, tools interleaved.", "",
+             "| scenario | rows | engine (img/s) | limit (img/s) | engine/limit | command |",
+             "|---|---:|---:|---:|---:|---|"]
+    for (scenario, rows), r in sorted(runs.items(), key=lambda kv: (_ordered([kv[0][0]], SCENARIO_ORDER), kv[0][1])):
+        tools = r["tools"]
+        engine = tools.get("engine", {}).get("median_images_per_second")
+        limit = tools.get("limit", {}).get("median_images_per_second")
+        ratio = r.get("ratios", {}).get("engine/limit")
+        lines.append(f"| {scenario} | {rows:,} | {engine or 0:.2f} | {limit or 0:.2f} | "
+                     f"{f'{ratio:.2f}×' if ratio else '–'} | `{r['command']}` |")
+    return lines + [""]
+
+
 def write_results_md(results_dir: Path) -> Path:
     """Regenerate ``RESULTS.md`` beside ``results_dir`` (``bench/RESULTS.md`` by default)."""
     path = results_dir.parent / "RESULTS.md"
@@ -281,6 +307,9 @@ def write_results_md(results_dir: Path) -> Path:
         pngs = sorted(results_dir.glob("*-throughput.png"))
         if pngs:
             lines += [f"![throughput](results/{pngs[-1].name})", ""]
+    cycled_runs = latest_cycled_runs(results)
+    if cycled_runs:
+        lines += _cycled_section(cycled_runs)
     for corpus_name in ("small", "tiny"):
         memory = [r for r in results if r.get("kind") == "memory" and r.get("corpus_name", "small") == corpus_name]
         if memory:
