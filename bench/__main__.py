@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--corpus", default="small", choices=["small", "tiny"],
                         help="small: 1024 px JPEGs; tiny: 32x24 JPEGs, for driver memory at a million rows")
     memory.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    memory.add_argument("--ray-start", choices=["lazy", "eager"], default="lazy",
+                        help="lazy (default): the engine decides whether Ray pays, so small jobs run "
+                             "without it; eager: Ray at every size, the same processes at every N")
     common(memory)
 
     scaling = sub.add_parser("scaling", help="engine throughput at workers = 1 … cores")
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "memory":
         harness.run_memory(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir,
                            results_dir=args.results, workers=args.workers, command=command,
-                           base_images=args.base_images, timeout=args.timeout, corpus_name=args.corpus)
+                           base_images=args.base_images, timeout=args.timeout, corpus_name=args.corpus,
+                           ray_start=args.ray_start)
     elif args.command == "scaling":
         harness.run_scaling(n=args.n, workdir=workdir, results_dir=args.results,
                             max_workers=args.max_workers, command=command,

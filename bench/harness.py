@@ -54,12 +54,12 @@ def _env(workdir: Path, run_dir: Path) -> dict:
 
 def measure_tool(tool: str, command: list[str], corpus: Corpus, run_dir: Path, *,
                  workdir: Path, workers: int, timeout: float,
-                 expected_rows: int | None = None) -> dict:
+                 expected_rows: int | None = None, extra_env: dict[str, str] | None = None) -> dict:
     """Run one tool once, check its output, and return the run record."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
     out = run_dir / "out"
-    m = run_measured(command, cwd=REPO_ROOT, env=_env(workdir, run_dir), timeout=timeout,
+    m = run_measured(command, cwd=REPO_ROOT, env={**_env(workdir, run_dir), **(extra_env or {})}, timeout=timeout,
                      log_path=run_dir / "log.txt", cores=os.cpu_count())
     num_rows = corpus.num_rows if expected_rows is None else expected_rows
     record = {
@@ -181,7 +181,8 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
 
 
 def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: int,
-               command: str, base_images: int = 300, timeout: float = 3600, corpus_name: str = "small") -> Path:
+               command: str, base_images: int = 300, timeout: float = 3600, corpus_name: str = "small",
+               ray_start: str = "lazy") -> Path:
     """Engine pass-through at growing row counts over the same few hundred images."""
     reason = engine_available()
     corpus = build_corpus(corpus_name, base_images, workdir)
@@ -198,15 +199,17 @@ def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: i
                              out=run_dir / "out", layout="parquet", mode="passthrough",
                              workers=workers)
         record = measure_tool("engine", cmd, corpus, run_dir, workdir=workdir, workers=workers,
-                              timeout=timeout, expected_rows=size)
+                              timeout=timeout, expected_rows=size, extra_env={"ENGINE_RAY_START": ray_start})
         record["num_rows"] = size
         record["status"] = "ok" if record["valid"] else (
             f"failed: {record['error']}" if "error" in record else "invalid")
         points.append(record)
     result = {"kind": "memory", "date": report.today(), "command": command, "corpus_name": corpus_name,
-              "base_images": base_images, "workers": workers, "machine": report.machine_info(),
+              "base_images": base_images, "workers": workers, "ray_start": ray_start,
+              "machine": report.machine_info(),
               "corpus": corpus.summary(), "points": points}
-    stem = f"{report.today()}-memory" + ("" if corpus_name == "small" else f"-{corpus_name}")
+    stem = (f"{report.today()}-memory" + ("" if corpus_name == "small" else f"-{corpus_name}")
+            + ("" if ray_start == "lazy" else f"-{ray_start}"))
     path = report.write_json(results_dir, stem, result)
     report.write_results_md(results_dir)
     return path

@@ -208,18 +208,26 @@ def _detail_row(tool: str, t: dict) -> str:
 
 
 def _memory_section(result: dict) -> list[str]:
-    lines = [f"## Memory: engine pass-through on repeated `{result.get('corpus_name', 'small')}` images "
-             f"({result['_file']})", "",
+    ray_start = result.get("ray_start", "lazy")
+    lines = [f"## Memory: engine pass-through on repeated `{result.get('corpus_name', 'small')}` images, "
+             f"Ray start {ray_start} ({result['_file']})", "",
              f"Command: `{result['command']}`; {result['base_images']} distinct images "
              "repeated under distinct image_ids.", "",
-             "| rows | status | peak RSS MB (process tree) | driver peak RSS MB | raylet (object store) peak RSS MB "
-             "| images/s |", "|---:|---|---:|---:|---:|---:|"]
+             "| rows | status | processes | peak RSS MB (process tree) | driver peak RSS MB "
+             "| raylet (object store) peak RSS MB | images/s |", "|---:|---|---:|---:|---:|---:|---:|"]
+    ok = [p for p in result["points"] if p.get("status") == "ok"]
     for p in result["points"]:
         if p.get("status") == "ok":
-            lines.append(f"| {p['num_rows']} | ok | {p['peak_rss_mb']:.0f} | {p.get('driver_peak_rss_mb', 0):.0f} | "
-                         f"{p.get('raylet_peak_rss_mb', 0):.0f} | {p['images_per_second']:.1f} |")
+            lines.append(f"| {p['num_rows']:,} | ok | {p.get('max_processes', '')} | {p['peak_rss_mb']:.0f} | "
+                         f"{p.get('driver_peak_rss_mb', 0):.0f} | {p.get('raylet_peak_rss_mb', 0):.0f} | "
+                         f"{p['images_per_second']:.1f} |")
         else:
-            lines.append(f"| {p['num_rows']} | {p.get('status', '')[:200]} | | | | |")
+            lines.append(f"| {p['num_rows']:,} | {p.get('status', '')[:200]} | | | | | |")
+    if len(ok) > 1:
+        tree = [p["peak_rss_mb"] for p in ok]
+        driver = [p.get("driver_peak_rss_mb", 0) for p in ok]
+        lines += ["", f"Largest over smallest peak: process tree {max(tree) / min(tree):.2f}×, "
+                      f"driver {max(driver) / max(min(driver), 1):.2f}×."]
     return lines + [""]
 
 
@@ -311,9 +319,11 @@ def write_results_md(results_dir: Path) -> Path:
     if cycled_runs:
         lines += _cycled_section(cycled_runs)
     for corpus_name in ("small", "tiny"):
-        memory = [r for r in results if r.get("kind") == "memory" and r.get("corpus_name", "small") == corpus_name]
-        if memory:
-            lines += _memory_section(memory[-1])
+        for ray_start in ("lazy", "eager"):
+            memory = [r for r in results if r.get("kind") == "memory" and r.get("corpus_name", "small") == corpus_name
+                      and r.get("ray_start", "lazy") == ray_start]
+            if memory:
+                lines += _memory_section(memory[-1])
     if any(r.get("kind") == "scaling" for r in results):
         lines += _scaling_section([r for r in results if r.get("kind") == "scaling"][-1])
     steady = [r for r in results if r.get("kind") == "steady-state"]
