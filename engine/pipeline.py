@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ from engine.sources.fetch import FetchFailure, Fetcher
 from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
 from engine.validate import validator_for
 
+log = logging.getLogger(__name__)
 MAX_OUTPUT_BYTES = 1 << 20  # an `output` larger than 1 MiB is rejected at the validate stage
 IMAGES_DIR = "images"  # fs-image files, relative to OUT
 
@@ -63,6 +65,8 @@ class UnitResult:
     part: str | None
     rejects: str | None
     seconds: float
+    part_bytes: int | None = None  # sizes of the unit's files, checked when resuming
+    rejects_bytes: int | None = None
     node: str | None = field(default=None)
 
 
@@ -87,14 +91,26 @@ def unit_paths(index: int) -> tuple[str, str, str]:
 
 
 def load_unit_result(store: Store, index: int) -> UnitResult | None:
-    """The result of a unit that completed in an earlier run, or None."""
+    """The result of a unit that completed in an earlier run, or None (then it is redone).
+
+    Scratch files are not fsynced (see ``Store.writing``), so after a power loss a checkpoint
+    may be empty or name a part file that came back short: the checkpoint must parse and
+    every file it names must have exactly the recorded size."""
     part, _, result = unit_paths(index)
     try:
         done = UnitResult.from_json(store.read_bytes(result))
     except FileNotFoundError:
         return None
-    complete = store.exists(part) and (done.rejects is None or store.exists(done.rejects))
-    return done if complete else None
+    except (ValueError, TypeError, KeyError):  # empty or torn checkpoint
+        log.warning("unit %d: unreadable checkpoint; redoing the unit", index)
+        return None
+    if done.part_bytes is None or store.size(part) != done.part_bytes:
+        log.warning("unit %d: part file missing or not the recorded size; redoing the unit", index)
+        return None
+    if done.rejects is not None and store.size(done.rejects) != done.rejects_bytes:
+        log.warning("unit %d: rejects file missing or not the recorded size; redoing the unit", index)
+        return None
+    return done
 
 
 @functools.lru_cache(maxsize=4)
@@ -179,11 +195,12 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     except BaseException as exc:
         writer.abort(exc)
         raise
-    writer.close()
+    part_bytes = writer.close()
 
     rejects.sort(key=lambda r: r.line)
+    rejects_data = b"".join(r.to_json() + b"\n" for r in rejects)
     if rejects:
-        ctx.store.write_bytes(rejects_path, b"".join(r.to_json() + b"\n" for r in rejects))
+        ctx.store.write_bytes(rejects_path, rejects_data, durable=False)
     num_written = sum(len(v) for v in sizes.values())
     if num_written + len(rejects) != num_rows:  # an invariant, not an input problem
         raise AssertionError(f"unit {unit.index}: {num_rows} rows but {num_written} written + {len(rejects)} rejected")
@@ -199,8 +216,10 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
         part=part_path,
         rejects=rejects_path if rejects else None,
         seconds=time.perf_counter() - started,
+        part_bytes=part_bytes,
+        rejects_bytes=len(rejects_data) if rejects else None,
     )
-    ctx.store.write_bytes(result_path, result.to_json())  # last: marks the unit complete
+    ctx.store.write_bytes(result_path, result.to_json(), durable=False)  # last: marks the unit complete
     return result
 
 

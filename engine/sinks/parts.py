@@ -6,6 +6,8 @@ files are the same whatever the number of workers or units.
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
@@ -21,7 +23,7 @@ class PartWriter:
 
     def __init__(self, store: Store, rel: str):
         self._pending: list[Sample] = []
-        self._ctx = store.writing(rel)
+        self._ctx = store.writing(rel, durable=False)  # scratch: a resumed run checks its size
         self._tmp = self._ctx.__enter__()
         self._sink = pa.OSFile(self._tmp, "wb")
         self._writer = ipc.new_stream(self._sink, PART_SCHEMA)
@@ -36,11 +38,14 @@ class PartWriter:
             self._writer.write_batch(samples_to_part_batch(self._pending))
             self._pending = []
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Finish the file; returns its size in bytes."""
         self._flush()
         self._writer.close()
         self._sink.close()
+        size = os.path.getsize(self._tmp)
         self._ctx.__exit__(None, None, None)
+        return size
 
     def abort(self, exc: BaseException) -> None:
         try:

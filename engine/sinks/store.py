@@ -57,8 +57,14 @@ class Store:
     # ---- writing -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writing(self, rel: str) -> Iterator[str]:
-        """Yield a local path to write ``rel`` to; it appears under its final name only on success."""
+    def writing(self, rel: str, durable: bool = True) -> Iterator[str]:
+        """Yield a local path to write ``rel`` to; it appears under its final name only on success.
+
+        ``durable=False`` skips the fsync before the rename, for scratch files that a resumed run
+        checks anyway (part files and unit checkpoints). A process crash loses nothing either
+        way; only a power loss can leave such a file short, and the resume check redoes its unit.
+        The fsync of every part cost about a quarter of a pass-through run (10k rows: 6.7-7.3 s
+        against 4.8-5.2 s without any fsync)."""
         if self.remote:
             folder = tempfile.mkdtemp(prefix="engine-")
             tmp = os.path.join(folder, os.path.basename(rel))
@@ -74,17 +80,25 @@ class Store:
         tmp = os.path.join(tmp_dir, f".{os.path.basename(final)}.{uuid.uuid4().hex[:12]}.tmp")
         try:
             yield tmp
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            if durable:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
             os.makedirs(os.path.dirname(final), exist_ok=True)
             os.replace(tmp, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(tmp)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        with self.writing(rel) as tmp, open(tmp, "wb") as f:
+    def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
+        with self.writing(rel, durable) as tmp, open(tmp, "wb") as f:
             f.write(data)
+
+    def size(self, rel: str) -> int | None:
+        """The file's size in bytes, or None if it does not exist."""
+        try:
+            return self.fs.size(self.path(rel)) if self.remote else os.path.getsize(self.path(rel))
+        except FileNotFoundError:
+            return None
 
     # ---- reading -------------------------------------------------------------------------------
 
