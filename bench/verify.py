@@ -61,12 +61,15 @@ def _image_bytes(table: pa.Table) -> tuple[list[bytes | None], list[str | None]]
     names = table.column_names
     ids = table.column("image_id").to_pylist() if "image_id" in names else [None] * len(table)
     if "modalities" in names:
-        images = []
+        images, stems = [], []
         for mods in table.column("modalities").to_pylist():
             values = [m["value"] for m in mods or [] if m.get("type") == "image"]
             value = values[0] if values else None
             images.append(value.get("bytes") if isinstance(value, dict) else value)
-        return images, ids
+            path = value.get("path") if isinstance(value, dict) else None
+            stems.append(Path(path).stem if path else None)
+        # the packed layout has no id column; its image path is named after the id
+        return images, (ids if "image_id" in names else stems)
     if "jpg" in names:  # img2dataset: failed rows are kept with status != success
         images = table.column("jpg").to_pylist()
         if "status" in names:
