@@ -319,8 +319,8 @@ def cycled(corpus: Corpus, num_rows: int, out_dir: Path) -> Corpus:
     if corpus.num_valid != corpus.num_rows:
         raise SystemExit(f"--rows needs a corpus without bad files; {corpus.name} has "
                          f"{corpus.num_rows - corpus.num_valid}")
-    repeated_manifest(corpus, num_rows, out_dir, name="manifest.jsonl")
-    rows = [json.loads(line) for line in corpus.manifest.read_text().splitlines() if line]
+    rows = _manifest_rows(corpus)
+    repeated_manifest(corpus, num_rows, out_dir, name="manifest.jsonl", rows=rows)
     ids = [r["image_id"] for r in rows]
     file_bytes = [(corpus.root / r["image_path"]).stat().st_size for r in rows]
     return Corpus(name=corpus.name, root=out_dir, num_rows=num_rows, num_valid=num_rows,
@@ -329,9 +329,14 @@ def cycled(corpus: Corpus, num_rows: int, out_dir: Path) -> Corpus:
                                  for i in range(num_rows)})
 
 
-def repeated_manifest(corpus: Corpus, num_rows: int, out_dir: Path, name: str | None = None) -> Path:
+def _manifest_rows(corpus: Corpus) -> list[dict]:
+    return [json.loads(line) for line in corpus.manifest.read_text().splitlines() if line]
+
+
+def repeated_manifest(corpus: Corpus, num_rows: int, out_dir: Path, name: str | None = None,
+                      rows: list[dict] | None = None) -> Path:
     """A manifest of ``num_rows`` rows cycling over ``corpus``'s images with distinct ids."""
-    rows = [json.loads(line) for line in corpus.manifest.read_text().splitlines() if line]
+    rows = rows if rows is not None else _manifest_rows(corpus)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / (name or f"manifest-{num_rows}.jsonl")
     with open(path, "w") as f:

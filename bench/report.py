@@ -71,21 +71,13 @@ def load_results(results_dir: Path) -> list[dict]:
     return results
 
 
-def latest_runs(results: list[dict]) -> dict[str, dict]:
-    """The newest ``run`` result per scenario (files are date-prefixed, so sorted order)."""
-    latest: dict[str, dict] = {}
+def latest_runs(results: list[dict], cycled: bool = False) -> dict:
+    """The newest ``run`` result per scenario (files are date-prefixed, so sorted order); with
+    ``cycled``, the newest ``run --rows`` result per (scenario, rows) instead."""
+    latest: dict = {}
     for result in results:
-        if result.get("kind") == "run" and not result.get("cycled"):
-            latest[result["scenario"]] = result
-    return latest
-
-
-def latest_cycled_runs(results: list[dict]) -> dict[tuple[str, int], dict]:
-    """The newest ``run --rows`` result per (scenario, rows): longer jobs over the same corpus."""
-    latest: dict[tuple[str, int], dict] = {}
-    for result in results:
-        if result.get("kind") == "run" and result.get("cycled"):
-            latest[(result["scenario"], result["rows"])] = result
+        if result.get("kind") == "run" and bool(result.get("cycled")) == cycled:
+            latest[(result["scenario"], result["rows"]) if cycled else result["scenario"]] = result
     return latest
 
 
@@ -315,7 +307,7 @@ def write_results_md(results_dir: Path) -> Path:
         pngs = sorted(results_dir.glob("*-throughput.png"))
         if pngs:
             lines += [f"![throughput](results/{pngs[-1].name})", ""]
-    cycled_runs = latest_cycled_runs(results)
+    cycled_runs = latest_runs(results, cycled=True)
     if cycled_runs:
         lines += _cycled_section(cycled_runs)
     for corpus_name in ("small", "tiny"):

@@ -104,12 +104,13 @@ def load_unit_result(store: Store, index: int) -> UnitResult | None:
     except (ValueError, TypeError, KeyError):  # empty or torn checkpoint
         log.warning("unit %d: unreadable checkpoint; redoing the unit", index)
         return None
-    if done.part_bytes is None or store.size(part) != done.part_bytes:
-        log.warning("unit %d: part file missing or not the recorded size; redoing the unit", index)
-        return None
-    if done.rejects is not None and store.size(done.rejects) != done.rejects_bytes:
-        log.warning("unit %d: rejects file missing or not the recorded size; redoing the unit", index)
-        return None
+    recorded = {part: done.part_bytes}
+    if done.rejects is not None:
+        recorded[done.rejects] = done.rejects_bytes
+    for path, size in recorded.items():
+        if size is None or store.size(path) != size:
+            log.warning("unit %d: %s missing or not the recorded size; redoing the unit", index, path)
+            return None
     return done
 
 

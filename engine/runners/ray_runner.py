@@ -81,8 +81,7 @@ class RayRunner:
         self._release = threading.Event()
         self._init_error: BaseException | None = None
         self.num_workers = workers or (os.cpu_count() or 1)
-        self.num_local_items = 0  # items the driver ran itself
-        self._local_seconds: list[float] = []
+        self._local_seconds: list[float] = []  # wall time of each item the driver ran itself
 
     def __enter__(self) -> RayRunner:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -177,6 +176,10 @@ class RayRunner:
         self._release.set()
 
     @property
+    def num_local_items(self) -> int:
+        return len(self._local_seconds)
+
+    @property
     def embedded(self) -> bool:
         """Ray runs on this machine only, so the driver may share the work."""
         return self._address is None
@@ -186,7 +189,6 @@ class RayRunner:
         try:
             return run_item(fn, args)
         finally:
-            self.num_local_items += 1
             self._local_seconds.append(time.perf_counter() - started)
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
