@@ -17,7 +17,7 @@ import orjson
 from engine.config import ConvertOptions, TaskConfig, parse_task_config
 from engine.conversation import render_prompt, user_content
 from engine.errors import ConfigError, EngineError, RejectRatioExceeded, UsageError
-from engine.pipeline import UnitContext, UnitResult, load_unit_result, probe_row_seconds, process_unit
+from engine.pipeline import UnitContext, UnitResult, load_unit_result, process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import extraction_features, order_meta_keys, packed_features
 from engine.runners import make_runner
@@ -146,10 +146,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         plan = plan.coalesce(unit_rows)
         log.debug("planned %d rows into %d units (%d duplicates) at %.2f s", plan.num_rows, len(plan.units),
                   plan.num_duplicates, time.perf_counter() - started)
-        if plan.units and not opts.resume:
-            per_row = probe_row_seconds(plan.units[0], ctx)
-            runner.expect_work(per_row * plan.num_rows if per_row is not None else None)
-        _prewarm_datasets()  # after the Ray decision: the import would slow planning and the probe
+        _prewarm_datasets()  # after planning, which it would slow down
         progress.start(plan.num_rows, "converting")
         todo = []
         for unit in plan.units:

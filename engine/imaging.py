@@ -11,6 +11,7 @@ EXIF transpose, on the small image.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from engine.config import ImageOptions
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# catch_warnings swaps process-wide state: threads that parse EXIF blocks take turns
+_EXIF_WARNINGS = threading.Lock()
 
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
@@ -137,11 +140,14 @@ def read_orientation(im: Image.Image) -> int | ImageFailure:
             if not raw:
                 return 1
             exif = Image.Exif()
-            with warnings.catch_warnings(record=True) as caught:  # Pillow only warns on a broken block
+            with _EXIF_WARNINGS, warnings.catch_warnings(record=True) as caught:  # Pillow only warns on a broken block
                 warnings.simplefilter("always")
                 exif.load(raw)
-            if caught:  # any warning while parsing the block means part of it is unreadable
-                return ImageFailure(f"corrupt EXIF block: {caught[0].message}".strip())
+            # any warning of the TIFF parser means part of the block is unreadable; a warning raised
+            # meanwhile by another thread's work is not this block's
+            broken = [w for w in caught if w.filename.endswith("TiffImagePlugin.py")]
+            if broken:
+                return ImageFailure(f"corrupt EXIF block: {broken[0].message}".strip())
         else:
             exif = im.getexif()
         value = exif.get(ORIENTATION_TAG, 1)

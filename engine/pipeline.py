@@ -231,10 +231,18 @@ class ImageTimeout(BaseException):
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None):
-    """Interrupt the block after ``seconds`` of wall time. Needs the main thread (where Ray runs
-    tasks and the driver works); elsewhere the block runs unbounded."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
+    """Interrupt the block after ``seconds`` of wall time. An alarm needs the main thread (where
+    Ray runs tasks); in the driver's helper threads the block runs to its end and then counts as
+    timed out if it ran over. Either way the alarm cannot cut a call into C (a decode) short,
+    only what follows it."""
+    if not seconds:
         yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        started = time.perf_counter()
+        yield
+        if time.perf_counter() - started > seconds:
+            raise ImageTimeout()
         return
 
     def on_alarm(signum, frame):
@@ -247,31 +255,6 @@ def time_limit(seconds: float | None):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-
-
-def probe_row_seconds(unit: UnitSpec, ctx: UnitContext, max_lines: int = 8) -> float | None:
-    """Time the fetch and transform of the unit's first valid row, writing nothing: the driver's
-    estimate of the work per row, to decide whether starting Ray pays. None if no row qualifies.
-
-    The row is timed twice and the faster time kept: the first call also pays one-off costs (a
-    codec's first use, the validator's compilation) that would make a small pass-through job look
-    big enough to start Ray for."""
-    fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
-    for i, (line, raw) in enumerate(read_unit_lines(unit)):
-        if i >= max_lines:
-            break
-        row = parse_row(line, raw, base=ctx.base, default_split=ctx.default_split)
-        if isinstance(row, Reject) or not row.locations:
-            continue
-        timings = []
-        for _ in range(2):
-            started = time.perf_counter()
-            if isinstance(_transform_all(row, _fetch_all(fetcher, row), ctx), Reject):
-                break
-            timings.append(time.perf_counter() - started)
-        if timings:
-            return min(timings)
-    return None
 
 
 def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext) -> list[EncodedImage] | Reject:

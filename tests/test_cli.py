@@ -295,3 +295,47 @@ def test_console_process_with_embedded_ray_exits_clean(tmp_path):
         assert not left, f"Ray processes outlived the command: {left}"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+_LIST_RAY_PROCESSES = """
+import json, os, sys
+from pathlib import Path
+from engine.runners.ray_runner import RayRunner
+
+with RayRunner(workers=1, lazy_start=False) as runner:
+    squares = sorted(runner.map_unordered(pow, [(n, 2) for n in range(6)]))
+    mine = os.environ["RAY_TMPDIR"]
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if mine in text:
+            found.append(text)
+print(json.dumps({"squares": squares, "processes": found}))
+"""
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("head", ["lean", "full"])
+def test_embedded_ray_starts_without_unused_head_processes(head):
+    """An embedded Ray has no autoscaler monitor, log monitor or API server (ENGINE_RAY_HEAD=full
+    keeps them): GCS, raylet and workers only, and tasks still run."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eng-ray-", dir="/tmp"))
+    try:
+        env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", ENGINE_RAY_HEAD=head)
+        proc = subprocess.run([sys.executable, "-c", _LIST_RAY_PROCESSES], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        report = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert report["squares"] == [n * n for n in range(6)]
+        cmdlines = " ".join(report["processes"])
+        assert "gcs_server" in cmdlines and "raylet" in cmdlines
+        unused = ["autoscaler/_private/monitor.py", "_private/log_monitor.py", "dashboard/dashboard.py"]
+        if head == "lean":
+            assert not [p for p in unused if p in cmdlines], report["processes"]
+        else:
+            assert all(p in cmdlines for p in unused), report["processes"]
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

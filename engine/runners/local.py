@@ -11,9 +11,6 @@ class LocalRunner:
 
     num_workers = 1
 
-    def expect_work(self, seconds: float | None) -> None:
-        return None
-
     def __enter__(self) -> LocalRunner:
         return self
 

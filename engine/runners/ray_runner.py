@@ -1,22 +1,27 @@
 """The Ray runner: the only module that imports ``ray``.
 
 Without an address, Ray starts embedded on this machine with one CPU per worker. Starting and
-stopping it costs seconds, so the driver works through the first items itself, measures them,
-and starts Ray only when the remaining work spread over the other cores saves more than that
-("lazy start"; small jobs never pay for Ray). Ray then starts in a background thread while the
-driver keeps working ("warm start"); the rest goes to Ray once it is up.
-With an address (or ``RAY_ADDRESS``), it joins that cluster. Tasks receive small descriptors,
-never image bytes, and in-flight tasks are bounded so driver and object-store memory stay flat.
+stopping it costs seconds of CPU, so the driver first works through the items itself, in one
+thread per worker, measures them, and starts Ray only when Ray's processes would finish the rest
+sooner by more than that ("lazy start"): small jobs never pay for Ray, and neither does image work
+on a machine whose cores the driver's threads already keep busy. Ray then starts in a background
+thread while the driver keeps working ("warm start"); the rest goes to Ray once its workers
+deliver. With an address (or ``RAY_ADDRESS``), it joins that cluster. Tasks receive small
+descriptors, never image bytes, and in-flight tasks are bounded so driver and object-store
+memory stay flat.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from engine.errors import EngineError, ShardError, UsageError
@@ -47,6 +52,50 @@ def _remote_call(strategy: str):
         _REMOTE[strategy] = ray.remote(_call).options(num_cpus=1, max_retries=MAX_TASK_RETRIES,
                                                       scheduling_strategy=strategy)
     return _REMOTE[strategy]
+
+
+@contextmanager
+def _lean_embedded_head() -> Iterator[None]:
+    """Start an embedded Ray without the head processes a single-machine run never uses: the
+    autoscaler monitor (nothing to scale), the log monitor (workers' output stays in Ray's session
+    logs; the engine's workers report through their results, never through stdout) and the API
+    server behind ``ray job``/``ray list`` (the plain ``ray`` package has no dashboard UI). On
+    2 cores they cost 1.4 CPU-seconds, 0.7 s of ``ray.init`` and 250 MB of memory per command
+    (bench/GAP.md). Ray's ``init`` does not expose these switches, so its private ``RayParams``
+    and ``Node`` are adjusted for the duration of this one call; if they are not what this code
+    expects, Ray starts with everything, as before. ``ENGINE_RAY_HEAD=full`` keeps everything."""
+    if os.environ.get("ENGINE_RAY_HEAD", "lean") == "full":
+        yield
+        return
+    try:
+        from ray._private import node as ray_node
+        from ray._private import parameter
+
+        base_params, base_api = parameter.RayParams, ray_node.Node.start_api_server
+        if not {"no_monitor", "include_log_monitor"} <= set(inspect.signature(base_params).parameters):
+            raise AttributeError("RayParams has no no_monitor/include_log_monitor")
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
+        log.debug("starting Ray with all its head processes: %s", exc)
+        yield
+        return
+
+    class LeanParams(base_params):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("no_monitor", True)
+            kwargs.setdefault("include_log_monitor", False)
+            super().__init__(*args, **kwargs)
+
+    def no_api_server(node: Any, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
+        if include_dashboard:
+            base_api(node, include_dashboard=include_dashboard, raise_on_failure=raise_on_failure)
+        else:
+            node._webui_url = ""
+
+    parameter.RayParams, ray_node.Node.start_api_server = LeanParams, no_api_server
+    try:
+        yield
+    finally:
+        parameter.RayParams, ray_node.Node.start_api_server = base_params, base_api
 
 
 def _shutdown(embedded: bool) -> None:
@@ -81,7 +130,8 @@ class RayRunner:
         self._release = threading.Event()
         self._init_error: BaseException | None = None
         self.num_workers = workers or (os.cpu_count() or 1)
-        self._local_seconds: list[float] = []  # wall time of each item the driver ran itself
+        self.num_local_items = 0  # items the driver ran itself
+        self._count_lock = threading.Lock()
 
     def __enter__(self) -> RayRunner:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -101,23 +151,24 @@ class RayRunner:
             self._init_thread = threading.Thread(target=self._init_and_hold, name="ray-init", daemon=True)
             self._init_thread.start()
 
-    def expect_work(self, seconds: float | None) -> None:
-        """The driver's estimate of the whole job, single-core: start an embedded Ray right away
-        when it clearly pays, instead of after the first measured item."""
-        if seconds is not None and not self._init_done.is_set() and self._init_thread is None:
-            if seconds * (1 - 1 / max(self.num_workers, 1)) > 2 * RAY_START_SECONDS:
-                self._start_in_background()
+    def _worth_starting(self, lane: _LocalLane, remaining: int | None) -> bool:
+        """Whether Ray would save time, from what the driver's threads measured.
 
-    def _worth_starting(self, remaining: int | None) -> bool:
-        """Whether Ray would save time: the remaining items, at the driver's measured pace,
-        spread over the other cores, against Ray's fixed cost. The first item is not a measure:
-        it also pays the process's one-off costs (first imports, thread and codec start-up)."""
+        The driver's threads share one interpreter: decoding, resizing and encoding run in
+        parallel (Pillow releases the GIL), Python code does not. Ray's processes share nothing,
+        so an item there takes about its CPU time. Ray pays when the remaining items, at the
+        threads' measured pace, would take longer than on Ray's workers by more than Ray's own
+        cost. On 2 cores, image work keeps both cores busy in threads and Ray would only add its
+        start-up; GIL-bound work (pass-through of many small files) gains from Ray's processes.
+        Each thread's first item is not a measure: it also pays one-off costs (first imports,
+        codec start-up)."""
         if remaining is None:
             return True
-        if len(self._local_seconds) < 2:
+        measured = lane.measured()
+        if measured is None:
             return False
-        per_item = sum(self._local_seconds[1:]) / (len(self._local_seconds) - 1)
-        saved = remaining * per_item * (1 - 1 / max(self.num_workers, 1))
+        wall, cpu = measured
+        saved = remaining * (wall / lane.threads - cpu / max(self.num_workers, 1))
         return saved > RAY_START_SECONDS
 
     def _init(self) -> None:
@@ -131,7 +182,8 @@ class RayRunner:
             kwargs["object_store_memory"] = 256 * 2**20  # results are small; images never go through it
         started = time.perf_counter()
         try:
-            ray.init(**kwargs)
+            with nullcontext() if self._address else _lean_embedded_head():
+                ray.init(**kwargs)
             log.debug("Ray started in %.2f s", time.perf_counter() - started)
             self._started = True
             self._resolve_workers()
@@ -176,70 +228,81 @@ class RayRunner:
         self._release.set()
 
     @property
-    def num_local_items(self) -> int:
-        return len(self._local_seconds)
-
-    @property
     def embedded(self) -> bool:
         """Ray runs on this machine only, so the driver may share the work."""
         return self._address is None
 
-    def _run_here(self, fn: Callable[..., Any], args: tuple) -> Any:
-        started = time.perf_counter()
-        try:
-            return run_item(fn, args)
-        finally:
-            self._local_seconds.append(time.perf_counter() - started)
+    def _lane(self, fn: Callable[..., Any]) -> _LocalLane:
+        """The driver's own threads: one per worker of an embedded Ray, one when Ray is elsewhere."""
+        return _LocalLane(fn, self.num_workers if self.embedded else 1, self._count_local)
+
+    def _count_local(self) -> None:
+        with self._count_lock:
+            self.num_local_items += 1
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
-        """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works: before
-        Ray is worth starting, while it starts, until Ray's workers deliver their first result,
-        and, with ``local_first``, on the first item (a single short task runs faster here than
-        through a fresh worker)."""
+        """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works, in
+        threads: before Ray is worth starting, while it starts, until Ray's workers deliver their
+        first result, and, with ``local_first``, on the first item (a single short task runs faster
+        here than through a fresh worker). Ray's start is mostly waiting, so without these threads
+        a core would sit idle for seconds."""
         items = list(items) if not isinstance(items, Iterator) else items
         remaining = len(items) if isinstance(items, list) else None
         pending = iter(items)
-        while not self._ready():  # lazy and warm start: work here until Ray is up
-            if self._init_thread is None and self._worth_starting(remaining):
-                self._start_in_background()
-            args = next(pending, None)
-            if args is None:
-                return
-            yield self._run_here(fn, args)
-            if remaining is not None:
-                remaining -= 1
-        yield from self._map_ray(fn, pending, local_first and self.embedded)
+        lane = self._lane(fn)
+        try:
+            exhausted = False
+            while not self._ready():  # lazy and warm start: work here until Ray is up
+                if self._init_thread is None and self._worth_starting(lane, remaining):
+                    self._start_in_background()
+                while not exhausted and lane.has_room():
+                    args = next(pending, None)
+                    if args is None:
+                        exhausted = True
+                    else:
+                        lane.submit(args)
+                        remaining = None if remaining is None else remaining - 1
+                if exhausted and lane.idle:
+                    return
+                yield from lane.collect(timeout=None if self._init_thread is None else 0.05)
+            yield from self._map_ray(fn, pending, lane, local_first and self.embedded and lane.idle)
+        finally:
+            lane.close()
 
-    def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple], local_first: bool) -> Iterator[Any]:
+    def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple], lane: _LocalLane,
+                 local_first: bool) -> Iterator[Any]:
         import ray
 
         remote = _remote_call("DEFAULT" if self.embedded else "SPREAD")
         in_flight: dict[Any, tuple] = {}
         limit = max(1, self.num_workers) * IN_FLIGHT_PER_WORKER
-        mine = next(pending, None) if local_first else None
+        if local_first:
+            args = next(pending, None)
+            if args is not None:
+                lane.submit(args)
         exhausted, seen_result = False, False
-        while in_flight or not exhausted or mine is not None:
+        while in_flight or not exhausted or not lane.idle:
             while not exhausted and len(in_flight) < limit:
                 args = next(pending, None)
                 if args is None:
                     exhausted = True
                     break
                 in_flight[remote.remote(fn, args)] = args
-            if mine is not None:
-                yield self._run_here(fn, mine)
-                mine = None
-                continue
-            if not in_flight:
-                break
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=0 if self.embedded and not seen_result else None)
-            if not done:  # Ray's workers are still starting: keep the driver busy meanwhile
+            helping = self.embedded and not seen_result  # Ray's workers are still starting
+            while helping and not exhausted and lane.has_room():
                 args = next(pending, None)
                 if args is None:
                     exhausted = True
-                    done, _ = ray.wait(list(in_flight), num_returns=1)
                 else:
-                    yield self._run_here(fn, args)
-                    continue
+                    lane.submit(args)
+            yield from lane.collect(timeout=0)
+            if not in_flight:
+                if not lane.idle:
+                    yield from lane.collect(timeout=None)
+                continue
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if lane.idle else 0.05)
+            if not done:
+                continue
             if not seen_result:
                 log.debug("first result from Ray's workers (the driver ran %d items)", self.num_local_items)
             seen_result = True
@@ -257,3 +320,57 @@ class RayRunner:
                 if hasattr(result, "node"):
                     result.node = node
                 yield result
+
+
+class _LocalLane:
+    """Items the driver runs itself, on up to ``threads`` threads; results in completion order.
+
+    ``fn`` must be safe to run in threads (the engine's unit and shard functions share nothing
+    but read-only context). Each item's wall and CPU time are kept for :meth:`measured`."""
+
+    def __init__(self, fn: Callable[..., Any], threads: int, on_item: Callable[[], None]):
+        self._fn, self.threads, self._on_item = fn, max(threads, 1), on_item
+        self._pool: ThreadPoolExecutor | None = None
+        self._running: set[Future] = set()
+        self._times: list[tuple[float, float]] = []  # (wall, thread CPU) seconds per item
+
+    def _timed(self, args: tuple) -> Any:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return run_item(self._fn, args)
+        finally:
+            self._times.append((time.perf_counter() - wall, time.thread_time() - cpu))
+            self._on_item()
+
+    def measured(self) -> tuple[float, float] | None:
+        """Mean wall and CPU seconds per item, leaving out the first item of each thread; None
+        until there is one more."""
+        later = self._times[self.threads:]
+        if not later:
+            return None
+        return sum(w for w, _ in later) / len(later), sum(c for _, c in later) / len(later)
+
+    def has_room(self) -> bool:
+        return len(self._running) < self.threads
+
+    @property
+    def idle(self) -> bool:
+        return not self._running
+
+    def submit(self, args: tuple) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="engine-driver")
+        self._running.add(self._pool.submit(self._timed, args))
+
+    def collect(self, timeout: float | None) -> Iterator[Any]:
+        """Results of the items that finished, waiting up to ``timeout`` (None: until one does)."""
+        if not self._running:
+            return
+        done, self._running = wait(self._running, timeout=timeout, return_when=FIRST_COMPLETED)
+        for future in done:
+            yield future.result()
+
+    def close(self) -> None:
+        """Let running items finish (their files must not be cut off), drop the rest."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,115 @@
+"""The driver's own threads (the runner's local lane): what they run, when Ray is worth starting
+instead, and the two pieces of per-image code that must behave the same in a helper thread as
+in the main thread (the time bound and the EXIF warnings)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from PIL import Image
+
+import imagegen
+from engine.imaging import ImageFailure, read_orientation
+from engine.pipeline import ImageTimeout, time_limit
+from engine.runners.ray_runner import RayRunner, _LocalLane
+
+
+def _exif_jpeg(truncate: int) -> bytes:
+    exif = Image.Exif()
+    exif[imagegen.ORIENTATION_TAG] = 6
+    exif[0x010F] = "engine-tests-maker-long-string"
+    raw = exif.tobytes()
+    return imagegen.encode(imagegen.quadrant_image((64, 48)), "JPEG", exif=raw[:-truncate] if truncate else raw)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_corrupt_exif_is_told_apart_from_good_exif_in_many_threads():
+    """catch_warnings swaps process-wide state; threads parsing EXIF at once must neither miss a
+    broken block nor blame a good one for another thread's warning."""
+    good, broken = _exif_jpeg(0), _exif_jpeg(4)
+
+    def orientation(data: bytes):
+        return read_orientation(Image.open(io.BytesIO(data)))
+
+    work = [good if i % 2 else broken for i in range(4000)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(orientation, work))
+    for data, result in zip(work, results):
+        if data is good:
+            assert result == 6
+        else:
+            assert isinstance(result, ImageFailure) and "corrupt EXIF block" in result.reason
+
+
+def _bounded(seconds: float, sleep: float) -> str:
+    try:
+        with time_limit(seconds):
+            time.sleep(sleep)
+    except ImageTimeout:
+        return "timed out"
+    return "finished"
+
+
+@pytest.mark.parametrize("where", ["main", "helper"])
+def test_time_limit_holds_in_main_and_helper_threads(where):
+    if where == "main":
+        outcomes = [_bounded(0.05, 0.3), _bounded(5, 0.01)]
+    else:
+        with ThreadPoolExecutor(2) as pool:
+            outcomes = list(pool.map(_bounded, [0.05, 5], [0.3, 0.01]))
+    assert outcomes == ["timed out", "finished"]
+
+
+def _lane_with(times: list[tuple[float, float]], threads: int = 2) -> _LocalLane:
+    lane = _LocalLane(lambda: None, threads, lambda: None)
+    lane._times.extend(times)
+    return lane
+
+
+def test_ray_is_started_for_gil_bound_work_only():
+    runner = RayRunner(workers=2)
+    # each thread's first item is left out: nothing measured yet
+    assert not runner._worth_starting(_lane_with([(1.0, 0.5)] * 2), remaining=10_000)
+    # image work: two threads each take about their CPU time per item, Ray would not be faster
+    image_work = _lane_with([(1.2, 1.15)] * 6)
+    assert not runner._worth_starting(image_work, remaining=30)
+    assert not runner._worth_starting(image_work, remaining=150)
+    # Python-bound work: threads take turns, an item's wall time is twice its CPU time
+    python_work = _lane_with([(0.06, 0.03)] * 6)
+    assert not runner._worth_starting(python_work, remaining=100)  # 1.5 s saved < Ray's cost
+    assert runner._worth_starting(python_work, remaining=2_000)  # 30 s saved
+    assert runner._worth_starting(python_work, remaining=None)  # unknown length: assume long
+
+
+def test_small_job_runs_on_the_drivers_threads_without_ray():
+    runner = RayRunner(workers=2)
+    seen: set[str] = set()
+
+    def work(n: int) -> int:
+        seen.add(threading.current_thread().name)
+        time.sleep(0.05)
+        return n * n
+
+    with runner:
+        results = sorted(runner.map_unordered(work, [(n,) for n in range(8)]))
+    assert results == [n * n for n in range(8)]
+    assert not runner._started
+    assert runner.num_local_items == 8
+    assert len(seen) == 2 and all(name.startswith("engine-driver") for name in seen)
+
+
+def test_a_failing_item_on_a_driver_thread_names_its_item():
+    from engine.errors import ShardError
+
+    def work(n: int) -> int:
+        if n == 3:
+            raise ValueError("bad input")
+        return n
+
+    runner = RayRunner(workers=2)
+    with runner, pytest.raises(ShardError, match="bad input"):
+        list(runner.map_unordered(work, [(n,) for n in range(6)]))
