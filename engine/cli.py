@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=int, metavar="N", help="parallel workers (default: every core, "
                      "or every CPU of the Ray cluster)")
     run.add_argument("--runner", choices=RUNNERS, default="ray",
-                     help="ray: Ray workers (embedded, or the cluster of --ray-address); local: in this process")
+                     help="ray: threads in this process, then Ray workers when they pay (embedded), or the "
+                     "cluster of --ray-address; local: one item after another in this process")
     run.add_argument("--ray-address", metavar="ADDR", help="join this Ray cluster (default: $RAY_ADDRESS, else "
                      "start Ray embedded)")
     run.add_argument("--unit-rows", type=int, metavar="N", help="rows per work unit (default: automatic, "

@@ -10,20 +10,56 @@ EXIF transpose, on the small image.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import threading
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, TiffImagePlugin
 
 from engine.config import ImageOptions
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-# catch_warnings swaps process-wide state: threads that parse EXIF blocks take turns
-_EXIF_WARNINGS = threading.Lock()
+
+
+class _ThreadWarnings:
+    """A stand-in for the ``warnings`` module inside Pillow's TIFF parser, which reads EXIF blocks.
+
+    That parser reports a broken block only through ``warnings.warn``. ``catch_warnings`` would
+    swap process-wide state, so when the driver's threads parse EXIF at the same time, one
+    thread's warning could land in another's record, and a good image would be rejected for a
+    neighbour's broken block (a test shows it). Here a thread that is collecting gets exactly its
+    own warnings; in any other thread a warning goes to the real ``warnings.warn``."""
+
+    def __init__(self, real):
+        self._real = real
+        self._local = threading.local()
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+    def warn(self, message, category=None, stacklevel: int = 1, **kwargs) -> None:
+        caught = getattr(self._local, "caught", None)
+        if caught is None:
+            self._real.warn(message, category, stacklevel + 1, **kwargs)
+        else:
+            caught.append(str(message))
+
+    @contextlib.contextmanager
+    def collect(self):
+        self._local.caught = caught = []
+        try:
+            yield caught
+        finally:
+            self._local.caught = None
+
+
+if not isinstance(TiffImagePlugin.warnings, _ThreadWarnings):
+    TiffImagePlugin.warnings = _ThreadWarnings(TiffImagePlugin.warnings)
+_TIFF_WARNINGS: _ThreadWarnings = TiffImagePlugin.warnings
 
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
@@ -140,14 +176,10 @@ def read_orientation(im: Image.Image) -> int | ImageFailure:
             if not raw:
                 return 1
             exif = Image.Exif()
-            with _EXIF_WARNINGS, warnings.catch_warnings(record=True) as caught:  # Pillow only warns on a broken block
-                warnings.simplefilter("always")
+            with _TIFF_WARNINGS.collect() as caught:  # Pillow only warns on a broken block
                 exif.load(raw)
-            # any warning of the TIFF parser means part of the block is unreadable; a warning raised
-            # meanwhile by another thread's work is not this block's
-            broken = [w for w in caught if w.filename.endswith("TiffImagePlugin.py")]
-            if broken:
-                return ImageFailure(f"corrupt EXIF block: {broken[0].message}".strip())
+            if caught:  # any warning while parsing the block means part of it is unreadable
+                return ImageFailure(f"corrupt EXIF block: {caught[0]}".strip())
         else:
             exif = im.getexif()
         value = exif.get(ORIENTATION_TAG, 1)

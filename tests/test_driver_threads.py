@@ -9,10 +9,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import imagegen
 import pytest
 from PIL import Image
 
-import imagegen
 from engine.imaging import ImageFailure, read_orientation
 from engine.pipeline import ImageTimeout, time_limit
 from engine.runners.ray_runner import RayRunner, _LocalLane
@@ -64,25 +64,33 @@ def test_time_limit_holds_in_main_and_helper_threads(where):
     assert outcomes == ["timed out", "finished"]
 
 
-def _lane_with(times: list[tuple[float, float]], threads: int = 2) -> _LocalLane:
+def _lane_with(seconds_per_item: float, cores_used: float, items: int, threads: int = 2) -> _LocalLane:
+    """A lane whose items ended every ``seconds_per_item`` with ``cores_used`` cores busy."""
     lane = _LocalLane(lambda: None, threads, lambda: None)
-    lane._times.extend(times)
+    lane._ends.extend((i * seconds_per_item, i * seconds_per_item * cores_used) for i in range(1, items + 1))
     return lane
 
 
-def test_ray_is_started_for_gil_bound_work_only():
-    runner = RayRunner(workers=2)
-    # each thread's first item is left out: nothing measured yet
-    assert not runner._worth_starting(_lane_with([(1.0, 0.5)] * 2), remaining=10_000)
-    # image work: two threads each take about their CPU time per item, Ray would not be faster
-    image_work = _lane_with([(1.2, 1.15)] * 6)
-    assert not runner._worth_starting(image_work, remaining=30)
-    assert not runner._worth_starting(image_work, remaining=150)
-    # Python-bound work: threads take turns, an item's wall time is twice its CPU time
-    python_work = _lane_with([(0.06, 0.03)] * 6)
-    assert not runner._worth_starting(python_work, remaining=100)  # 1.5 s saved < Ray's cost
-    assert runner._worth_starting(python_work, remaining=2_000)  # 30 s saved
-    assert runner._worth_starting(python_work, remaining=None)  # unknown length: assume long
+def test_ray_starts_only_where_its_processes_promise_a_real_gain():
+    two, sixteen = RayRunner(workers=2), RayRunner(workers=16)
+    # each thread's first item is left out, and one more round is needed
+    assert _LocalLane(lambda: None, 2, lambda: None).measured() is None
+    assert _lane_with(0.03, 1.0, items=3).measured() is None
+    assert _lane_with(0.03, 1.0, items=4).measured() == pytest.approx((0.03, 1.0))
+    assert not two._worth_starting(_lane_with(0.03, 1.0, items=3), remaining=100_000)
+    # image work keeps both cores busy in threads: Ray would only add its start-up
+    photos = _lane_with(0.6, 1.9, items=6)
+    assert not two._worth_starting(photos, remaining=10_000)
+    # pass-through on 2 cores: 1.4 cores busy, bound by writing; Ray ran no faster
+    assert not two._worth_starting(_lane_with(0.015, 1.4, items=6), remaining=100_000)
+    # GIL-bound work: one core busy of two; worth Ray's cost only for a long job
+    gil_bound = _lane_with(0.03, 1.0, items=6)
+    assert not two._worth_starting(gil_bound, remaining=100)  # 1.5 s saved < Ray's cost
+    assert two._worth_starting(gil_bound, remaining=2_000)  # 30 s saved
+    assert two._worth_starting(gil_bound, remaining=None)  # unknown length: assume long
+    # on 16 cores, threads keeping 6 busy leave most of the machine to Ray
+    assert sixteen._worth_starting(_lane_with(0.1, 6.0, items=40, threads=16), remaining=1_000)
+    assert not sixteen._worth_starting(_lane_with(0.1, 15.0, items=40, threads=16), remaining=1_000)
 
 
 def test_small_job_runs_on_the_drivers_threads_without_ray():

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
 IN_FLIGHT_PER_WORKER = 2
 RAY_START_SECONDS = 5.0  # what an embedded Ray costs on 2 cores: start, first tasks, shutdown
+RAY_MIN_SPEEDUP = 1.5  # the least gain, estimated from the driver's threads, that starts Ray
 
 
 def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, str]:
@@ -155,21 +156,24 @@ class RayRunner:
         """Whether Ray would save time, from what the driver's threads measured.
 
         The driver's threads share one interpreter: decoding, resizing and encoding run in
-        parallel (Pillow releases the GIL), Python code does not. Ray's processes share nothing,
-        so an item there takes about its CPU time. Ray pays when the remaining items, at the
-        threads' measured pace, would take longer than on Ray's workers by more than Ray's own
-        cost. On 2 cores, image work keeps both cores busy in threads and Ray would only add its
-        start-up; GIL-bound work (pass-through of many small files) gains from Ray's processes.
-        Each thread's first item is not a measure: it also pays one-off costs (first imports,
-        codec start-up)."""
+        parallel (Pillow releases the GIL), Python code does not. The process's CPU time over
+        the threads' wall time says how many cores they keep busy (``cores_used``); Ray's
+        processes could keep all of the workers' cores busy, so at best they would be
+        ``workers / cores_used`` times faster. Disk and network waits cut both alike, so that
+        bound is optimistic: Ray starts only when it promises at least RAY_MIN_SPEEDUP and the
+        time it would save exceeds its own cost. Measured on 2 cores, photos keep both cores
+        busy in threads, and pass-through of many small files (1.4 cores, bound by writing
+        from about 10k rows) ran no faster on Ray. Each thread's first item is not a measure:
+        it also pays one-off costs (first imports, codec start-up)."""
         if remaining is None:
             return True
         measured = lane.measured()
         if measured is None:
             return False
-        wall, cpu = measured
-        saved = remaining * (wall / lane.threads - cpu / max(self.num_workers, 1))
-        return saved > RAY_START_SECONDS
+        seconds_per_item, cores_used = measured
+        speedup = max(self.num_workers, 1) / max(cores_used, 0.05)
+        saved = remaining * seconds_per_item * (1 - 1 / speedup)
+        return speedup >= RAY_MIN_SPEEDUP and saved > RAY_START_SECONDS
 
     def _init(self) -> None:
         import ray
@@ -326,29 +330,33 @@ class _LocalLane:
     """Items the driver runs itself, on up to ``threads`` threads; results in completion order.
 
     ``fn`` must be safe to run in threads (the engine's unit and shard functions share nothing
-    but read-only context). Each item's wall and CPU time are kept for :meth:`measured`."""
+    but read-only context). The clocks at each item's end are kept for :meth:`measured`."""
 
     def __init__(self, fn: Callable[..., Any], threads: int, on_item: Callable[[], None]):
         self._fn, self.threads, self._on_item = fn, max(threads, 1), on_item
         self._pool: ThreadPoolExecutor | None = None
         self._running: set[Future] = set()
-        self._times: list[tuple[float, float]] = []  # (wall, thread CPU) seconds per item
+        self._ends: list[tuple[float, float]] = []  # (wall clock, process CPU clock) as each item ended
+        self._lock = threading.Lock()
 
     def _timed(self, args: tuple) -> Any:
-        wall, cpu = time.perf_counter(), time.thread_time()
         try:
             return run_item(self._fn, args)
         finally:
-            self._times.append((time.perf_counter() - wall, time.thread_time() - cpu))
+            with self._lock:
+                self._ends.append((time.perf_counter(), time.process_time()))
             self._on_item()
 
     def measured(self) -> tuple[float, float] | None:
-        """Mean wall and CPU seconds per item, leaving out the first item of each thread; None
-        until there is one more."""
-        later = self._times[self.threads:]
-        if not later:
-            return None
-        return sum(w for w, _ in later) / len(later), sum(c for _, c in later) / len(later)
+        """(wall seconds per item, cores used) from the end of each thread's first item to the
+        latest item's end; None until each thread has finished two items."""
+        with self._lock:
+            if len(self._ends) < 2 * self.threads:
+                return None
+            (wall0, cpu0), (wall1, cpu1) = self._ends[self.threads - 1], self._ends[-1]
+            items = len(self._ends) - self.threads
+        elapsed = max(wall1 - wall0, 1e-6)
+        return elapsed / items, (cpu1 - cpu0) / elapsed
 
     def has_room(self) -> bool:
         return len(self._running) < self.threads
