@@ -7,6 +7,7 @@ files are the same whatever the number of workers or units.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -55,10 +56,18 @@ class PartWriter:
             self._ctx.__exit__(type(exc), exc, exc.__traceback__)
 
 
-def read_part_rows(store: Store, rel: str, split: str, start: int, stop: int) -> pa.Table:
-    """Rows ``[start, stop)`` of ``split`` in a part file."""
-    table = ipc.open_stream(store.open_arrow(rel)).read_all()  # locally zero-copy (memory-mapped)
-    mask = pc.equal(table["split"], split)
-    if not pc.all(mask).as_py():  # a part usually holds one split: then no filtering copy
-        table = table.filter(mask)
-    return table.slice(start, stop - start)
+def iter_part_rows(store: Store, rel: str, split: str, start: int, stop: int) -> Iterator[pa.Table]:
+    """Rows ``[start, stop)`` of ``split`` in a part file, one record batch (16 rows) at a time,
+    so reading never holds more of the part than that."""
+    seen = 0
+    with store.open_arrow(rel) as source:
+        for batch in ipc.open_stream(source):
+            mask = pc.equal(batch.column("split"), split)
+            if not pc.all(mask).as_py():  # a part usually holds one split: then no filtering copy
+                batch = batch.filter(mask)
+            lo, hi = max(start - seen, 0), min(stop - seen, batch.num_rows)
+            seen += batch.num_rows
+            if hi > lo:
+                yield pa.Table.from_batches([batch.slice(lo, hi - lo)])
+            if seen >= stop:
+                return

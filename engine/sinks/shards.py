@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from engine.sinks.parts import read_part_rows
+from engine.sinks.parts import iter_part_rows
 from engine.sinks.store import Store
 
 log = logging.getLogger(__name__)
@@ -54,21 +54,21 @@ class ShardResult:
 def iter_row_groups(spec: ShardSpec) -> Iterator[pa.Table]:
     """The shard's rows in line order, in the part schema, as one contiguous table per row group.
 
-    Streamed: a part file is read only when its rows are needed, and released once they are
-    written, so memory stays at about one part plus one group, whatever the shard size. Each
-    group is one contiguous copy, so the written bytes never depend on how units chunked rows.
+    Streamed: part files are read a record batch at a time, only as their rows are needed, so
+    memory stays at about one row group, whatever the shard or part size. Each group is one
+    contiguous copy, so the written bytes never depend on how units chunked rows.
     """
-    pieces = iter(spec.pieces)
+    batches = (table for piece in spec.pieces
+               for table in iter_part_rows(spec.store, piece.part, spec.split, piece.start, piece.stop))
     pending: list[pa.Table] = []
     have = 0
     for count in spec.row_groups:
         while have < count:
-            piece = next(pieces)
-            table = read_part_rows(spec.store, piece.part, spec.split, piece.start, piece.stop)
+            table = next(batches)
             pending.append(table)
             have += table.num_rows
         group = pa.concat_tables(pending).slice(0, count).combine_chunks()
-        leftover = have - count  # rows beyond this group all come from the last part read
+        leftover = have - count  # rows beyond this group all come from the last batch read
         pending = [pending[-1].slice(pending[-1].num_rows - leftover)] if leftover else []
         have = leftover
         yield group

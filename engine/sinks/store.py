@@ -109,10 +109,11 @@ class Store:
             return f.read()
 
     def open_arrow(self, rel: str) -> pa.NativeFile:
-        """A part file for reading: memory-mapped locally, fetched whole from object storage."""
+        """A part file for streaming reads. Not memory-mapped: the pages of a mapped file count
+        in the process's memory until it is unmapped, so memory would grow with the part size."""
         if self.remote:
-            return pa.BufferReader(self.read_bytes(rel))
-        return pa.memory_map(self.path(rel))
+            return pa.PythonFile(self.fs.open(self.path(rel), "rb"), mode="r")
+        return pa.OSFile(self.path(rel), "rb")
 
     def exists(self, rel: str = "") -> bool:
         return self.fs.exists(self.path(rel)) if self.remote else os.path.exists(self.path(rel))
