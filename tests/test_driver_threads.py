@@ -81,7 +81,7 @@ def test_ray_starts_only_where_its_processes_promise_a_real_gain():
     # image work keeps both cores busy in threads: Ray would only add its start-up
     photos = _lane_with(0.6, 1.9, items=6)
     assert not two._worth_starting(photos, remaining=10_000)
-    # pass-through on 2 cores: 1.4 cores busy, bound by writing; Ray ran no faster
+    # threads already keeping 1.4 of 2 cores busy: Ray promises too little
     assert not two._worth_starting(_lane_with(0.015, 1.4, items=6), remaining=100_000)
     # GIL-bound work: one core busy of two; worth Ray's cost only for a long job
     gil_bound = _lane_with(0.03, 1.0, items=6)

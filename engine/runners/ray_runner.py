@@ -31,10 +31,11 @@ log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
 IN_FLIGHT_PER_WORKER = 2
 RAY_START_SECONDS = 5.0  # what an embedded Ray costs on 2 cores: start, first tasks, shutdown
-# The least gain, estimated from the driver's threads, that starts Ray. The estimate ignores disk
-# and network limits: on 2 cores, 50k pass-through rows (threads at 1.2-1.4 cores, a promised
-# 1.4-1.7x) and 4,000 photos ran no faster on Ray than in threads, and Ray adds ~900 MB.
-RAY_MIN_SPEEDUP = 2.0
+# The least gain, estimated from the driver's threads, that starts Ray. The estimate cannot see
+# disk limits: on 2 cores, pass-through of 1M tiny images (threads at about 1 core) ran 2.2x
+# faster on Ray, but 50k pass-through rows of 150 KB images, bound by writing 13.8 GB, ran no
+# faster there, with ~900 MB more memory. Photos (threads at 1.8-1.9 cores) never start it.
+RAY_MIN_SPEEDUP = 1.5
 
 
 def _call(fn: Callable[..., Any], args: tuple) -> tuple[Any, str]:
@@ -135,6 +136,7 @@ class RayRunner:
         self._init_error: BaseException | None = None
         self.num_workers = workers or (os.cpu_count() or 1)
         self.num_local_items = 0  # items the driver ran itself
+        self._logged_estimate = False
         self._count_lock = threading.Lock()
 
     def __enter__(self) -> RayRunner:
@@ -164,10 +166,9 @@ class RayRunner:
         processes could keep all of the workers' cores busy, so at best they would be
         ``workers / cores_used`` times faster. Disk and network waits cut both alike, so that
         bound is optimistic: Ray starts only when it promises at least RAY_MIN_SPEEDUP and the
-        time it would save exceeds its own cost. Measured on 2 cores, photos keep both cores
-        busy in threads, and pass-through of many small files (1.4 cores, bound by writing
-        from about 10k rows) ran no faster on Ray. Each thread's first item is not a measure:
-        it also pays one-off costs (first imports, codec start-up)."""
+        time it would save exceeds its own cost (see RAY_MIN_SPEEDUP for what was measured).
+        Each thread's first item is not a measure: it also pays one-off costs (first imports,
+        codec start-up)."""
         if remaining is None:
             return True
         measured = lane.measured()
@@ -176,7 +177,13 @@ class RayRunner:
         seconds_per_item, cores_used = measured
         speedup = max(self.num_workers, 1) / max(cores_used, 0.05)
         saved = remaining * seconds_per_item * (1 - 1 / speedup)
-        return speedup >= RAY_MIN_SPEEDUP and saved > RAY_START_SECONDS
+        worth = speedup >= RAY_MIN_SPEEDUP and saved > RAY_START_SECONDS
+        if worth or not self._logged_estimate:
+            self._logged_estimate = True
+            log.debug("driver threads: %.3f s per item, %.2f cores busy; Ray could be %.2fx faster and save %.1f s "
+                      "on %d items: %s", seconds_per_item, cores_used, speedup, saved, remaining,
+                      "starting it" if worth else "not worth it yet")
+        return worth
 
     def _init(self) -> None:
         import ray
