@@ -32,7 +32,7 @@ MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
 IN_FLIGHT_PER_WORKER = 2
 RAY_START_SECONDS = 5.0  # what an embedded Ray costs on 2 cores: start, first tasks, shutdown
 # The least gain, estimated from the driver's threads, that starts Ray. The estimate cannot see
-# disk limits: on 2 cores, pass-through of 1M tiny images (threads at about 1 core) ran 2.2x
+# disk limits: on 2 cores, pass-through of 1M tiny images (threads at about 1 core) ran 2.1x
 # faster on Ray, but 50k pass-through rows of 150 KB images, bound by writing 13.8 GB, ran no
 # faster there, with ~900 MB more memory. Photos (threads at 1.8-1.9 cores) never start it.
 RAY_MIN_SPEEDUP = 1.5
