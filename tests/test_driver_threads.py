@@ -66,7 +66,7 @@ def test_time_limit_holds_in_main_and_helper_threads(where):
 
 def _lane_with(seconds_per_item: float, cores_used: float, items: int, threads: int = 2) -> _LocalLane:
     """A lane whose items ended every ``seconds_per_item`` with ``cores_used`` cores busy."""
-    lane = _LocalLane(lambda: None, threads, lambda: None)
+    lane = _LocalLane(lambda: None, threads)
     lane._ends.extend((i * seconds_per_item, i * seconds_per_item * cores_used) for i in range(1, items + 1))
     return lane
 
@@ -74,7 +74,7 @@ def _lane_with(seconds_per_item: float, cores_used: float, items: int, threads: 
 def test_ray_starts_only_where_its_processes_promise_a_real_gain():
     two, sixteen = RayRunner(workers=2), RayRunner(workers=16)
     # each thread's first item is left out, and one more round is needed
-    assert _LocalLane(lambda: None, 2, lambda: None).measured() is None
+    assert _LocalLane(lambda: None, 2).measured() is None
     assert _lane_with(0.03, 1.0, items=3).measured() is None
     assert _lane_with(0.03, 1.0, items=4).measured() == pytest.approx((0.03, 1.0))
     assert not two._worth_starting(_lane_with(0.03, 1.0, items=3), remaining=100_000)

@@ -135,9 +135,8 @@ class RayRunner:
         self._release = threading.Event()
         self._init_error: BaseException | None = None
         self.num_workers = workers or (os.cpu_count() or 1)
-        self.num_local_items = 0  # items the driver ran itself
+        self._lanes: list[_LocalLane] = []  # the driver's own threads, one lane per map_unordered
         self._logged_estimate = False
-        self._count_lock = threading.Lock()
 
     def __enter__(self) -> RayRunner:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -246,13 +245,16 @@ class RayRunner:
         """Ray runs on this machine only, so the driver may share the work."""
         return self._address is None
 
+    @property
+    def num_local_items(self) -> int:
+        """Items the driver ran itself."""
+        return sum(lane.num_items for lane in self._lanes)
+
     def _lane(self, fn: Callable[..., Any]) -> _LocalLane:
         """The driver's own threads: one per worker of an embedded Ray, one when Ray is elsewhere."""
-        return _LocalLane(fn, self.num_workers if self.embedded else 1, self._count_local)
-
-    def _count_local(self) -> None:
-        with self._count_lock:
-            self.num_local_items += 1
+        lane = _LocalLane(fn, self.num_workers if self.embedded else 1)
+        self._lanes.append(lane)
+        return lane
 
     def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
         """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works, in
@@ -269,13 +271,9 @@ class RayRunner:
             while not self._ready():  # lazy and warm start: work here until Ray is up
                 if self._init_thread is None and self._worth_starting(lane, remaining):
                     self._start_in_background()
-                while not exhausted and lane.has_room():
-                    args = next(pending, None)
-                    if args is None:
-                        exhausted = True
-                    else:
-                        lane.submit(args)
-                        remaining = None if remaining is None else remaining - 1
+                if not exhausted:
+                    submitted, exhausted = lane.fill(pending)
+                    remaining = None if remaining is None else remaining - submitted
                 if exhausted and lane.idle:
                     return
                 yield from lane.collect(timeout=None if self._init_thread is None else 0.05)
@@ -302,13 +300,8 @@ class RayRunner:
                     exhausted = True
                     break
                 in_flight[remote.remote(fn, args)] = args
-            helping = self.embedded and not seen_result  # Ray's workers are still starting
-            while helping and not exhausted and lane.has_room():
-                args = next(pending, None)
-                if args is None:
-                    exhausted = True
-                else:
-                    lane.submit(args)
+            if self.embedded and not seen_result and not exhausted:  # Ray's workers are still starting
+                exhausted = lane.fill(pending)[1]
             yield from lane.collect(timeout=0)
             if not in_flight:
                 if not lane.idle:
@@ -342,8 +335,8 @@ class _LocalLane:
     ``fn`` must be safe to run in threads (the engine's unit and shard functions share nothing
     but read-only context). The clocks at each item's end are kept for :meth:`measured`."""
 
-    def __init__(self, fn: Callable[..., Any], threads: int, on_item: Callable[[], None]):
-        self._fn, self.threads, self._on_item = fn, max(threads, 1), on_item
+    def __init__(self, fn: Callable[..., Any], threads: int):
+        self._fn, self.threads = fn, max(threads, 1)
         self._pool: ThreadPoolExecutor | None = None
         self._running: set[Future] = set()
         self._ends: list[tuple[float, float]] = []  # (wall clock, process CPU clock) as each item ended
@@ -355,7 +348,10 @@ class _LocalLane:
         finally:
             with self._lock:
                 self._ends.append((time.perf_counter(), time.process_time()))
-            self._on_item()
+
+    @property
+    def num_items(self) -> int:
+        return len(self._ends)
 
     def measured(self) -> tuple[float, float] | None:
         """(wall seconds per item, cores used) from the end of each thread's first item to the
@@ -374,6 +370,18 @@ class _LocalLane:
     @property
     def idle(self) -> bool:
         return not self._running
+
+    def fill(self, pending: Iterator[tuple]) -> tuple[int, bool]:
+        """Submit items from ``pending`` until every thread has one; returns how many were
+        submitted and whether ``pending`` ran out."""
+        submitted = 0
+        while self.has_room():
+            args = next(pending, None)
+            if args is None:
+                return submitted, True
+            self.submit(args)
+            submitted += 1
+        return submitted, False
 
     def submit(self, args: tuple) -> None:
         if self._pool is None:
