@@ -121,3 +121,69 @@ def test_a_failing_item_on_a_driver_thread_names_its_item():
     runner = RayRunner(workers=2)
     with runner, pytest.raises(ShardError, match="bad input"):
         list(runner.map_unordered(work, [(n,) for n in range(6)]))
+
+
+def _rows(paths):
+    from engine.pipeline import _Checked
+    from engine.sources.manifest import ManifestRow
+
+    return [_Checked(ManifestRow(line=i, kind="labelr", image_id=f"r{i}", split="train", locations=(str(p),), meta={}))
+            for i, p in enumerate(paths)]
+
+
+@pytest.mark.parametrize("slow", [False, True])
+def test_local_reads_run_inline_while_fast_and_in_the_prefetch_threads_when_slow(tmp_path, monkeypatch, slow):
+    """Fast local reads (the page cache) are done in the unit's own thread: handing each row to a
+    prefetch thread cost more than the read. Slow ones (a cold disk, a network file system) are
+    overlapped with decoding in the prefetch threads. Either way rows come back in order, whole."""
+    from engine.config import FetchOptions
+    from engine.pipeline import _prefetched
+    from engine.sources import fetch
+
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(bytes([i]) * (1000 + i))
+    readers: list[str] = []
+    real_read = fetch.Fetcher._read_local
+
+    def read_local(self, path):
+        readers.append(threading.current_thread().name)
+        if slow:
+            time.sleep(2 * fetch.SLOW_LOCAL_READ_SECONDS)
+        return real_read(self, path)
+
+    monkeypatch.setattr(fetch.Fetcher, "_read_local", read_local)
+    fetcher = fetch.Fetcher(FetchOptions(), max_bytes=1 << 20)
+    first = list(_prefetched(fetcher, _rows(paths[:6]), threads=4))
+    second = list(_prefetched(fetcher, _rows(paths[6:]), threads=4))
+
+    got = [(checked.row.image_id, payloads) for checked, payloads in first + second]
+    assert got == [(f"r{i % 6}", [bytes([i]) * (1000 + i)]) for i in range(12)]
+    me = threading.current_thread().name
+    assert readers[:6] == [me] * 6  # nothing measured yet: local reads are assumed fast
+    if slow:
+        assert not fetcher.local_reads_are_fast
+        assert all(name.startswith("fetch") for name in readers[6:])
+    else:
+        assert fetcher.local_reads_are_fast
+        assert readers[6:] == [me] * 6
+
+
+def test_remote_locations_are_prefetched_in_threads(monkeypatch):
+    from engine.config import FetchOptions
+    from engine.pipeline import _prefetched
+    from engine.sources import fetch
+
+    readers: list[str] = []
+
+    def fetch_http(self, url):
+        readers.append(threading.current_thread().name)
+        return url.encode()
+
+    monkeypatch.setattr(fetch.Fetcher, "_fetch_http", fetch_http)
+    fetcher = fetch.Fetcher(FetchOptions(), max_bytes=1 << 20)
+    urls = [f"http://example.invalid/{i}.jpg" for i in range(5)]
+    got = [payloads for _, payloads in _prefetched(fetcher, _rows(urls), threads=3)]
+    assert got == [[u.encode()] for u in urls]
+    assert all(name.startswith("fetch") for name in readers)
