@@ -308,10 +308,10 @@ def _fetch_pool(threads: int) -> ThreadPoolExecutor:
 def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int):
     """Yield (row, [bytes | FetchFailure per image]) in order, fetching a bounded window ahead
     in threads so file and network I/O overlap with decoding. A unit of local files is read
-    inline while local reads are fast (see SLOW_LOCAL_READ_SECONDS)."""
+    inline while they are small and quick to read (see INLINE_LOCAL_READ_BYTES)."""
     if not rows:
         return
-    if fetcher.local_reads_are_fast and all(fetcher.is_local(loc) for c in rows for loc in c.row.locations):
+    if fetcher.inline_local_reads and all(fetcher.is_local(loc) for c in rows for loc in c.row.locations):
         for checked in rows:
             yield checked, _fetch_all(fetcher, checked.row)
         return

@@ -133,11 +133,12 @@ def _rows(paths):
             for i, p in enumerate(paths)]
 
 
-@pytest.mark.parametrize("slow", [False, True])
-def test_local_reads_run_inline_while_fast_and_in_the_prefetch_threads_when_slow(tmp_path, monkeypatch, slow):
-    """Fast local reads (the page cache) are done in the unit's own thread: handing each row to a
-    prefetch thread cost more than the read. Slow ones (a cold disk, a network file system) are
-    overlapped with decoding in the prefetch threads. Either way rows come back in order, whole."""
+@pytest.mark.parametrize("case", ["small", "slow", "large"])
+def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_path, monkeypatch, case):
+    """Small, quick local reads (the page cache) are done in the unit's own thread: handing each
+    row to a prefetch thread cost more than the read. Slow reads (a cold disk, a network file
+    system) and large files are overlapped with decoding in the prefetch threads. Either way
+    rows come back in order, whole."""
     from engine.config import FetchOptions
     from engine.pipeline import _prefetched
     from engine.sources import fetch
@@ -146,6 +147,10 @@ def test_local_reads_run_inline_while_fast_and_in_the_prefetch_threads_when_slow
     for i in range(12):
         paths.append(tmp_path / f"{i}.bin")
         paths[-1].write_bytes(bytes([i]) * (1000 + i))
+    # thresholds far from this machine's read times, so that a hiccup cannot flip the outcome
+    slow = case == "slow"
+    monkeypatch.setattr(fetch, "SLOW_LOCAL_READ_SECONDS", 0.005 if slow else 10.0)
+    monkeypatch.setattr(fetch, "INLINE_LOCAL_READ_BYTES", 500 if case == "large" else 1 << 20)
     readers: list[str] = []
     real_read = fetch.Fetcher._read_local
 
@@ -164,12 +169,12 @@ def test_local_reads_run_inline_while_fast_and_in_the_prefetch_threads_when_slow
     assert got == [(f"r{i % 6}", [bytes([i]) * (1000 + i)]) for i in range(12)]
     me = threading.current_thread().name
     assert readers[:6] == [me] * 6  # nothing measured yet: local reads are assumed fast
-    if slow:
-        assert not fetcher.local_reads_are_fast
-        assert all(name.startswith("fetch") for name in readers[6:])
-    else:
-        assert fetcher.local_reads_are_fast
+    if case == "small":
+        assert fetcher.inline_local_reads
         assert readers[6:] == [me] * 6
+    else:
+        assert not fetcher.inline_local_reads
+        assert all(name.startswith("fetch") for name in readers[6:])
 
 
 def test_remote_locations_are_prefetched_in_threads(monkeypatch):
