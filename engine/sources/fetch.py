@@ -43,7 +43,8 @@ class Fetcher:
 
     @staticmethod
     def is_local(location: str) -> bool:
-        return not location.startswith(("http://", "https://")) and local_path(location) is not None
+        """Read by :meth:`fetch` as a local file (every URL but ``file://`` is remote)."""
+        return local_path(location) is not None
 
     @property
     def inline_local_reads(self) -> bool:
