@@ -110,3 +110,31 @@ def test_ray_duplicates_across_work_units(tmp_path, ray_instance):
         ]
     assert shard_hashes(ray2) == shard_hashes(local)
 
+
+
+
+@pytest.fixture(scope="module")
+def big_rows(tmp_path_factory):
+    """Noise JPEGs of about 570 KB: two of them fill a 1 MB page, so page cuts could
+    follow the chunks of a row group's columns."""
+    images = {f"n{i}.jpg": imagegen.noise_jpeg((900, 700), seed=i) for i in range(5)}
+    rows = [row(f"id_{i:02d}", f"n{i % 5}.jpg") for i in range(NUM_ROWS)]
+    return write_input(tmp_path_factory.mktemp("big") / "in", rows, images)
+
+
+@pytest.mark.parametrize("layout", ["parquet", "arrow"])
+def test_unit_size_does_not_change_the_bytes(big_rows, tmp_path, layout):
+    """Units of 3 and of 16 rows cut the part files' record batches differently, so each row
+    group is assembled from differently chunked columns; the written files must not change."""
+    extra = ("--layout", layout, "--image-format", "keep", "--row-group-rows", "5", "--shard-rows", "8")
+    a = run_any(big_rows, tmp_path / "u3", *extra, "--unit-rows", "3", runner="local")
+    b = run_any(big_rows, tmp_path / "u16", *extra, "--unit-rows", "16", runner="local")
+    files = {"parquet": lambda o: o.shard_files, "arrow": lambda o: sorted(o.root.glob("*.arrow"))}[layout]
+    ha, hb = ({p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files(o)} for o in (a, b))
+    assert len(ha) == 2, sorted(ha)  # 14 rows, 8 per shard
+    assert ha == hb
+    if layout == "parquet":
+        import pyarrow.parquet as pq
+
+        groups = [pq.ParquetFile(p).metadata.num_row_groups for p in a.shard_files]
+        assert groups == [2, 2], groups  # 8 rows -> 5 + 3, 6 rows -> 5 + 1

@@ -46,5 +46,10 @@ def write_parquet_shard(spec: ShardSpec) -> ShardResult:
             for group in iter_row_groups(spec):
                 writer.write_table(extraction_table(group, spec), row_group_size=group.num_rows)
                 num_rows += group.num_rows
+                del group
+                # mimalloc (pyarrow's pool) keeps a thread's freed pages mapped: each writer
+                # thread then held 25-30 MB more than its live row group. Handing them back
+                # after each group costs 5-10% of the shard phase (10k rows, 150 KB images).
+                pa.default_memory_pool().release_unused()
         size = os.path.getsize(tmp)
     return ShardResult(spec.relpath, spec.split, num_rows, size)

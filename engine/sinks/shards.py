@@ -52,11 +52,16 @@ class ShardResult:
 
 
 def iter_row_groups(spec: ShardSpec) -> Iterator[pa.Table]:
-    """The shard's rows in line order, in the part schema, as one contiguous table per row group.
+    """The shard's rows in line order, in the part schema, as one table per row group.
 
     Streamed: part files are read a record batch at a time, only as their rows are needed, so
-    memory stays at about one row group, whatever the shard or part size. Each group is one
-    contiguous copy, so the written bytes never depend on how units chunked rows.
+    memory stays at about one row group, whatever the shard or part size. A group's columns
+    keep the part files' record batches as their chunks: no copy is made here. The written
+    bytes still do not depend on how units chunked rows: the Parquet writer cuts pages by
+    content (content-defined chunking), whatever the chunks, and the Arrow writer makes each
+    group one record batch. Copying each group into one contiguous block cost the 10k-row
+    pass-through shard phase about 60% more time (fresh pages for every group) and about
+    30 MB more memory per writer.
     """
     batches = (table for piece in spec.pieces
                for table in iter_part_rows(spec.store, piece.part, spec.split, piece.start, piece.stop))
@@ -67,7 +72,7 @@ def iter_row_groups(spec: ShardSpec) -> Iterator[pa.Table]:
             table = next(batches)
             pending.append(table)
             have += table.num_rows
-        group = pa.concat_tables(pending).slice(0, count).combine_chunks()
+        group = pa.concat_tables(pending).slice(0, count)
         leftover = have - count  # rows beyond this group all come from the last batch read
         pending = [pending[-1].slice(pending[-1].num_rows - leftover)] if leftover else []
         have = leftover
