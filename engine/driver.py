@@ -112,7 +112,7 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "(root)"]
 
 
-def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store) -> UnitContext:
+def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, embedded: bool) -> UnitContext:
     user = None
     if task is not None and opts.layout == "arrow":
         user = user_content(render_prompt(opts.prompt_template, task.instructions, task.json_schema),
@@ -121,7 +121,9 @@ def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store) ->
     return UnitContext(layout=opts.layout, schema_json=task.schema_json if task else None, image=opts.image,
                        fetch=opts.fetch, default_split=opts.split, base=base, store=store,
                        user_content=user, system_prompt=opts.system_prompt, attachment_token=opts.attachment_token,
-                       images_as_paths=opts.images_as_paths)
+                       images_as_paths=opts.images_as_paths,
+                       # on a cluster, another node writes the shard and may not see the same files
+                       reference_sources=embedded)
 
 
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
@@ -135,10 +137,10 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
         return ConvertResult(out=opts.out, stats=orjson.loads(store.read_bytes("stats.json")))
     prepare_out(store, opts.overwrite, opts.resume)
-    ctx = unit_context(opts, task, store)
     stats = RunStats()
     results: list[UnitResult] = []
     with make_runner(opts) as runner:  # an embedded Ray starts only when the work is worth it
+        ctx = unit_context(opts, task, store, runner.embedded)
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
         plan = plan_manifest(opts.manifest, grain)
         unit_rows = run_state(store, opts, task, plan.sha256,

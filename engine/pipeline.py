@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import signal
 import threading
 import time
@@ -23,10 +24,11 @@ from engine.config import FetchOptions, ImageOptions
 from engine.conversation import build_conversation, count_attachments
 from engine.imaging import EncodedImage, ImageFailure, transform_image
 from engine.naming import safe_stem
-from engine.records import META_FIXED, Reject, Sample
+from engine.records import META_FIXED, Reject, Sample, SourceRef
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import WORK_DIR, Store
 from engine.sources.fetch import FetchFailure, Fetcher
+from engine.sources.location import local_path
 from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
 from engine.validate import validator_for
 
@@ -50,6 +52,9 @@ class UnitContext:
     system_prompt: str | None = None
     attachment_token: str = "<|reserved_special_token_0|>"
     images_as_paths: bool = False  # fs-image: write files under OUT/images, store their paths
+    # Part files may reference unchanged local source images instead of copying them: true
+    # when every process of the run (the shard writers too) sees this machine's files.
+    reference_sources: bool = False
 
 
 @dataclass(slots=True)
@@ -285,13 +290,29 @@ def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext
     stem = safe_stem(row.image_id)
     suffixes = [""] if len(images) == 1 else [f"-{i}" for i in range(len(images))]
     if not ctx.images_as_paths:
-        return tuple((im.data, f"{stem}{sfx}.{im.extension}") for im, sfx in zip(images, suffixes))
+        return tuple((_source_or_bytes(im, loc, ctx), f"{stem}{sfx}.{im.extension}")
+                     for im, loc, sfx in zip(images, row.locations, suffixes))
     stored = []
     for im, sfx in zip(images, suffixes):
         name = f"{row.line:08d}-{stem}{sfx}.{im.extension}"
         ctx.store.write_bytes(f"{IMAGES_DIR}/{name}", im.data)
         stored.append((None, f"{IMAGES_DIR}/{name}"))
     return tuple(stored)
+
+
+def _source_or_bytes(image: EncodedImage, location: str, ctx: UnitContext) -> bytes | SourceRef:
+    """A pass-through image of a local file is referenced, not copied (see ``engine.sinks.parts``),
+    as long as the file still has the size of the bytes that were checked."""
+    path = local_path(location) if ctx.reference_sources and image.passthrough else None
+    if path is None:
+        return image.data
+    try:
+        st = os.stat(path)
+    except OSError:
+        return image.data
+    if st.st_size != len(image.data):
+        return image.data
+    return SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
 def _fetch_all(fetcher: Fetcher, row: ManifestRow) -> list[bytes | FetchFailure]:

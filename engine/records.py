@@ -37,13 +37,27 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class SourceRef:
+    """An image kept as it is, stored in a part file as a reference to its local source file
+    instead of a copy: the shard writer reads it from there (see ``engine.sinks.parts``).
+    ``size`` and ``mtime_ns`` are the file's when it was converted; a file that no longer
+    matches them stops the run rather than write other bytes than were checked."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One converted row, ready for a sink: its encoded images and its text fields."""
 
     line: int
     split: str
     image_id: str
-    images: tuple[tuple[bytes | None, str], ...]  # (encoded bytes, file name or path); bytes None for fs-image
+    # (encoded bytes or a reference to the unchanged local source, file name or path);
+    # bytes None for fs-image
+    images: tuple[tuple[bytes | SourceRef | None, str], ...]
     meta: dict[str, str | None]
     output: str | None = None  # compact JSON (extraction rows)
     conversations: str | None = None  # JSON list of {role, content} (packed layout)
@@ -53,11 +67,12 @@ class Sample:
     def num_bytes(self) -> int:
         """Uncompressed size estimate used to cut row groups and shards."""
         size = len(self.image_id) + sum(len(v) for v in self.meta.values() if v)
-        size += sum(len(b or b"") + len(name) for b, name in self.images)
+        size += sum((b.size if isinstance(b, SourceRef) else len(b or b"")) + len(name) for b, name in self.images)
         return size + sum(len(t) for t in (self.output, self.conversations, self.text) if t)
 
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+SOURCE_STRUCT = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
 
 # Intermediate per-unit part files (Arrow IPC streams), shared by every output layout.
 PART_SCHEMA = pa.schema(
@@ -65,7 +80,9 @@ PART_SCHEMA = pa.schema(
         ("line", pa.int64()),
         ("split", pa.string()),
         ("image_id", pa.string()),
-        ("images", pa.list_(IMAGE_STRUCT)),
+        ("images", pa.list_(IMAGE_STRUCT)),  # bytes null where the source is referenced
+        # null for a row whose images are all embedded, else one entry per image (null: embedded)
+        ("image_sources", pa.list_(SOURCE_STRUCT)),
         ("output", pa.string()),
         ("conversations", pa.string()),
         ("text", pa.string()),
@@ -81,7 +98,9 @@ def samples_to_part_batch(samples: list[Sample]) -> pa.RecordBatch:
             pa.array([s.line for s in samples], pa.int64()),
             pa.array([s.split for s in samples], pa.string()),
             pa.array([s.image_id for s in samples], pa.string()),
-            pa.array([[{"bytes": b, "path": p} for b, p in s.images] for s in samples], pa.list_(IMAGE_STRUCT)),
+            pa.array([[{"bytes": None if isinstance(b, SourceRef) else b, "path": p} for b, p in s.images]
+                      for s in samples], pa.list_(IMAGE_STRUCT)),
+            pa.array([_source_entries(s.images) for s in samples], pa.list_(SOURCE_STRUCT)),
             pa.array([s.output for s in samples], pa.string()),
             pa.array([s.conversations for s in samples], pa.string()),
             pa.array([s.text for s in samples], pa.string()),
@@ -90,6 +109,13 @@ def samples_to_part_batch(samples: list[Sample]) -> pa.RecordBatch:
         ],
         schema=PART_SCHEMA,
     )
+
+
+def _source_entries(images: tuple[tuple[bytes | SourceRef | None, str], ...]) -> list[dict | None] | None:
+    if not any(isinstance(b, SourceRef) for b, _ in images):
+        return None
+    return [{"path": b.path, "size": b.size, "mtime_ns": b.mtime_ns} if isinstance(b, SourceRef) else None
+            for b, _ in images]
 
 
 def order_meta_keys(keys: set[str] | frozenset[str]) -> list[str]:

@@ -10,6 +10,7 @@ class Runner(Protocol):
     """Runs ``fn(*args)`` for every ``args`` and yields results in completion order."""
 
     num_workers: int
+    embedded: bool  # every process runs on this machine (no cluster)
 
     def __enter__(self) -> Runner: ...
 

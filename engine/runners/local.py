@@ -10,6 +10,7 @@ class LocalRunner:
     """Everything in this process, one item after another. For tests, debugging and tiny jobs."""
 
     num_workers = 1
+    embedded = True  # everything runs on this machine
 
     def __enter__(self) -> LocalRunner:
         return self

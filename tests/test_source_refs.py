@@ -1,0 +1,128 @@
+"""Pass-through images of local files are referenced by the part files, not copied, and read
+back from their sources when the shards are written. The output must not change, the parts
+must stay small, and a source that changes in between must stop the run with one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+
+import engine.driver
+import imagegen
+from conftest import Output, convert, decode, row, write_input
+from engine.runners.local import LocalRunner
+
+# Upright, small, storable: kept byte for byte. Noise makes them big enough to count.
+KEPT = {f"keep{i}.jpg": imagegen.noise_jpeg((400, 300), seed=i) for i in range(6)}
+KEPT["keep.png"] = imagegen.png()
+RESIZED = {"large.jpg": imagegen.jpeg((3000, 2000)), "rot6.jpg": imagegen.oriented(6)}
+
+
+@pytest.fixture
+def inp(tmp_path):
+    images = {**KEPT, **RESIZED}
+    names = sorted(images)
+    rows = [row(f"id_{i:02d}", names[i % len(names)]) for i in range(20)]
+    return write_input(tmp_path / "in", rows, images)
+
+
+@pytest.fixture
+def part_bytes(monkeypatch):
+    """The total size of the part files, as each unit reported it."""
+    seen: list[int] = []
+    plan = engine.driver.plan_shards
+
+    def spy(results, opts, store):
+        seen.append(sum(r.part_bytes for r in results))
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", spy)
+    return seen
+
+
+def shard_hashes(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.parquet"))}
+
+
+def test_parts_reference_kept_images_and_the_output_keeps_their_bytes(inp, tmp_path, part_bytes):
+    assert convert(inp, tmp_path / "out", "--image-format", "keep", "--unit-rows", "4") == 0
+    out = Output(tmp_path / "out")
+    rows = out.by_id()
+    assert len(rows) == 20 and out.rejects == []
+    names = sorted({**KEPT, **RESIZED})
+    kept_total = 0
+    for i in range(20):
+        name = names[i % len(names)]
+        stored = rows[f"id_{i:02d}"]["image"]["bytes"]
+        if name in KEPT:
+            assert stored == KEPT[name], name  # read back from the source, byte for byte
+            kept_total += len(stored)
+        else:
+            assert max(decode(rows[f"id_{i:02d}"]["image"]).size) <= 1024, name  # resized, so embedded in its part
+    resized_total = sum(len(rows[f"id_{i:02d}"]["image"]["bytes"]) for i in range(20) if names[i % len(names)] in RESIZED)
+    # the parts hold the resized images, and only references to the kept ones
+    assert part_bytes[0] < resized_total + kept_total / 10, (part_bytes, resized_total, kept_total)
+
+
+def test_referenced_and_embedded_parts_give_identical_shards(inp, tmp_path, monkeypatch, part_bytes):
+    assert convert(inp, tmp_path / "ref", "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7") == 0
+    monkeypatch.setattr(LocalRunner, "embedded", False)  # as on a cluster: parts embed every image
+    assert convert(inp, tmp_path / "emb", "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7") == 0
+    referenced, embedded = part_bytes
+    assert embedded > referenced + sum(len(v) for v in KEPT.values())  # every kept image was copied
+    a, b = shard_hashes(tmp_path / "ref"), shard_hashes(tmp_path / "emb")
+    assert len(a) == 3
+    assert a == b
+
+
+def test_packed_arrow_reads_kept_images_back(inp, tmp_path):
+    assert convert(inp, tmp_path / "out", "--layout", "arrow", "--image-format", "keep") == 0
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    assert ds.num_rows == 20
+    names = sorted({**KEPT, **RESIZED})
+    table = ds.data.table
+    for i, modalities in enumerate(table.column("modalities").to_pylist()):
+        name = names[i % len(names)]
+        if name in KEPT:
+            assert modalities[0]["value"]["bytes"] == KEPT[name]
+
+
+@pytest.mark.parametrize("change", ["rewritten", "touched", "removed"])
+def test_a_source_changed_before_the_shards_stops_the_run(inp, tmp_path, monkeypatch, capsys, change):
+    source = next(inp.root.rglob("keep0.jpg"))
+    plan = engine.driver.plan_shards
+
+    def then_change(results, opts, store):
+        if change == "rewritten":  # same size, other bytes
+            data = source.read_bytes()
+            source.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        elif change == "touched":
+            st = source.stat()
+            os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        else:
+            source.unlink()
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", then_change)
+    code = convert(inp, tmp_path / "out", "--image-format", "keep")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert str(source) in err[0]
+    assert ("cannot be read back" if change == "removed" else "changed while the dataset was being written") in err[0]
+    assert not list((tmp_path / "out").rglob("*.parquet")), "no shard may appear under its final name"
+    assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_the_shards_load_in_datasets(inp, tmp_path):
+    assert convert(inp, tmp_path / "out", "--image-format", "keep") == 0
+    files = [str(p) for p in Output(tmp_path / "out").shard_files]
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds.num_rows == 20
+    first = ds[0]["image"]  # decoded by the Image feature from the referenced bytes
+    assert first.size[0] > 0
+    assert pq.ParquetFile(files[0]).schema_arrow.field("image").type.field("bytes").type == "binary"
