@@ -90,6 +90,8 @@ def test_ray_starts_only_where_its_processes_promise_a_real_gain():
     assert two._worth_starting(gil_bound, remaining=None)  # unknown length: assume long
     # promised ~8 s: 50k pass-through rows of 150 KB looked like this and ran slower on Ray
     assert not two._worth_starting(_lane_with(0.1, 1.17, items=6), remaining=192)
+    # promised ~14 s, saved nothing, once the parts stopped copying the images (same job)
+    assert not two._worth_starting(_lane_with(0.16, 1.10, items=6), remaining=192)
     # on 16 cores, threads keeping 6 busy leave most of the machine to Ray
     assert sixteen._worth_starting(_lane_with(0.1, 6.0, items=40, threads=16), remaining=1_000)
     assert not sixteen._worth_starting(_lane_with(0.1, 15.0, items=40, threads=16), remaining=1_000)

@@ -34,11 +34,13 @@ IN_FLIGHT_PER_WORKER = 2
 # takes CPU from them (3.7-5.2 s to start under load, against 1.7 s idle), then its workers'
 # imports, the first tasks and the shutdown. Measured on 2 cores as the gap between the
 # estimate's promise and the A/B result: 100k tiny pass-through rows, promised 11-14 s, saved
-# 1-3 s; 50k rows of 150 KB, promised 8-10 s, lost 3.6 s (31.2 s threads, 34.8 s Ray).
-RAY_START_SECONDS = 12.0
+# 1-3 s; 50k rows of 150 KB, promised 8-10 s, lost 3.6 s (31.2 s threads, 34.8 s Ray), and,
+# once pass-through parts stopped copying the images, promised 11.5-14 s and saved nothing
+# (units done at 11.8 s with Ray, 11.3 s without; 1.0 GB against 270 MB).
+RAY_START_SECONDS = 20.0
 # The least gain, estimated from the driver's threads, that starts Ray. The estimate cannot see
 # disk limits: on 2 cores, pass-through of 1M tiny images (threads at about 1 core) ran 2.1x
-# faster on Ray, but 50k pass-through rows of 150 KB images, bound by writing 13.8 GB, did not.
+# faster on Ray, but 50k pass-through rows of 150 KB images did not.
 # Photos (threads at 1.8-1.9 cores) never start it.
 RAY_MIN_SPEEDUP = 1.5
 
