@@ -97,7 +97,8 @@ def with_source_bytes(batch: pa.RecordBatch) -> pa.RecordBatch:
     flat = images.flatten()  # one struct per image, in row order
     data, names = flat.flatten()
     refs = _aligned_refs(images, sources)
-    sizes = [ref["size"] if ref else (len(data[i].as_buffer()) if data[i].is_valid else 0) for i, ref in enumerate(refs)]
+    embedded = pc.binary_length(data).fill_null(0).to_pylist()  # 0 where a reference stands
+    sizes = [ref["size"] if ref else n for ref, n in zip(refs, embedded)]
     offsets = np.zeros(len(sizes) + 1, dtype=np.int32)
     np.cumsum(sizes, out=offsets[1:])
     buffer = pa.allocate_buffer(int(offsets[-1]))
@@ -108,7 +109,7 @@ def with_source_bytes(batch: pa.RecordBatch) -> pa.RecordBatch:
             _read_source(ref, view[start:stop])
         elif stop > start:
             view[start:stop] = memoryview(data[i].as_buffer())
-    valid = [bool(ref) or data[i].is_valid for i, ref in enumerate(refs)]
+    valid = [bool(ref) or ok for ref, ok in zip(refs, data.is_valid().to_pylist())]
     validity = None if all(valid) else pa.array(valid).buffers()[1]
     new_data = pa.Array.from_buffers(pa.binary(), len(refs), [validity, pa.py_buffer(offsets), buffer])
     struct = pa.StructArray.from_arrays([new_data, names], fields=list(IMAGE_STRUCT))
