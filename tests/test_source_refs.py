@@ -126,3 +126,37 @@ def test_the_shards_load_in_datasets(inp, tmp_path):
     first = ds[0]["image"]  # decoded by the Image feature from the referenced bytes
     assert first.size[0] > 0
     assert pq.ParquetFile(files[0]).schema_arrow.field("image").type.field("bytes").type == "binary"
+
+
+@pytest.mark.parametrize("layout", ["parquet", "arrow"])
+def test_a_shard_writer_holds_one_row_group(tmp_path, monkeypatch, layout):
+    """While the next row group is read, the one before it must already be freed: memory per
+    writer is one row group, whatever the shard size. Measured in pyarrow's pool, which holds
+    every image buffer, after each part batch is read back; one writer, so nothing else
+    allocates meanwhile."""
+    import pyarrow as pa
+
+    import engine.sinks.shards
+
+    images = {f"n{i}.jpg": imagegen.noise_jpeg((400, 300), seed=i) for i in range(4)}  # about 110 KB
+    rows = [row(f"id_{i:02d}", f"n{i % 4}.jpg") for i in range(64)]
+    inp = write_input(tmp_path / "in", rows, images)
+    allocated: list[int] = []  # pool bytes after each batch (16 rows) is read
+    batch_bytes: list[int] = []
+    iter_part_rows = engine.sinks.shards.iter_part_rows
+
+    def spy(*args):
+        for table in iter_part_rows(*args):
+            batch_bytes.append(table.nbytes)
+            allocated.append(pa.total_allocated_bytes())
+            yield table
+
+    monkeypatch.setattr(engine.sinks.shards, "iter_part_rows", spy)
+    code = convert(inp, tmp_path / "out", "--layout", layout, "--image-format", "keep", "--workers", "1",
+                   "--unit-rows", "16", "--row-group-rows", "32")
+    assert code == 0
+    assert len(batch_bytes) == 4, batch_bytes  # 64 rows in part batches of 16, two per group
+    group = 2 * min(batch_bytes)
+    assert group > 32 * 100_000  # the images themselves
+    # each batch read after the first group: the group being filled, never the one before it too
+    assert max(allocated[2:]) < 1.4 * group, (allocated, group)

@@ -18,7 +18,7 @@ import pyarrow.ipc as ipc
 
 from engine.sinks.chunking import shard_name
 from engine.sinks.store import Store
-from engine.sinks.shards import ShardResult, ShardSpec, iter_row_groups, map_list_chunks
+from engine.sinks.shards import ShardResult, ShardSpec, write_row_groups, map_list_chunks
 
 
 def arrow_shard_path(split: str, index: int, count: int, nested: bool) -> str:
@@ -46,12 +46,10 @@ def packed_batch(group: pa.Table, spec: ShardSpec) -> pa.RecordBatch:
 
 
 def write_arrow_shard(spec: ShardSpec) -> ShardResult:
-    num_rows = 0
     with spec.store.writing(spec.relpath) as tmp:
         with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, spec.schema) as writer:
-            for group in iter_row_groups(spec):  # one record batch per row group
-                writer.write_batch(packed_batch(group, spec))
-                num_rows += group.num_rows
+            # one record batch per row group
+            num_rows = write_row_groups(spec, lambda group: writer.write_batch(packed_batch(group, spec)))
         size = os.path.getsize(tmp)
     return ShardResult(spec.relpath, spec.split, num_rows, size)
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from engine.errors import EngineError
 from engine.sinks.parts import iter_part_rows
-from engine.sinks.store import Store
+from engine.sinks.store import WORK_DIR, Store
 
 log = logging.getLogger(__name__)
 
@@ -51,32 +52,43 @@ class ShardResult:
     node: str | None = None  # Ray node that wrote it (set by the runner); None: the driver
 
 
-def iter_row_groups(spec: ShardSpec) -> Iterator[pa.Table]:
-    """The shard's rows in line order, in the part schema, as one table per row group.
+def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
+    """Hand the shard's rows, in line order and in the part schema, to ``write`` one row group
+    at a time; returns the number of rows.
 
     Streamed: part files are read a record batch at a time, only as their rows are needed, so
-    memory stays at about one row group, whatever the shard or part size. A group's columns
-    keep the part files' record batches as their chunks: no copy is made here. The written
-    bytes still do not depend on how units chunked rows: the Parquet writer cuts pages by
-    content (content-defined chunking), whatever the chunks, and the Arrow writer makes each
-    group one record batch. Copying each group into one contiguous block cost the 10k-row
-    pass-through shard phase about 60% more time (fresh pages for every group) and about
-    30 MB more memory per writer.
+    a writer holds one row group, whatever the shard or part size:
+    - No frame keeps a group once ``write`` returns (a generator's local would keep the previous
+      group alive while the next one is read: two groups per writer, 30 MB at 150 KB images).
+    - mimalloc (pyarrow's pool) keeps a thread's freed pages mapped, 25-30 MB per writer
+      thread; they are handed back after every group, which costs 5-10% of the shard phase.
+    - A group's columns keep the part files' record batches as their chunks: no copy is made
+      here. The written bytes still do not depend on how units chunked rows: the Parquet
+      writer cuts pages by content (content-defined chunking), whatever the chunks, and the
+      Arrow writer makes each group one record batch. Copying each group into one contiguous
+      block cost the 10k-row pass-through shard phase about 60% more time.
     """
     batches = (table for piece in spec.pieces
                for table in iter_part_rows(spec.store, piece.part, spec.split, piece.start, piece.stop))
+    pool = pa.default_memory_pool()
     pending: list[pa.Table] = []
     have = 0
     for count in spec.row_groups:
         while have < count:
-            table = next(batches)
+            table = next(batches, None)
+            if table is None:
+                raise EngineError(f"the part files in {spec.store.path(WORK_DIR)} hold fewer rows than "
+                                  f"{spec.relpath} needs; run the conversion again with --overwrite")
             pending.append(table)
             have += table.num_rows
-        group = pa.concat_tables(pending).slice(0, count)
+            del table
         leftover = have - count  # rows beyond this group all come from the last batch read
-        pending = [pending[-1].slice(pending[-1].num_rows - leftover)] if leftover else []
+        taken, pending = pending, ([pending[-1].slice(pending[-1].num_rows - leftover)] if leftover else [])
         have = leftover
-        yield group
+        write(pa.concat_tables(taken).slice(0, count))
+        del taken
+        pool.release_unused()
+    return sum(spec.row_groups)
 
 
 def map_list_chunks(column: pa.ChunkedArray, build, type: pa.DataType) -> pa.ChunkedArray:
