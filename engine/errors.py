@@ -29,3 +29,10 @@ class ShardError(EngineError):
 
 class RejectRatioExceeded(EngineError):
     """The run finished, but more rows were rejected than --max-reject-ratio allows."""
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"{type(exc).__name__}: {exc}"

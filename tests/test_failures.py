@@ -124,3 +124,40 @@ def _corrupt_exif_jpeg() -> bytes:
     body = b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0garbage"
     app1 = b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
     return data[:2] + app1 + data[2:]
+
+
+def test_a_shard_that_cannot_be_finished_is_one_clear_error(tmp_path, capsys, monkeypatch):
+    """Shards written by the driver are fsynced and renamed in a background thread; a failure
+    there must still stop the run with one line naming the shard, leave nothing under a final
+    name and no temporary file behind, and a resumed run must finish the job."""
+    import errno
+
+    from engine.sinks import store
+
+    rows, images = _images(12, size=(64, 48))
+    inp = write_input(tmp_path / "in", rows, images)
+    fsync = os.fsync
+    failed: list[int] = []
+
+    def failing_fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        if path.endswith(".tmp") and "train-00001" in path:
+            failed.append(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return fsync(fd)
+
+    monkeypatch.setattr(store.os, "fsync", failing_fsync)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert convert(inp, out, "--shard-rows", "4", "--workers", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert failed
+    assert len(err) == 1 and err[0].startswith("engine: error: data/train-00001-of-00003.parquet: Input/output error"), err
+    assert "--resume" in err[0]
+    assert not (out / "data" / "train-00001-of-00003.parquet").exists()
+    assert not (out / "stats.json").exists()
+    assert list((out / ".engine" / "tmp").glob("*train-00001*")) == []
+    monkeypatch.setattr(store.os, "fsync", fsync)
+    assert convert(inp, out, "--shard-rows", "4", "--workers", "1", "--resume") == 0
+    assert Output(out).stats["num_written"] == 12
+    assert len(list((out / "data").glob("*.parquet"))) == 3

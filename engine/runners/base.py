@@ -3,7 +3,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from engine.errors import EngineError, ShardError
+from engine.errors import EngineError, ShardError, reason
 
 
 class Runner(Protocol):
@@ -11,6 +11,7 @@ class Runner(Protocol):
 
     num_workers: int
     embedded: bool  # every process runs on this machine (no cluster)
+    in_process: bool  # so far everything ran in this process (no Ray started or joined)
 
     def __enter__(self) -> Runner: ...
 
@@ -36,10 +37,3 @@ def run_item(fn: Callable[..., Any], args: tuple) -> Any:
         raise
     except Exception as exc:
         raise ShardError(describe(args), reason(exc)) from exc
-
-
-def reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror}{where}"
-    return f"{type(exc).__name__}: {exc}"

@@ -11,6 +11,7 @@ class LocalRunner:
 
     num_workers = 1
     embedded = True  # everything runs on this machine
+    in_process = True  # ... in this process
 
     def __enter__(self) -> LocalRunner:
         return self

@@ -24,8 +24,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
-from engine.errors import EngineError, ShardError, UsageError
-from engine.runners.base import describe, reason, run_item
+from engine.errors import EngineError, ShardError, UsageError, reason
+from engine.runners.base import describe, run_item
 
 log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
@@ -251,6 +251,11 @@ class RayRunner:
     def embedded(self) -> bool:
         """Ray runs on this machine only, so the driver may share the work."""
         return self._address is None
+
+    @property
+    def in_process(self) -> bool:
+        """No Ray was started or joined: everything so far ran in the driver's threads."""
+        return self._init_thread is None and not self._init_done.is_set()
 
     @property
     def num_local_items(self) -> int:

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from engine.sinks.chunking import shard_name
-from engine.sinks.store import Store
-from engine.sinks.shards import ShardResult, ShardSpec, write_row_groups, map_list_chunks
+from engine.sinks.shards import ShardResult, ShardSpec, map_list_chunks, write_row_groups
+from engine.sinks.store import Finisher, Store
 
 
 def arrow_shard_path(split: str, index: int, count: int, nested: bool) -> str:
@@ -45,8 +45,8 @@ def packed_batch(group: pa.Table, spec: ShardSpec) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([text, modalities.combine_chunks()], schema=schema)
 
 
-def write_arrow_shard(spec: ShardSpec) -> ShardResult:
-    with spec.store.writing(spec.relpath) as tmp:
+def write_arrow_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
+    with spec.store.writing(spec.relpath, finisher=finisher) as tmp:
         with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, spec.schema) as writer:
             # one record batch per row group
             num_rows = write_row_groups(spec, lambda group: writer.write_batch(packed_batch(group, spec)))

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 from engine.records import meta_struct_array
 from engine.sinks.chunking import shard_name
 from engine.sinks.shards import ShardResult, ShardSpec, write_row_groups
+from engine.sinks.store import Finisher
 
 
 def parquet_shard_path(split: str, index: int, count: int) -> str:
@@ -28,11 +29,11 @@ def extraction_table(group: pa.Table, spec: ShardSpec) -> pa.Table:
     return pa.Table.from_arrays([group["image_id"], image, group["output"], meta], schema=spec.schema)
 
 
-def write_parquet_shard(spec: ShardSpec) -> ShardResult:
+def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
     leaves = ["image_id", "image.bytes", "image.path", "output"] + [f"meta.{k}" for k in spec.meta_keys]
     compression = {c: "zstd" for c in leaves}
     compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
-    with spec.store.writing(spec.relpath) as tmp:
+    with spec.store.writing(spec.relpath, finisher=finisher) as tmp:
         with pq.ParquetWriter(
             tmp,
             spec.schema,

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from engine.errors import EngineError
 from engine.sinks.parts import iter_part_rows
-from engine.sinks.store import WORK_DIR, Store
+from engine.sinks.store import WORK_DIR, Finisher, Store
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,14 @@ def map_list_chunks(column: pa.ChunkedArray, build, type: pa.DataType) -> pa.Chu
     return pa.chunked_array(chunks, type=type)
 
 
-def write_shard(spec: ShardSpec) -> ShardResult:
-    """Assemble and write one final shard (runs in a worker)."""
+def write_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
+    """Assemble and write one final shard (runs in a worker, or in the driver with a finisher
+    that fsyncs and renames it in the background)."""
     started = time.perf_counter()
     if spec.layout == "parquet":
         from engine.sinks.parquet import write_parquet_shard as write
     else:
         from engine.sinks.arrow import write_arrow_shard as write
-    result = write(spec)
+    result = write(spec, finisher)
     log.debug("wrote %s (%d rows) in %.2f s", spec.relpath, result.num_rows, time.perf_counter() - started)
     return result

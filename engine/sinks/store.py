@@ -16,13 +16,58 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pyarrow as pa
 
+from engine.errors import ShardError, reason
 from engine.sources.location import local_path
 
 WORK_DIR = ".engine"  # scratch space inside OUT: parts, checkpoints, temporary files
+
+
+class Finisher:
+    """Finishes written files (fsync and rename, or upload) in one background thread, in order.
+
+    A shard writer that fsyncs each shard itself waits for the disk; two writers overlapped
+    that, at two row groups of memory. One writer handing the fsync to this thread writes as
+    fast (50k pass-through rows of 150 KB: the shard phase is disk-bound either way) and holds
+    one row group. ``wait`` (or leaving the ``with`` block) returns once every file is in
+    place, and raises the first failure as a ShardError naming its file."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finish")
+        self._pending: list[tuple[str, Future]] = []
+
+    def submit(self, rel: str, finish: Callable[[], None], discard: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                finish()
+            finally:
+                discard()
+
+        self._pending.append((rel, self._pool.submit(run)))
+
+    def wait(self) -> None:
+        pending, self._pending = self._pending, []
+        for rel, future in pending:
+            try:
+                future.result()
+            except Exception as exc:
+                for _, rest in pending:
+                    rest.cancel()
+                raise ShardError(rel, reason(exc)) from exc
+
+    def __enter__(self) -> Finisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
 
 
 class Store:
@@ -57,37 +102,54 @@ class Store:
     # ---- writing -------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def writing(self, rel: str, durable: bool = True) -> Iterator[str]:
+    def writing(self, rel: str, durable: bool = True, finisher: Finisher | None = None) -> Iterator[str]:
         """Yield a local path to write ``rel`` to; it appears under its final name only on success.
 
         ``durable=False`` skips the fsync before the rename, for scratch files that a resumed run
         checks anyway (part files and unit checkpoints). A process crash loses nothing either
         way; only a power loss can leave such a file short, and the resume check redoes its unit.
         The fsync of every part cost about a quarter of a pass-through run (10k rows: 6.7-7.3 s
-        against 4.8-5.2 s without any fsync)."""
+        against 4.8-5.2 s without any fsync).
+
+        With a ``finisher``, the last step (fsync and rename, or the upload) runs in its thread
+        while the caller writes the next file; ``Finisher.wait`` reports its failures."""
         if self.remote:
             folder = tempfile.mkdtemp(prefix="engine-")
             tmp = os.path.join(folder, os.path.basename(rel))
-            try:
-                yield tmp
+
+            def finish() -> None:
                 self.fs.put_file(tmp, self.path(rel))
-            finally:
+
+            def discard() -> None:
                 shutil.rmtree(folder, ignore_errors=True)
-            return
-        final = self.path(rel)
-        tmp_dir = self.path(f"{WORK_DIR}/tmp")
-        os.makedirs(tmp_dir, exist_ok=True)
-        tmp = os.path.join(tmp_dir, f".{os.path.basename(final)}.{uuid.uuid4().hex[:12]}.tmp")
+        else:
+            final = self.path(rel)
+            tmp_dir = self.path(f"{WORK_DIR}/tmp")
+            os.makedirs(tmp_dir, exist_ok=True)
+            tmp = os.path.join(tmp_dir, f".{os.path.basename(final)}.{uuid.uuid4().hex[:12]}.tmp")
+
+            def finish() -> None:
+                if durable:
+                    with open(tmp, "rb") as f:
+                        os.fsync(f.fileno())
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.replace(tmp, final)
+
+            def discard() -> None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
         try:
             yield tmp
-            if durable:
-                with open(tmp, "rb") as f:
-                    os.fsync(f.fileno())
-            os.makedirs(os.path.dirname(final), exist_ok=True)
-            os.replace(tmp, final)
+        except BaseException:
+            discard()
+            raise
+        if finisher is not None:
+            finisher.submit(rel, finish, discard)
+            return
+        try:
+            finish()
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(tmp)
+            discard()
 
     def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
         with self.writing(rel, durable) as tmp, open(tmp, "wb") as f:
