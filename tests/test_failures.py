@@ -161,3 +161,34 @@ def test_a_shard_that_cannot_be_finished_is_one_clear_error(tmp_path, capsys, mo
     assert convert(inp, out, "--shard-rows", "4", "--workers", "1", "--resume") == 0
     assert Output(out).stats["num_written"] == 12
     assert len(list((out / "data").glob("*.parquet"))) == 3
+
+
+def test_a_failing_row_group_write_stops_the_reader_and_is_one_line(tmp_path, capsys, monkeypatch):
+    """The next row group is read in its own thread while one is written; when writing fails,
+    that thread must stop (no hang), and the run ends with one line naming the shard."""
+    import errno
+    import threading
+
+    import pyarrow.parquet as pq
+
+    rows, images = _images(40, size=(64, 48))
+    inp = write_input(tmp_path / "in", rows, images)
+    write_table = pq.ParquetWriter.write_table
+    calls: list[int] = []
+
+    def failing(self, table, *args, **kwargs):
+        calls.append(table.num_rows)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_table(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert convert(inp, out, "--row-group-rows", "5", "--workers", "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(calls) == 2
+    assert len(err) == 1 and err[0].startswith("engine: error: data/train-00000-of-00001.parquet: No space left"), err
+    assert not (out / "data" / "train-00000-of-00001.parquet").exists()
+    assert list((out / ".engine" / "tmp").glob("*.parquet*")) == []
+    assert not [t for t in threading.enumerate() if t.name == "engine-row-groups"]

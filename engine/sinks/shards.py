@@ -4,6 +4,8 @@ the dispatch to each layout's writer."""
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,28 +54,75 @@ class ShardResult:
     node: str | None = None  # Ray node that wrote it (set by the runner); None: the driver
 
 
+GROUPS_IN_MEMORY = 2  # row groups a shard writer holds: the one being written, the next being read
+
+
 def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
     """Hand the shard's rows, in line order and in the part schema, to ``write`` one row group
     at a time; returns the number of rows.
 
-    Streamed: part files are read a record batch at a time, only as their rows are needed, so
-    a writer holds one row group, whatever the shard or part size:
-    - No frame keeps a group once ``write`` returns (a generator's local would keep the previous
-      group alive while the next one is read: two groups per writer, 30 MB at 150 KB images).
-    - mimalloc (pyarrow's pool) keeps a thread's freed pages mapped, 25-30 MB per writer
-      thread; they are handed back after every group, which costs 5-10% of the shard phase.
+    Pipelined and bounded: a reader thread assembles the next row group (reading the part
+    files, and the source files they reference) while ``write`` runs in the calling thread, and
+    at most GROUPS_IN_MEMORY groups exist at once, whatever the shard or part size. A shard
+    writer thus keeps two cores busy (reading sources and encoding pages each take about as
+    long), so one writer per machine writes as fast as two did, and a job with one shard
+    holds as much memory as a job with many.
+
+    - Parts are read a record batch (16 rows) at a time, only as their rows are needed.
+    - No frame keeps a group once it is written: a generator's local did, which held one more
+      group than intended (30 MB per writer at 150 KB images).
+    - mimalloc (pyarrow's pool) keeps a thread's freed pages mapped, 25-30 MB per thread; both
+      threads hand them back after every group, which costs 5-10% of the shard phase.
     - A group's columns keep the part files' record batches as their chunks: no copy is made
       here. The written bytes still do not depend on how units chunked rows: the Parquet
       writer cuts pages by content (content-defined chunking), whatever the chunks, and the
       Arrow writer makes each group one record batch. Copying each group into one contiguous
       block cost the 10k-row pass-through shard phase about 60% more time.
     """
+    pool = pa.default_memory_pool()
+    slots = threading.Semaphore(GROUPS_IN_MEMORY)
+    handoff: queue.SimpleQueue = queue.SimpleQueue()
+    stopping = threading.Event()
+
+    def before_group() -> bool:
+        slots.acquire()
+        pool.release_unused()  # the pages of groups written since, freed by the other thread
+        return not stopping.is_set()
+
+    def read() -> None:
+        try:
+            _assemble_groups(spec, before_group, handoff.put)
+            handoff.put(None)
+        except BaseException as exc:  # noqa: BLE001 - raised again in the writing thread
+            handoff.put(exc)
+
+    reader = threading.Thread(target=read, name="engine-row-groups", daemon=True)
+    reader.start()
+    try:
+        while (item := handoff.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            write(item)
+            del item
+            slots.release()
+            pool.release_unused()
+    finally:
+        stopping.set()
+        slots.release()  # a reader waiting for a slot sees ``stopping`` and ends
+        reader.join()
+    return sum(spec.row_groups)
+
+
+def _assemble_groups(spec: ShardSpec, before_group: Callable[[], bool], emit: Callable[[pa.Table], None]) -> None:
+    """Build the shard's row groups from its pieces of part files and ``emit`` each one; stops
+    early when ``before_group`` says so."""
     batches = (table for piece in spec.pieces
                for table in iter_part_rows(spec.store, piece.part, spec.split, piece.start, piece.stop))
-    pool = pa.default_memory_pool()
     pending: list[pa.Table] = []
     have = 0
     for count in spec.row_groups:
+        if not before_group():
+            return
         while have < count:
             table = next(batches, None)
             if table is None:
@@ -85,10 +134,8 @@ def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
         leftover = have - count  # rows beyond this group all come from the last batch read
         taken, pending = pending, ([pending[-1].slice(pending[-1].num_rows - leftover)] if leftover else [])
         have = leftover
-        write(pa.concat_tables(taken).slice(0, count))
+        emit(pa.concat_tables(taken).slice(0, count))
         del taken
-        pool.release_unused()
-    return sum(spec.row_groups)
 
 
 def map_list_chunks(column: pa.ChunkedArray, build, type: pa.DataType) -> pa.ChunkedArray:
