@@ -30,11 +30,10 @@ WORK_DIR = ".engine"  # scratch space inside OUT: parts, checkpoints, temporary 
 class Finisher:
     """Finishes written files (fsync and rename, or upload) in one background thread, in order.
 
-    A shard writer that fsyncs each shard itself waits for the disk; two writers overlapped
-    that, at two row groups of memory. One writer handing the fsync to this thread writes as
-    fast (50k pass-through rows of 150 KB: the shard phase is disk-bound either way) and holds
-    one row group. ``wait`` (or leaving the ``with`` block) returns once every file is in
-    place, and raises the first failure as a ShardError naming its file."""
+    A shard writer that fsyncs each shard itself waits for the disk while it could write the
+    next one; two writers overlapped that wait at twice the memory. With this thread, one
+    writer keeps the disk as busy. ``wait`` (or leaving the ``with`` block) returns once every
+    file is in place, and raises the first failure as a ShardError naming its file."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finish")
