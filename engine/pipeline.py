@@ -186,11 +186,11 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     try:
         for checked, payloads in _prefetched(fetcher, ready, ctx.fetch.io_threads):
             row = checked.row
-            images = _transform_all(row, payloads, ctx)
+            images = _transform_all(row, [data for data, _ in payloads], ctx)
             if isinstance(images, Reject):
                 rejects.append(images)
                 continue
-            stored = _store_images(row, images, ctx)
+            stored = _store_images(row, images, [st for _, st in payloads], ctx)
             sample = Sample(line=row.line, split=row.split, image_id=row.image_id, images=stored, meta=row.meta,
                             output=checked.output, conversations=checked.conversations, text=checked.text)
             writer.write(sample)
@@ -279,7 +279,8 @@ def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: 
     return images
 
 
-def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext) -> tuple[tuple[bytes | None, str], ...]:
+def _store_images(row: ManifestRow, images: list[EncodedImage], stats: list[os.stat_result | None],
+                  ctx: UnitContext) -> tuple[tuple[bytes | SourceRef | None, str], ...]:
     """(bytes, file name) to embed, or, for fs-image, write each file under OUT/images and keep
     (None, path relative to OUT).
 
@@ -290,8 +291,8 @@ def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext
     stem = safe_stem(row.image_id)
     suffixes = [""] if len(images) == 1 else [f"-{i}" for i in range(len(images))]
     if not ctx.images_as_paths:
-        return tuple((_source_or_bytes(im, loc, ctx), f"{stem}{sfx}.{im.extension}")
-                     for im, loc, sfx in zip(images, row.locations, suffixes))
+        return tuple((_source_or_bytes(im, loc, st, ctx), f"{stem}{sfx}.{im.extension}")
+                     for im, loc, st, sfx in zip(images, row.locations, stats, suffixes))
     stored = []
     for im, sfx in zip(images, suffixes):
         name = f"{row.line:08d}-{stem}{sfx}.{im.extension}"
@@ -300,23 +301,19 @@ def _store_images(row: ManifestRow, images: list[EncodedImage], ctx: UnitContext
     return tuple(stored)
 
 
-def _source_or_bytes(image: EncodedImage, location: str, ctx: UnitContext) -> bytes | SourceRef:
+def _source_or_bytes(image: EncodedImage, location: str, st: os.stat_result | None, ctx: UnitContext) -> bytes | SourceRef:
     """A pass-through image of a local file is referenced, not copied (see ``engine.sinks.parts``),
-    as long as the file still has the size of the bytes that were checked."""
-    path = local_path(location) if ctx.reference_sources and image.passthrough else None
-    if path is None:
-        return image.data
-    try:
-        st = os.stat(path)
-    except OSError:
-        return image.data
-    if st.st_size != len(image.data):
+    as long as the bytes read have the size the open file had. ``st`` is the file's status taken
+    by the fetcher before it read the bytes, so a file rewritten since shows a newer mtime when
+    its shard is written, and stops the run instead of writing bytes that were never checked."""
+    path = local_path(location) if ctx.reference_sources and image.passthrough and st is not None else None
+    if path is None or st.st_size != len(image.data):
         return image.data
     return SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
-def _fetch_all(fetcher: Fetcher, row: ManifestRow) -> list[bytes | FetchFailure]:
-    return [fetcher.fetch(loc) for loc in row.locations]
+def _fetch_all(fetcher: Fetcher, row: ManifestRow) -> list[tuple[bytes | FetchFailure, os.stat_result | None]]:
+    return [fetcher.fetch_with_stat(loc) for loc in row.locations]
 
 
 @functools.lru_cache(maxsize=2)
@@ -327,9 +324,10 @@ def _fetch_pool(threads: int) -> ThreadPoolExecutor:
 
 
 def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int):
-    """Yield (row, [bytes | FetchFailure per image]) in order, fetching a bounded window ahead
-    in threads so file and network I/O overlap with decoding. A unit of local files is read
-    inline while they are small and quick to read (see INLINE_LOCAL_READ_BYTES)."""
+    """Yield (row, [(bytes | FetchFailure, local file status or None) per image]) in order,
+    fetching a bounded window ahead in threads so file and network I/O overlap with decoding.
+    A unit of local files is read inline while they are small and quick to read (see
+    INLINE_LOCAL_READ_BYTES)."""
     if not rows:
         return
     if fetcher.inline_local_reads and all(fetcher.is_local(loc) for c in rows for loc in c.row.locations):

@@ -167,8 +167,10 @@ def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_p
     first = list(_prefetched(fetcher, _rows(paths[:6]), threads=4))
     second = list(_prefetched(fetcher, _rows(paths[6:]), threads=4))
 
-    got = [(checked.row.image_id, payloads) for checked, payloads in first + second]
+    got = [(checked.row.image_id, [data for data, _ in payloads]) for checked, payloads in first + second]
     assert got == [(f"r{i % 6}", [bytes([i]) * (1000 + i)]) for i in range(12)]
+    # each local read comes with the status of the file it was read from
+    assert [st.st_size for _, payloads in first + second for _, st in payloads] == [1000 + i for i in range(12)]
     me = threading.current_thread().name
     assert readers[:6] == [me] * 6  # nothing measured yet: local reads are assumed fast
     if case == "small":
@@ -194,5 +196,5 @@ def test_remote_locations_are_prefetched_in_threads(monkeypatch):
     fetcher = fetch.Fetcher(FetchOptions(), max_bytes=1 << 20)
     urls = [f"http://example.invalid/{i}.jpg" for i in range(5)]
     got = [payloads for _, payloads in _prefetched(fetcher, _rows(urls), threads=3)]
-    assert got == [[u.encode()] for u in urls]
+    assert got == [[(u.encode(), None)] for u in urls]  # no file status for a remote image
     assert all(name.startswith("fetch") for name in readers)

@@ -120,6 +120,35 @@ def test_a_source_changed_before_the_shards_stops_the_run(inp, tmp_path, monkeyp
     assert not (tmp_path / "out" / "stats.json").exists()
 
 
+def test_a_source_rewritten_right_after_its_read_stops_the_run(inp, tmp_path, monkeypatch, capsys):
+    """The reference records the status of the open file the bytes were read from, not a later
+    one: a file rewritten (same size, other bytes) just after its read must not have its new,
+    unchecked bytes written into the dataset."""
+    from engine.sources import fetch
+
+    source = next(inp.root.rglob("keep0.jpg"))
+    real_read = fetch.Fetcher._read_local
+    rewritten: list[str] = []
+
+    def read_then_rewrite(self, path):
+        result = real_read(self, path)
+        if path == str(source) and not rewritten:
+            rewritten.append(path)
+            data = source.read_bytes()
+            source.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+            st = source.stat()
+            os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        return result
+
+    monkeypatch.setattr(fetch.Fetcher, "_read_local", read_then_rewrite)
+    code = convert(inp, tmp_path / "out", "--image-format", "keep", "--workers", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rewritten
+    assert code == 1
+    assert len(err) == 1 and str(source) in err[0] and "changed while the dataset was being written" in err[0], err
+    assert not (tmp_path / "out" / "stats.json").exists()
+
+
 def test_the_shards_load_in_datasets(inp, tmp_path):
     assert convert(inp, tmp_path / "out", "--image-format", "keep") == 0
     files = [str(p) for p in Output(tmp_path / "out").shard_files]

@@ -52,18 +52,23 @@ class Fetcher:
         return self._local_read_bytes < INLINE_LOCAL_READ_BYTES and self._local_read_seconds < SLOW_LOCAL_READ_SECONDS
 
     def fetch(self, location: str) -> bytes | FetchFailure:
+        return self.fetch_with_stat(location)[0]
+
+    def fetch_with_stat(self, location: str) -> tuple[bytes | FetchFailure, os.stat_result | None]:
+        """The bytes and, for a local file, the status of the open file they were read from
+        (taken before the read: a file rewritten meanwhile shows a newer mtime later)."""
         try:
             if location.startswith(("http://", "https://")):
-                return self._fetch_http(location)
+                return self._fetch_http(location), None
             path = local_path(location)
             if path is not None:
                 started = time.perf_counter()
-                data = self._read_local(path)
+                data, st = self._read_local(path)
                 self._note_local_read(time.perf_counter() - started, len(data) if isinstance(data, bytes) else 0)
-                return data
-            return self._read_fsspec(location)
+                return data, st
+            return self._read_fsspec(location), None
         except Exception as exc:  # noqa: BLE001 - any I/O problem is this row's failure
-            return FetchFailure(f"{type(exc).__name__}: {exc}")
+            return FetchFailure(f"{type(exc).__name__}: {exc}"), None
 
     def _note_local_read(self, seconds: float, size: int) -> None:
         # Threads may race here; a lost update only nudges the means.
@@ -74,19 +79,19 @@ class Fetcher:
     def _too_big(self, size: int) -> FetchFailure:
         return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
 
-    def _read_local(self, path: str) -> bytes | FetchFailure:
+    def _read_local(self, path: str) -> tuple[bytes | FetchFailure, os.stat_result | None]:
         try:
             with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if size > self._max_bytes:
-                    return self._too_big(size)
-                return f.read()
+                st = os.fstat(f.fileno())
+                if st.st_size > self._max_bytes:
+                    return self._too_big(st.st_size), None
+                return f.read(), st
         except FileNotFoundError:
-            return FetchFailure(f"file not found: {path}")
+            return FetchFailure(f"file not found: {path}"), None
         except IsADirectoryError:
-            return FetchFailure(f"is a directory, not a file: {path}")
+            return FetchFailure(f"is a directory, not a file: {path}"), None
         except PermissionError:
-            return FetchFailure(f"permission denied: {path}")
+            return FetchFailure(f"permission denied: {path}"), None
 
     def _read_fsspec(self, url: str) -> bytes | FetchFailure:
         import fsspec
