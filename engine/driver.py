@@ -21,7 +21,7 @@ from engine.pipeline import UnitContext, UnitResult, load_unit_result, process_u
 from engine.progress import NullProgress, Progress
 from engine.records import extraction_features, order_meta_keys, packed_features
 from engine.runners import make_runner
-from engine.runners.base import run_item
+from engine.runners.base import Runner, run_item
 from engine.sinks.arrow import arrow_shard_path, write_dataset_dict, write_save_to_disk_metadata
 from engine.sinks.card import dataset_card
 from engine.sinks.chunking import plan_chunks
@@ -192,7 +192,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     return ConvertResult(out=opts.out, stats=summary)
 
 
-def _write_shards(runner, specs: list[ShardSpec]) -> Iterator[ShardResult]:
+def _write_shards(runner: Runner, specs: list[ShardSpec]) -> Iterator[ShardResult]:
     """Write the final shards: on Ray's workers once Ray runs, else here, one shard at a time.
 
     Here, one writer keeps two cores busy (it reads the next row group while it writes one,

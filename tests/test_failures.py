@@ -157,6 +157,7 @@ def test_a_shard_that_cannot_be_finished_is_one_clear_error(tmp_path, capsys, mo
     assert not (out / "data" / "train-00001-of-00003.parquet").exists()
     assert not (out / "stats.json").exists()
     assert list((out / ".engine" / "tmp").glob("*train-00001*")) == []
+    assert list((out / ".engine" / "tmp").glob("*.parquet*")) == []  # the other shards were finished, none dropped
     monkeypatch.setattr(store.os, "fsync", fsync)
     assert convert(inp, out, "--shard-rows", "4", "--workers", "1", "--resume") == 0
     assert Output(out).stats["num_written"] == 12

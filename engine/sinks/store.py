@@ -39,24 +39,23 @@ class Finisher:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-finish")
         self._pending: list[tuple[str, Future]] = []
 
-    def submit(self, rel: str, finish: Callable[[], None], discard: Callable[[], None]) -> None:
-        def run() -> None:
-            try:
-                finish()
-            finally:
-                discard()
-
-        self._pending.append((rel, self._pool.submit(run)))
+    def submit(self, rel: str, complete: Callable[[], None]) -> None:
+        self._pending.append((rel, self._pool.submit(complete)))
 
     def wait(self) -> None:
+        """Every file submitted is finished or failed (each then removes its temporary copy,
+        so none is cancelled); the first failure is raised."""
         pending, self._pending = self._pending, []
+        failure: ShardError | None = None
         for rel, future in pending:
             try:
                 future.result()
             except Exception as exc:
-                for _, rest in pending:
-                    rest.cancel()
-                raise ShardError(rel, reason(exc)) from exc
+                if failure is None:
+                    failure = ShardError(rel, reason(exc))
+                    failure.__cause__ = exc
+        if failure is not None:
+            raise failure
 
     def __enter__(self) -> Finisher:
         return self
@@ -137,18 +136,22 @@ class Store:
             def discard() -> None:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(tmp)
+
+        def complete() -> None:
+            try:
+                finish()
+            finally:
+                discard()
+
         try:
             yield tmp
         except BaseException:
             discard()
             raise
         if finisher is not None:
-            finisher.submit(rel, finish, discard)
-            return
-        try:
-            finish()
-        finally:
-            discard()
+            finisher.submit(rel, complete)
+        else:
+            complete()
 
     def write_bytes(self, rel: str, data: bytes, durable: bool = True) -> None:
         with self.writing(rel, durable) as tmp, open(tmp, "wb") as f:
