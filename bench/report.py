@@ -12,7 +12,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-TOOL_ORDER = ("engine", "limit", "hf-datasets", "serial-pillow", "ray-data", "img2dataset")
+TOOL_ORDER = ("engine", "limit", "limit-write", "hf-datasets", "serial-pillow", "ray-data", "img2dataset")
 SCENARIO_ORDER = ("photos-parquet", "small-passthrough", "photos-arrow", "mixed-parquet")
 
 
@@ -255,6 +255,9 @@ NOTES = """## Notes
   of validity. img2dataset decodes with OpenCV and ignores EXIF orientation.
 - `limit` is the imaging floor: one process per core, `draft` → `thumbnail` → transpose →
   JPEG q90 into memory, nothing written but ~20 samples. Pass-through: read + header parse.
+- `limit-write` (pass-through only) is the same loop writing what it read: each process
+  appends its images to one file and fsyncs it after every chunk (1/8 of its share). It is the
+  floor of any converter that writes its output durably; the engine fsyncs every shard.
 - `hf-datasets` and `serial-pillow` store the PIL image through the `datasets` `Image`
   feature, which encodes it as PNG (the image lost its format in `exif_transpose`). That is
   what today's scripts do, and the main reason they are slow and their output large.

@@ -36,9 +36,9 @@ SCENARIOS = {s.name: s for s in (
              description="PNG RGB/RGBA/palette, rotated JPEG and broken files → Parquet"),
 )}
 
-PEERS = ("hf-datasets", "serial-pillow", "ray-data", "img2dataset")
+PEERS = ("limit-write", "hf-datasets", "serial-pillow", "ray-data", "img2dataset")
 TOOLS = ("engine", "limit") + PEERS
-_PEER_MODULES = {"limit": "limit", "hf-datasets": "hf_datasets",
+_PEER_MODULES = {"limit": "limit", "limit-write": "limit", "hf-datasets": "hf_datasets",
                  "serial-pillow": "serial_pillow", "ray-data": "ray_data",
                  "img2dataset": "img2dataset"}
 _NO_ARROW = {"ray-data": "Ray Data has no save_to_disk (packed Arrow) writer",
@@ -67,10 +67,12 @@ def tool_command(tool: str, scenario: Scenario, corpus: Corpus, out: Path, *,
         raise ValueError(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
     if scenario.layout == "arrow" and tool in _NO_ARROW:
         raise NotApplicable(_NO_ARROW[tool])
+    if tool == "limit-write" and scenario.mode != "passthrough":
+        raise NotApplicable("writing is a small part of resizing; limit-write is the pass-through floor")
     return [PYTHON, "-m", f"bench.peers.{_PEER_MODULES[tool]}", "--manifest", str(corpus.manifest),
             "--config", str(corpus.config), "--out", str(out), "--layout", scenario.layout,
             "--mode", scenario.mode, "--max-size", "1024", "--quality", "90",
-            "--workers", str(workers)]
+            "--workers", str(workers)] + (["--write"] if tool == "limit-write" else [])
 
 
 def engine_available() -> str | None:

@@ -86,7 +86,12 @@ def _collect(out: Path) -> tuple[int, list[tuple[str | None, bytes]]]:
     """Number of rows with an image, and up to NUM_SAMPLES (id, bytes) samples."""
     result = out / "result.json"
     if result.exists():  # the limit tool
-        num_rows = json.loads(result.read_text())["num_rows"]
+        doc = json.loads(result.read_text())
+        num_rows = doc["num_rows"]
+        if "num_bytes_written" in doc:  # limit-write: what it says it wrote is on disk
+            on_disk = sum(p.stat().st_size for p in (out / "written").iterdir())
+            if on_disk != doc["num_bytes_written"] or (num_rows and not on_disk):
+                raise ValueError(f"written/ holds {on_disk:,} bytes, the tool reports {doc['num_bytes_written']:,}")
         samples = [(p.stem, p.read_bytes()) for p in sorted((out / "samples").iterdir())]
         return num_rows, samples[:NUM_SAMPLES]
     tables = _arrow_tables(out) if any(out.rglob("state.json")) else _parquet_tables(out)

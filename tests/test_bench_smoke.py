@@ -1,19 +1,24 @@
-"""The benchmark harness at a tiny N, as a smoke test: it runs the engine and the limit probe,
+"""The benchmark harness at a tiny N, as a smoke test: it runs the engine and the limit probes,
 checks their outputs, and writes the JSON results and RESULTS.md. No time is asserted."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
 from conftest import REPO
 
+from bench.corpora import build_corpus
+from bench.tools import SCENARIOS, tool_command
+from bench.verify import check_output
+
 
 def test_bench_run_smoke(tmp_path):
     results = tmp_path / "results"
     argv = [sys.executable, "-m", "bench", "run", "--n", "6", "--rows", "9", "--repeats", "1",
-            "--scenarios", "small-passthrough", "--peers", "none",
+            "--scenarios", "small-passthrough", "--peers", "limit-write",
             "--workdir", str(tmp_path / "work"), "--results", str(results)]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -21,13 +26,32 @@ def test_bench_run_smoke(tmp_path):
     assert len(files) == 1 and files[0].endswith("-small-passthrough-rows9.json"), files
     doc = json.loads((results / files[0]).read_text())
     assert doc["rows"] == 9 and doc["cycled"] is True and doc["n"] == 6
-    for tool in ("engine", "limit"):
+    for tool in ("engine", "limit", "limit-write"):
         summary = doc["tools"][tool]
         assert summary["status"] == "ok", summary
         run = summary["runs"][0]
         assert run["valid"] and run["check"]["num_rows"] == 9, run
     assert doc["tools"]["engine"]["runs"][0]["engine_stats"]["num_written"] == 9
-    assert "engine/limit" in doc["ratios"]
+    assert {"engine/limit", "engine/limit-write"} <= set(doc["ratios"])
     assert {"cores", "cpu_model", "pillow_simd"} <= set(doc["machine"])
     md = (tmp_path / "RESULTS.md").read_text()
     assert "Longer jobs" in md and "small-passthrough | 9 |" in md
+
+
+def test_limit_write_counts_only_when_its_bytes_are_on_disk(tmp_path):
+    corpus = build_corpus("small", 3, tmp_path / "work")
+    out = tmp_path / "out"
+    command = tool_command("limit-write", SCENARIOS["small-passthrough"], corpus, out, workers=2)
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = sorted((out / "written").iterdir())
+    on_disk = b"".join(p.read_bytes() for p in written)
+    assert len(on_disk) == corpus.input_bytes, written
+    check = check_output(out, corpus)
+    assert check.valid and check.num_rows == 3, check
+    with open(written[0], "r+b") as f:  # a probe that skipped part of its writes
+        f.truncate(written[0].stat().st_size - 1)
+    check = check_output(out, corpus)
+    assert not check.valid and "written/" in check.problems[0], check
+    shutil.rmtree(out / "written")
+    assert not check_output(out, corpus).valid
