@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+from contextlib import nullcontext
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -26,29 +27,25 @@ NUM_SAMPLES = 20
 
 def process_chunk(chunk: list[tuple[int, Row]], *, mode: str, max_size: int, quality: int,
                   sample_every: int, write_dir: Path | None) -> tuple[int, int, dict[str, bytes]]:
-    num_ok = 0
-    outputs: list[bytes] = []
+    num_ok = num_written = 0
     samples: dict[str, bytes] = {}
-    for index, row in chunk:
-        data = Path(row.path).read_bytes()
-        if mode == "passthrough":
-            out = data if header_size(data) is not None else None
-        else:
-            out = fast_resize_encode(data, max_size, quality)
-        if out is None:
-            continue
-        num_ok += 1
-        if write_dir is not None:
-            outputs.append(out)
-        if index % sample_every == 0:
-            samples[row.image_id] = out
-    num_written = 0
-    if write_dir is not None:
-        with open(write_dir / f"{os.getpid()}.bin", "ab") as f:
-            for out in outputs:
-                num_written += f.write(out)
-            f.flush()
-            os.fsync(f.fileno())
+    with open(write_dir / f"{os.getpid()}.bin", "ab") if write_dir else nullcontext() as sink:
+        for index, row in chunk:
+            data = Path(row.path).read_bytes()
+            if mode == "passthrough":
+                out = data if header_size(data) is not None else None
+            else:
+                out = fast_resize_encode(data, max_size, quality)
+            if out is None:
+                continue
+            num_ok += 1
+            if sink is not None:
+                num_written += sink.write(out)
+            if index % sample_every == 0:
+                samples[row.image_id] = out
+        if sink is not None:
+            sink.flush()
+            os.fsync(sink.fileno())
     return num_ok, num_written, samples
 
 
