@@ -274,15 +274,16 @@ def _cycled_section(runs: dict[tuple[str, int], dict]) -> list[str]:
     lines = ["## Longer jobs: the fixed start-up cost spread over more rows", "",
              "`run --rows R` cycles over the corpus's images with distinct ids, so a job of R rows reads "
              "the same files (warm page cache). Medians of the repeats, tools interleaved.", "",
-             "| scenario | rows | engine (img/s) | limit (img/s) | engine/limit | command |",
-             "|---|---:|---:|---:|---:|---|"]
+             "| scenario | rows | engine (img/s) | limit (img/s) | engine/limit | engine/limit-write | command |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for (scenario, rows), r in sorted(runs.items(), key=lambda kv: (_ordered([kv[0][0]], SCENARIO_ORDER), kv[0][1])):
         tools = r["tools"]
         engine = tools.get("engine", {}).get("median_images_per_second")
         limit = tools.get("limit", {}).get("median_images_per_second")
-        ratio = r.get("ratios", {}).get("engine/limit")
+        ratio, written = (r.get("ratios", {}).get(f"engine/{name}") for name in ("limit", "limit-write"))
         lines.append(f"| {scenario} | {rows:,} | {engine or 0:.2f} | {limit or 0:.2f} | "
-                     f"{f'{ratio:.2f}×' if ratio else '–'} | `{r['command']}` |")
+                     f"{f'{ratio:.2f}×' if ratio else '–'} | {f'{written:.2f}×' if written else '–'} | "
+                     f"`{r['command']}` |")
     return lines + [""]
 
 
