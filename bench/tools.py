@@ -41,8 +41,10 @@ TOOLS = ("engine", "limit") + PEERS
 _PEER_MODULES = {"limit": "limit", "limit-write": "limit", "hf-datasets": "hf_datasets",
                  "serial-pillow": "serial_pillow", "ray-data": "ray_data",
                  "img2dataset": "img2dataset"}
+_PEER_FLAGS = {"limit-write": ["--write"]}
 _NO_ARROW = {"ray-data": "Ray Data has no save_to_disk (packed Arrow) writer",
              "img2dataset": "img2dataset has no save_to_disk (packed Arrow) writer"}
+_PASSTHROUGH_ONLY = {"limit-write": "writing is a small part of resizing; limit-write is the pass-through floor"}
 
 
 class NotApplicable(Exception):
@@ -67,12 +69,12 @@ def tool_command(tool: str, scenario: Scenario, corpus: Corpus, out: Path, *,
         raise ValueError(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
     if scenario.layout == "arrow" and tool in _NO_ARROW:
         raise NotApplicable(_NO_ARROW[tool])
-    if tool == "limit-write" and scenario.mode != "passthrough":
-        raise NotApplicable("writing is a small part of resizing; limit-write is the pass-through floor")
+    if scenario.mode != "passthrough" and tool in _PASSTHROUGH_ONLY:
+        raise NotApplicable(_PASSTHROUGH_ONLY[tool])
     return [PYTHON, "-m", f"bench.peers.{_PEER_MODULES[tool]}", "--manifest", str(corpus.manifest),
             "--config", str(corpus.config), "--out", str(out), "--layout", scenario.layout,
             "--mode", scenario.mode, "--max-size", "1024", "--quality", "90",
-            "--workers", str(workers)] + (["--write"] if tool == "limit-write" else [])
+            "--workers", str(workers)] + _PEER_FLAGS.get(tool, [])
 
 
 def engine_available() -> str | None:
