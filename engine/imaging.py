@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+import struct
 import threading
 import warnings
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from PIL import Image, ImageFile, TiffImagePlugin
 
 from engine.config import ImageOptions
+from engine.jpeg_header import read_jpeg_header
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
@@ -76,6 +79,7 @@ _SOURCE_FORMAT = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 # Modes a reader handles as they are, per stored format: these may pass through untouched.
 _STORABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "RGBA", "L", "LA"}, "webp": {"RGB", "RGBA"}}
 _EXTENSION = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+TRUNCATED_JPEG = "truncated JPEG: no end-of-image marker after the scan data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,10 @@ def transform_image(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFail
 def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
     if opts.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
         Image.MAX_IMAGE_PIXELS = opts.max_pixels
+    if opts.passthrough:
+        kept = _keep_plain_jpeg(data, opts)
+        if kept is not None:
+            return kept
     try:
         im = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
@@ -156,6 +164,25 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
     return EncodedImage(_encode(im, out_format, opts.quality), out_format, im.width, im.height, False)
 
 
+def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure | None:
+    """Pass-through of a plain JPEG judged from its markers, without Pillow's ``open``
+    (``engine.jpeg_header`` says why). None sends the file down the full path, which decides
+    anything this does not: a file to rotate, shrink or convert, or an unusual or broken header."""
+    header = read_jpeg_header(data)
+    if header is None or header.width * header.height > opts.max_pixels:
+        return None
+    if target_size(header.width, header.height, opts.max_size) != (header.width, header.height):
+        return None
+    exif = _load_exif(header.exif) if header.exif else None
+    if isinstance(exif, ImageFailure) or _orientation(exif) != 1:  # to rotate, or a broken block to report
+        return None
+    if exif is not None and not header.jfif_dpi and not _pillow_reads_dpi(exif):
+        return None
+    if data.rfind(b"\xff\xd9") < header.scan_start:
+        return ImageFailure(TRUNCATED_JPEG)
+    return EncodedImage(data, "jpeg", header.width, header.height, passthrough=True)
+
+
 def target_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
     """Size after downscaling so the longest side is at most ``max_size`` (aspect kept, >= 1 px)."""
     if max_size is None or max(width, height) <= max_size:
@@ -170,21 +197,65 @@ def read_orientation(im: Image.Image) -> int | ImageFailure:
     JPEG, PNG and WebP keep their EXIF block in ``im.info`` at open time; ``getexif()`` on a PNG
     would force a full decode (FORMATS.md §6).
     """
+    if im.format in ("JPEG", "MPO", "PNG", "WEBP"):
+        return exif_orientation(im.info.get("exif"))
     try:
-        if im.format in ("JPEG", "MPO", "PNG", "WEBP"):
-            raw = im.info.get("exif")
-            if not raw:
-                return 1
-            exif = Image.Exif()
-            with _TIFF_WARNINGS.collect() as caught:  # Pillow only warns on a broken block
-                exif.load(raw)
-            if caught:  # any warning while parsing the block means part of it is unreadable
-                return ImageFailure(f"corrupt EXIF block: {caught[0]}".strip())
-        else:
-            exif = im.getexif()
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as exc:  # noqa: BLE001
+        return ImageFailure(f"corrupt EXIF block: {type(exc).__name__}: {exc}")
+    return _valid_orientation(value)
+
+
+def exif_orientation(raw: bytes | None) -> int | ImageFailure:
+    """The orientation in a raw EXIF block (as Pillow keeps it in ``info["exif"]``), 1 when absent."""
+    exif = _load_exif(raw) if raw else None
+    return exif if isinstance(exif, ImageFailure) else _orientation(exif)
+
+
+def _load_exif(raw: bytes) -> Image.Exif | ImageFailure:
+    try:
+        exif = Image.Exif()
+        with _TIFF_WARNINGS.collect() as caught:  # Pillow only warns on a broken block
+            exif.load(raw)
+    except Exception as exc:  # noqa: BLE001
+        return ImageFailure(f"corrupt EXIF block: {type(exc).__name__}: {exc}")
+    if caught:  # any warning while parsing the block means part of it is unreadable
+        return ImageFailure(f"corrupt EXIF block: {caught[0]}".strip())
+    return exif
+
+
+def _orientation(exif: Image.Exif | None) -> int | ImageFailure:
+    if exif is None:
+        return 1
+    try:
         value = exif.get(ORIENTATION_TAG, 1)
     except Exception as exc:  # noqa: BLE001
         return ImageFailure(f"corrupt EXIF block: {type(exc).__name__}: {exc}")
+    return _valid_orientation(value)
+
+
+def _pillow_reads_dpi(exif: Image.Exif) -> bool:
+    """Whether Pillow's JPEG ``open`` survives reading the DPI from this EXIF block, as it does
+    when no JFIF segment gives it (``JpegImageFile._read_dpi_from_exif``, whose caught errors
+    these are); a file it cannot open must not be kept."""
+    try:
+        unit, x_resolution = exif[0x0128], exif[0x011A]
+        try:
+            dpi = float(x_resolution[0]) / x_resolution[1]
+        except TypeError:
+            dpi = x_resolution
+        if math.isnan(dpi):
+            return True
+        if unit == 3:
+            dpi *= 2.54
+    except (struct.error, KeyError, SyntaxError, TypeError, ValueError, ZeroDivisionError):
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def _valid_orientation(value) -> int | ImageFailure:
     if isinstance(value, tuple) and len(value) == 1:
         value = value[0]
     if not isinstance(value, int) or not 1 <= value <= 8:
@@ -201,7 +272,7 @@ def check_complete(data: bytes, im: Image.Image, source: str) -> str | None:
     if source == "jpeg":
         scan_start = im.tile[0][2] if im.tile else 0
         if data.rfind(b"\xff\xd9") < scan_start:
-            return "truncated JPEG: no end-of-image marker after the scan data"
+            return TRUNCATED_JPEG
     elif source == "png":
         scan_start = im.tile[0][2] if im.tile else 0
         if data.rfind(b"IEND\xaeB`\x82") < scan_start:
