@@ -193,3 +193,48 @@ def test_a_failing_row_group_write_stops_the_reader_and_is_one_line(tmp_path, ca
     assert not (out / "data" / "train-00000-of-00001.parquet").exists()
     assert list((out / ".engine" / "tmp").glob("*.parquet*")) == []
     assert not [t for t in threading.enumerate() if t.name == "engine-row-groups"]
+
+
+def test_a_failing_shard_among_two_writers_is_one_line_and_starts_no_more(tmp_path, capsys, monkeypatch):
+    """Two shards are written side by side when there are several; when one fails, the run
+    ends with one line naming it, the shards not yet started are not written, nothing stands
+    under a final name that was not finished, and no temporary file is left behind."""
+    import errno
+    import threading
+
+    import pyarrow.parquet as pq
+
+    rows, images = _images(40, size=(64, 48))
+    inp = write_input(tmp_path / "in", rows, images)
+    write_table = pq.ParquetWriter.write_table
+    threads: set[str] = set()
+    lock = threading.Lock()
+    started = threading.Barrier(2, timeout=10)  # both writers are running before one fails
+
+    def failing(self, table, *args, **kwargs):
+        name = threading.current_thread().name
+        with lock:
+            first = name not in threads
+            threads.add(name)
+        if first:
+            started.wait()
+        if "train-00001" in self.where:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_table(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    code = convert(inp, out, "--shard-rows", "5", "--workers", "2", runner="ray")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(threads) == 2, threads
+    assert len(err) == 1 and err[0].startswith("engine: error: data/train-00001-of-00008.parquet: No space left"), err
+    written = sorted(p.name for p in (out / "data").glob("*.parquet")) if (out / "data").exists() else []
+    assert "train-00001-of-00008.parquet" not in written
+    assert len(written) < 7, written  # the shards queued behind the failure were not started
+    assert list((out / ".engine" / "tmp").glob("*.parquet*")) == []
+    assert not (out / "stats.json").exists()
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", write_table)
+    assert convert(inp, out, "--shard-rows", "5", "--workers", "2", "--resume", runner="ray") == 0
+    assert Output(out).stats["num_written"] == 40
