@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from engine.sinks.chunking import shard_name
-from engine.sinks.shards import GROUPS_IN_MEMORY, ShardResult, ShardSpec, map_list_chunks, write_row_groups
+from engine.sinks.shards import ShardResult, ShardSpec, map_list_chunks, write_row_groups
 from engine.sinks.store import Finisher, Store
 
 
@@ -45,12 +45,11 @@ def packed_batch(group: pa.Table, spec: ShardSpec) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays([text, modalities.combine_chunks()], schema=schema)
 
 
-def write_arrow_shard(spec: ShardSpec, finisher: Finisher | None = None,
-                     groups_in_memory: int = GROUPS_IN_MEMORY) -> ShardResult:
+def write_arrow_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
     with spec.store.writing(spec.relpath, finisher=finisher) as tmp:
         with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, spec.schema) as writer:
             # one record batch per row group
-            num_rows = write_row_groups(spec, lambda group: writer.write_batch(packed_batch(group, spec)), groups_in_memory)
+            num_rows = write_row_groups(spec, lambda group: writer.write_batch(packed_batch(group, spec)))
         size = os.path.getsize(tmp)
     return ShardResult(spec.relpath, spec.split, num_rows, size)
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 
 from engine.records import meta_struct_array
 from engine.sinks.chunking import shard_name
-from engine.sinks.shards import GROUPS_IN_MEMORY, ShardResult, ShardSpec, write_row_groups
+from engine.sinks.shards import ShardResult, ShardSpec, write_row_groups
 from engine.sinks.store import Finisher
 
 
@@ -29,8 +29,7 @@ def extraction_table(group: pa.Table, spec: ShardSpec) -> pa.Table:
     return pa.Table.from_arrays([group["image_id"], image, group["output"], meta], schema=spec.schema)
 
 
-def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None,
-                     groups_in_memory: int = GROUPS_IN_MEMORY) -> ShardResult:
+def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
     leaves = ["image_id", "image.bytes", "image.path", "output"] + [f"meta.{k}" for k in spec.meta_keys]
     compression = {c: "zstd" for c in leaves}
     compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
@@ -45,6 +44,6 @@ def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None,
             use_content_defined_chunking=True,
         ) as writer:
             num_rows = write_row_groups(
-                spec, lambda group: writer.write_table(extraction_table(group, spec), row_group_size=group.num_rows), groups_in_memory)
+                spec, lambda group: writer.write_table(extraction_table(group, spec), row_group_size=group.num_rows))
         size = os.path.getsize(tmp)
     return ShardResult(spec.relpath, spec.split, num_rows, size)

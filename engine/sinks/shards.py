@@ -54,21 +54,19 @@ class ShardResult:
     node: str | None = None  # Ray node that wrote it (set by the runner); None: the driver
 
 
-# Row groups that shard writing holds at once in one process: one pipelined writer's group being
-# written and the next being read, or one group in each of two writers (see driver._write_shards).
-GROUPS_IN_MEMORY = 2
+GROUPS_IN_MEMORY = 2  # row groups a shard writer holds: the one being written, the next being read
 
 
-def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None],
-                     groups_in_memory: int = GROUPS_IN_MEMORY) -> int:
+def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
     """Hand the shard's rows, in line order and in the part schema, to ``write`` one row group
     at a time; returns the number of rows.
 
-    With ``groups_in_memory`` 2 (the default), pipelined and bounded: a reader thread assembles
-    the next row group (reading the part files, and the source files they reference) while
-    ``write`` runs in the calling thread, and at most two groups exist at once, whatever the
-    shard or part size. One writer thus keeps two cores busy. With 1, each group is read and
-    then written in the calling thread: for when two shards are written side by side.
+    Pipelined and bounded: a reader thread assembles the next row group (reading the part
+    files, and the source files they reference) while ``write`` runs in the calling thread, and
+    at most GROUPS_IN_MEMORY groups exist at once, whatever the shard or part size. A shard
+    writer thus keeps two cores busy (reading sources and encoding pages each take about as
+    long), so one writer per machine writes as fast as two did, and a job with one shard
+    holds as much memory as a job with many.
 
     - Parts are read a record batch (16 rows) at a time, only as their rows are needed.
     - No frame keeps a group once it is written: a generator's local did, which held one more
@@ -82,15 +80,7 @@ def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None],
       block cost the 10k-row pass-through shard phase about 60% more time.
     """
     pool = pa.default_memory_pool()
-    if groups_in_memory <= 1:
-        def next_group() -> bool:
-            pool.release_unused()  # the pages of the group just written
-            return True
-
-        _assemble_groups(spec, next_group, write)
-        pool.release_unused()
-        return sum(spec.row_groups)
-    slots = threading.Semaphore(groups_in_memory)
+    slots = threading.Semaphore(GROUPS_IN_MEMORY)
     handoff: queue.SimpleQueue = queue.SimpleQueue()
     stopping = threading.Event()
 
@@ -158,16 +148,14 @@ def map_list_chunks(column: pa.ChunkedArray, build, type: pa.DataType) -> pa.Chu
     return pa.chunked_array(chunks, type=type)
 
 
-def write_shard(spec: ShardSpec, finisher: Finisher | None = None,
-                groups_in_memory: int = GROUPS_IN_MEMORY) -> ShardResult:
+def write_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
     """Assemble and write one final shard (runs in a worker, or in the driver with a finisher
-    that fsyncs and renames it in the background), holding at most ``groups_in_memory`` row
-    groups (see ``write_row_groups``)."""
+    that fsyncs and renames it in the background)."""
     started = time.perf_counter()
     if spec.layout == "parquet":
         from engine.sinks.parquet import write_parquet_shard as write
     else:
         from engine.sinks.arrow import write_arrow_shard as write
-    result = write(spec, finisher, groups_in_memory)
+    result = write(spec, finisher)
     log.debug("wrote %s (%d rows) in %.2f s", spec.relpath, result.num_rows, time.perf_counter() - started)
     return result
