@@ -145,7 +145,7 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
         and im.mode in _STORABLE[source]
         and getattr(im, "n_frames", 1) == 1
     ):
-        problem = check_complete(data, im, source)
+        problem = check_complete(data, source, im.tile[0][2] if im.tile else 0)
         if problem:
             return ImageFailure(problem)
         return EncodedImage(data, source, width, height, passthrough=True)
@@ -173,13 +173,14 @@ def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFai
         return None
     if target_size(header.width, header.height, opts.max_size) != (header.width, header.height):
         return None
-    exif = _load_exif(header.exif) if header.exif else None
+    exif = _load_exif(header.exif)
     if isinstance(exif, ImageFailure) or _orientation(exif) != 1:  # to rotate, or a broken block to report
         return None
     if exif is not None and not header.jfif_dpi and not _pillow_reads_dpi(exif):
         return None
-    if data.rfind(b"\xff\xd9") < header.scan_start:
-        return ImageFailure(TRUNCATED_JPEG)
+    problem = check_complete(data, "jpeg", header.scan_start)
+    if problem:
+        return ImageFailure(problem)
     return EncodedImage(data, "jpeg", header.width, header.height, passthrough=True)
 
 
@@ -208,11 +209,14 @@ def read_orientation(im: Image.Image) -> int | ImageFailure:
 
 def exif_orientation(raw: bytes | None) -> int | ImageFailure:
     """The orientation in a raw EXIF block (as Pillow keeps it in ``info["exif"]``), 1 when absent."""
-    exif = _load_exif(raw) if raw else None
+    exif = _load_exif(raw)
     return exif if isinstance(exif, ImageFailure) else _orientation(exif)
 
 
-def _load_exif(raw: bytes) -> Image.Exif | ImageFailure:
+def _load_exif(raw: bytes | None) -> Image.Exif | ImageFailure | None:
+    """The parsed EXIF block; None when there is none."""
+    if not raw:
+        return None
     try:
         exif = Image.Exif()
         with _TIFF_WARNINGS.collect() as caught:  # Pillow only warns on a broken block
@@ -263,18 +267,18 @@ def _valid_orientation(value) -> int | ImageFailure:
     return value
 
 
-def check_complete(data: bytes, im: Image.Image, source: str) -> str | None:
+def check_complete(data: bytes, source: str, scan_start: int) -> str | None:
     """Cheap structural check of a file that passes through without a full decode.
 
     A truncated JPEG lacks its end-of-image marker after the scan data; a truncated PNG lacks
-    its IEND chunk; a truncated WebP is shorter than its RIFF header says.
+    its IEND chunk; a truncated WebP is shorter than its RIFF header says. ``scan_start`` is
+    where the image data starts (Pillow's tile offset, 0 for a JPEG it opened; the marker walk
+    knows the real one).
     """
     if source == "jpeg":
-        scan_start = im.tile[0][2] if im.tile else 0
         if data.rfind(b"\xff\xd9") < scan_start:
             return TRUNCATED_JPEG
     elif source == "png":
-        scan_start = im.tile[0][2] if im.tile else 0
         if data.rfind(b"IEND\xaeB`\x82") < scan_start:
             return "truncated PNG: no IEND chunk"
     elif source == "webp":
