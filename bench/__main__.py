@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_argument("--ray-start", choices=["lazy", "eager"], default="lazy",
                         help="lazy (default): the engine decides whether Ray pays, so small jobs run "
                              "without it; eager: Ray at every size, the same processes at every N")
+    memory.add_argument("--layout", choices=["parquet", "arrow"], default="parquet",
+                        help="output layout: Hugging Face Parquet, or packed Arrow with embedded images")
     common(memory)
 
     scaling = sub.add_parser("scaling", help="engine throughput at workers = 1 … cores")
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         harness.run_memory(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir,
                            results_dir=args.results, workers=args.workers, command=command,
                            base_images=args.base_images, timeout=args.timeout, corpus_name=args.corpus,
-                           ray_start=args.ray_start)
+                           ray_start=args.ray_start, layout=args.layout)
     elif args.command == "scaling":
         harness.run_scaling(n=args.n, workdir=workdir, results_dir=args.results,
                             max_workers=args.max_workers, command=command,

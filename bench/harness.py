@@ -182,7 +182,7 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
 
 def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: int,
                command: str, base_images: int = 300, timeout: float = 3600, corpus_name: str = "small",
-               ray_start: str = "lazy") -> Path:
+               ray_start: str = "lazy", layout: str = "parquet") -> Path:
     """Engine pass-through at growing row counts over the same few hundred images."""
     reason = engine_available()
     corpus = build_corpus(corpus_name, base_images, workdir)
@@ -194,9 +194,9 @@ def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: i
             continue
         manifest_dir = workdir / "memory" / f"{corpus_name}-manifest-{size}"
         manifest = repeated_manifest(corpus, size, manifest_dir)
-        run_dir = workdir / "runs" / "memory" / f"{corpus_name}-{size}"
+        run_dir = workdir / "runs" / "memory" / f"{corpus_name}-{layout}-{size}"
         cmd = engine_command(manifest=manifest, config=manifest_dir / "config.json",
-                             out=run_dir / "out", layout="parquet", mode="passthrough",
+                             out=run_dir / "out", layout=layout, mode="passthrough",
                              workers=workers)
         record = measure_tool("engine", cmd, corpus, run_dir, workdir=workdir, workers=workers,
                               timeout=timeout, expected_rows=size, extra_env={"ENGINE_RAY_START": ray_start})
@@ -205,11 +205,11 @@ def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: i
             f"failed: {record['error']}" if "error" in record else "invalid")
         points.append(record)
     result = {"kind": "memory", "date": report.today(), "command": command, "corpus_name": corpus_name,
-              "base_images": base_images, "workers": workers, "ray_start": ray_start,
+              "base_images": base_images, "workers": workers, "ray_start": ray_start, "layout": layout,
               "machine": report.machine_info(),
               "corpus": corpus.summary(), "points": points}
     stem = (f"{report.today()}-memory" + ("" if corpus_name == "small" else f"-{corpus_name}")
-            + ("" if ray_start == "lazy" else f"-{ray_start}"))
+            + ("" if ray_start == "lazy" else f"-{ray_start}") + ("" if layout == "parquet" else f"-{layout}"))
     path = report.write_json(results_dir, stem, result)
     report.write_results_md(results_dir)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
+import itertools
 import json
 import logging
 import os
@@ -201,8 +202,9 @@ def _detail_row(tool: str, t: dict) -> str:
 
 def _memory_section(result: dict) -> list[str]:
     ray_start = result.get("ray_start", "lazy")
-    lines = [f"## Memory: engine pass-through on repeated `{result.get('corpus_name', 'small')}` images, "
-             f"Ray start {ray_start} ({result['_file']})", "",
+    layout = {"parquet": "Parquet", "arrow": "packed Arrow (raw-image)"}[result.get("layout", "parquet")]
+    lines = [f"## Memory: engine pass-through to {layout} on repeated `{result.get('corpus_name', 'small')}` "
+             f"images, Ray start {ray_start} ({result['_file']})", "",
              f"Command: `{result['command']}`; {result['base_images']} distinct images "
              "repeated under distinct image_ids.", "",
              "| rows | status | processes | peak RSS MB (process tree) | driver peak RSS MB "
@@ -314,12 +316,12 @@ def write_results_md(results_dir: Path) -> Path:
     cycled_runs = latest_runs(results, cycled=True)
     if cycled_runs:
         lines += _cycled_section(cycled_runs)
-    for corpus_name in ("small", "tiny"):
-        for ray_start in ("lazy", "eager"):
-            memory = [r for r in results if r.get("kind") == "memory" and r.get("corpus_name", "small") == corpus_name
-                      and r.get("ray_start", "lazy") == ray_start]
-            if memory:
-                lines += _memory_section(memory[-1])
+    for corpus_name, ray_start, layout in itertools.product(("small", "tiny"), ("lazy", "eager"),
+                                                            ("parquet", "arrow")):
+        memory = [r for r in results if r.get("kind") == "memory" and r.get("corpus_name", "small") == corpus_name
+                  and r.get("ray_start", "lazy") == ray_start and r.get("layout", "parquet") == layout]
+        if memory:
+            lines += _memory_section(memory[-1])
     if any(r.get("kind") == "scaling" for r in results):
         lines += _scaling_section([r for r in results if r.get("kind") == "scaling"][-1])
     steady = [r for r in results if r.get("kind") == "steady-state"]
