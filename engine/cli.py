@@ -23,9 +23,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: like argparse's own, but the libraries' versions are only looked up when asked."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from engine.versions import version_line
+
+        print(version_line())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Convert images + JSON annotations into training datasets: "
                      "Hugging Face LLM image-extraction Parquet or packed Arrow (datasets.save_to_disk).")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the engine's version and those of Pillow, pyarrow, datasets and Ray")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     c = sub.add_parser("convert", help="convert a JSONL manifest (+ config.json) into a dataset folder",
                        description="Convert a JSONL manifest of images and expected outputs into a dataset "

@@ -31,6 +31,7 @@ from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
 from engine.sources.manifest import plan_manifest
 from engine.stats import RunStats
+from engine.versions import versions
 
 log = logging.getLogger(__name__)
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
@@ -318,21 +319,6 @@ def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results:
         if nested:
             write_dataset_dict(store, list(splits))
     doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
-                "command": command, "versions": _versions()})
+                "command": command, "versions": versions()})
     store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last: the commit marker
     return doc
-
-
-def _versions() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    import PIL
-
-    def version(name: str) -> str | None:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    return {"engine": version("engine"), "pillow": PIL.__version__, "pillow_simd": version("pillow-simd") is not None,
-            "pyarrow": version("pyarrow"), "datasets": version("datasets"), "ray": version("ray")}

@@ -122,6 +122,22 @@ def test_python_dash_m_help():
     assert "convert" in proc.stdout
 
 
+def test_version_names_the_engine_and_the_pillow_build():
+    import importlib.metadata as md
+
+    import PIL
+
+    proc = subprocess.run([sys.executable, "-m", "engine", "--version"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert "\n" not in line, line
+    assert line.startswith(f"engine {md.version('engine')} ("), line
+    simd = any(d.metadata["Name"].lower() == "pillow-simd" for d in md.distributions())
+    assert f"{'Pillow-SIMD' if simd else 'Pillow'} {PIL.__version__}," in line, line
+    assert f"pyarrow {md.version('pyarrow')}" in line and f"datasets {md.version('datasets')}" in line, line
+
+
 def test_console_script_declared():
     import tomllib
 

@@ -91,6 +91,11 @@ def test_stats(out):
     assert s["rejected_by_reason"] in ({}, None) or not any(s["rejected_by_reason"].values())
     assert isinstance(s["options"], dict) and s["options"]
     assert out.rejects == []
+    import importlib.metadata as md
+
+    import PIL
+    assert s["versions"]["engine"] == md.version("engine") and s["versions"]["pillow"] == PIL.__version__
+    assert s["versions"]["pyarrow"] == md.version("pyarrow") and isinstance(s["versions"]["pillow_simd"], bool)
 
 
 def test_readme_front_matter(out):
