@@ -29,7 +29,7 @@ from engine.sinks.store import WORK_DIR, Finisher, Store
 from engine.sinks.parquet import parquet_shard_path
 from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
-from engine.sources.manifest import plan_manifest
+from engine.sources.manifest import check_has_rows, plan_manifest
 from engine.stats import RunStats
 from engine.versions import versions
 
@@ -134,6 +134,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     task = load_task_config(opts.config) if opts.config else None
     if not location.exists(opts.manifest):
         raise UsageError(f"manifest not found: {opts.manifest}")
+    check_has_rows(opts.manifest)
     store = Store(opts.out)
     if opts.resume and is_finished(store):
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")

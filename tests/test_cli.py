@@ -188,6 +188,24 @@ def test_missing_manifest(capsys, good, tmp_path):
     assert_usage_error(capsys, _argv(good, tmp_path / "out", manifest=missing), "no-such-manifest", out_dir=tmp_path / "out")
 
 
+@pytest.mark.parametrize("content", [b"", b"\n\n   \n", b"\xef\xbb\xbf\r\n"], ids=["empty", "blank", "bom-only"])
+def test_manifest_without_rows_is_a_usage_error_that_keeps_the_output(capsys, good, tmp_path, content):
+    """Almost certainly the wrong file: one line, exit 2, and even --overwrite leaves OUT alone."""
+    manifest = tmp_path / "in" / "empty.jsonl"
+    manifest.write_bytes(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier dataset")
+    assert_usage_error(capsys, _argv(good, out, manifest=manifest) + ["--overwrite"], "empty.jsonl", "no rows")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_manifest_is_a_directory(capsys, good, tmp_path):
+    line = assert_usage_error(capsys, _argv(good, tmp_path / "out", manifest=good.root), str(good.root))
+    assert "resume" not in line, line
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_config_file(capsys, good, tmp_path):
     missing = tmp_path / "no-such-config.json"
     assert_usage_error(capsys, _argv(good, tmp_path / "out", config=missing), "no-such-config", out_dir=tmp_path / "out")

@@ -218,6 +218,25 @@ def test_crlf_manifest(tmp_path):
     assert out.stats["num_input_rows"] == 3
 
 
+def test_manifest_starting_with_a_byte_order_mark(tmp_path):
+    """Windows tools start UTF-8 files with a BOM: the first row is read, not rejected, and its id
+    still counts for duplicates."""
+    inp = write_input(tmp_path / "in", [], {"a.jpg": imagegen.jpeg()})
+    lines = [json.dumps(row("a", "a.jpg")), json.dumps(row("b", "a.jpg")), json.dumps(row("a", "a.jpg"))]
+    inp.manifest.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode() + b"\n")
+    assert convert(inp, tmp_path / "out") == 0
+    out = Output(tmp_path / "out")
+    assert sorted(out.by_id()) == ["a", "b"]
+    assert [(r["line"], r["stage"]) for r in out.rejects] == [(3, "duplicate")]
+
+
+def test_non_object_lines_name_their_json_type(converted):
+    _, out = converted
+    rejects = out.rejects_by_line()
+    assert rejects[4]["reason"] == "line is an array, not a JSON object", rejects[4]
+    assert rejects[21]["reason"] == "line is null, not a JSON object", rejects[21]
+
+
 def test_unusual_file_names_and_locations(tmp_path, monkeypatch):
     """Spaces and non-ASCII in names; a file:// URL is percent-encoded; the manifest is given
     relative to a working directory other than its own folder."""

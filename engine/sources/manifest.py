@@ -22,6 +22,9 @@ from engine.records import META_FIXED, RESERVED_KEYS, Reject
 from engine.sources import location
 
 BLOCK_BYTES = 8 * 2**20
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows tools put at the start of a file
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               type(None): "null"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +54,7 @@ class ManifestPlan:
         does not depend on unit boundaries, so this only tunes parallelism and load balance."""
         grain = max((u.num_rows for u in self.units), default=1)
         k = max(1, rows_per_unit // max(grain, 1))
-        if k == 1:
+        if k == 1 or not self.units:
             return self
         merged = []
         bounds = [0] + list(range(1, len(self.units), k))
@@ -65,6 +68,29 @@ class ManifestPlan:
                             num_bytes=self.num_bytes, sha256=self.sha256)
 
 
+def _open_manifest(manifest: str):
+    try:
+        return location.open_binary(manifest)
+    except FileNotFoundError:
+        raise UsageError(f"manifest not found: {manifest}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read manifest {manifest}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def check_has_rows(manifest: str) -> None:
+    """Raise UsageError when the manifest holds no row (empty, or only blank lines): almost
+    certainly the wrong file, which should not cost the user the output folder. Reads only up to
+    the first non-blank byte."""
+    with _open_manifest(manifest) as f:
+        first = True
+        while block := f.read(2**16):
+            if first:
+                block, first = block.removeprefix(BOM), False
+            if block.strip():
+                return
+    raise UsageError(f"manifest {manifest} holds no rows (it is empty or has only blank lines)")
+
+
 def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
     """Split the manifest into units of ``unit_rows`` non-blank lines and find duplicate ids."""
     import polars as pl  # the driver's planner only: workers never import it
@@ -73,12 +99,7 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
     id_frames: list[pl.DataFrame] = []
     unit_start, unit_first_line, unit_count = 0, 1, 0
     offset, line_no, num_rows = 0, 0, 0
-    try:
-        f = location.open_binary(manifest)
-    except FileNotFoundError:
-        raise UsageError(f"manifest not found: {manifest}") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read manifest {manifest}: {exc}") from None
+    f = _open_manifest(manifest)
     digest = hashlib.sha256()
     with f:
         carry = b""
@@ -97,6 +118,8 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
                 line_no += 1
                 start = offset
                 offset += len(raw) + 1
+                if line_no == 1:
+                    raw = raw.removeprefix(BOM)
                 if not raw.strip():
                     continue
                 if unit_count == unit_rows:
@@ -118,6 +141,8 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
                 break
     if unit_count:
         bounds.append((unit_start, offset, unit_first_line, unit_count))
+    if not num_rows:  # emptied since check_has_rows
+        raise UsageError(f"manifest {manifest} holds no rows (it is empty or has only blank lines)")
     duplicates = _duplicate_lines(id_frames)
     units = []
     for i, (start, end, first, rows) in enumerate(bounds):
@@ -145,6 +170,8 @@ def read_unit_lines(unit: UnitSpec) -> Iterator[tuple[int, bytes]]:
     with location.open_binary(unit.manifest) as f:
         f.seek(unit.byte_start)
         data = f.read(unit.byte_end - unit.byte_start)
+    if unit.byte_start == 0:
+        data = data.removeprefix(BOM)
     for i, raw in enumerate(data.split(b"\n")):
         if raw.strip():
             yield unit.first_line + i, raw
@@ -180,7 +207,7 @@ def parse_row(line: int, raw: bytes, *, base: str, default_split: str) -> Manife
     except orjson.JSONDecodeError as exc:
         return reject(f"line is not valid JSON: {exc}")
     if not isinstance(obj, dict):
-        return reject(f"line is a JSON {type(obj).__name__}, not an object")
+        return reject(f"line is {_JSON_KINDS.get(type(obj), 'a JSON value')}, not a JSON object")
     trainer = "modalities" in obj or "conversations" in obj or ("text" in obj and "output" not in obj)
     image_id = obj.get("image_id")
     if image_id is None and trainer:
