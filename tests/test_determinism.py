@@ -123,9 +123,13 @@ def big_rows(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", ["parquet", "arrow"])
-def test_unit_size_does_not_change_the_bytes(big_rows, tmp_path, layout):
+def test_unit_size_does_not_change_the_bytes(big_rows, tmp_path, monkeypatch, layout):
     """Units of 3 and of 16 rows cut the part files' record batches differently, so each row
-    group is assembled from differently chunked columns; the written files must not change."""
+    group is assembled from differently chunked columns; the written files must not change.
+    Arrow record batches are capped small here, so groups are cut into several of them too."""
+    import engine.sinks.arrow
+
+    monkeypatch.setattr(engine.sinks.arrow, "BATCH_BYTES", 2 * len(big_rows.root.joinpath("n0.jpg").read_bytes()))
     extra = ("--layout", layout, "--image-format", "keep", "--row-group-rows", "5", "--shard-rows", "8")
     a = run_any(big_rows, tmp_path / "u3", *extra, "--unit-rows", "3", runner="local")
     b = run_any(big_rows, tmp_path / "u16", *extra, "--unit-rows", "16", runner="local")
@@ -138,3 +142,11 @@ def test_unit_size_does_not_change_the_bytes(big_rows, tmp_path, layout):
 
         groups = [pq.ParquetFile(p).metadata.num_row_groups for p in a.shard_files]
         assert groups == [2, 2], groups  # 8 rows -> 5 + 3, 6 rows -> 5 + 1
+    else:
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        for path in sorted(a.root.glob("*.arrow")):
+            with pa.OSFile(str(path), "rb") as f:
+                batches = [b.num_rows for b in ipc.open_stream(f)]
+            assert len(batches) > 2 and max(batches) <= 2, batches  # groups of 5 in batches of 1-2 rows

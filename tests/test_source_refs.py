@@ -205,3 +205,56 @@ def test_a_shard_writer_holds_at_most_two_row_groups(tmp_path, monkeypatch, layo
     assert group > 32 * 100_000  # the images themselves
     assert max(allocated) < 2.5 * group, (allocated, group)  # a third group would be 3x
     assert Output(tmp_path / "out").stats["num_written"] == 128
+
+
+@pytest.mark.parametrize("batch_bytes", [2**20, 2**40], ids=["batches-of-1MB", "one-batch-per-group"])
+def test_arrow_record_batches_bound_the_copy_of_a_group(tmp_path, monkeypatch, batch_bytes):
+    """A packed Arrow record batch is one block per column, so its rows are copied out of the
+    parts' chunks while the group and the next one (read ahead) are still held. Batches of at
+    most BATCH_BYTES keep that copy small: the pool never holds much more than two groups. With
+    one batch per group (the contrast case) the same measurement sees three."""
+    import time
+
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    images = {f"n{i}.jpg": imagegen.noise_jpeg((400, 300), seed=i) for i in range(4)}  # about 110 KB
+    rows = [row(f"id_{i:03d}", f"n{i % 4}.jpg") for i in range(128)]
+    inp = write_input(tmp_path / "in", rows, images)
+    group = 32 * min(len(b) for b in images.values())
+    peaks: list[int] = []  # pool bytes once each record batch is built (its copy made)
+    packed_batch, write_row_groups = engine.sinks.arrow.packed_batch, engine.sinks.arrow.write_row_groups
+
+    def measured(*args):
+        batch = packed_batch(*args)
+        peaks.append(pa.total_allocated_bytes())
+        return batch
+
+    def slow(spec, write):  # the reader runs ahead and holds the next group meanwhile
+        def slow_write(g):
+            time.sleep(0.05)
+            write(g)
+
+        return write_row_groups(spec, slow_write)
+
+    monkeypatch.setattr(engine.sinks.arrow, "BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(engine.sinks.arrow, "packed_batch", measured)
+    monkeypatch.setattr(engine.sinks.arrow, "write_row_groups", slow)
+    code = convert(inp, tmp_path / "out", "--layout", "arrow", "--image-format", "keep", "--workers", "1",
+                   "--unit-rows", "16", "--row-group-rows", "32")
+    assert code == 0
+    (shard,) = sorted((tmp_path / "out").glob("*.arrow"))
+    with pa.OSFile(str(shard), "rb") as f:
+        batch_rows = [b.num_rows for b in ipc.open_stream(f)]
+    assert sum(batch_rows) == 128 and len(batch_rows) == len(peaks)
+    if batch_bytes == 2**20:  # 32 rows of about 110 KB: 3.5 MB groups, in batches of 1 MB (9 rows)
+        assert max(batch_rows) <= 9 and len(batch_rows) >= 4 * 4, batch_rows
+        assert max(peaks) < 2.5 * group, (peaks, group)
+    else:
+        assert batch_rows == [32] * 4
+        assert max(peaks) > 2.7 * group, (peaks, group)  # the measurement does see the third group
+    ds = datasets.load_from_disk(str(tmp_path / "out"))
+    assert len(ds) == 128
+    last = ds.with_format("arrow")[-1:]["modalities"].to_pylist()[0]
+    assert [m["value"]["bytes"] for m in last] == [images["n3.jpg"]]
+    assert ds[-1]["modalities"][0]["value"].size == (400, 300)

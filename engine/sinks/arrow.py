@@ -16,9 +16,12 @@ import orjson
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
-from engine.sinks.chunking import shard_name
+from engine.sinks.chunking import plan_chunks, shard_name
 from engine.sinks.shards import ShardResult, ShardSpec, map_list_chunks, write_row_groups
 from engine.sinks.store import Finisher, Store
+
+
+BATCH_BYTES = 16 * 2**20  # a record batch's rows are copied into one block; this bounds the copy
 
 
 def arrow_shard_path(split: str, index: int, count: int, nested: bool) -> str:
@@ -48,8 +51,17 @@ def packed_batch(group: pa.Table, spec: ShardSpec) -> pa.RecordBatch:
 def write_arrow_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
     with spec.store.writing(spec.relpath, finisher=finisher) as tmp:
         with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, spec.schema) as writer:
-            # one record batch per row group
-            num_rows = write_row_groups(spec, lambda group: writer.write_batch(packed_batch(group, spec)))
+
+            def write_group(group: pa.Table) -> None:
+                # A record batch is one block per column, so its rows are copied out of the parts'
+                # chunks, while the group itself and the next one (being read) are still held.
+                # Cutting the group by the rows' byte sizes bounds that third copy to BATCH_BYTES
+                # instead of a whole group (up to 100 MB); the cut depends only on the rows, so
+                # the bytes still do not depend on how units chunked them.
+                for start, stop in plan_chunks(group["num_bytes"].to_pylist(), BATCH_BYTES):
+                    writer.write_batch(packed_batch(group.slice(start, stop - start), spec))
+
+            num_rows = write_row_groups(spec, write_group)
         size = os.path.getsize(tmp)
     return ShardResult(spec.relpath, spec.split, num_rows, size)
 

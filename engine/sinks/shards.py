@@ -41,7 +41,7 @@ class ShardSpec:
     meta_keys: tuple[str, ...]
     text_column: str  # arrow layout: conversations | text
     images_as_paths: bool
-    row_groups: tuple[int, ...]  # rows per row group (record batch), cut by the driver from row sizes
+    row_groups: tuple[int, ...]  # rows per row group, cut by the driver from row sizes
     store: Store
 
 
@@ -76,8 +76,9 @@ def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
     - A group's columns keep the part files' record batches as their chunks: no copy is made
       here. The written bytes still do not depend on how units chunked rows: the Parquet
       writer cuts pages by content (content-defined chunking), whatever the chunks, and the
-      Arrow writer makes each group one record batch. Copying each group into one contiguous
-      block cost the 10k-row pass-through shard phase about 60% more time.
+      Arrow writer cuts each group into record batches by the rows' byte sizes. Copying each
+      group into one contiguous block cost the 10k-row pass-through shard phase about 60% more
+      time.
     """
     pool = pa.default_memory_pool()
     slots = threading.Semaphore(GROUPS_IN_MEMORY)
