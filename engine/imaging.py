@@ -26,6 +26,8 @@ from engine.jpeg_header import read_jpeg_header
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+# "... because AVIF support not installed": the reject reason says so (sniff_non_image).
+warnings.filterwarnings("ignore", message="image file could not be identified", category=UserWarning)
 
 
 class _ThreadWarnings:
@@ -79,6 +81,9 @@ _SOURCE_FORMAT = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"}
 # Modes a reader handles as they are, per stored format: these may pass through untouched.
 _STORABLE = {"jpeg": {"RGB", "L"}, "png": {"RGB", "RGBA", "L", "LA"}, "webp": {"RGB", "RGBA"}}
 _EXTENSION = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# --image-format keep, for a source format no reader takes as it is: lossy photos become JPEG,
+# anything else (TIFF, BMP, GIF, ...) lossless PNG.
+_KEEP_AS = {"HEIF": "jpeg"}
 TRUNCATED_JPEG = "truncated JPEG: no end-of-image marker after the scan data"
 
 
@@ -121,10 +126,9 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
         kept = _keep_plain_jpeg(data, opts)
         if kept is not None:
             return kept
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:
-        return ImageFailure("not an image (unrecognised format)")
+    im = _open(data)
+    if isinstance(im, ImageFailure):
+        return im
     width, height = im.size
     if width < 1 or height < 1:
         return ImageFailure(f"invalid dimensions {width}x{height}")
@@ -150,7 +154,7 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
             return ImageFailure(problem)
         return EncodedImage(data, source, width, height, passthrough=True)
 
-    out_format = opts.format if opts.format != "keep" else (source or "png")
+    out_format = opts.format if opts.format != "keep" else (source or _KEEP_AS.get(im.format or "", "png"))
     im = _normalise_mode_before_resize(im)
     if target != (width, height):
         if im.format in ("JPEG", "MPO"):
@@ -162,6 +166,75 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
         im = im.transpose(_TRANSPOSE[orientation])
     im = _mode_for_format(im, out_format)
     return EncodedImage(_encode(im, out_format, opts.quality), out_format, im.width, im.height, False)
+
+
+def _open(data: bytes) -> Image.Image | ImageFailure:
+    """Pillow's ``open``; HEIF/HEIC (phone photos) through pillow-heif, loaded only when such a
+    file turns up; for anything else that is not an image, a reason that says what it is."""
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        pass
+    kind = sniff_non_image(data)
+    if kind == "HEIF" and _heif_opener():
+        try:
+            return Image.open(io.BytesIO(data))
+        except Image.UnidentifiedImageError:
+            return ImageFailure("not an image (a HEIF container pillow-heif cannot read)")
+    if kind == "HEIF":
+        return ImageFailure("HEIF/HEIC image, which needs pillow-heif (pip install pillow-heif)")
+    return ImageFailure(f"not an image ({_NON_IMAGES.get(kind, 'unrecognised format')})")
+
+
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+_NON_IMAGES = {
+    "AVIF": "an AVIF image, which this Pillow build cannot decode",
+    "JXL": "a JPEG XL image, which this Pillow build cannot decode",
+    "PDF": "a PDF document",
+    "HTML": "an HTML page, such as a server's error page",
+    "SVG": "an SVG drawing; vector images are not converted",
+}
+
+
+def sniff_non_image(data: bytes) -> str | None:
+    """What a file Pillow does not recognise is, from its first bytes: HEIF, AVIF, JXL, PDF,
+    HTML, SVG, or None."""
+    if data[4:8] == b"ftyp":
+        major = data[8:12]
+        brands = {major} | {data[i:i + 4] for i in range(16, min(len(data), 64), 4)}
+        if major in (b"avif", b"avis"):
+            return "AVIF"
+        if major in _HEIF_BRANDS or brands & _HEIF_BRANDS:
+            return "HEIF"
+    if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
+        return "JXL"
+    if data[:5] == b"%PDF-":
+        return "PDF"
+    head = data[:1024].lstrip().lower()
+    if head.startswith(b"<"):
+        if b"<svg" in head:
+            return "SVG"
+        if b"<html" in head or b"<!doctype html" in head:
+            return "HTML"
+    return None
+
+
+_HEIF_LOCK = threading.Lock()
+_heif_state: list[bool] = []  # [registered?] once tried
+
+
+def _heif_opener() -> bool:
+    """Register pillow-heif's opener with Pillow, once per process; False when it is missing."""
+    with _HEIF_LOCK:
+        if not _heif_state:
+            try:
+                import pillow_heif
+            except ImportError:
+                _heif_state.append(False)
+            else:
+                pillow_heif.register_heif_opener()
+                _heif_state.append(True)
+        return _heif_state[0]
 
 
 def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure | None:

@@ -121,6 +121,16 @@ def oriented(orientation: int, fmt: str = "JPEG", size: tuple[int, int] = UPRIGH
     return encode(stored_for_orientation(quadrant_image(size), orientation), fmt, orientation=orientation)
 
 
+def oriented_heic(orientation: int, size: tuple[int, int] = UPRIGHT_SIZE) -> bytes:
+    """``oriented`` as a HEIC file (HEVC in a HEIF container, pillow-heif's encoder): what phones
+    save. pillow-heif turns the EXIF orientation into the container's rotation and mirror."""
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    return encode(stored_for_orientation(quadrant_image(size), orientation), "HEIF", orientation=orientation,
+                  quality=90)
+
+
 def jpeg(size: tuple[int, int] = UPRIGHT_SIZE, mode: str = "RGB", quality: int = 95) -> bytes:
     """A plain upright quadrant JPEG without EXIF (a pass-through candidate)."""
     im = quadrant_image(size)

@@ -200,3 +200,18 @@ def test_keep_format_passes_through_and_still_orients(tmp_path):
     assert rot.size == imagegen.UPRIGHT_SIZE, "pixels are always stored upright, even with keep"
     assert orientation_tag(rot) is None
     imagegen.assert_quadrants(rot)
+
+
+def test_keep_format_stores_heic_as_jpeg_and_tiff_as_png(tmp_path):
+    """Formats no reader takes as they are: a lossy phone photo becomes JPEG, anything else PNG."""
+    inp = write_input(
+        tmp_path / "in",
+        [row("heic", "a.heic"), row("tiff", "b.tiff")],
+        {"a.heic": imagegen.oriented_heic(8), "b.tiff": imagegen.encode(imagegen.quadrant_image(), "TIFF")},
+    )
+    assert convert(inp, tmp_path / "out", "--image-format", "keep") == 0
+    rows = Output(tmp_path / "out").by_id()
+    formats = {k: decode(v["image"]).format for k, v in rows.items()}
+    assert formats == {"heic": "JPEG", "tiff": "PNG"}, formats
+    for r in rows.values():
+        imagegen.assert_quadrants(decode(r["image"]))

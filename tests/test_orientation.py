@@ -50,9 +50,13 @@ def converted(tmp_path_factory):
         rows.append(row(f"jpeg_{o}", f"img/jpeg_{o}.jpg"))
         images[f"img/png_{o}.png"] = imagegen.oriented(o, "PNG")
         rows.append(row(f"png_{o}", f"img/png_{o}.png"))
+        images[f"img/heic_{o}.heic"] = imagegen.oriented_heic(o)
+        rows.append(row(f"heic_{o}", f"img/heic_{o}.heic"))
     for o in (6, 7):  # large: downscale and orientation together
         images[f"img/large_{o}.jpg"] = imagegen.oriented(o, "JPEG", size=LARGE)
         rows.append(row(f"large_{o}", f"img/large_{o}.jpg"))
+    images["img/large_heic_6.heic"] = imagegen.oriented_heic(6, size=LARGE)
+    rows.append(row("large_heic_6", "img/large_heic_6.heic"))
     inp = write_input(root / "in", rows, images)
     out = root / "out"
     code = convert(inp, out)
@@ -63,11 +67,11 @@ def test_run_succeeds_without_rejects(converted):
     code, out = converted
     assert code == 0
     assert out.rejects == []
-    assert out.stats["num_written"] == 18
+    assert out.stats["num_written"] == 27
 
 
 @pytest.mark.parametrize("orientation", ORIENTATIONS)
-@pytest.mark.parametrize("kind", ["jpeg", "png"])
+@pytest.mark.parametrize("kind", ["jpeg", "png", "heic"])
 def test_orientation_applied(converted, kind, orientation):
     _, out = converted
     r = out.by_id()[f"{kind}_{orientation}"]
@@ -76,8 +80,17 @@ def test_orientation_applied(converted, kind, orientation):
     imagegen.assert_quadrants(im)
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_heic_becomes_jpeg(converted, orientation):
+    """HEIC is never passed through (few readers decode it): it is stored as a JPEG."""
+    _, out = converted
+    r = out.by_id()[f"heic_{orientation}"]
+    assert decode(r["image"]).format == "JPEG"
+    assert r["image"]["path"].endswith(".jpg"), r["image"]["path"]
+
+
 @pytest.mark.parametrize("orientation", range(2, 9))
-@pytest.mark.parametrize("kind", ["jpeg", "png"])
+@pytest.mark.parametrize("kind", ["jpeg", "png", "heic"])
 def test_orientation_tag_removed(converted, kind, orientation):
     _, out = converted
     im = decode(out.by_id()[f"{kind}_{orientation}"]["image"])
@@ -92,12 +105,21 @@ def test_orientation_1_is_not_rotated(converted, kind):
     assert ImageOps.exif_transpose(im).size == imagegen.UPRIGHT_SIZE
 
 
-@pytest.mark.parametrize("orientation", [6, 7])
-def test_large_rotated_image_is_downscaled_and_upright(converted, orientation):
+@pytest.mark.parametrize("image_id", ["large_6", "large_7", "large_heic_6"])
+def test_large_rotated_image_is_downscaled_and_upright(converted, image_id):
     _, out = converted
-    im = decode(out.by_id()[f"large_{orientation}"]["image"])
+    im = decode(out.by_id()[image_id]["image"])
     assert orientation_tag(im) is None
     w, h = im.size
     assert w == 1024, f"longest side should be the default --max-size 1024, got {im.size}"
     assert h in (682, 683), f"aspect ratio lost: {im.size}"
     imagegen.assert_quadrants(im)
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_heic_becomes_jpeg(converted, orientation):
+    """HEIC is never passed through (few readers decode it): it is stored as a JPEG."""
+    _, out = converted
+    r = out.by_id()[f"heic_{orientation}"]
+    assert decode(r["image"]).format == "JPEG"
+    assert r["image"]["path"].endswith(".jpg"), r["image"]["path"]

@@ -4,6 +4,8 @@ and writes the good rows."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -298,3 +300,42 @@ def test_duplicate_far_apart_keeps_first(tmp_path):
     assert len(out.rows()) == 150
     assert out.by_id()["id_000"]["meta"]["note"] == "n0"
     assert [(r["line"], r["stage"]) for r in out.rejects] == [(151, "duplicate")]
+
+
+NOT_IMAGES = {
+    "page.html": (b"\n  <!DOCTYPE html>\n<html><body>404</body></html>", "an HTML page"),
+    "doc.pdf": (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "a PDF document"),
+    "draw.svg": (b'<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"/>', "an SVG drawing"),
+    "photo.avif": (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), "an AVIF image"),
+    "photo.jxl": (b"\xff\x0a" + bytes(64), "a JPEG XL image"),
+    "junk.bin": (b"\x00\x01\x02\x03" * 40, "unrecognised format"),
+    "bad.heic": (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(100), "HEIF container"),
+}
+
+
+def test_files_that_are_not_images_say_what_they_are(tmp_path):
+    inp = write_input(tmp_path / "in", [row(name, name) for name in NOT_IMAGES],
+                      {name: data for name, (data, _) in NOT_IMAGES.items()})
+    assert convert(inp, tmp_path / "out") == 0
+    out = Output(tmp_path / "out")
+    assert out.stats["num_written"] == 0
+    reasons = {r["image_id"]: (r["stage"], r["reason"]) for r in out.rejects}
+    for name, (_, says) in NOT_IMAGES.items():
+        stage, reason = reasons[name]
+        assert stage == "decode" and reason.startswith("not an image (") and says in reason, (name, reason)
+
+
+def test_heif_support_is_loaded_only_for_heif(tmp_path):
+    """pillow-heif (50 ms to import) stays out of a run that meets no HEIF file."""
+    code = (
+        "import sys\n"
+        "from engine.config import ImageOptions\n"
+        "from engine.imaging import transform_image\n"
+        f"assert transform_image({imagegen.jpeg()!r}, ImageOptions()).format == 'jpeg'\n"
+        "assert transform_image(b'<html>', ImageOptions()).reason\n"
+        "assert 'pillow_heif' not in sys.modules\n"
+        f"assert transform_image({imagegen.oriented_heic(1)!r}, ImageOptions()).format == 'jpeg'\n"
+        "assert 'pillow_heif' in sys.modules\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
