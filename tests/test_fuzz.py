@@ -28,6 +28,7 @@ BASES = {
     "png": imagegen.png(mode="RGBA"),
     "webp": imagegen.webp(),
     "palette": imagegen.palette_png_with_transparency(),
+    "heic": imagegen.oriented_heic(6),  # libheif, through pillow-heif
 }
 
 
