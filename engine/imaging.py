@@ -11,6 +11,7 @@ EXIF transpose, on the small image.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import math
 import struct
@@ -176,14 +177,14 @@ def _open(data: bytes) -> Image.Image | ImageFailure:
     except Image.UnidentifiedImageError:
         pass
     kind = sniff_non_image(data)
-    if kind == "HEIF" and _heif_opener():
-        try:
-            return Image.open(io.BytesIO(data))
-        except Image.UnidentifiedImageError:
-            return ImageFailure("not an image (a HEIF container pillow-heif cannot read)")
-    if kind == "HEIF":
+    if kind != "HEIF":
+        return ImageFailure(f"not an image ({_NON_IMAGES.get(kind, 'unrecognised format')})")
+    if not _heif_opener():
         return ImageFailure("HEIF/HEIC image, which needs pillow-heif (pip install pillow-heif)")
-    return ImageFailure(f"not an image ({_NON_IMAGES.get(kind, 'unrecognised format')})")
+    try:
+        return Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        return ImageFailure("not an image (a HEIF container pillow-heif cannot read)")
 
 
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
@@ -204,7 +205,7 @@ def sniff_non_image(data: bytes) -> str | None:
         brands = {major} | {data[i:i + 4] for i in range(16, min(len(data), 64), 4)}
         if major in (b"avif", b"avis"):
             return "AVIF"
-        if major in _HEIF_BRANDS or brands & _HEIF_BRANDS:
+        if brands & _HEIF_BRANDS:
             return "HEIF"
     if data[:2] == b"\xff\x0a" or data[:12] == b"\x00\x00\x00\x0cJXL \r\n\x87\n":
         return "JXL"
@@ -219,22 +220,16 @@ def sniff_non_image(data: bytes) -> str | None:
     return None
 
 
-_HEIF_LOCK = threading.Lock()
-_heif_state: list[bool] = []  # [registered?] once tried
-
-
+@functools.cache
 def _heif_opener() -> bool:
-    """Register pillow-heif's opener with Pillow, once per process; False when it is missing."""
-    with _HEIF_LOCK:
-        if not _heif_state:
-            try:
-                import pillow_heif
-            except ImportError:
-                _heif_state.append(False)
-            else:
-                pillow_heif.register_heif_opener()
-                _heif_state.append(True)
-        return _heif_state[0]
+    """Register pillow-heif's opener with Pillow, once per process (two threads may both do it,
+    which is harmless); False when pillow-heif is missing."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure | None:

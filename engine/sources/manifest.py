@@ -88,7 +88,11 @@ def check_has_rows(manifest: str) -> None:
                 block, first = block.removeprefix(BOM), False
             if block.strip():
                 return
-    raise UsageError(f"manifest {manifest} holds no rows (it is empty or has only blank lines)")
+    raise _no_rows(manifest)
+
+
+def _no_rows(manifest: str) -> UsageError:
+    return UsageError(f"manifest {manifest} holds no rows (it is empty or has only blank lines)")
 
 
 def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
@@ -142,7 +146,7 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
     if unit_count:
         bounds.append((unit_start, offset, unit_first_line, unit_count))
     if not num_rows:  # emptied since check_has_rows
-        raise UsageError(f"manifest {manifest} holds no rows (it is empty or has only blank lines)")
+        raise _no_rows(manifest)
     duplicates = _duplicate_lines(id_frames)
     units = []
     for i, (start, end, first, rows) in enumerate(bounds):
