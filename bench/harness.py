@@ -58,6 +58,9 @@ def measure_tool(tool: str, command: list[str], corpus: Corpus, run_dir: Path, *
     """Run one tool once, check its output, and return the run record."""
     if run_dir.exists():
         shutil.rmtree(run_dir)
+    # Write back what earlier tools left dirty, so that its writeback does not land on this one
+    # (the engine fsyncs its shards; the limit writes nothing).
+    os.sync()
     out = run_dir / "out"
     m = run_measured(command, cwd=REPO_ROOT, env={**_env(workdir, run_dir), **(extra_env or {})}, timeout=timeout,
                      log_path=run_dir / "log.txt", cores=os.cpu_count())
