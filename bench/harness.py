@@ -61,6 +61,7 @@ def measure_tool(tool: str, command: list[str], corpus: Corpus, run_dir: Path, *
     # Write back what earlier tools left dirty, so that its writeback does not land on this one
     # (the engine fsyncs its shards; the limit writes nothing).
     os.sync()
+    warm_page_cache(corpus)
     out = run_dir / "out"
     m = run_measured(command, cwd=REPO_ROOT, env={**_env(workdir, run_dir), **(extra_env or {})}, timeout=timeout,
                      log_path=run_dir / "log.txt", cores=os.cpu_count())
@@ -146,7 +147,6 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
     for name in opts.scenarios:
         scenario = SCENARIOS[name]
         corpus = build_corpus(scenario.corpus, opts.n, opts.workdir)
-        warm_page_cache(corpus)
         if opts.rows and opts.rows != corpus.num_rows:
             corpus = cycled(corpus, opts.rows, opts.workdir / "cycled" / f"{corpus.name}-{opts.n}x{opts.rows}")
         log.info("scenario %s: %s (%d rows, %.0f MB)", name, scenario.description,
@@ -189,7 +189,6 @@ def run_memory(*, sizes: list[int], workdir: Path, results_dir: Path, workers: i
     """Engine pass-through at growing row counts over the same few hundred images."""
     reason = engine_available()
     corpus = build_corpus(corpus_name, base_images, workdir)
-    warm_page_cache(corpus)
     points = []
     for size in sizes:
         if reason:
@@ -224,7 +223,6 @@ def run_scaling(*, n: int, workdir: Path, results_dir: Path, max_workers: int,
     reason = engine_available()
     scenario = SCENARIOS["photos-parquet"]
     corpus = build_corpus(scenario.corpus, n, workdir)
-    warm_page_cache(corpus)
     points = []
     for workers in range(1, max_workers + 1):
         if reason:

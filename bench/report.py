@@ -245,9 +245,10 @@ NOTES = """## Notes
   `stats.json` is shown as "own". MB/s = input bytes / wall time.
 - A column with a small n (a smoke test such as `--n 8`) measures start-up (Ray about
   10–15 s here), not throughput; compare tools only at n ≥ 200.
-- Tools run one after another, interleaved per repeat, never concurrently; every input file
-  is read once before timing, so all tools see a warm page cache, and the harness runs
-  `sync` before each tool, so no tool pays for the writeback of what an earlier one wrote.
+- Tools run one after another, interleaved per repeat, never concurrently. Right before each
+  tool runs, the harness runs `sync` (so no tool pays for the writeback of what an earlier one
+  wrote) and reads every input file (so each starts with a warm page cache: this machine
+  pages out memory not touched for about 30 s, so a warm-up per batch did not last).
 - Peak RSS sums RSS over the whole process tree, sampled every 50 ms; memory shared between
   processes (Ray's object store, forked workers' copy-on-write pages) counts once per process,
   so it over-states Ray and `multiprocessing` tools. CPU util = CPU seconds of the tree /
