@@ -354,7 +354,7 @@ def warm_page_cache(corpus: Corpus) -> None:
     """Read every image the manifest names, so that no tool pays for cold reads. The harness
     does this right before each tool runs: the machines this was measured on page out memory
     not touched for about 30 s (DAMON ``pageout``), so one warm-up per batch did not last
-    through the slower peers, and whichever tool ran first after them read from disk."""
+    through the slower peers, and whichever tool ran first after them could read from disk."""
     for path in {corpus.root / row["image_path"] for row in _manifest_rows(corpus)}:
         with contextlib.suppress(OSError):  # the mixed corpus names missing files on purpose
             path.read_bytes()
