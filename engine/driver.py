@@ -132,9 +132,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     started = time.perf_counter()
     progress = progress or NullProgress()
     task = load_task_config(opts.config) if opts.config else None
-    if not location.exists(opts.manifest):
-        raise UsageError(f"manifest not found: {opts.manifest}")
-    check_has_rows(opts.manifest)
+    check_has_rows(opts.manifest)  # also "manifest not found"
     store = Store(opts.out)
     if opts.resume and is_finished(store):
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
