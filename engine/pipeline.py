@@ -193,8 +193,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
             stored = _store_images(row, images, [st for _, st in payloads], ctx)
             sample = Sample(line=row.line, split=row.split, image_id=row.image_id, images=stored, meta=row.meta,
                             output=checked.output, conversations=checked.conversations, text=checked.text)
-            writer.write(sample)
-            sizes.setdefault(row.split, []).append(sample.num_bytes)
+            sizes.setdefault(row.split, []).append(writer.write(sample))
             extra_keys.update(k for k in row.meta if k not in META_FIXED)
             text_columns.add("text" if checked.text is not None else "conversations")
             num_passthrough += sum(im.passthrough for im in images)

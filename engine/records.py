@@ -92,7 +92,8 @@ PART_SCHEMA = pa.schema(
 )
 
 
-def samples_to_part_batch(samples: list[Sample]) -> pa.RecordBatch:
+def samples_to_part_batch(samples: list[Sample], sizes: list[int]) -> pa.RecordBatch:
+    """The part file's rows; ``sizes`` are the samples' ``num_bytes``, computed once by the caller."""
     return pa.RecordBatch.from_arrays(
         [
             pa.array([s.line for s in samples], pa.int64()),
@@ -105,7 +106,7 @@ def samples_to_part_batch(samples: list[Sample]) -> pa.RecordBatch:
             pa.array([s.conversations for s in samples], pa.string()),
             pa.array([s.text for s in samples], pa.string()),
             pa.array([orjson.dumps(s.meta).decode() for s in samples], pa.string()),
-            pa.array([s.num_bytes for s in samples], pa.int64()),
+            pa.array(sizes, pa.int64()),
         ],
         schema=PART_SCHEMA,
     )

@@ -31,20 +31,25 @@ class PartWriter:
 
     def __init__(self, store: Store, rel: str):
         self._pending: list[Sample] = []
+        self._sizes: list[int] = []
         self._ctx = store.writing(rel, durable=False)  # scratch: a resumed run checks its size
         self._tmp = self._ctx.__enter__()
         self._sink = pa.OSFile(self._tmp, "wb")
         self._writer = ipc.new_stream(self._sink, PART_SCHEMA)
 
-    def write(self, sample: Sample) -> None:
+    def write(self, sample: Sample) -> int:
+        """Queue one row; returns its size as the part records it (``Sample.num_bytes``)."""
+        size = sample.num_bytes
         self._pending.append(sample)
+        self._sizes.append(size)
         if len(self._pending) >= BATCH_ROWS:
             self._flush()
+        return size
 
     def _flush(self) -> None:
         if self._pending:
-            self._writer.write_batch(samples_to_part_batch(self._pending))
-            self._pending = []
+            self._writer.write_batch(samples_to_part_batch(self._pending, self._sizes))
+            self._pending, self._sizes = [], []
 
     def close(self) -> int:
         """Finish the file; returns its size in bytes."""
