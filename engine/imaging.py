@@ -86,6 +86,11 @@ _EXTENSION = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 # anything else (TIFF, BMP, GIF, ...) lossless PNG.
 _KEEP_AS = {"HEIF": "jpeg"}
 TRUNCATED_JPEG = "truncated JPEG: no end-of-image marker after the scan data"
+# Bytes a JPEG's decoder is given per call. Pillow's default (ImageFile.MAXBLOCK, 64 KB) makes
+# about 40 calls for a 2.5 MB photo, each giving the GIL back and taking it again, so the
+# driver's threads queue for it; one call per photo decoded 200 photos in two threads 5% faster
+# (same pixels), and one thread 2.5% faster. The cap bounds the copy a larger file costs.
+JPEG_DECODE_BLOCK = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +178,13 @@ def _open(data: bytes) -> Image.Image | ImageFailure:
     """Pillow's ``open``; HEIF/HEIC (phone photos) through pillow-heif, loaded only when such a
     file turns up; for anything else that is not an image, a reason that says what it is."""
     try:
-        return Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         pass
+    else:
+        if im.format in ("JPEG", "MPO"):
+            im.decodermaxblock = max(im.decodermaxblock, min(len(data), JPEG_DECODE_BLOCK))
+        return im
     kind = sniff_non_image(data)
     if kind != "HEIF":
         return ImageFailure(f"not an image ({_NON_IMAGES.get(kind, 'unrecognised format')})")

@@ -11,9 +11,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import imagegen
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
-from engine.imaging import ImageFailure, read_orientation
+from engine import imaging
+from engine.config import ImageOptions
+from engine.imaging import ImageFailure, read_orientation, transform_image
 from engine.pipeline import ImageTimeout, time_limit
 from engine.runners.ray_runner import RayRunner, _LocalLane
 
@@ -43,6 +45,40 @@ def test_corrupt_exif_is_told_apart_from_good_exif_in_many_threads():
             assert result == 6
         else:
             assert isinstance(result, ImageFailure) and "corrupt EXIF block" in result.reason
+
+
+def test_a_photo_reaches_the_jpeg_decoder_in_one_call_with_the_same_pixels(monkeypatch):
+    """Pillow feeds a decoder 64 KB per call, giving the GIL back and taking it again around each
+    one; the engine hands a JPEG over whole (up to JPEG_DECODE_BLOCK). Same bytes out, and a
+    truncated file is still refused."""
+    data = imagegen.noise_jpeg((1600, 1200), quality=95)
+    assert len(data) > 4 * ImageFile.MAXBLOCK
+    opts = ImageOptions(max_size=700)
+    calls: list[int] = []
+    real = Image._getdecoder
+
+    class Counting:
+        def __init__(self, decoder):
+            self._decoder = decoder
+
+        def decode(self, buffer):
+            calls.append(len(buffer))
+            return self._decoder.decode(buffer)
+
+        def __getattr__(self, name):
+            return getattr(self._decoder, name)
+
+    monkeypatch.setattr(Image, "_getdecoder", lambda *args: Counting(real(*args)))
+    whole = transform_image(data, opts)
+    assert len(calls) == 1
+    calls.clear()
+    monkeypatch.setattr(imaging, "JPEG_DECODE_BLOCK", ImageFile.MAXBLOCK)
+    in_blocks = transform_image(data, opts)
+    assert len(calls) > 4
+    assert whole.data == in_blocks.data and (whole.width, whole.height) == (700, 525)
+    monkeypatch.undo()
+    cut = transform_image(data[: len(data) // 2], opts)
+    assert isinstance(cut, ImageFailure) and "truncated" in cut.reason
 
 
 def _bounded(seconds: float, sleep: float) -> str:

@@ -21,6 +21,7 @@ from PIL import Image, ImageOps
 log = logging.getLogger(__name__)
 
 EXIF_ORIENTATION = 0x0112
+JPEG_DECODE_BLOCK = 4 << 20  # engine/imaging.py's value
 # Orientation tag value -> the transpose that makes the pixels upright. Deliberately a copy of
 # engine/imaging.py's table: peers and the limit probe must not import the engine they are compared with.
 ORIENTATION_TRANSPOSE = {
@@ -132,11 +133,14 @@ def exif_orientation(im: Image.Image) -> int:
 
 
 def fast_resize_encode(data: bytes, max_size: int, quality: int) -> bytes | None:
-    """The imaging floor: draft → thumbnail → transpose on the small image → JPEG encode."""
+    """The imaging floor: draft → thumbnail → transpose on the small image → JPEG encode.
+    The JPEG decoder gets the photo in one call, not 64 KB at a time, as the engine gives it
+    (``engine.imaging.JPEG_DECODE_BLOCK``): the floor keeps every trick the engine uses."""
     try:
         im = Image.open(io.BytesIO(data))
         orientation = exif_orientation(im)
         if im.format == "JPEG":
+            im.decodermaxblock = max(im.decodermaxblock, min(len(data), JPEG_DECODE_BLOCK))
             im.draft("RGB", (max_size, max_size))
         im.thumbnail((max_size, max_size))
         if orientation in ORIENTATION_TRANSPOSE:
