@@ -160,6 +160,18 @@ def test_column_chunks(out):
             assert col.has_offset_index, f"page index missing for {col.path_in_schema}"
 
 
+def test_content_defined_chunking_metadata_is_what_datasets_writes(out, tmp_path):
+    """The key-value metadata `datasets` stores beside its own Parquet shards, measured by really
+    writing one with the installed `datasets`."""
+    import datasets
+
+    theirs = tmp_path / "theirs.parquet"
+    datasets.Dataset.from_dict({"image_id": ["a"]}).to_parquet(str(theirs))
+    want = pq.read_metadata(theirs).metadata[b"content_defined_chunking"]
+    for shard in out.shard_files:
+        assert pq.read_metadata(shard).metadata[b"content_defined_chunking"] == want
+
+
 def test_rows_and_meta(out):
     rows = out.by_id()
     assert sorted(rows) == ["3017620422003_1", "3017620422003_2", "7038010005459_5", "7038010005459_6"]
