@@ -60,6 +60,30 @@ def load_task_config(path: str) -> TaskConfig:
     return parse_task_config(raw, os.path.basename(path) or path)
 
 
+EXTRAS = {"s3": "s3", "s3a": "s3"}  # protocol -> the engine's pip extra that installs its filesystem
+
+
+def check_filesystems(opts: ConvertOptions) -> None:
+    """Every fsspec URL among the options has its filesystem package installed: else one line
+    naming the package and how to install it, before anything is read or written."""
+    from fsspec.registry import get_filesystem_class, known_implementations
+
+    for option, where in (("--manifest", opts.manifest), ("--config", opts.config), ("--out", opts.out),
+                          ("--base-path", opts.base_path)):
+        if not where or not location.is_url(where) or where.startswith("file://"):
+            continue
+        protocol = where.split("://", 1)[0].lower()
+        try:
+            get_filesystem_class(protocol)
+        except ValueError:
+            raise UsageError(f"{option} {where}: unknown protocol {protocol!r}") from None
+        except ImportError:
+            package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+            extra = EXTRAS.get(protocol)
+            how = f"pip install 'engine[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
+            raise UsageError(f"{option} {where} needs the {package} package, which is not installed: {how}") from None
+
+
 def prepare_out(store: Store, overwrite: bool, resume: bool) -> None:
     """Check the output folder is free (or may be replaced, or resumed)."""
     if not store.remote and os.path.exists(store.root) and not os.path.isdir(store.root):
@@ -163,6 +187,7 @@ def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, em
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
     started = time.perf_counter()
     progress = progress or NullProgress()
+    check_filesystems(opts)
     task = load_task_config(opts.config) if opts.config else None
     check_has_rows(opts.manifest)  # also "manifest not found"
     store = Store(opts.out)

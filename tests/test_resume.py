@@ -168,6 +168,26 @@ def test_resume_of_a_finished_output_does_nothing(crash_input, reference, tmp_pa
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
+def test_resume_of_a_finished_output_with_other_options_is_refused(crash_input, reference, tmp_path, capsys):
+    """The old dataset must never pass for the one asked for: differences are named, exit 2."""
+    out = reference["parquet"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert run_main(_args(crash_input, out, "parquet", "--resume", "--quality", "50", "--max-size", "300")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0], err
+    assert "image.quality" in err[0] and "image.max_size" in err[0], err
+    other = write_input(tmp_path / "in2", [row("x", str(crash_input.root / "img/0.jpg"))],
+                        config={"instructions": "Something else", "json_schema": {"type": "object"}})
+    argv = _args(crash_input, out, "parquet", "--resume")
+    argv[argv.index("--config") + 1] = str(other.config)
+    assert run_main(argv) == 2
+    assert "config_sha256" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # what only changes how the run goes (workers, timeouts) is no difference
+    assert run_main(_args(crash_input, out, "parquet", "--resume", "--workers", "1", "--http-timeout", "5")) == 0
+
+
 def test_resume_of_a_foreign_folder_is_refused(crash_input, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
