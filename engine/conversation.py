@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
 
+_PLACEHOLDER = re.compile(r"\{(instructions|json_schema)\}")
 SCHEMA_SENTENCE = "Response must be formatted as JSON, and follow this JSON schema:"
 PROMPT_TEMPLATES = {
     "plain": "{instructions}",
@@ -17,10 +19,10 @@ PROMPT_TEMPLATES = {
 def render_prompt(template: str, instructions: str, json_schema: dict[str, Any]) -> str:
     """``template`` is a preset name (``plain``, ``json-schema``) or a string with ``{instructions}``
     and/or ``{json_schema}`` placeholders."""
-    schema = orjson.dumps(json_schema).decode()  # compact, keys in the config's order, as labelr's
-    if template in PROMPT_TEMPLATES:  # one pass: a placeholder inside the instructions stays text
-        return PROMPT_TEMPLATES[template].format(instructions=instructions, json_schema=schema)
-    return template.replace("{instructions}", instructions).replace("{json_schema}", schema)
+    values = {"instructions": instructions,
+              "json_schema": orjson.dumps(json_schema).decode()}  # compact, the config's key order, as labelr's
+    # one pass, so a placeholder written inside the instructions stays text
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PROMPT_TEMPLATES.get(template, template))
 
 
 def user_content(prompt: str, attachment_token: str, num_images: int = 1, position: str = "after") -> str:

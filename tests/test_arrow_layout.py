@@ -355,6 +355,14 @@ def test_custom_token_and_template(small_labelr, tmp_path):
         assert count_tokens(sample, "<image>") == len(sample["modalities"]) == 1
 
 
+def test_attachment_position_before(small_labelr, tmp_path):
+    out = tmp_path / "out"
+    assert convert_arrow(small_labelr, out, "--attachment-position", "before", "--prompt-template", "json-schema") == 0
+    for sample in datasets.load_from_disk(str(out)):
+        user = sample["conversations"][0]["content"]
+        assert user == TOKEN + "\n" + INSTRUCTIONS + "\n\n" + SCHEMA_SENTENCE + "\n" + COMPACT_SCHEMA
+
+
 # ---------------------------------------------------------------------------------------------
 # the trainer's own JSONL: several images per sample, pretraining text, rejects
 # ---------------------------------------------------------------------------------------------
