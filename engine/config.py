@@ -192,6 +192,8 @@ def _check_options(o: ConvertOptions) -> str | None:
         return f"--modality-feature must be one of {', '.join(MODALITY_FEATURES)}, not {o.modality_feature!r}"
     if o.attachment_position not in ATTACHMENT_POSITIONS:
         return f"--attachment-position must be one of {', '.join(ATTACHMENT_POSITIONS)}, not {o.attachment_position!r}"
+    if o.modality_feature != "recipe" and (o.layout != "arrow" or o.images_as_paths):
+        return "--modality-feature applies to the packed raw-image layout only (--layout arrow, no --images-as-paths)"
     if (o.absolute_paths or o.paths_relative_to) and not o.images_as_paths:
         return "--absolute-paths and --paths-relative-to apply to --images-as-paths only"
     if o.absolute_paths and o.paths_relative_to:

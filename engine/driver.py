@@ -146,6 +146,8 @@ def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig 
     fingerprint = run_fingerprint(opts, task, digest.hexdigest())
     # an output from before fingerprints were kept in stats.json: compare its resolved options
     previous = stats.get("fingerprint") or {**fingerprint, "options": _output_defining(stats.get("options", {}))}
+    for doc in (previous, fingerprint):  # a finished dataset may have been moved: still the same one
+        doc["options"].pop("out", None)
     changed = sorted(_differences(previous, fingerprint))
     if changed:
         raise UsageError(f"cannot resume: {opts.out} is a finished dataset made with a different {', '.join(changed)}; "
@@ -154,11 +156,19 @@ def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig 
 
 
 def _output_defining(options: dict[str, Any]) -> dict[str, Any]:
+    """The output-defining part of a stats.json's resolved options. An option the older engine
+    did not have is None, so it shows as a difference: that engine wrote without it."""
     try:
-        return ConvertOptions(**{**options, "image": ImageOptions(**options["image"]),
-                                 "fetch": FetchOptions(**options["fetch"])}).output_defining()
-    except (TypeError, KeyError, UsageError):  # options of another engine version
+        doc = ConvertOptions(**{**options, "image": ImageOptions(**options["image"]),
+                                "fetch": FetchOptions(**options["fetch"])}).output_defining()
+    except (TypeError, KeyError, UsageError):  # options this engine cannot read
         return options
+    for key, value in doc.items():
+        if key not in options:
+            doc[key] = None
+        elif isinstance(value, dict):
+            doc[key] = {k: v if k in options[key] else None for k, v in value.items()}
+    return doc
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:

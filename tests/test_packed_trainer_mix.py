@@ -204,6 +204,13 @@ def test_path_options_need_fs_image(mix, tmp_path, extra, capsys):
     assert "--images-as-paths" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [("--layout", "arrow", "--images-as-paths"), ("--layout", "parquet")])
+def test_modality_feature_needs_raw_image(mix, tmp_path, extra, capsys):
+    assert convert(mix["inp"], tmp_path / "x", "--modality-feature", "image", *extra) == 2
+    assert "--modality-feature" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 # --- several splits: which folder packed_path names ------------------------------------------
 
 
