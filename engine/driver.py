@@ -306,7 +306,7 @@ def layout_features(results: list[UnitResult], opts: ConvertOptions):
     columns = {c for r in results for c in r.text_columns}
     if len(columns) > 1:
         raise UsageError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
-                         "convert them into separate datasets")
+                         "convert them into separate datasets (then run again with --overwrite)")
     text_column = columns.pop() if columns else "conversations"
     features = packed_features(text_column=text_column, images_as_paths=opts.images_as_paths,
                                modality_feature=opts.modality_feature)
