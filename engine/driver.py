@@ -77,8 +77,10 @@ def check_filesystems(opts: ConvertOptions) -> None:
             get_filesystem_class(protocol)
         except ValueError:
             raise UsageError(f"{option} {where}: unknown protocol {protocol!r}") from None
-        except ImportError:
+        except ImportError as exc:
             package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+            if package == "fsspec":  # built into fsspec (http, ...): its own message names what it lacks
+                raise UsageError(f"{option} {where}: {exc}") from None
             extra = EXTRAS.get(protocol)
             how = f"pip install 'engine[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
             raise UsageError(f"{option} {where} needs the {package} package, which is not installed: {how}") from None

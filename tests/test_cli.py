@@ -407,3 +407,13 @@ def test_mixed_text_and_conversations_rows_exit_2(capsys, tmp_path):
     argv = ["convert", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--layout", "arrow",
             "--runner", "local", "--quiet"]
     assert_usage_error(capsys, argv, "mixes")
+
+
+def test_missing_package_of_a_filesystem_built_into_fsspec_is_named(good, tmp_path):
+    """fsspec's own HTTP filesystem needs aiohttp: its message, not a wrong package name."""
+    code = "import sys; sys.modules['aiohttp'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = _argv(good, tmp_path / "out", manifest="https://127.0.0.1:9/m.jsonl")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--manifest" in lines[0] and "aiohttp" in lines[0], lines[0]
