@@ -82,7 +82,22 @@ def _image_bytes(table: pa.Table) -> tuple[list[bytes | None], list[str | None]]
     return column.to_pylist(), ids
 
 
-def _collect(out: Path) -> tuple[int, list[tuple[str | None, bytes]]]:
+def _ids_in_line_order(out: Path, manifest: Path) -> list[str]:
+    """The ids of the rows an engine wrote: its manifest's, in line order, less the lines in its
+    rejects.jsonl. The packed raw-image rows carry no id (the trainer recipe's struct has no file
+    name), and the engine writes rows in line order."""
+    rejects = out / "rejects.jsonl"
+    text = rejects.read_text() if rejects.exists() else ""
+    rejected = {json.loads(line)["line"] for line in text.splitlines() if line.strip()}
+    ids = []
+    for number, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip() and number not in rejected:
+            row = json.loads(line)
+            ids.append(str(row.get("image_id", row.get("id"))))
+    return ids
+
+
+def _collect(out: Path, manifest: Path | None = None) -> tuple[int, list[tuple[str | None, bytes]]]:
     """Number of rows with an image, and up to NUM_SAMPLES (id, bytes) samples."""
     result = out / "result.json"
     if result.exists():  # the limit tool
@@ -100,6 +115,9 @@ def _collect(out: Path) -> tuple[int, list[tuple[str | None, bytes]]]:
         table_images, table_ids = _image_bytes(table)
         images += table_images
         ids += table_ids
+    if images and not any(ids) and manifest is not None and (out / "stats.json").exists():
+        by_line = _ids_in_line_order(out, manifest)
+        ids = by_line if len(by_line) == len(images) else ids
     present = [(i, img) for i, img in zip(ids, images) if img is not None]
     step = max(1, len(present) // NUM_SAMPLES)
     return len(present), present[::step][:NUM_SAMPLES]
@@ -109,7 +127,7 @@ def check_output(out: Path, corpus: Corpus, *, max_size: int = 1024,
                  expected_rows: int | None = None) -> CheckResult:
     expected = corpus.num_valid if expected_rows is None else expected_rows
     try:
-        num_rows, samples = _collect(out)
+        num_rows, samples = _collect(out, corpus.manifest)
     except Exception as err:  # noqa: BLE001 - an unreadable output is an invalid output
         return CheckResult(False, 0, expected, problems=[f"unreadable output: {err}"])
     check = CheckResult(True, num_rows, expected, num_sampled=len(samples))

@@ -9,7 +9,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from engine.config import (DEFAULT_ATTACHMENT_TOKEN, IMAGE_FORMATS, LAYOUTS, RUNNERS, ConvertOptions, FetchOptions,
+from engine.config import (ATTACHMENT_POSITIONS, DEFAULT_ATTACHMENT_TOKEN, IMAGE_FORMATS, LAYOUTS,
+                           MODALITY_FEATURES, RUNNERS, ConvertOptions, FetchOptions,
                            ImageOptions, parse_size)
 from engine.errors import EngineError, ShardError, UsageError
 
@@ -85,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "schema), or your own text with {instructions} and {json_schema} placeholders")
     packed.add_argument("--base-path", metavar="DIR", help="folder relative image paths resolve against "
                         "(default: the manifest's folder)")
+    packed.add_argument("--modality-feature", choices=MODALITY_FEATURES, default="recipe",
+                        help="raw-image modalities.value: recipe, the {path: null, bytes: binary} struct that "
+                        "the trainer's from_generator + save_to_disk recipe writes (concatenates with such "
+                        "datasets); image, a datasets Image() feature (decoded to PIL)")
+    packed.add_argument("--attachment-position", choices=ATTACHMENT_POSITIONS, default="after",
+                        help="where the attachment token(s) go in a labelr row's user turn: after the prompt "
+                        "text (as labelr's trainer), or before it")
+    packed.add_argument("--absolute-paths", action="store_true",
+                        help="fs-image: store absolute image paths (the trainer's base_path is then ignored)")
+    packed.add_argument("--paths-relative-to", metavar="DIR",
+                        help="fs-image: store image paths relative to DIR (set the trainer's base_path to DIR), "
+                        "instead of relative to the output folder")
     img.add_argument("--image-timeout", type=float, default=60.0, metavar="S",
                      help="reject an image whose decode, resize and encode take longer than S seconds (0: no bound)")
     out = c.add_argument_group("shards")
@@ -124,10 +137,12 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         row_group_rows=args.row_group_rows, workers=args.workers, runner=args.runner, ray_address=args.ray_address,
         overwrite=args.overwrite, resume=args.resume, unit_rows=args.unit_rows, quiet=args.quiet, max_reject_ratio=args.max_reject_ratio,
         images_as_paths=args.images_as_paths, system_prompt=args.system_prompt,
-        attachment_token=args.attachment_token, prompt_template=args.prompt_template, base_path=args.base_path)
+        attachment_token=args.attachment_token, prompt_template=args.prompt_template, base_path=args.base_path,
+        modality_feature=args.modality_feature, attachment_position=args.attachment_position,
+        absolute_paths=args.absolute_paths, paths_relative_to=args.paths_relative_to)
 
 
-PATH_OPTIONS = frozenset({"--manifest", "--config", "--out", "--base-path"})
+PATH_OPTIONS = frozenset({"--manifest", "--config", "--out", "--base-path", "--paths-relative-to"})
 
 
 def public_command(argv: Sequence[str]) -> str:

@@ -20,6 +20,8 @@ IMAGE_FORMATS = ("jpeg", "webp", "png", "keep")
 RUNNERS = ("ray", "local")
 SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")
 DEFAULT_ATTACHMENT_TOKEN = "<|reserved_special_token_0|>"
+MODALITY_FEATURES = ("recipe", "image")
+ATTACHMENT_POSITIONS = ("after", "before")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,6 +126,10 @@ class ConvertOptions:
     attachment_token: str = DEFAULT_ATTACHMENT_TOKEN
     prompt_template: str = "plain"  # plain | json-schema | a string with {instructions} / {json_schema}
     base_path: str | None = None  # folder relative image paths resolve against (default: the manifest's)
+    modality_feature: str = "recipe"  # raw-image value: recipe ({path: null, bytes}) | image (Image())
+    attachment_position: str = "after"  # the attachment token(s) after the prompt text (labelr), or before
+    absolute_paths: bool = False  # fs-image: absolute image paths instead of paths relative to OUT
+    paths_relative_to: str | None = None  # fs-image: image paths relative to this folder instead of OUT
 
     def __post_init__(self) -> None:
         check = _check_options(self)
@@ -182,6 +188,18 @@ def _check_options(o: ConvertOptions) -> str | None:
         return "--config is required for --layout parquet (it holds the instructions and JSON schema)"
     if o.prompt_template not in ("plain", "json-schema") and "{instructions}" not in o.prompt_template:
         return "--prompt-template must be plain, json-schema, or a text containing {instructions}"
+    if o.modality_feature not in MODALITY_FEATURES:
+        return f"--modality-feature must be one of {', '.join(MODALITY_FEATURES)}, not {o.modality_feature!r}"
+    if o.attachment_position not in ATTACHMENT_POSITIONS:
+        return f"--attachment-position must be one of {', '.join(ATTACHMENT_POSITIONS)}, not {o.attachment_position!r}"
+    if o.modality_feature != "recipe" and (o.layout != "arrow" or o.images_as_paths):
+        return "--modality-feature applies to the packed raw-image layout only (--layout arrow, no --images-as-paths)"
+    if (o.absolute_paths or o.paths_relative_to) and not o.images_as_paths:
+        return "--absolute-paths and --paths-relative-to apply to --images-as-paths only"
+    if o.absolute_paths and o.paths_relative_to:
+        return "--absolute-paths and --paths-relative-to exclude each other"
+    if (o.absolute_paths or o.paths_relative_to) and "://" in o.out:
+        return "--absolute-paths and --paths-relative-to need a local --out (the trainer opens the files by path)"
     if os.path.abspath(o.out) == os.path.abspath(os.path.dirname(os.path.abspath(o.manifest))):
         return "--out must not be the manifest's own folder"
     return None

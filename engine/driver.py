@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from engine.config import ConvertOptions, TaskConfig, parse_task_config
+from engine.config import ConvertOptions, FetchOptions, ImageOptions, TaskConfig, parse_task_config
 from engine.conversation import render_prompt, user_content
-from engine.errors import ConfigError, EngineError, RejectRatioExceeded, UsageError
+from engine.errors import ConfigError, RejectRatioExceeded, UsageError
 from engine.pipeline import UnitContext, UnitResult, load_unit_result, process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import extraction_features, order_meta_keys, packed_features
@@ -60,6 +60,32 @@ def load_task_config(path: str) -> TaskConfig:
     return parse_task_config(raw, os.path.basename(path) or path)
 
 
+EXTRAS = {"s3": "s3", "s3a": "s3"}  # protocol -> the engine's pip extra that installs its filesystem
+
+
+def check_filesystems(opts: ConvertOptions) -> None:
+    """Every fsspec URL among the options has its filesystem package installed: else one line
+    naming the package and how to install it, before anything is read or written."""
+    from fsspec.registry import get_filesystem_class, known_implementations
+
+    for option, where in (("--manifest", opts.manifest), ("--config", opts.config), ("--out", opts.out),
+                          ("--base-path", opts.base_path)):
+        if not where or not location.is_url(where) or where.startswith("file://"):
+            continue
+        protocol = where.split("://", 1)[0].lower()
+        try:
+            get_filesystem_class(protocol)
+        except ValueError:
+            raise UsageError(f"{option} {where}: unknown protocol {protocol!r}") from None
+        except ImportError as exc:
+            package = known_implementations.get(protocol, {}).get("class", protocol).split(".")[0]
+            if package == "fsspec":  # built into fsspec (http, ...): its own message names what it lacks
+                raise UsageError(f"{option} {where}: {exc}") from None
+            extra = EXTRAS.get(protocol)
+            how = f"pip install 'engine[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
+            raise UsageError(f"{option} {where} needs the {package} package, which is not installed: {how}") from None
+
+
 def prepare_out(store: Store, overwrite: bool, resume: bool) -> None:
     """Check the output folder is free (or may be replaced, or resumed)."""
     if not store.remote and os.path.exists(store.root) and not os.path.isdir(store.root):
@@ -91,9 +117,7 @@ def run_state(store: Store, opts: ConvertOptions, task: TaskConfig | None, manif
     and config bytes. The unit size is kept, so completed units line up with the plan.
     """
     rel = f"{WORK_DIR}/run.json"
-    fingerprint = {"options": opts.output_defining(), "manifest_sha256": manifest_sha256,
-                   "config_sha256": hashlib.sha256(task.raw).hexdigest() if task else None}
-    fingerprint = orjson.loads(orjson.dumps(fingerprint))
+    fingerprint = run_fingerprint(opts, task, manifest_sha256)
     if store.exists(rel):
         previous = orjson.loads(store.read_bytes(rel))
         if previous["fingerprint"] != fingerprint:
@@ -103,6 +127,50 @@ def run_state(store: Store, opts: ConvertOptions, task: TaskConfig | None, manif
         return int(previous["unit_rows"])
     store.write_bytes(rel, orjson.dumps({"fingerprint": fingerprint, "unit_rows": unit_rows}, option=orjson.OPT_INDENT_2))
     return unit_rows
+
+
+def run_fingerprint(opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str) -> dict[str, Any]:
+    """What decides the dataset's content: the output-defining options and the inputs' bytes."""
+    fingerprint = {"options": opts.output_defining(), "manifest_sha256": manifest_sha256,
+                   "config_sha256": hashlib.sha256(task.raw).hexdigest() if task else None}
+    return orjson.loads(orjson.dumps(fingerprint))
+
+
+def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig | None) -> dict[str, Any]:
+    """``--resume`` on a finished output: its stats, if it is the dataset this run would make;
+    otherwise a usage error naming what differs, so the user never takes the old dataset for
+    the one they asked for."""
+    stats = orjson.loads(store.read_bytes("stats.json"))
+    digest = hashlib.sha256()
+    with location.open_binary(opts.manifest) as f:
+        while block := f.read(2**20):
+            digest.update(block)
+    fingerprint = run_fingerprint(opts, task, digest.hexdigest())
+    # an output from before fingerprints were kept in stats.json: compare its resolved options
+    previous = stats.get("fingerprint") or {**fingerprint, "options": _output_defining(stats.get("options", {}))}
+    for doc in (previous, fingerprint):  # a finished dataset may have been moved: still the same one
+        doc["options"].pop("out", None)
+    changed = sorted(_differences(previous, fingerprint))
+    if changed:
+        raise UsageError(f"cannot resume: {opts.out} is a finished dataset made with a different {', '.join(changed)}; "
+                         "use --overwrite to replace it")
+    return stats
+
+
+def _output_defining(options: dict[str, Any]) -> dict[str, Any]:
+    """The output-defining part of a stats.json's resolved options. An option the older engine
+    did not have is None, so it shows as a difference: that engine wrote without it."""
+    try:
+        doc = ConvertOptions(**{**options, "image": ImageOptions(**options["image"]),
+                                "fetch": FetchOptions(**options["fetch"])}).output_defining()
+    except (TypeError, KeyError, UsageError):  # options this engine cannot read
+        return options
+    for key, value in doc.items():
+        if key not in options:
+            doc[key] = None
+        elif isinstance(value, dict):
+            doc[key] = {k: v if k in options[key] else None for k, v in value.items()}
+    return doc
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -118,7 +186,7 @@ def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, em
     user = None
     if task is not None and opts.layout == "arrow":
         user = user_content(render_prompt(opts.prompt_template, task.instructions, task.json_schema),
-                            opts.attachment_token)
+                            opts.attachment_token, position=opts.attachment_position)
     base = opts.base_path or location.parent(opts.manifest)
     return UnitContext(layout=opts.layout, schema_json=task.schema_json if task else None, image=opts.image,
                        fetch=opts.fetch, default_split=opts.split, base=base, store=store,
@@ -131,12 +199,14 @@ def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, em
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
     started = time.perf_counter()
     progress = progress or NullProgress()
+    check_filesystems(opts)
     task = load_task_config(opts.config) if opts.config else None
     check_has_rows(opts.manifest)  # also "manifest not found"
     store = Store(opts.out)
     if opts.resume and is_finished(store):
+        stats_doc = check_finished_matches(store, opts, task)
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
-        return ConvertResult(out=opts.out, stats=orjson.loads(store.read_bytes("stats.json")))
+        return ConvertResult(out=opts.out, stats=stats_doc)
     prepare_out(store, opts.overwrite, opts.resume)
     stats = RunStats()
     results: list[UnitResult] = []
@@ -181,7 +251,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     log.debug("shards done at %.2f s", time.perf_counter() - started)
     stats.check()
     stats.seconds = time.perf_counter() - started
-    summary = finish(store, opts, task, results, shards, features, stats, command, workers=runner.num_workers)
+    summary = finish(store, opts, task, results, shards, features, stats, command, workers=runner.num_workers,
+                     fingerprint=run_fingerprint(opts, task, plan.sha256))
     log.debug("finished at %.2f s", time.perf_counter() - started)
     store.remove(WORK_DIR)
     progress.message(f"engine: {stats.summary()} -> {opts.out}")
@@ -236,10 +307,24 @@ def layout_features(results: list[UnitResult], opts: ConvertOptions):
         return extraction_features(list(meta_keys)), meta_keys, ""
     columns = {c for r in results for c in r.text_columns}
     if len(columns) > 1:
-        raise EngineError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
-                          "convert them into separate datasets")
+        raise UsageError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
+                         "convert them into separate datasets (then run again with --overwrite)")
     text_column = columns.pop() if columns else "conversations"
-    return packed_features(text_column=text_column, images_as_paths=opts.images_as_paths), (), text_column
+    features = packed_features(text_column=text_column, images_as_paths=opts.images_as_paths,
+                               modality_feature=opts.modality_feature)
+    return features, (), text_column
+
+
+def fs_image_prefix(opts: ConvertOptions, store: Store) -> str:
+    """What goes before the stored ``images/...`` paths: nothing (relative to OUT), OUT itself
+    (--absolute-paths), or OUT's path from --paths-relative-to, so datasets in several folders
+    share one trainer base_path."""
+    if opts.absolute_paths:
+        return store.root + os.sep
+    if opts.paths_relative_to:
+        rel = os.path.relpath(store.root, os.path.abspath(opts.paths_relative_to))
+        return "" if rel == os.curdir else rel + os.sep
+    return ""
 
 
 def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -> tuple[list[ShardSpec], Any]:
@@ -249,6 +334,7 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -
     """
     features, meta_keys, text_column = layout_features(results, opts)
     schema = features.arrow_schema
+    prefix = fs_image_prefix(opts, store) if opts.images_as_paths else ""
     splits = ordered_splits([s for r in results for s in r.sizes]) or [opts.split]
     specs: list[ShardSpec] = []
     for split in splits:
@@ -265,7 +351,7 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -
                                    text_column=text_column, images_as_paths=opts.images_as_paths,
                                    row_groups=tuple(b - a for a, b in plan_chunks(
                                        sizes[start:stop].tolist(), opts.row_group_bytes, opts.row_group_rows)),
-                                   store=store))
+                                   store=store, path_prefix=prefix))
     return specs, features
 
 
@@ -283,7 +369,8 @@ def pieces_for(segments: list[tuple[str, int]], start: int, stop: int) -> tuple[
 
 
 def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResult],
-           shards: list[ShardResult], features, stats: RunStats, command: str, workers: int) -> dict[str, Any]:
+           shards: list[ShardResult], features, stats: RunStats, command: str, workers: int,
+           fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write what sits beside the data: config.json, rejects.jsonl, the layout's metadata, and
     last stats.json, so a folder with stats.json is a finished dataset."""
     if task is not None:
@@ -317,7 +404,10 @@ def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results:
                                         s["num_bytes"], nested)
         if nested:
             write_dataset_dict(store, list(splits))
+        # the folder each split's trainer `packed_path` must name: with several splits, OUT/<split>
+        # (OUT itself would load dataset_dict.json's folder as a one-row dataset)
+        doc["packed_paths"] = {name: store.path(name) if nested else store.root for name in splits}
     doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
-                "command": command, "versions": versions()})
+                "command": command, "versions": versions(), "fingerprint": fingerprint})
     store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last: the commit marker
     return doc

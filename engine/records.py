@@ -144,11 +144,21 @@ def meta_struct_array(meta_json: pa.Array, meta_keys: list[str]) -> pa.StructArr
     return pa.StructArray.from_arrays(columns, names=meta_keys)
 
 
-def packed_features(*, text_column: str, images_as_paths: bool):
-    """``datasets.Features`` of the packed trainer layout (FORMATS.md §4)."""
+def packed_features(*, text_column: str, images_as_paths: bool, modality_feature: str = "recipe"):
+    """``datasets.Features`` of the packed trainer layout (FORMATS.md §4).
+
+    ``recipe`` is what the trainer's documented recipe (``from_generator`` yielding PIL images,
+    then ``save_to_disk``) produces: a plain ``{path: null, bytes: binary}`` struct, because
+    ``datasets`` infers no ``Image`` inside a list of dicts. Trainers concatenate datasets, which
+    needs equal features. ``image`` is the ``Image()`` feature, decoded to PIL by ``datasets``."""
     from datasets import Features, Image, List, Value
 
-    value = Value("string") if images_as_paths else Image()
+    if images_as_paths:
+        value = Value("string")
+    elif modality_feature == "image":
+        value = Image()
+    else:
+        value = {"path": Value("null"), "bytes": Value("binary")}
     turns = List({"role": Value("string"), "content": Value("string")})
     return Features(
         {

@@ -37,6 +37,9 @@ SCHEMA_SENTENCE = "Response must be formatted as JSON, and follow this JSON sche
 COMPACT_SCHEMA = json.dumps(SCHEMA, separators=(",", ":"), ensure_ascii=False)
 ARROW_SHARD = re.compile(r"data-(?P<index>\d{5})-of-(?P<count>\d{5})\.arrow")
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+# what the trainer's recipe (from_generator yielding PIL images, then save_to_disk) writes
+RECIPE_STRUCT = pa.struct([("path", pa.null()), ("bytes", pa.binary())])
+RECIPE_VALUE = {"path": datasets.Value("null"), "bytes": datasets.Value("binary")}
 TURNS_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 
 # (orientation, format, stored size) of the labelr fixture, in manifest order, and the upright
@@ -109,6 +112,13 @@ def open_image(data: bytes) -> Image.Image:
     return im
 
 
+def raw_value_image(value) -> Image.Image:
+    """A raw-image `modalities.value` as the recipe stores it: `{"path": None, "bytes": ...}`."""
+    assert isinstance(value, dict) and set(value) == {"path", "bytes"}, value
+    assert value["path"] is None
+    return open_image(value["bytes"])
+
+
 def count_tokens(sample: dict, token: str = TOKEN) -> int:
     if "text" in sample and sample["text"] is not None:
         return sample["text"].count(token)
@@ -149,7 +159,7 @@ def assert_save_to_disk_folder(folder: Path, num_rows: int, *, raw: bool, text_c
     assert set(features) == {text_column, "modalities"}
     value = features["modalities"].feature["value"]
     if raw:
-        assert isinstance(value, datasets.Image), value
+        assert value == RECIPE_VALUE, value
     else:
         assert value == datasets.Value("string"), value
     total = 0
@@ -165,7 +175,7 @@ def assert_save_to_disk_folder(folder: Path, num_rows: int, *, raw: bool, text_c
             assert table.schema.field("text").type == pa.string()
         item = table.schema.field("modalities").type.value_type
         assert item.field("type").type == pa.string()
-        assert item.field("value").type == (IMAGE_STRUCT if raw else pa.string())
+        assert item.field("value").type == (RECIPE_STRUCT if raw else pa.string())
     assert total == num_rows
     splits = info["splits"]
     assert sum(s["num_examples"] for s in splits.values()) == num_rows
@@ -219,17 +229,16 @@ def test_raw_image_round_trip(labelr):
     ds = datasets.load_from_disk(str(labelr["raw"]))
     assert isinstance(ds, datasets.Dataset)
     assert ds.num_rows == len(LABELR_IMAGES)
-    assert isinstance(ds.features["modalities"].feature["value"], datasets.Image)
+    assert ds.features["modalities"].feature["value"] == RECIPE_VALUE
     for i, sample in enumerate(ds):
         _, _, size = LABELR_IMAGES[i]
         assert len(sample["modalities"]) == 1
         m = sample["modalities"][0]
         assert m["type"] == "image"
-        assert isinstance(m["value"], Image.Image), type(m["value"])
-        assert_upright(m["value"], size)
+        assert_upright(raw_value_image(m["value"]), size)
         turns = sample["conversations"]
         assert [t["role"] for t in turns] == ["user", "assistant"]
-        assert turns[0]["content"] == TOKEN + "\n" + INSTRUCTIONS
+        assert turns[0]["content"] == INSTRUCTIONS + "\n" + TOKEN  # labelr: the text, then the image
         assert turns[1]["content"] == LABELR_ASSISTANT.get(i, GOOD_OUTPUT_COMPACT)
         assert count_tokens(sample) == len(sample["modalities"]) == 1
 
@@ -256,7 +265,7 @@ def test_fs_image_round_trip(labelr):
         seen.append(path)
         turns = sample["conversations"]
         assert [t["role"] for t in turns] == ["user", "assistant"]
-        assert turns[0]["content"] == TOKEN + "\n" + INSTRUCTIONS
+        assert turns[0]["content"] == INSTRUCTIONS + "\n" + TOKEN
         assert turns[1]["content"] == LABELR_ASSISTANT.get(i, GOOD_OUTPUT_COMPACT)
         assert count_tokens(sample) == len(sample["modalities"]) == 1
     assert len(set(seen)) == len(seen), "two samples share one image file"
@@ -321,13 +330,13 @@ def test_system_prompt_and_json_schema_template(small_labelr, tmp_path):
     assert convert_arrow(small_labelr, out, "--system-prompt", system, "--prompt-template", "json-schema") == 0
     ds = datasets.load_from_disk(str(out))
     assert ds.num_rows == 2
-    want_user = TOKEN + "\n" + INSTRUCTIONS + "\n" + SCHEMA_SENTENCE + "\n" + COMPACT_SCHEMA
+    want_user = INSTRUCTIONS + "\n\n" + SCHEMA_SENTENCE + "\n" + COMPACT_SCHEMA + "\n" + TOKEN
     for sample in ds:
         turns = sample["conversations"]
         assert [t["role"] for t in turns] == ["system", "user", "assistant"]
         assert turns[0]["content"] == system
         assert turns[1]["content"] == want_user
-        assert json.loads(turns[1]["content"].rsplit("\n", 1)[1]) == SCHEMA
+        assert json.loads(turns[1]["content"].rsplit("\n", 2)[1]) == SCHEMA
         assert turns[2]["content"] == GOOD_OUTPUT_COMPACT
         assert count_tokens(sample) == 1
 
@@ -341,9 +350,17 @@ def test_custom_token_and_template(small_labelr, tmp_path):
     for sample in ds:
         user = sample["conversations"][0]
         assert user["role"] == "user"
-        assert user["content"] == "<image>\nTask: " + INSTRUCTIONS + " | schema=" + COMPACT_SCHEMA
+        assert user["content"] == "Task: " + INSTRUCTIONS + " | schema=" + COMPACT_SCHEMA + "\n<image>"
         assert TOKEN not in user["content"]
         assert count_tokens(sample, "<image>") == len(sample["modalities"]) == 1
+
+
+def test_attachment_position_before(small_labelr, tmp_path):
+    out = tmp_path / "out"
+    assert convert_arrow(small_labelr, out, "--attachment-position", "before", "--prompt-template", "json-schema") == 0
+    for sample in datasets.load_from_disk(str(out)):
+        user = sample["conversations"][0]["content"]
+        assert user == TOKEN + "\n" + INSTRUCTIONS + "\n\n" + SCHEMA_SENTENCE + "\n" + COMPACT_SCHEMA
 
 
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +461,7 @@ def test_trainer_jsonl_multi_image_round_trip(trainer, variant):
         assert count_tokens(sample) == len(sample["modalities"]) == len(sizes)
         for m, size in zip(sample["modalities"], sizes):
             if variant == "raw":
-                im = m["value"]
+                im = raw_value_image(m["value"])
             else:
                 assert m["value"].startswith("images/")
                 im = Image.open(out / m["value"])
@@ -481,7 +498,7 @@ def test_trainer_jsonl_base_path_defaults_to_the_manifest_folder(tmp_path):
     assert arrow(manifest, out) == 0
     ds = datasets.load_from_disk(str(out))
     assert ds.num_rows == 1
-    assert_upright(ds[0]["modalities"][0]["value"], (64, 48))
+    assert_upright(raw_value_image(ds[0]["modalities"][0]["value"]), (64, 48))
     assert rejects(out) == []
 
 
@@ -512,7 +529,7 @@ def test_pretraining_text_rows(tmp_path):
         for sample, want in zip(ds, sizes):
             assert count_tokens(sample) == len(sample["modalities"]) == len(want)
             for m, size in zip(sample["modalities"], want):
-                im = m["value"] if variant == "raw" else Image.open(out / m["value"])
+                im = raw_value_image(m["value"]) if variant == "raw" else Image.open(out / m["value"])
                 assert_upright(im, size)
         assert [(r["line"], r["image_id"], r["stage"]) for r in rejects(out)] == [(4, "line-4", "manifest")]
 
@@ -587,7 +604,7 @@ def test_path_traversal_ids_stay_inside_out(tmp_path, variant):
     else:
         assert not (out / "images").exists()
         for s in ds:
-            assert_upright(s["modalities"][0]["value"], (64, 48))
+            assert_upright(raw_value_image(s["modalities"][0]["value"]), (64, 48))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +619,7 @@ def test_concatenate_two_outputs(labelr, trainer):
     assert both.num_rows == a.num_rows + b.num_rows == len(LABELR_IMAGES) + len(TRAINER_EXPECTED)
     assert both.features == a.features == b.features
     sizes = [s for _, _, s in LABELR_IMAGES] + [s for sizes, _ in TRAINER_EXPECTED for s in sizes]
-    got = [m["value"].size for sample in both for m in sample["modalities"]]
+    got = [raw_value_image(m["value"]).size for sample in both for m in sample["modalities"]]
     assert got == sizes
     for sample in both:
         assert count_tokens(sample) == len(sample["modalities"])
@@ -644,7 +661,7 @@ def test_dataset_dict_with_train_and_test(tmp_path):
             for sample in loaded[split]:
                 m = sample["modalities"][0]
                 if variant == "raw":
-                    im = m["value"]
+                    im = raw_value_image(m["value"])
                 else:
                     # relative to OUT (the documented contract); resolve it and insist it exists
                     im = Image.open(out / m["value"])

@@ -8,6 +8,7 @@ decoded size."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -56,8 +57,9 @@ def written_images(out: Path) -> list[list[tuple[int, int]]]:
             if isinstance(m["value"], str):
                 with Image.open(out / m["value"]) as im:
                     sizes.append(im.size)
-            else:
-                sizes.append(m["value"].size)
+            else:  # raw-image: the trainer recipe's {"path": None, "bytes": ...}
+                with Image.open(io.BytesIO(m["value"]["bytes"])) as im:
+                    sizes.append(im.size)
         got.append(sizes)
     return got
 

@@ -55,3 +55,17 @@ def test_limit_write_counts_only_when_its_bytes_are_on_disk(tmp_path):
     assert not check.valid and "written/" in check.problems[0], check
     shutil.rmtree(out / "written")
     assert not check_output(out, corpus).valid
+
+
+def test_engine_packed_output_is_checked_for_upright_images(tmp_path):
+    """The packed raw-image rows carry no file name: the check finds their ids by line order."""
+    corpus = build_corpus("small", 6, tmp_path / "work")
+    out = tmp_path / "out"
+    command = tool_command("engine", SCENARIOS["small-passthrough"], corpus, out, workers=1)
+    command[command.index("--layout") + 1] = "arrow"
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = check_output(out, corpus)
+    assert check.valid and check.num_rows == corpus.num_valid, check
+    assert check.num_upright_known == check.num_sampled > 0, check
+    assert check.num_upright == check.num_upright_known, check

@@ -373,3 +373,47 @@ def test_embedded_ray_starts_without_unused_head_processes(head):
             assert all(p in cmdlines for p in unused), report["processes"]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# A fresh interpreter in which s3fs cannot be imported, as on an install without the s3 extra.
+_WITHOUT_S3FS = "import sys; sys.modules['s3fs'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("where", ["--out", "--manifest", "--config"])
+def test_missing_filesystem_package_is_one_line_naming_the_extra(good, tmp_path, where):
+    argv = _argv(good, tmp_path / "out")
+    argv[argv.index(where) + 1] = "s3://bucket/some/path"
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_S3FS, *argv], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
+    assert where in lines[0] and "s3fs" in lines[0] and "engine[s3]" in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_url_protocol_is_a_usage_error(capsys, good, tmp_path):
+    assert_usage_error(capsys, _argv(good, "nosuchfs://bucket/out"), "nosuchfs")
+
+
+def test_mixed_text_and_conversations_rows_exit_2(capsys, tmp_path):
+    (tmp_path / "p.jpg").write_bytes(imagegen.jpeg())
+    token = "<|reserved_special_token_0|>"
+    rows = [{"text": f"{token} a caption", "modalities": [{"type": "image", "value": "p.jpg"}]},
+            {"conversations": [{"role": "user", "content": token}, {"role": "assistant", "content": "x"}],
+             "modalities": [{"type": "image", "value": "p.jpg"}]}]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["convert", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--layout", "arrow",
+            "--runner", "local", "--quiet"]
+    assert_usage_error(capsys, argv, "mixes")
+
+
+def test_missing_package_of_a_filesystem_built_into_fsspec_is_named(good, tmp_path):
+    """fsspec's own HTTP filesystem needs aiohttp: its message, not a wrong package name."""
+    code = "import sys; sys.modules['aiohttp'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = _argv(good, tmp_path / "out", manifest="https://127.0.0.1:9/m.jsonl")
+    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--manifest" in lines[0] and "aiohttp" in lines[0], lines[0]

@@ -4,8 +4,10 @@ kill a Ray worker mid-task and check nothing is lost or duplicated."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -166,6 +168,43 @@ def test_resume_of_a_finished_output_does_nothing(crash_input, reference, tmp_pa
     assert run_main(argv) == 0
     assert "nothing to resume" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+
+def test_resume_of_a_finished_output_with_other_options_is_refused(crash_input, reference, tmp_path, capsys):
+    """The old dataset must never pass for the one asked for: differences are named, exit 2."""
+    out = reference["parquet"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    capsys.readouterr()
+    assert run_main(_args(crash_input, out, "parquet", "--resume", "--quality", "50", "--max-size", "300")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0], err
+    assert "image.quality" in err[0] and "image.max_size" in err[0], err
+    other = write_input(tmp_path / "in2", [row("x", str(crash_input.root / "img/0.jpg"))],
+                        config={"instructions": "Something else", "json_schema": {"type": "object"}})
+    argv = _args(crash_input, out, "parquet", "--resume")
+    argv[argv.index("--config") + 1] = str(other.config)
+    assert run_main(argv) == 2
+    assert "config_sha256" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # what only changes how the run goes (workers, timeouts) is no difference
+    assert run_main(_args(crash_input, out, "parquet", "--resume", "--workers", "1", "--http-timeout", "5")) == 0
+
+
+def test_resume_of_a_finished_output_from_an_older_engine(crash_input, reference, tmp_path, capsys):
+    """stats.json without a fingerprint: its resolved options are compared, and an option the
+    older engine did not have counts as a difference."""
+    out = tmp_path / "old"
+    shutil.copytree(reference["parquet"], out)
+    stats = json.loads((out / "stats.json").read_text())
+    del stats["fingerprint"]
+    (out / "stats.json").write_text(json.dumps(stats))
+    assert run_main(_args(crash_input, out, "parquet", "--resume")) == 0
+    assert run_main(_args(crash_input, out, "parquet", "--resume", "--quality", "50")) == 2
+    assert "image.quality" in capsys.readouterr().err
+    del stats["options"]["attachment_position"]
+    (out / "stats.json").write_text(json.dumps(stats))
+    assert run_main(_args(crash_input, out, "parquet", "--resume")) == 2
+    assert "options.attachment_position" in capsys.readouterr().err
 
 
 def test_resume_of_a_foreign_folder_is_refused(crash_input, tmp_path, capsys):

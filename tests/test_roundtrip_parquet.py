@@ -160,6 +160,18 @@ def test_column_chunks(out):
             assert col.has_offset_index, f"page index missing for {col.path_in_schema}"
 
 
+def test_content_defined_chunking_metadata_is_what_datasets_writes(out, tmp_path):
+    """The key-value metadata `datasets` stores beside its own Parquet shards, measured by really
+    writing one with the installed `datasets`."""
+    import datasets
+
+    theirs = tmp_path / "theirs.parquet"
+    datasets.Dataset.from_dict({"image_id": ["a"]}).to_parquet(str(theirs))
+    want = pq.read_metadata(theirs).metadata[b"content_defined_chunking"]
+    for shard in out.shard_files:
+        assert pq.read_metadata(shard).metadata[b"content_defined_chunking"] == want
+
+
 def test_rows_and_meta(out):
     rows = out.by_id()
     assert sorted(rows) == ["3017620422003_1", "3017620422003_2", "7038010005459_5", "7038010005459_6"]
@@ -345,3 +357,41 @@ def test_image_path_is_a_file_name_even_for_ids_with_slashes(tmp_path):
     for r in out.rows():
         path = r["image"]["path"]
         assert path is None or ("/" not in path and "\\" not in path and path not in (".", "..")), path
+
+
+# --- a run whose every row is rejected -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def all_rejected(tmp_path_factory):
+    root = tmp_path_factory.mktemp("all_rejected")
+    inp = write_input(root / "in", [row("gone", "nope.jpg"), row("bad", "a.jpg", output={"price": "x"})],
+                      {"a.jpg": imagegen.jpeg()})
+    assert convert(inp, root / "out") == 0
+    return root
+
+
+def test_all_rejected_run_is_an_empty_dataset_for_every_reader_that_allows_one(all_rejected):
+    import datasets
+    import polars as pl
+
+    out = Output(all_rejected / "out")
+    assert (out.stats["num_written"], out.stats["num_rejected"]) == (0, 2)
+    files = out.shard_files
+    assert len(files) == 1
+    assert pq.read_table(files[0]).num_rows == 0
+    assert pq.read_schema(files[0]).field("image").type == IMAGE_TYPE
+    assert pl.read_parquet(files[0]).height == 0
+    streamed = datasets.load_dataset(str(out.root), streaming=True)
+    assert list(streamed) == ["train"] and list(streamed["train"]) == []
+    assert isinstance(streamed["train"].features["image"], datasets.Image)
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason="datasets 5.2 cannot build any split with 0 rows ('corresponds to no data'), whatever "
+                   "the files hold: huggingface/datasets#8401 (open) makes that path reachable")
+def test_all_rejected_run_loads_with_load_dataset(all_rejected):
+    import datasets
+
+    dd = datasets.load_dataset(str(all_rejected / "out"), cache_dir=str(all_rejected / "hf_cache"))
+    assert dd["train"].num_rows == 0

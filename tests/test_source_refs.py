@@ -5,11 +5,13 @@ must stay small, and a source that changes in between must stop the run with one
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 
 import datasets
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 import engine.driver
 import engine.sinks.arrow
@@ -257,4 +259,4 @@ def test_arrow_record_batches_bound_the_copy_of_a_group(tmp_path, monkeypatch, b
     assert len(ds) == 128
     last = ds.with_format("arrow")[-1:]["modalities"].to_pylist()[0]
     assert [m["value"]["bytes"] for m in last] == [images["n3.jpg"]]
-    assert ds[-1]["modalities"][0]["value"].size == (400, 300)
+    assert Image.open(io.BytesIO(ds[-1]["modalities"][0]["value"]["bytes"])).size == (400, 300)

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from engine.sinks.chunking import plan_chunks, shard_name
@@ -39,8 +40,19 @@ def packed_batch(group: pa.Table, spec: ShardSpec) -> pa.RecordBatch:
         text = group["text"].combine_chunks()
     modalities_type = schema.field("modalities").type
 
+    value_type = modalities_type.value_type.field("value").type
+
     def modality_items(images: pa.StructArray) -> pa.StructArray:
-        value = images.field("path") if spec.images_as_paths else images
+        if spec.images_as_paths:
+            value = images.field("path")
+            if spec.path_prefix:  # --absolute-paths / --paths-relative-to: OUT's own location, prefixed
+                value = pc.binary_join_element_wise(spec.path_prefix, value, "")
+        elif value_type == images.type:  # the Image() feature: struct<bytes, path>, as the parts hold it
+            value = images
+        else:  # the recipe's struct<path: null, bytes: binary>: no file name, as from_generator writes it
+            value = pa.StructArray.from_arrays([pa.nulls(len(images)), images.field("bytes")],
+                                               fields=list(value_type),
+                                               mask=images.is_null() if images.null_count else None)
         kinds = pa.array(["image"] * len(images), pa.string())
         return pa.StructArray.from_arrays([kinds, value], fields=list(modalities_type.value_type))
 

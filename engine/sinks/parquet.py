@@ -6,6 +6,7 @@ by ``datasets.Features``, ``OUT/config.json`` and the dataset card ``OUT/README.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pyarrow as pa
@@ -16,6 +17,12 @@ from engine.records import meta_struct_array
 from engine.sinks.chunking import shard_name
 from engine.sinks.shards import ShardResult, ShardSpec, write_row_groups
 from engine.sinks.store import Finisher
+
+
+# datasets' own (config.DEFAULT_CDC_OPTIONS); it writes them beside its shards as the key-value
+# metadata `content_defined_chunking`, which tools use to tell how a file was chunked
+CDC_OPTIONS = {"min_chunk_size": 262144, "max_chunk_size": 1048576, "norm_level": 0}
+CDC_METADATA = {"content_defined_chunking": json.dumps(CDC_OPTIONS)}
 
 
 def parquet_shard_path(split: str, index: int, count: int) -> str:
@@ -41,8 +48,9 @@ def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> Sh
             use_dictionary=[f"meta.{k}" for k in spec.meta_keys],  # never on image bytes
             write_statistics=[c for c in leaves if c not in ("image.bytes", "image.path")],
             write_page_index=True,
-            use_content_defined_chunking=True,
+            use_content_defined_chunking=CDC_OPTIONS,
         ) as writer:
+            writer.add_key_value_metadata(CDC_METADATA)
             num_rows = write_row_groups(
                 spec, lambda group: writer.write_table(extraction_table(group, spec), row_group_size=group.num_rows))
         size = os.path.getsize(tmp)

@@ -43,6 +43,7 @@ class ShardSpec:
     images_as_paths: bool
     row_groups: tuple[int, ...]  # rows per row group, cut by the driver from row sizes
     store: Store
+    path_prefix: str = ""  # fs-image: prepended to the "images/..." paths (absolute or relative to a folder)
 
 
 @dataclass(slots=True)
