@@ -132,7 +132,7 @@ def test_truncated_scan_is_rejected_even_with_an_end_marker_before_it():
     data = head[:2] + app + head[2:] + scan[: len(scan) // 2]
     result = transform_image(data, KEEP)
     assert isinstance(result, ImageFailure)
-    assert "truncated JPEG" in result.reason
+    assert "truncated" in result.reason
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -145,11 +145,13 @@ def test_mutated_headers_never_keep_what_pillow_would_not(base, flips, cut):
         data[pos % len(data)] = value
     data = bytes(data[: max(cut, 1)] if cut < len(data) else data)
     fast, full = transform_image(data, KEEP), _full_path(data, KEEP)
+    assert type(fast) is type(full), (fast, full)
     if isinstance(fast, EncodedImage):
-        assert isinstance(full, EncodedImage), full.reason
         assert (fast.width, fast.height, fast.format, fast.passthrough) == (full.width, full.height, full.format, full.passthrough)
-    elif isinstance(full, EncodedImage):  # only the stricter truncation check may differ
-        assert fast.reason == imaging.TRUNCATED_JPEG and full.passthrough
+        if fast.passthrough:  # a kept file is one a reader decodes in full
+            Image.open(io.BytesIO(fast.data)).load()
+    else:
+        assert fast.reason == full.reason
 
 
 def _exif_block(entries: list[tuple[int, int, int, bytes]]) -> bytes:
