@@ -212,9 +212,9 @@ def _huffman_tables(data: bytes, at: int, stop: int, defined: set[tuple[int, int
         kind, index = data[at] >> 4, data[at] & 15
         counts = data[at + 1:at + 17]
         total = sum(counts)
-        symbols = data[at + 17:at + 17 + total]
-        if kind > 1 or index > 3 or total > 256 or len(symbols) != total:
+        if kind > 1 or index > 3 or total > 256 or at + 17 + total > stop:
             return False
+        symbols = data[at + 17:at + 17 + total]
         code = 0
         for bits, count in enumerate(counts, 1):
             code += count
