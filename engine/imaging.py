@@ -275,7 +275,7 @@ def _heif_opener() -> bool:
     return True
 
 
-def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure | None:
+def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | None:
     """Pass-through of a plain JPEG judged from its markers, without Pillow's ``open``
     (``engine.jpeg_header`` says why). None sends the file down the full path, which decides
     anything this does not: a file to rotate, shrink or convert, an unusual header, or one whose
@@ -286,10 +286,10 @@ def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFai
     if target_size(header.width, header.height, opts.max_size) != (header.width, header.height):
         return None
     info = {k: v for k, v in (("exif", header.exif), ("xmp", header.xmp)) if v is not None}
-    orientation = metadata_orientation(info, parsed := [])
+    orientation, exif = _metadata_orientation(info)
     if orientation.value != 1 or orientation.reader_fails:
         return None
-    if header.exif is not None and not header.jfif_dpi and not (parsed[0] is None or _pillow_reads_dpi(parsed[0])):
+    if exif is not None and not header.jfif_dpi and not _pillow_reads_dpi(exif):
         return None
     if jpeg_end(data) is None:
         return None
@@ -317,22 +317,24 @@ UPRIGHT = Orientation(1)
 _XMP_ORIENTATION = r'tiff:Orientation(="|>)([0-9])'  # the pattern Image.getexif looks for
 
 
-def metadata_orientation(info: dict, parsed: list | None = None) -> Orientation:
+def metadata_orientation(info: dict) -> Orientation:
     """The orientation a reader applies, from the metadata Pillow keeps in ``info``, decoding no
     pixels: the EXIF block (JPEG APP1, PNG eXIf, WebP EXIF), else ImageMagick's "Raw profile type
     exif" PNG text, and only when the block has no Orientation tag, XMP ``tiff:Orientation``. This
     is the order of ``Image.getexif``. Orientation 0, 9 or a non-number is upright, as readers
-    show it; a block Pillow cannot parse is read as far as it can be. ``parsed`` receives the
-    parsed EXIF (or None)."""
+    show it; a block Pillow cannot parse is read as far as it can be."""
+    return _metadata_orientation(info)[0]
+
+
+def _metadata_orientation(info: dict) -> tuple[Orientation, Image.Exif | None]:
+    """``metadata_orientation``, and the parsed EXIF block (None when there is none or it raised)."""
     raw = info.get("exif")
     if raw is None and "Raw profile type exif" in info:
         try:
             raw = bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:]))
         except (AttributeError, TypeError, ValueError):
-            return Orientation(1, (WARNING_EXIF_UNREADABLE,), reader_fails=True)
+            return Orientation(1, (WARNING_EXIF_UNREADABLE,), reader_fails=True), None
     exif, unreadable, fails = _load_exif(raw)
-    if parsed is not None:
-        parsed.append(exif)
     warnings_seen = (WARNING_EXIF_UNREADABLE,) if unreadable else ()
     try:
         value = exif.get(ORIENTATION_TAG) if exif is not None and ORIENTATION_TAG in exif else None
@@ -340,7 +342,7 @@ def metadata_orientation(info: dict, parsed: list | None = None) -> Orientation:
         value, warnings_seen = None, (WARNING_EXIF_UNREADABLE,)
     if value is None:
         value = _xmp_orientation(info)
-    return _as_orientation(value, warnings_seen, fails)
+    return _as_orientation(value, warnings_seen, fails), exif
 
 
 def _xmp_orientation(info: dict) -> int | None:
@@ -374,21 +376,6 @@ def _as_orientation(value, warnings_seen: tuple[str, ...], fails: bool) -> Orien
     if value is not None and not (isinstance(value, int) and value == 1):
         warnings_seen += (WARNING_ORIENTATION_INVALID,)
     return Orientation(1, warnings_seen, fails) if warnings_seen or fails else UPRIGHT
-
-
-def read_orientation(im: Image.Image) -> int:
-    """The orientation a reader applies to an opened image (1 to 8), decoding no pixels unless
-    a PNG keeps metadata after them."""
-    if im.format in ("JPEG", "MPO", "PNG", "WEBP"):
-        if im.format == "PNG" and "exif" not in im.info:
-            im.load()
-        return metadata_orientation(im.info).value
-    return _loaded_orientation(im).value
-
-
-def exif_orientation(raw: bytes | None) -> int:
-    """The orientation in a raw EXIF block (as Pillow keeps it in ``info["exif"]``), 1 when absent."""
-    return metadata_orientation({"exif": raw} if raw else {}).value
 
 
 def _load_exif(raw: bytes | None) -> tuple[Image.Exif | None, bool, bool]:

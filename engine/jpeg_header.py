@@ -1,4 +1,4 @@
-"""The header of a plain JPEG, read by walking its markers up to the scan (pure bytes -> facts).
+"""A JPEG's markers, walked (pure bytes -> facts): the header of a plain JPEG, and where it ends.
 
 Pass-through decides from the header alone whether a file may be kept byte for byte. Pillow's
 ``Image.open`` answers that too, but it also parses every quantisation and Huffman table, builds
@@ -15,6 +15,10 @@ CMYK, multi-picture files (MPO), Photoshop resource blocks, a second EXIF segmen
 running past the end, junk between markers. The caller then opens the file with Pillow as
 before, so every unusual file is judged exactly as it was. ``tests/test_jpeg_header.py``
 compares the two on mutated files.
+
+``jpeg_end`` is the other half of a pass-through: the proof that the file is whole, by walking it
+to its real end-of-image marker through every scan's entropy-coded data (any JPEG, not only
+plain ones). A file it cannot vouch for is decoded in full instead.
 """
 
 from __future__ import annotations
