@@ -153,7 +153,7 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
             f"{width}x{height} = {width * height:,} pixels is over the pixel limit of {opts.max_pixels:,}"
         )
     png = png_facts(data) if im.format == "PNG" else None
-    if im.format in ("JPEG", "MPO", "WEBP") or (png is not None and not png.metadata):
+    if im.format in ("JPEG", "MPO", "WEBP") or (png is not None and not png.late_metadata):
         orientation = metadata_orientation(im.info)  # what Pillow kept at open: no pixels decoded
     else:
         # A PNG's eXIf chunk may follow the pixels, and a TIFF turns itself upright in load(), so
@@ -415,7 +415,9 @@ def _pillow_reads_dpi(exif: Image.Exif) -> bool:
 @dataclass(frozen=True, slots=True)
 class PngFacts:
     whole: bool  # IHDR first, IDAT chunks together, every length and CRC right, up to IEND; no APNG
-    metadata: bool  # a chunk that may hold an orientation (eXIf, EXIF or XMP text), wherever it is
+    # a chunk that may hold an orientation (eXIf, EXIF or XMP text) after the pixels, which only
+    # load() reads (and a later one replaces what open() read)
+    late_metadata: bool
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -432,7 +434,7 @@ def png_facts(data: bytes) -> PngFacts:
     end = len(data)
     pos = len(_PNG_SIGNATURE)
     whole = data.startswith(_PNG_SIGNATURE)
-    metadata = False
+    late = False
     idat = 0  # 0: none yet, 1: in the IDAT run, 2: after it
     first = True
     while whole:
@@ -453,7 +455,7 @@ def png_facts(data: bytes) -> PngFacts:
         elif idat == 1:
             idat = 2
         if kind == b"eXIf" or (kind in _PNG_TEXT and bytes(view[pos + 8:pos + 8 + 22]).startswith(_PNG_ORIENTATION_KEYWORDS)):
-            metadata = True
+            late = late or idat > 0
         elif kind == b"acTL":
             whole = False
         elif kind == b"IEND":
@@ -462,7 +464,7 @@ def png_facts(data: bytes) -> PngFacts:
         first = False
         pos = stop
     # a file not walked to its end may still hide metadata: the caller then loads it and looks
-    return PngFacts(whole, metadata or not whole)
+    return PngFacts(whole, late or not whole)
 
 
 def _normalise_mode_before_resize(im: Image.Image) -> Image.Image:

@@ -349,3 +349,36 @@ def test_png_chunks_after_the_end_of_a_cut_file():
         if isinstance(result, EncodedImage):
             assert not result.passthrough
             _decode(result.data)
+
+
+def test_tiff_orientation_with_downscaling_keeps_the_upright_shape():
+    """The TIFF turns itself in load(), so the target size is taken after it, not before."""
+    sizes = set()
+    for o in range(1, 9):
+        result = transform_image((REAL / f"g4_orientation_{o}.tif").read_bytes(), ImageOptions(max_size=100, format="png"))
+        sizes.add(_decode(result.data).size)
+    assert sizes == {(100, 15)}
+
+
+def test_png_pass_through_decodes_no_pixels_unless_it_holds_orientation_metadata(monkeypatch):
+    """getexif() on a PNG forces a decode (FORMATS.md §6): only a PNG whose chunk walk found an
+    eXIf, EXIF-text or XMP chunk after the pixels (which only load() reads) pays for it."""
+    from PIL import PngImagePlugin
+
+    loads = []
+    real_load = PngImagePlugin.PngImageFile.load
+
+    def counting_load(self):
+        loads.append(self.size)
+        return real_load(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counting_load)
+    plain = imagegen.png(size=(300, 200))
+    assert transform_image(plain, ImageOptions(max_size=None, format="keep")).passthrough
+    assert loads == []
+    upright_exif = imagegen.encode(imagegen.quadrant_image(), "PNG", orientation=1)  # eXIf before IDAT
+    assert transform_image(upright_exif, ImageOptions(max_size=None, format="keep")).passthrough
+    assert loads == []
+    late = _exif_after_idat(1)
+    assert transform_image(late, ImageOptions(max_size=None, format="keep")).passthrough
+    assert loads == [imagegen.UPRIGHT_SIZE]
