@@ -14,15 +14,17 @@ import contextlib
 import functools
 import io
 import math
+import re
 import struct
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 
 from PIL import Image, ImageFile, TiffImagePlugin
 
 from engine.config import ImageOptions
-from engine.jpeg_header import read_jpeg_header
+from engine.jpeg_header import MAX_JPEG_SIDE, jpeg_end, read_jpeg_header
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
@@ -85,7 +87,11 @@ _EXTENSION = {"jpeg": "jpg", "png": "png", "webp": "webp"}
 # --image-format keep, for a source format no reader takes as it is: lossy photos become JPEG,
 # anything else (TIFF, BMP, GIF, ...) lossless PNG.
 _KEEP_AS = {"HEIF": "jpeg"}
-TRUNCATED_JPEG = "truncated JPEG: no end-of-image marker after the scan data"
+# Warning kinds (stats.json "warnings"): an image written upright although its EXIF says otherwise.
+WARNING_ORIENTATION_INVALID = "exif_orientation_invalid"  # orientation 0, 9 or not a number: upright
+WARNING_EXIF_UNREADABLE = "exif_unreadable"  # a block Pillow cannot fully parse: read as far as it can
+# Widest side each encoder can write: libjpeg's JPEG_MAX_DIMENSION, libwebp's WEBP_MAX_DIMENSION.
+_MAX_SIDE = {"jpeg": MAX_JPEG_SIDE, "webp": 16383}
 # Bytes a JPEG's decoder is given per call. Pillow's default (ImageFile.MAXBLOCK, 64 KB) makes
 # about 40 calls for a 2.5 MB photo, each giving the GIL back and taking it again, so the
 # driver's threads queue for it; one call per photo decoded 200 photos in two threads 5-8%
@@ -102,6 +108,8 @@ class EncodedImage:
     width: int
     height: int
     passthrough: bool
+    # kinds of harmless trouble met on the way (WARNING_* names), counted per kind in stats.json
+    warnings: tuple[str, ...] = ()
 
     @property
     def extension(self) -> str:
@@ -144,25 +152,33 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
         return ImageFailure(
             f"{width}x{height} = {width * height:,} pixels is over the pixel limit of {opts.max_pixels:,}"
         )
-    orientation = read_orientation(im)
-    if isinstance(orientation, ImageFailure):
-        return orientation
+    png = png_facts(data) if im.format == "PNG" else None
+    if im.format in ("JPEG", "MPO", "WEBP") or (png is not None and not png.late_metadata):
+        orientation = metadata_orientation(im.info)  # what Pillow kept at open: no pixels decoded
+    else:
+        # A PNG's eXIf chunk may follow the pixels, and a TIFF turns itself upright in load(), so
+        # the orientation left to apply is the one after loading.
+        im.load()
+        orientation = metadata_orientation(im.info) if png is not None else _loaded_orientation(im)
+        width, height = im.size
     source = _SOURCE_FORMAT.get(im.format or "")
     target = target_size(width, height, opts.max_size)
     if (
         opts.passthrough
         and source is not None
-        and orientation == 1
+        and orientation.value == 1
+        and not orientation.reader_fails
         and target == (width, height)
         and im.mode in _STORABLE[source]
         and getattr(im, "n_frames", 1) == 1
+        and _proven_whole(data, source, im, png)
     ):
-        problem = check_complete(data, source, im.tile[0][2] if im.tile else 0)
-        if problem:
-            return ImageFailure(problem)
-        return EncodedImage(data, source, width, height, passthrough=True)
+        return EncodedImage(data, source, width, height, passthrough=True, warnings=orientation.warnings)
 
+    # Not kept: decoded in full below (a file cut short fails there, as LOAD_TRUNCATED_IMAGES is off).
     out_format = opts.format if opts.format != "keep" else (source or _KEEP_AS.get(im.format or "", "png"))
+    if max(target) > _MAX_SIDE.get(out_format, max(target)):
+        out_format = "png"  # wider than JPEG or WebP can hold: lossless PNG (README says so)
     im = _normalise_mode_before_resize(im)
     if target != (width, height):
         if im.format in ("JPEG", "MPO"):
@@ -170,10 +186,25 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
         im.thumbnail(target)
     else:
         im.load()
-    if orientation != 1:
-        im = im.transpose(_TRANSPOSE[orientation])
+    if orientation.value != 1:
+        im = im.transpose(_TRANSPOSE[orientation.value])
     im = _mode_for_format(im, out_format)
-    return EncodedImage(_encode(im, out_format, opts.quality), out_format, im.width, im.height, False)
+    return EncodedImage(_encode(im, out_format, opts.quality), out_format, im.width, im.height, False,
+                        orientation.warnings)
+
+
+def _proven_whole(data: bytes, source: str, im: Image.Image, png: PngFacts | None) -> bool:
+    """Whether the file's structure is proven complete, so every reader decodes it as it is.
+
+    JPEG: every segment and scan walked to the real end-of-image marker (``jpeg_end``). PNG: every
+    chunk's length and CRC, up to IEND (``png_facts``). WebP's bitstream has no checksum to check,
+    so a WebP is decoded in full here (a broken one raises, and is rejected)."""
+    if source == "jpeg":
+        return jpeg_end(data) is not None
+    if source == "png":
+        return png is not None and png.whole
+    im.load()
+    return True
 
 
 def _open(data: bytes) -> Image.Image | ImageFailure:
@@ -244,24 +275,25 @@ def _heif_opener() -> bool:
     return True
 
 
-def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure | None:
+def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | None:
     """Pass-through of a plain JPEG judged from its markers, without Pillow's ``open``
     (``engine.jpeg_header`` says why). None sends the file down the full path, which decides
-    anything this does not: a file to rotate, shrink or convert, or an unusual or broken header."""
+    anything this does not: a file to rotate, shrink or convert, an unusual header, or one whose
+    structure is not proven whole (decoded in full there)."""
     header = read_jpeg_header(data)
     if header is None or header.width * header.height > opts.max_pixels:
         return None
     if target_size(header.width, header.height, opts.max_size) != (header.width, header.height):
         return None
-    exif = _load_exif(header.exif)
-    if isinstance(exif, ImageFailure) or _orientation(exif) != 1:  # to rotate, or a broken block to report
+    info = {k: v for k, v in (("exif", header.exif), ("xmp", header.xmp)) if v is not None}
+    orientation, exif = _metadata_orientation(info)
+    if orientation.value != 1 or orientation.reader_fails:
         return None
     if exif is not None and not header.jfif_dpi and not _pillow_reads_dpi(exif):
         return None
-    problem = check_complete(data, "jpeg", header.scan_start)
-    if problem:
-        return ImageFailure(problem)
-    return EncodedImage(data, "jpeg", header.width, header.height, passthrough=True)
+    if jpeg_end(data) is None:
+        return None
+    return EncodedImage(data, "jpeg", header.width, header.height, passthrough=True, warnings=orientation.warnings)
 
 
 def target_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
@@ -272,50 +304,91 @@ def target_size(width: int, height: int, max_size: int | None) -> tuple[int, int
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def read_orientation(im: Image.Image) -> int | ImageFailure:
-    """The EXIF orientation (1 when absent), read without decoding pixels.
+@dataclass(frozen=True, slots=True)
+class Orientation:
+    """The transpose a reader applies (what ``ImageOps.exif_transpose`` does), and what was odd."""
 
-    JPEG, PNG and WebP keep their EXIF block in ``im.info`` at open time; ``getexif()`` on a PNG
-    would force a full decode (FORMATS.md §6).
-    """
-    if im.format in ("JPEG", "MPO", "PNG", "WEBP"):
-        return exif_orientation(im.info.get("exif"))
+    value: int  # 1 (upright) to 8
+    warnings: tuple[str, ...] = ()
+    reader_fails: bool = False  # a reader's getexif() raises on this block: re-encode without it
+
+
+UPRIGHT = Orientation(1)
+_XMP_ORIENTATION = r'tiff:Orientation(="|>)([0-9])'  # the pattern Image.getexif looks for
+
+
+def metadata_orientation(info: dict) -> Orientation:
+    """The orientation a reader applies, from the metadata Pillow keeps in ``info``, decoding no
+    pixels: the EXIF block (JPEG APP1, PNG eXIf, WebP EXIF), else ImageMagick's "Raw profile type
+    exif" PNG text, and only when the block has no Orientation tag, XMP ``tiff:Orientation``. This
+    is the order of ``Image.getexif``. Orientation 0, 9 or a non-number is upright, as readers
+    show it; a block Pillow cannot parse is read as far as it can be."""
+    return _metadata_orientation(info)[0]
+
+
+def _metadata_orientation(info: dict) -> tuple[Orientation, Image.Exif | None]:
+    """``metadata_orientation``, and the parsed EXIF block (None when there is none or it raised)."""
+    raw = info.get("exif")
+    if raw is None and "Raw profile type exif" in info:
+        try:
+            raw = bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:]))
+        except (AttributeError, TypeError, ValueError):
+            return Orientation(1, (WARNING_EXIF_UNREADABLE,), reader_fails=True), None
+    exif, unreadable, fails = _load_exif(raw)
+    warnings_seen = (WARNING_EXIF_UNREADABLE,) if unreadable else ()
     try:
-        value = im.getexif().get(ORIENTATION_TAG, 1)
-    except Exception as exc:  # noqa: BLE001
-        return ImageFailure(f"corrupt EXIF block: {type(exc).__name__}: {exc}")
-    return _valid_orientation(value)
+        value = exif.get(ORIENTATION_TAG) if exif is not None and ORIENTATION_TAG in exif else None
+    except Exception:  # noqa: BLE001 - a tag Pillow cannot decode
+        value, warnings_seen = None, (WARNING_EXIF_UNREADABLE,)
+    if value is None:
+        value = _xmp_orientation(info)
+    return _as_orientation(value, warnings_seen, fails), exif
 
 
-def exif_orientation(raw: bytes | None) -> int | ImageFailure:
-    """The orientation in a raw EXIF block (as Pillow keeps it in ``info["exif"]``), 1 when absent."""
-    exif = _load_exif(raw)
-    return exif if isinstance(exif, ImageFailure) else _orientation(exif)
-
-
-def _load_exif(raw: bytes | None) -> Image.Exif | ImageFailure | None:
-    """The parsed EXIF block; None when there is none."""
-    if not raw:
+def _xmp_orientation(info: dict) -> int | None:
+    xmp, pattern = info.get("XML:com.adobe.xmp"), _XMP_ORIENTATION
+    if not xmp and (xmp := info.get("xmp")):
+        pattern = pattern.encode()
+    if not xmp or not isinstance(xmp, (str, bytes)) or isinstance(xmp, str) != isinstance(pattern, str):
         return None
+    match = re.search(pattern, xmp)
+    return int(match[2]) if match else None
+
+
+def _loaded_orientation(im: Image.Image) -> Orientation:
+    """The orientation left to apply to a loaded image of another format, from Pillow's own
+    ``getexif`` (a TIFF has applied its tag in ``load()`` and dropped it)."""
     try:
-        exif = Image.Exif()
+        with _TIFF_WARNINGS.collect() as caught:
+            value = im.getexif().get(ORIENTATION_TAG)
+    except Exception:  # noqa: BLE001
+        return Orientation(1, (WARNING_EXIF_UNREADABLE,), reader_fails=True)
+    return _as_orientation(value, (WARNING_EXIF_UNREADABLE,) if caught else (), False)
+
+
+def _as_orientation(value, warnings_seen: tuple[str, ...], fails: bool) -> Orientation:
+    try:
+        applied = value in _TRANSPOSE  # exif_transpose looks the value up the same way
+    except TypeError:
+        applied = False
+    if applied:
+        return Orientation(int(value), warnings_seen, fails)
+    if value is not None and not (isinstance(value, int) and value == 1):
+        warnings_seen += (WARNING_ORIENTATION_INVALID,)
+    return Orientation(1, warnings_seen, fails) if warnings_seen or fails else UPRIGHT
+
+
+def _load_exif(raw: bytes | None) -> tuple[Image.Exif | None, bool, bool]:
+    """(the parsed EXIF block or None, whether part of it is unreadable, whether parsing raised)."""
+    if not raw:
+        return None, False, False
+    exif = Image.Exif()
+    try:
         with _TIFF_WARNINGS.collect() as caught:  # Pillow only warns on a broken block
             exif.load(raw)
-    except Exception as exc:  # noqa: BLE001
-        return ImageFailure(f"corrupt EXIF block: {type(exc).__name__}: {exc}")
-    if caught:  # any warning while parsing the block means part of it is unreadable
-        return ImageFailure(f"corrupt EXIF block: {caught[0]}".strip())
-    return exif
-
-
-def _orientation(exif: Image.Exif | None) -> int | ImageFailure:
-    if exif is None:
-        return 1
-    try:
-        value = exif.get(ORIENTATION_TAG, 1)
-    except Exception as exc:  # noqa: BLE001
-        return ImageFailure(f"corrupt EXIF block: {type(exc).__name__}: {exc}")
-    return _valid_orientation(value)
+    except Exception:  # noqa: BLE001
+        return None, True, True
+    return exif, bool(caught), False
 
 
 def _pillow_reads_dpi(exif: Image.Exif) -> bool:
@@ -339,50 +412,84 @@ def _pillow_reads_dpi(exif: Image.Exif) -> bool:
     return True
 
 
-def _valid_orientation(value) -> int | ImageFailure:
-    if isinstance(value, tuple) and len(value) == 1:
-        value = value[0]
-    if not isinstance(value, int) or not 1 <= value <= 8:
-        return ImageFailure(f"invalid EXIF orientation {value!r} (must be 1 to 8)")
-    return value
+@dataclass(frozen=True, slots=True)
+class PngFacts:
+    whole: bool  # IHDR first, IDAT chunks together, every length and CRC right, up to IEND; no APNG
+    # a chunk that may hold an orientation (eXIf, EXIF or XMP text) after the pixels, which only
+    # load() reads (and a later one replaces what open() read)
+    late_metadata: bool
 
 
-def check_complete(data: bytes, source: str, scan_start: int) -> str | None:
-    """Cheap structural check of a file that passes through without a full decode.
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_TEXT = (b"tEXt", b"zTXt", b"iTXt")
+_PNG_ORIENTATION_KEYWORDS = (b"Raw profile type exif\x00", b"XML:com.adobe.xmp\x00")
 
-    A truncated JPEG lacks its end-of-image marker after the scan data; a truncated PNG lacks
-    its IEND chunk; a truncated WebP is shorter than its RIFF header says. ``scan_start`` is
-    where the image data starts (Pillow's tile offset, 0 for a JPEG it opened; the marker walk
-    knows the real one).
-    """
-    if source == "jpeg":
-        if data.rfind(b"\xff\xd9") < scan_start:
-            return TRUNCATED_JPEG
-    elif source == "png":
-        if data.rfind(b"IEND\xaeB`\x82") < scan_start:
-            return "truncated PNG: no IEND chunk"
-    elif source == "webp":
-        if len(data) < 8 + int.from_bytes(data[4:8], "little"):
-            return "truncated WebP: shorter than its RIFF header says"
-    return None
+
+def png_facts(data: bytes) -> PngFacts:
+    """Walk a PNG's chunks. Only chunk headers are parsed; the CRCs are computed over each chunk
+    (about a third of a millisecond per MB), as a flipped or missing byte in the pixel data would
+    make a reader fail and nothing else here would see it. An APNG (acTL) is never whole: its
+    frames are decoded in full (one declaring 0 frames cannot be loaded at all)."""
+    view = memoryview(data)
+    end = len(data)
+    pos = len(_PNG_SIGNATURE)
+    whole = data.startswith(_PNG_SIGNATURE)
+    late = False
+    idat = 0  # 0: none yet, 1: in the IDAT run, 2: after it
+    first = True
+    while whole:
+        if pos + 12 > end:
+            whole = False
+            break
+        length = int.from_bytes(view[pos:pos + 4], "big")
+        kind = bytes(view[pos + 4:pos + 8])
+        stop = pos + 12 + length
+        if length > 0x7FFFFFFF or stop > end or (first and (kind != b"IHDR" or length != 13)):
+            whole = False
+            break
+        if zlib.crc32(view[pos + 4:stop - 4]) != int.from_bytes(view[stop - 4:stop], "big"):
+            whole = False
+        if kind == b"IDAT":
+            whole = whole and idat != 2
+            idat = 1
+        elif idat == 1:
+            idat = 2
+        if kind == b"eXIf" or (kind in _PNG_TEXT and bytes(view[pos + 8:pos + 8 + 22]).startswith(_PNG_ORIENTATION_KEYWORDS)):
+            late = late or idat > 0
+        elif kind == b"acTL":
+            whole = False
+        elif kind == b"IEND":
+            whole = whole and idat == 2
+            break
+        first = False
+        pos = stop
+    # a file not walked to its end may still hide metadata: the caller then loads it and looks
+    return PngFacts(whole, late or not whole)
 
 
 def _normalise_mode_before_resize(im: Image.Image) -> Image.Image:
-    """Modes that resize badly or cannot be stored: palette, 1-bit, 16/32-bit, float."""
+    """Modes that resize badly or cannot be stored: palette, 1-bit, 16/32-bit, float; and a PNG
+    colour key (tRNS on a grey or RGB image), made an alpha channel so JPEG composites it over white."""
     mode = im.mode
+    key = im.info.get("transparency")
     if mode == "P" or mode == "PA":
-        return im.convert("RGBA" if ("transparency" in im.info or mode == "PA") else "RGB")
+        return im.convert("RGBA" if (key is not None or mode == "PA") else "RGB")
+    if mode in ("1", "L", "RGB") and key is not None:
+        return im.convert("RGBA" if mode == "RGB" else "LA")
     if mode == "1":
         return im.convert("L")
     if mode.startswith("I;16") or mode == "I":
         import numpy as np
 
-        arr = np.asarray(im)
-        if mode == "I" and arr.size and int(arr.max()) > 65535:
-            arr = arr.astype(np.float64) * (255.0 / float(arr.max()))
+        raw = np.asarray(im)
+        if mode == "I" and raw.size and int(raw.max()) > 65535:
+            arr = raw.astype(np.float64) * (255.0 / float(raw.max()))
         else:
-            arr = arr.astype(np.uint32) >> 8
-        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+            arr = raw.astype(np.uint32) >> 8
+        grey = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "L")
+        if isinstance(key, int):
+            grey.putalpha(Image.fromarray(((raw != key) * 255).astype(np.uint8), "L"))
+        return grey
     if mode == "F":
         import numpy as np
 

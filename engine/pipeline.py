@@ -73,6 +73,7 @@ class UnitResult:
     part_bytes: int | None = None  # sizes of the unit's files, checked when resuming
     rejects_bytes: int | None = None
     node: str | None = field(default=None)
+    warnings: dict[str, int] = field(default_factory=dict)  # kind -> images written despite it
 
 
     def to_json(self) -> bytes:
@@ -182,6 +183,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     extra_keys: set[str] = set()
     text_columns: set[str] = set()
     num_passthrough = 0
+    warnings: Counter = Counter()
     fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
     try:
         for checked, payloads in _prefetched(fetcher, ready, ctx.fetch.io_threads):
@@ -197,6 +199,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
             extra_keys.update(k for k in row.meta if k not in META_FIXED)
             text_columns.add("text" if checked.text is not None else "conversations")
             num_passthrough += sum(im.passthrough for im in images)
+            warnings.update(kind for im in images for kind in im.warnings)
     except BaseException as exc:
         writer.abort(exc)
         raise
@@ -223,6 +226,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
         seconds=time.perf_counter() - started,
         part_bytes=part_bytes,
         rejects_bytes=len(rejects_data) if rejects else None,
+        warnings=dict(sorted(warnings.items())),
     )
     ctx.store.write_bytes(result_path, result.to_json(), durable=False)  # last: marks the unit complete
     return result

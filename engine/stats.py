@@ -19,6 +19,7 @@ class RunStats:
     rejected_by_reason: Counter = field(default_factory=Counter)
     units_by_node: Counter = field(default_factory=Counter)
     shards_by_node: Counter = field(default_factory=Counter)
+    warnings: Counter = field(default_factory=Counter)  # kind -> count, from any stage that reports one
     seconds: float = 0.0
 
     def add_unit(self, result: Any) -> None:
@@ -26,6 +27,7 @@ class RunStats:
         self.num_written += result.num_written
         self.num_passthrough += result.num_passthrough
         self.rejected_by_reason.update(result.rejected)
+        self.warnings.update(getattr(result, "warnings", None) or {})
         self.num_rejected += sum(result.rejected.values())
         self.units_by_node[result.node or "driver"] += 1
 
@@ -53,6 +55,7 @@ class RunStats:
             "num_rejected": self.num_rejected,
             "rejected_by_reason": dict(sorted(self.rejected_by_reason.items(), key=lambda kv: order.get(kv[0], 99))),
             "num_passthrough": self.num_passthrough,
+            "warnings": dict(sorted(self.warnings.items())),
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "units_by_node": dict(self.units_by_node),

@@ -82,9 +82,6 @@ def test_hostile_images_end_in_rejects(tmp_path):
         "truncated.jpg": imagegen.truncated_jpeg(),
         "corrupt.jpg": imagegen.corrupt_jpeg(),
         "bomb.png": imagegen.bomb_png(),
-        "orient0.jpg": _with_orientation(0),
-        "orient9.jpg": _with_orientation(9),
-        "badexif.jpg": _corrupt_exif_jpeg(),
     }
     rows = [row(name.split(".")[0], name) for name in hostile] + [row("good", "good.jpg")]
     inp = write_input(tmp_path / "in", rows, {**hostile, "good.jpg": imagegen.jpeg()})
@@ -94,7 +91,6 @@ def test_hostile_images_end_in_rejects(tmp_path):
     rejects = o.rejects_by_id()
     assert set(rejects) == {n.split(".")[0] for n in hostile}
     assert all(r["stage"] == "decode" for r in rejects.values()), rejects
-    assert "orientation 0" in rejects["orient0"]["reason"] and "orientation 9" in rejects["orient9"]["reason"]
     assert "pixel limit" in rejects["bomb"]["reason"]
     assert list(o.by_id()) == ["good"]
     assert o.stats["num_input_rows"] == len(hostile) + 1
@@ -108,22 +104,6 @@ def test_image_time_bound(tmp_path):
     rejects = Output(out).rejects
     assert [r["stage"] for r in rejects] == ["decode", "decode"]
     assert all("took longer than" in r["reason"] for r in rejects)
-
-
-def _with_orientation(value: int) -> bytes:
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif[imagegen.ORIENTATION_TAG] = value
-    return imagegen.encode(imagegen.quadrant_image(), "JPEG", exif=exif.tobytes())
-
-
-def _corrupt_exif_jpeg() -> bytes:
-    """A JPEG whose APP1 segment claims to be EXIF but holds a broken TIFF header."""
-    data = imagegen.jpeg()
-    body = b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0garbage"
-    app1 = b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body
-    return data[:2] + app1 + data[2:]
 
 
 def test_a_shard_that_cannot_be_finished_is_one_clear_error(tmp_path, capsys, monkeypatch):

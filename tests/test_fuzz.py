@@ -12,7 +12,7 @@ import json
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 import imagegen
 from engine.config import FetchOptions, ImageOptions
@@ -32,9 +32,32 @@ BASES = {
 }
 
 
+def _apng() -> bytes:
+    frames = [imagegen.quadrant_image(), imagegen.quadrant_image().transpose(Image.Transpose.ROTATE_180)]
+    return imagegen.encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+
+
+def _progressive() -> bytes:
+    return imagegen.encode(imagegen.quadrant_image(), "JPEG", progressive=True)
+
+
+# Upright files that pass through when whole (nothing to shrink or turn): what a mutation must
+# never sneak past the completeness proof.
+KEEPABLE = {
+    "jpeg": imagegen.jpeg(),
+    "jpeg-progressive": _progressive(),
+    "png": imagegen.png(),
+    "png-rgba": imagegen.png(mode="RGBA"),
+    "apng": _apng(),
+    "webp-lossless": imagegen.webp(),
+    "webp-lossy": imagegen.encode(imagegen.quadrant_image(), "WEBP", quality=80),
+}
+KEEP = ImageOptions(max_size=None, format="keep", max_pixels=4_000_000, timeout=5.0)
+
+
 @st.composite
-def mutated(draw) -> bytes:
-    data = bytearray(BASES[draw(st.sampled_from(sorted(BASES)))])
+def mutated(draw, bases=BASES) -> bytes:
+    data = bytearray(bases[draw(st.sampled_from(sorted(bases)))])
     for _ in range(draw(st.integers(1, 6))):
         kind = draw(st.sampled_from(["flip", "truncate", "insert", "delete", "header"]))
         if not data:
@@ -69,6 +92,21 @@ def test_mutated_images_are_written_or_rejected(data):
             im = Image.open(io.BytesIO(result.data))
             im.load()
             assert im.size == (result.width, result.height)
+    else:
+        assert result.reason
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated(KEEPABLE))
+def test_every_written_image_decodes_with_plain_pil(data):
+    """Kept or re-encoded, what is written decodes in full with LOAD_TRUNCATED_IMAGES off."""
+    with time_limit(10):
+        result = transform_image(data, KEEP)
+    if isinstance(result, EncodedImage):
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+        im = Image.open(io.BytesIO(result.data))
+        im.load()
+        assert im.size == (result.width, result.height)
     else:
         assert result.reason
 
