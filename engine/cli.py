@@ -9,8 +9,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from engine.config import (DEFAULT_ATTACHMENT_TOKEN, IMAGE_FORMATS, LAYOUTS, RUNNERS, ConvertOptions, FetchOptions,
-                           ImageOptions, parse_size)
+from engine.config import (DEFAULT_ATTACHMENT_TOKEN, DEFAULT_FORMATS, IMAGE_FORMATS, LAYOUTS, RUNNERS, ConvertOptions,
+                           FetchOptions, ImageOptions, parse_formats, parse_size)
 from engine.errors import EngineError, ShardError, UsageError
 
 PROG = "engine"
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "keeps its original bytes)")
     img.add_argument("--max-pixels", type=int, default=ImageOptions().max_pixels,
                      help="reject images with more pixels than this (checked from the header, before decoding)")
+    img.add_argument("--formats", default=",".join(DEFAULT_FORMATS), metavar="LIST",
+                     help="image formats to decode, comma-separated; any other is rejected with a reason naming "
+                     "it. A list of names replaces the default; +NAME adds to it and -NAME removes from it "
+                     "(--formats +dds,+ico or --formats=-gif); 'all' is every format Pillow knows. Rarer "
+                     "formats' decoders are where fuzzing finds hangs and crashes, so widen it with care")
     packed = c.add_argument_group("packed Arrow layout (--layout arrow)")
     packed.add_argument("--images-as-paths", action="store_true",
                         help="fs-image loader: write the images under OUT/images and store their paths "
@@ -115,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     image = ImageOptions(max_size=args.max_size or None, format=args.image_format, quality=args.quality,
                          passthrough=args.passthrough, max_pixels=args.max_pixels,
-                         timeout=args.image_timeout or None)
+                         timeout=args.image_timeout or None, formats=parse_formats(args.formats))
     fetch = FetchOptions(timeout=args.http_timeout, retries=args.http_retries,
                          total_timeout=max(args.http_timeout * (args.http_retries + 1) + 10, args.http_timeout))
     return ConvertOptions(
