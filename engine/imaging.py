@@ -23,8 +23,10 @@ from PIL import Image, ImageFile, TiffImagePlugin, features
 
 from engine.config import DEFAULT_FORMATS, ImageOptions
 from engine.jpeg_header import read_jpeg_header
+from engine.libwarnings import route_library_messages
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+route_library_messages()  # Pillow's and libtiff's per-file messages: to logging, not stderr
 # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 # "... because AVIF support not installed": the reject reason says so (sniff_non_image).
