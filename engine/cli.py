@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     packed.add_argument("--base-path", metavar="DIR", help="folder relative image paths resolve against "
                         "(default: the manifest's folder)")
     img.add_argument("--image-timeout", type=float, default=60.0, metavar="S",
-                     help="reject an image whose decode, resize and encode take longer than S seconds (0: no bound)")
+                     help="reject an image whose decode, resize and encode need more than S seconds of CPU time, "
+                     "in any thread or worker; the same file is decided the same way under any load (0: no bound)")
     out = c.add_argument_group("shards")
     out.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per output shard")
     out.add_argument("--max-shard-size", default="500MB", metavar="SIZE",
@@ -112,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(connection errors, 408/429/5xx), with exponential backoff")
     run.add_argument("--max-reject-ratio", type=float, default=1.0, metavar="R",
                      help="exit with code 1 when more than this fraction of rows is rejected")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    run.add_argument("--quiet", action="store_true", help="print nothing: no progress bar, summary or library messages")
     run.add_argument("--verbose", action="store_true", help="log debugging detail")
     return parser
 

@@ -7,6 +7,7 @@ logging.
 
 from __future__ import annotations
 
+import os
 import struct
 import subprocess
 import sys
@@ -41,18 +42,23 @@ def _input(tmp_path):
     return write_input(tmp_path / "in", [row(name, name) for name in images], images)
 
 
-def _run(inp, out, *extra: str) -> subprocess.CompletedProcess:
+def _run(inp, out, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest), "--config", str(inp.config),
             "--out", str(out), "--no-passthrough", *extra]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 
-@pytest.mark.parametrize("runner", ["ray", "local"])
+@pytest.mark.parametrize("runner", ["ray", "local", "ray-workers"])
 def test_quiet_prints_nothing(tmp_path, runner):
+    """The driver's threads (a small job never starts Ray), the local runner, and Ray's worker
+    processes (whose output Ray forwards to the driver's stderr)."""
     inp = _input(tmp_path)
-    proc = _run(inp, tmp_path / "out", "--quiet", "--runner", runner)
+    env = dict(os.environ, ENGINE_RAY_START="eager") if runner == "ray-workers" else None
+    proc = _run(inp, tmp_path / "out", "--quiet", "--runner", runner.split("-")[0], "--workers", "2", env=env)
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "", (proc.stdout, proc.stderr)
     out = Output(tmp_path / "out")
+    if runner == "ray-workers":
+        assert "driver" not in out.stats["units_by_node"], out.stats["units_by_node"]
     assert list(out.by_id()) == ["good.jpg"]
     assert sorted(r["image_id"] for r in out.rejects) == ["libtiff.tif", "pil-log.tif", "pil-warn.tif"]
 
