@@ -76,20 +76,25 @@ class _Watchdog:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._watches: list[_Watch] = []
-        self._thread: threading.Thread | None = None
+        self._local = threading.local()
         self._pid = 0
+        self._parked = False  # the watchdog waits for _wake (no watch for a while)
 
     def watch(self, seconds: float) -> _Watch:
-        ident = threading.get_ident()
-        w = _Watch(ident, time.pthread_getcpuclockid(ident), 0.0, time.monotonic(), seconds)
-        w.cpu0 = time.clock_gettime(w.clock)
+        local = self._local
+        clock = getattr(local, "clock", None)
+        if clock is None:
+            local.ident = threading.get_ident()
+            local.clock = clock = time.pthread_getcpuclockid(local.ident)
+        w = _Watch(local.ident, clock, time.clock_gettime(clock), time.monotonic(), seconds)
         with self._lock:
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()  # a forked child has no watchdog thread
-                self._thread = threading.Thread(target=self._run, name="image-watchdog", daemon=True)
-                self._thread.start()
+            if self._pid != os.getpid():  # first use, or a forked child, which has no watchdog thread
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="image-watchdog", daemon=True).start()
             self._watches.append(w)
-        self._wake.set()
+            parked = self._parked
+        if parked:
+            self._wake.set()
         return w
 
     def unwatch(self, w: _Watch) -> str | None:
@@ -98,7 +103,8 @@ class _Watchdog:
         with self._lock:
             with contextlib.suppress(ValueError):
                 self._watches.remove(w)
-            if w.fired is None and w.cpu_used() > w.seconds:
+            # CPU time is at most wall time, so a block shorter than its bound needs no clock read
+            if w.fired is None and time.monotonic() - w.wall0 > w.seconds and w.cpu_used() > w.seconds:
                 w.fired = "cpu"  # over the bound inside one call into C, which returned just now
             elif w.fired is not None:
                 _raise_in(w.ident, None)
@@ -109,13 +115,20 @@ class _Watchdog:
             self._watches.remove(w)
 
     def _run(self) -> None:
+        idle_since = time.monotonic()
         while True:
             with self._lock:
                 watches = list(self._watches)
-            if not watches:
+                # park only after a second without watches: images come one after another
+                self._parked = not watches and time.monotonic() - idle_since > 1.0
+                if self._parked:
+                    self._wake.clear()
+            if self._parked:
                 self._wake.wait()
-                self._wake.clear()
+                idle_since = time.monotonic()
                 continue
+            if watches:
+                idle_since = time.monotonic()
             tick = MAX_TICK
             now = time.monotonic()
             for w in watches:
@@ -142,28 +155,28 @@ class _Watchdog:
 _WATCHDOG = _Watchdog()
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float | None):
+class time_limit:  # noqa: N801 - used as a function: ``with time_limit(seconds):``
     """Raise :class:`ImageTimeout` in the block once its thread has used ``seconds`` of CPU time,
     or ran so much longer in wall time that it was starved (``kind == "wall"``). Works in any
-    thread; nests."""
-    if not seconds:
-        yield
-        return
-    w = _WATCHDOG.watch(seconds)
-    try:
-        yield
-    except ImageTimeout:
-        fired = _WATCHDOG.unwatch(w)
-        if fired is None:
-            raise  # an outer bound's
+    thread; nests. A class, not a generator: it wraps every image."""
+
+    __slots__ = ("_seconds", "_watch")
+
+    def __init__(self, seconds: float | None):
+        self._seconds = seconds
+        self._watch: _Watch | None = None
+
+    def __enter__(self) -> None:
+        if self._seconds:
+            self._watch = _WATCHDOG.watch(self._seconds)
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if self._watch is None:
+            return False
+        fired = _WATCHDOG.unwatch(self._watch)
+        if fired is None or (kind is not None and not issubclass(kind, ImageTimeout)):
+            return False  # no bound passed (or an outer one's), or another error to propagate
         raise ImageTimeout(fired) from None
-    except BaseException:
-        _WATCHDOG.unwatch(w)
-        raise
-    fired = _WATCHDOG.unwatch(w)
-    if fired is not None:
-        raise ImageTimeout(fired)
 
 
 def timeout_reason(seconds: float) -> str:
