@@ -55,7 +55,7 @@ class ImageTimeout(BaseException):
 @dataclass(eq=False, slots=True)
 class _Watch:
     ident: int
-    clock: int
+    clock: int | None
     cpu0: float
     wall0: float
     seconds: float
@@ -63,7 +63,17 @@ class _Watch:
     fired_at: float = 0.0
 
     def cpu_used(self) -> float:
-        return time.clock_gettime(self.clock) - self.cpu0
+        return _read_clock(self.clock) - self.cpu0
+
+
+def _thread_clock(ident: int) -> int | None:
+    """The CPU clock of thread ``ident``; None where the platform has none (macOS): wall time then."""
+    getter = getattr(time, "pthread_getcpuclockid", None)
+    return getter(ident) if getter is not None else None
+
+
+def _read_clock(clock: int | None) -> float:
+    return time.clock_gettime(clock) if clock is not None else time.monotonic()
 
 
 def _raise_in(ident: int, exc: type[BaseException] | None) -> None:
@@ -82,11 +92,11 @@ class _Watchdog:
 
     def watch(self, seconds: float) -> _Watch:
         local = self._local
-        clock = getattr(local, "clock", None)
-        if clock is None:
-            local.ident = threading.get_ident()
-            local.clock = clock = time.pthread_getcpuclockid(local.ident)
-        w = _Watch(local.ident, clock, time.clock_gettime(clock), time.monotonic(), seconds)
+        if getattr(local, "pid", None) != os.getpid():  # a forked child's thread has another clock
+            local.pid, local.ident = os.getpid(), threading.get_ident()
+            local.clock = _thread_clock(local.ident)
+        clock = local.clock
+        w = _Watch(local.ident, clock, _read_clock(clock), time.monotonic(), seconds)
         with self._lock:
             if self._pid != os.getpid():  # first use, or a forked child, which has no watchdog thread
                 self._pid = os.getpid()
