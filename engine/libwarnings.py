@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import platform
+import threading
 import warnings
 
 PILLOW_LOG = logging.getLogger("engine.pillow")
@@ -70,12 +71,20 @@ def _route_libtiff() -> None:
 
     def make(kind: str):
         def handler(module, fmt, args):
-            text = (fmt or b"").decode("utf-8", "replace")
-            if can_format and fmt:
-                buf = ctypes.create_string_buffer(1024)
-                libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), ctypes.c_char_p(fmt), ctypes.c_void_p(args))
-                text = buf.value.decode("utf-8", "replace")
-            LIBTIFF_LOG.debug("%s %s: %s", kind, (module or b"").decode("utf-8", "replace"), text)
+            try:
+                text = (fmt or b"").decode("utf-8", "replace")
+                if can_format and fmt:
+                    buf = ctypes.create_string_buffer(1024)
+                    libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), ctypes.c_char_p(fmt), ctypes.c_void_p(args))
+                    text = buf.value.decode("utf-8", "replace")
+                LIBTIFF_LOG.debug("%s %s: %s", kind, (module or b"").decode("utf-8", "replace"), text)
+            except Exception:  # noqa: BLE001 - ctypes would print it to stderr; a message is not worth that
+                pass
+            except BaseException as exc:
+                # an exception can't cross C: an image's timeout (or ^C) that landed here is raised
+                # again once the decoder is back in Python
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()),
+                                                           ctypes.py_object(type(exc)))
 
         return handler_type(handler)
 
