@@ -31,28 +31,35 @@ SLACK = 25.0
 
 
 def test_hostile_dds_in_driver_threads_is_rejected_within_the_bound_and_bounded_in_memory():
-    """In a subprocess, so its peak memory is its own: two helper threads, as the driver runs
-    them, transform every DDS fuzz file under the bound."""
+    """In a subprocess, so its peak memory is its own: first one helper thread transforms the
+    DDS fuzz files one after another (the peak memory is measured there), then two helper threads,
+    as the driver runs them, transform them all at once under the same bound."""
     code = f"""
 import json, resource, sys, time
 from concurrent.futures import ThreadPoolExecutor
 from engine.bounds import transform_bounded
 from engine.config import ImageOptions, parse_formats
 opts = ImageOptions(timeout={BOUND}, formats=parse_formats("+dds"))
+paths = {[str(p) for p in DDS]!r}
 def one(path):
     started = time.monotonic()
     result = transform_bounded(open(path, "rb").read(), opts)
     return getattr(result, "reason", "written"), time.monotonic() - started
+with ThreadPoolExecutor(1, thread_name_prefix="fetch") as pool:
+    alone = list(pool.map(one, paths))
+rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 with ThreadPoolExecutor(2, thread_name_prefix="fetch") as pool:
-    outcomes = list(pool.map(one, {[str(p) for p in DDS]!r}))
-print(json.dumps({{"outcomes": outcomes, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+    together = list(pool.map(one, paths))
+print(json.dumps({{"outcomes": alone + together, "rss_mb": rss_mb}}))
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert [reason for reason, _ in doc["outcomes"]] == [timeout_reason(BOUND)] * len(DDS), doc
+    assert [reason for reason, _ in doc["outcomes"]] == [timeout_reason(BOUND)] * 2 * len(DDS), doc
     assert all(seconds < BOUND + SLACK for _, seconds in doc["outcomes"]), doc
-    assert doc["rss_mb"] < 500, doc  # unbounded, these grew to about 900 MB
+    # the decoders' buffers grow with their work, which the bound stops (150 MB at most here);
+    # unbounded, these grew to about 900 MB
+    assert doc["rss_mb"] < 400, doc
 
 
 def test_hostile_dds_in_the_local_runner_gives_the_same_dataset_every_run(tmp_path):
