@@ -9,9 +9,9 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from engine.config import (ATTACHMENT_POSITIONS, DEFAULT_ATTACHMENT_TOKEN, IMAGE_FORMATS, LAYOUTS,
-                           MODALITY_FEATURES, RUNNERS, ConvertOptions, FetchOptions,
-                           ImageOptions, parse_size)
+from engine.config import (ATTACHMENT_POSITIONS, DEFAULT_ATTACHMENT_TOKEN, DEFAULT_FORMATS, IMAGE_FORMATS, LAYOUTS,
+                           MODALITY_FEATURES, RUNNERS, ConvertOptions, FetchOptions, ImageOptions,
+                           parse_formats, parse_size)
 from engine.errors import EngineError, ShardError, UsageError
 
 PROG = "engine"
@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "keeps its original bytes)")
     img.add_argument("--max-pixels", type=int, default=ImageOptions().max_pixels,
                      help="reject images with more pixels than this (checked from the header, before decoding)")
+    img.add_argument("--formats", default=",".join(DEFAULT_FORMATS), metavar="LIST",
+                     help="image formats to decode, comma-separated; any other is rejected with a reason naming "
+                     "it. A list of names replaces the default; +NAME adds to it and -NAME removes from it "
+                     "(--formats +dds,+ico or --formats=-gif); 'all' is every format Pillow knows. Rarer "
+                     "formats' decoders are where fuzzing finds hangs and crashes, so widen it with care")
     packed = c.add_argument_group("packed Arrow layout (--layout arrow)")
     packed.add_argument("--images-as-paths", action="store_true",
                         help="fs-image loader: write the images under OUT/images and store their paths "
@@ -99,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fs-image: store image paths relative to DIR (set the trainer's base_path to DIR), "
                         "instead of relative to the output folder")
     img.add_argument("--image-timeout", type=float, default=60.0, metavar="S",
-                     help="reject an image whose decode, resize and encode take longer than S seconds (0: no bound)")
+                     help="reject an image whose decode, resize and encode need more than S seconds of CPU time, "
+                     "in any thread or worker; the same file is decided the same way under any load (0: no bound)")
     out = c.add_argument_group("shards")
     out.add_argument("--shard-rows", type=int, metavar="N", help="at most N rows per output shard")
     out.add_argument("--max-shard-size", default="500MB", metavar="SIZE",
@@ -120,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(connection errors, 408/429/5xx), with exponential backoff")
     run.add_argument("--max-reject-ratio", type=float, default=1.0, metavar="R",
                      help="exit with code 1 when more than this fraction of rows is rejected")
-    run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    run.add_argument("--quiet", action="store_true", help="print nothing: no progress bar, summary or library messages")
     run.add_argument("--verbose", action="store_true", help="log debugging detail")
     return parser
 
@@ -128,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     image = ImageOptions(max_size=args.max_size or None, format=args.image_format, quality=args.quality,
                          passthrough=args.passthrough, max_pixels=args.max_pixels,
-                         timeout=args.image_timeout or None)
+                         timeout=args.image_timeout or None, formats=parse_formats(args.formats))
     fetch = FetchOptions(timeout=args.http_timeout, retries=args.http_retries,
                          total_timeout=max(args.http_timeout * (args.http_retries + 1) + 10, args.http_timeout))
     return ConvertOptions(

@@ -22,6 +22,11 @@ SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")
 DEFAULT_ATTACHMENT_TOKEN = "<|reserved_special_token_0|>"
 MODALITY_FEATURES = ("recipe", "image")
 ATTACHMENT_POSITIONS = ("after", "before")
+# The formats decoded by default: what users really send. Every other Pillow plugin stays off,
+# which keeps the fuzz-found decoder bugs of rarer formats (DDS, BLP, PSD, ...) out of reach.
+DEFAULT_FORMATS = ("jpeg", "png", "webp", "gif", "tiff", "bmp", "heif", "avif", "jpeg2000")
+_FORMAT_ALIASES = {"jpg": "jpeg", "jpe": "jpeg", "mpo": "jpeg", "tif": "tiff", "heic": "heif", "jp2": "jpeg2000",
+                   "j2k": "jpeg2000", "jpx": "jpeg2000", "j2c": "jpeg2000"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +81,40 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[unit])
 
 
+def known_formats() -> list[str]:
+    """Every --formats name: Pillow's registered formats, HEIF and AVIF (their plugins register late)."""
+    from PIL import Image  # local import: config stays light for the CLI's usage errors
+
+    Image.init()
+    names = {("jpeg" if i == "MPO" else i.lower()) for i in Image.OPEN} | {"heif", "avif"}
+    return sorted(names)
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """--formats: 'jpeg,png' sets the list; '+dds' adds to the default list and '-gif' removes from
+    it (entries apply in order; 'all' is every format Pillow knows). Names are case-insensitive,
+    with the usual aliases (jpg, tif, heic, jp2)."""
+    known = known_formats()
+    entries = [e.strip().lower() for e in str(text).split(",") if e.strip()]
+    if not entries:
+        raise UsageError("--formats needs at least one format (e.g. jpeg,png or +dds)")
+    plain = [e for e in entries if e[0] not in "+-"]
+    result: list[str] = [] if plain else list(DEFAULT_FORMATS)
+    for entry in entries:
+        sign, name = (entry[0], entry[1:].strip()) if entry[0] in "+-" else ("", entry)
+        names = known if name == "all" else [_FORMAT_ALIASES.get(name, name)]
+        for n in names:
+            if n not in known:
+                raise UsageError(f"--formats: unknown format {name!r} (known: all, {', '.join(known)})")
+            if sign == "-":
+                result = [f for f in result if f != n]
+            elif n not in result:
+                result.append(n)
+    if not result:
+        raise UsageError(f"--formats {text!r} leaves no format to decode")
+    return tuple(result)
+
+
 @dataclass(frozen=True, kw_only=True)
 class ImageOptions:
     """How each image is transformed. Picklable; shipped to every worker."""
@@ -86,7 +125,8 @@ class ImageOptions:
     passthrough: bool = True  # keep the original bytes when nothing needs changing
     max_pixels: int = 178_956_970  # decompression-bomb limit, checked from the header
     max_image_bytes: int = 256 * 2**20
-    timeout: float | None = 60.0  # wall-time bound per image transform (decode ... encode)
+    timeout: float | None = 60.0  # bound per image transform (decode ... encode), see pipeline.time_limit
+    formats: tuple[str, ...] = DEFAULT_FORMATS  # --formats: the formats decoded (lower-case names)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -167,6 +207,8 @@ def _check_options(o: ConvertOptions) -> str | None:
         return "--image-timeout must be positive (or 0 for no bound)"
     if o.image.max_pixels < 1:
         return "--max-pixels must be positive"
+    if not o.image.formats:
+        return "--formats leaves no format to decode"
     for name, value in (("--shard-rows", o.shard_rows), ("--workers", o.workers)):
         if value is not None and value < 1:
             return f"{name} must be at least 1, not {value}"

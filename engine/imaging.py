@@ -21,12 +21,14 @@ import warnings
 import zlib
 from dataclasses import dataclass
 
-from PIL import Image, ImageFile, TiffImagePlugin
+from PIL import Image, ImageFile, TiffImagePlugin, features
 
-from engine.config import ImageOptions
+from engine.config import DEFAULT_FORMATS, ImageOptions
 from engine.jpeg_header import MAX_JPEG_SIDE, jpeg_end, read_jpeg_header
+from engine.libwarnings import route_library_messages
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+route_library_messages()  # Pillow's and libtiff's per-file messages: to logging, not stderr
 # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 # "... because AVIF support not installed": the reject reason says so (sniff_non_image).
@@ -131,6 +133,8 @@ def transform_image(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFail
         return ImageFailure(f"over the pixel limit: {exc}")
     except MemoryError:
         return ImageFailure("out of memory while decoding")
+    except ImportError as exc:  # a codec this Pillow build lacks, found only while decoding
+        return ImageFailure(f"this Pillow build lacks a library the image needs: {exc}")
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad files
         return ImageFailure(f"cannot decode image: {type(exc).__name__}: {exc}")
 
@@ -142,7 +146,7 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
         kept = _keep_plain_jpeg(data, opts)
         if kept is not None:
             return kept
-    im = _open(data)
+    im = _open(data, opts.formats)
     if isinstance(im, ImageFailure):
         return im
     width, height = im.size
@@ -207,32 +211,84 @@ def _proven_whole(data: bytes, source: str, im: Image.Image, png: PngFacts | Non
     return True
 
 
-def _open(data: bytes) -> Image.Image | ImageFailure:
-    """Pillow's ``open`` (a JPEG set to reach its decoder in one call, see JPEG_DECODE_BLOCK);
-    HEIF/HEIC (phone photos) through pillow-heif, loaded only when such a file turns up; for
-    anything else that is not an image, a reason that says what it is."""
-    try:
-        im = Image.open(io.BytesIO(data))
-    except Image.UnidentifiedImageError:
-        pass
-    else:
-        if im.format in ("JPEG", "MPO"):
-            im.decodermaxblock = max(im.decodermaxblock, min(len(data), JPEG_DECODE_BLOCK))
-        return im
+# --formats name -> the Pillow formats it opens, where the names differ (MPO opens through JPEG).
+_PILLOW_IDS = {"jpeg2000": ("JPEG2000",), "heif": ("HEIF",)}
+# Pillow format -> (PIL.features name, library) of a codec the build may lack.
+_CODEC_OF = {"JPEG2000": ("jpg_2000", "OpenJPEG"), "AVIF": ("avif", "libavif")}
+
+
+def format_name(pillow_format: str) -> str:
+    """The --formats name of a Pillow format: JPEG and MPO -> jpeg, JPEG2000 -> jpeg2000."""
+    return "jpeg" if pillow_format == "MPO" else pillow_format.lower()
+
+
+def _pillow_ids(formats: tuple[str, ...]) -> tuple[str, ...]:
+    """The registered Pillow formats for ``formats`` (Image.open raises KeyError for any other)."""
+    Image.init()
+    return tuple(i for f in formats for i in _PILLOW_IDS.get(f, (f.upper(),)) if i in Image.OPEN)
+
+
+def _open(data: bytes, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Image | ImageFailure:
+    """Pillow's ``open``, for the formats of ``--formats`` only (a JPEG set to reach its decoder in
+    one call, see JPEG_DECODE_BLOCK); HEIF/HEIC (phone photos) through pillow-heif and AVIF,
+    where this Pillow has no libavif, through pillow-avif-plugin, each loaded only when such a
+    file turns up. Anything else gets a reason that says what it is and why it is not read."""
     kind = sniff_non_image(data)
-    if kind != "HEIF":
-        return ImageFailure(f"not an image ({_NON_IMAGES.get(kind, 'unrecognised format')})")
-    if not _heif_opener():
+    if kind == "HEIF" and "heif" in formats and not _heif_opener():
         return ImageFailure("HEIF/HEIC image, which needs pillow-heif (pip install pillow-heif)")
+    if kind == "AVIF" and "avif" in formats and not _avif_opener():
+        return ImageFailure("AVIF image: this Pillow build has no libavif and pillow-avif-plugin is not "
+                            "installed (pip install pillow-avif-plugin)")
     try:
-        return Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=_pillow_ids(formats))
     except Image.UnidentifiedImageError:
-        return ImageFailure("not an image (a HEIF container pillow-heif cannot read)")
+        return ImageFailure(_unidentified(data, formats, kind))
+    if im.format in ("JPEG", "MPO"):
+        im.decodermaxblock = max(im.decodermaxblock, min(len(data), JPEG_DECODE_BLOCK))
+    feature, library = _CODEC_OF.get(im.format or "", (None, None))
+    if feature and im.format != "AVIF" and not features.check(feature):
+        return ImageFailure(f"{im.format} image: this Pillow build has no {library}, which decodes it")
+    if im.mode == "LAB" and not features.check("littlecms2"):
+        return ImageFailure("LAB colour image: this Pillow build has no LittleCMS, which converts it to RGB")
+    return im
+
+
+def _unidentified(data: bytes, formats: tuple[str, ...], kind: str | None) -> str:
+    """Why Pillow opened none of ``formats``: the file is of another format (named, with how to
+    allow it), a broken HEIF/AVIF container, or not an image at all."""
+    allowed = ",".join(formats)
+    if kind in ("HEIF", "AVIF"):
+        name = kind.lower()
+        if name not in formats:
+            return f"{kind} image: not in --formats ({allowed}); add it with --formats +{name}"
+        if kind == "HEIF":
+            return "not an image (a HEIF container pillow-heif cannot read)"
+        return "not an image (an AVIF image whose container libavif cannot read)"
+    found = _format_of(data[:16])
+    if found is not None:
+        name = format_name(found)
+        if name not in formats:
+            return f"{found} image: not in --formats ({allowed}); add it with --formats +{name}"
+        return f"cannot decode image: not a valid {found} file"
+    return f"not an image ({_NON_IMAGES.get(kind, 'unrecognised format')})"
+
+
+def _format_of(prefix: bytes) -> str | None:
+    """The Pillow format whose signature check accepts ``prefix`` (formats without one are not
+    guessed: they would accept anything)."""
+    Image.init()
+    for pillow_id in Image.ID:
+        accept = Image.OPEN[pillow_id][1]
+        try:
+            if accept is not None and accept(prefix) is True:
+                return pillow_id
+        except Exception:  # noqa: BLE001 - a plugin's check on a short prefix
+            continue
+    return None
 
 
 _HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
 _NON_IMAGES = {
-    "AVIF": "an AVIF image, which this Pillow build cannot decode",
     "JXL": "a JPEG XL image, which this Pillow build cannot decode",
     "PDF": "a PDF document",
     "HTML": "an HTML page, such as a server's error page",
@@ -261,6 +317,19 @@ def sniff_non_image(data: bytes) -> str | None:
         if b"<html" in head or b"<!doctype html" in head:
             return "HTML"
     return None
+
+
+@functools.cache
+def _avif_opener() -> bool:
+    """AVIF: Pillow's own plugin when the build has libavif, else pillow-avif-plugin (a wheel
+    with its own libavif), registered once per process; False when neither is there."""
+    if features.check("avif"):
+        return True
+    try:
+        import pillow_avif  # noqa: F401 - registers its AVIF plugin in place of Pillow's
+    except ImportError:
+        return False
+    return True
 
 
 @functools.cache

@@ -6,12 +6,9 @@ Ray or the CLI; runners call :func:`process_unit` wherever they run it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
-import signal
-import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,9 +17,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import orjson
 
+from engine.bounds import ImageTimeout, time_limit, transform_bounded  # noqa: F401 - time_limit: the pipeline's bound
 from engine.config import FetchOptions, ImageOptions
 from engine.conversation import build_conversation, count_attachments
-from engine.imaging import EncodedImage, ImageFailure, transform_image
+from engine.imaging import EncodedImage, ImageFailure
 from engine.naming import safe_stem
 from engine.records import META_FIXED, Reject, Sample, SourceRef
 from engine.sinks.parts import PartWriter
@@ -232,50 +230,13 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     return result
 
 
-class ImageTimeout(BaseException):
-    """Raised by the alarm inside a transform that ran past its time bound (a BaseException, so
-    the transform's own error handling cannot swallow it)."""
-
-
-@contextlib.contextmanager
-def time_limit(seconds: float | None):
-    """Interrupt the block after ``seconds`` of wall time. An alarm needs the main thread (where
-    Ray runs tasks); in the driver's helper threads the block runs to its end and then counts as
-    timed out if it ran over. Either way the alarm cannot cut a call into C (a decode) short,
-    only what follows it."""
-    if not seconds:
-        yield
-        return
-    if threading.current_thread() is not threading.main_thread():
-        started = time.perf_counter()
-        yield
-        if time.perf_counter() - started > seconds:
-            raise ImageTimeout()
-        return
-
-    def on_alarm(signum, frame):
-        raise ImageTimeout()
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext) -> list[EncodedImage] | Reject:
     images = []
     for i, data in enumerate(payloads):
         which = f"image {i + 1} of {len(payloads)}: " if len(payloads) > 1 else ""
         if isinstance(data, FetchFailure):
             return Reject(row.line, row.image_id, "fetch", which + data.reason)
-        try:
-            with time_limit(ctx.image.timeout):
-                image = transform_image(data, ctx.image)
-        except ImageTimeout:
-            return Reject(row.line, row.image_id, "decode", f"{which}took longer than {ctx.image.timeout:g} s")
+        image = transform_bounded(data, ctx.image)
         if isinstance(image, ImageFailure):
             return Reject(row.line, row.image_id, "decode", which + image.reason)
         images.append(image)

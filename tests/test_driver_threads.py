@@ -81,23 +81,42 @@ def test_a_photo_reaches_the_jpeg_decoder_in_one_call_with_the_same_pixels(monke
     assert isinstance(cut, ImageFailure) and "truncated" in cut.reason
 
 
-def _bounded(seconds: float, sleep: float) -> str:
+def _spin(seconds: float) -> None:
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
+
+
+def _bounded(seconds: float, work: float) -> tuple[str, float]:
+    """Run ``work`` CPU seconds of Python under a bound of ``seconds``: the outcome and the CPU spent."""
+    started = time.thread_time()
     try:
         with time_limit(seconds):
-            time.sleep(sleep)
+            _spin(work)
     except ImageTimeout:
-        return "timed out"
-    return "finished"
+        return "timed out", time.thread_time() - started
+    return "finished", time.thread_time() - started
 
 
 @pytest.mark.parametrize("where", ["main", "helper"])
 def test_time_limit_holds_in_main_and_helper_threads(where):
+    """The bound stops the block as it runs (not after it), in the main thread as in a helper."""
     if where == "main":
-        outcomes = [_bounded(0.05, 0.3), _bounded(5, 0.01)]
+        outcomes = [_bounded(0.2, 3.0), _bounded(5, 0.01)]
     else:
         with ThreadPoolExecutor(2) as pool:
-            outcomes = list(pool.map(_bounded, [0.05, 5], [0.3, 0.01]))
-    assert outcomes == ["timed out", "finished"]
+            outcomes = list(pool.map(_bounded, [0.2, 5], [3.0, 0.01]))
+    assert [o for o, _ in outcomes] == ["timed out", "finished"]
+    assert outcomes[0][1] < 1.5, outcomes  # stopped near its 0.2 s, long before its 3 s of work
+
+
+def test_time_limit_counts_work_not_waiting():
+    """A block that waits (no CPU) is not stopped by a bound it passes in wall time only: the
+    bound is the thread's CPU time, which other load on the machine does not change."""
+    started = time.monotonic()
+    with time_limit(0.3):
+        time.sleep(0.6)
+    assert time.monotonic() - started >= 0.6
 
 
 def _lane_with(seconds_per_item: float, cores_used: float, items: int, threads: int = 2) -> _LocalLane:
