@@ -58,6 +58,12 @@ import importlib.metadata as md, os, PIL, pathlib
 dist = md.distribution("pillow-simd")
 files = {str(dist.locate_file(f)) for f in dist.files or []}
 assert str(pathlib.Path(PIL.__file__)) in files, PIL.__file__
+# A later `pip install` of a package that needs `pillow` writes stock Pillow over the same files.
+assert PIL.__version__ == dist.version, f"PIL is {PIL.__version__}, not pillow-simd {dist.version}"
+try:
+    raise AssertionError(f"stock pillow {md.version('pillow')} is installed beside pillow-simd")
+except md.PackageNotFoundError:
+    pass
 from PIL import features
 missing = [f for f in os.environ["WANT"].split() if not features.check(f)]
 assert not missing, f"built without {missing}"
