@@ -397,3 +397,85 @@ def test_sigkill_then_run_again(tmp_path, made, layout, point):
     assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, layout))
     assert len(Output(out).stats["updates"]) == 1
     assert not list(tmp_path.glob(".*engine-update*"))
+
+
+# ---- --split, other kinds of datasets ---------------------------------------------------------
+
+
+def test_split_limits_outputs_and_delete(tmp_path, made, layout):
+    inp, out = made
+    updates = _jsonl(tmp_path / "u.jsonl", [{"image_id": "id0", "output": {"price": 0.0}},
+                                            {"image_id": "id1", "output": {"price": 1.0}}])
+    ids = _jsonl(tmp_path / "d.txt", ["id4", "id5"])
+    assert _update(out, "--outputs", str(updates), "--delete", str(ids), "--split", "test") == 0
+    entry = Output(out).stats["updates"][-1]
+    assert entry["unknown_ids"] == {"outputs": ["id1"], "delete": ["id5"]}  # train rows are not in --split test
+    rows = [r for r in _rows() if r["image_id"] != "id4"]
+    rows[0]["output"] = {"price": 0.0}
+    assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, layout))
+
+
+def test_trainer_style_packed_dataset(tmp_path):
+    images = {"a.jpg": imagegen.jpeg((40, 30)), "b.jpg": imagegen.jpeg((50, 30))}
+    token = "<|reserved_special_token_0|>"
+    rows = [{"conversations": [{"role": "user", "content": f"{token}\nWhat is {i}?"},
+                               {"role": "assistant", "content": f"It is {i}."}],
+             "modalities": [{"type": "image", "value": "ab"[i % 2] + ".jpg"}], "id": f"t{i}"} for i in range(5)]
+    inp = write_input(tmp_path / "in", rows, images, manifest_name="trainer.jsonl")
+    out = tmp_path / "packed"
+    base = ["convert", "--layout", "arrow", "--runner", "local", "--quiet", "--shard-rows", "2"]
+    assert run_main(base + ["--manifest", str(inp.manifest), "--out", str(out)]) == 0
+    updates = _jsonl(tmp_path / "u.jsonl", [{"image_id": "t1", "output": "x"}])
+    assert _update(out, "--outputs", str(updates)) == 2  # no schema to validate against
+    ids = _jsonl(tmp_path / "d.txt", ["t1", "t3"])
+    assert _update(out, "--delete", str(ids)) == 0
+    final = _jsonl(inp.root / "final.jsonl", [r for r in rows if r["id"] not in ("t1", "t3")])
+    fresh = tmp_path / "fresh"
+    assert run_main(base + ["--manifest", str(final), "--out", str(fresh)]) == 0
+    assert _data_files(out) == _data_files(fresh)
+
+
+def test_fs_image_datasets_are_refused(tmp_path, capsys):
+    inp = write_input(tmp_path / "in", _rows()[:3], _images())
+    out = tmp_path / "fs"
+    assert convert(inp, out, "--layout", "arrow", "--images-as-paths") == 0
+    ids = _jsonl(tmp_path / "d.txt", ["id1"])
+    capsys.readouterr()
+    assert _update(out, "--delete", str(ids)) == 2
+    assert "fs-image" in capsys.readouterr().err
+
+
+def test_without_an_atomic_exchange_two_renames_do(tmp_path, made, layout, monkeypatch):
+    """Where the filesystem cannot exchange two folders, the update still commits."""
+    from engine.update import commit
+
+    inp, out = made
+    monkeypatch.setattr(commit, "_exchange", lambda a, b: False)
+    ids = _jsonl(tmp_path / "d.txt", ["id9"])
+    assert _update(out, "--delete", str(ids)) == 0
+    rows = [r for r in _rows() if r["image_id"] != "id9"]
+    assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, layout))
+    assert not list(tmp_path.glob(".*engine-update*"))
+
+
+def test_the_exchange_is_atomic_here(tmp_path):
+    from engine.update.commit import _exchange
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not _exchange(str(a), str(b)):
+        pytest.skip("this filesystem cannot exchange two folders")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_a_users_own_files_in_the_folder_are_kept(tmp_path, made, layout):
+    inp, out = made
+    (out / "NOTES.txt").write_text("mine")
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref")
+    ids = _jsonl(tmp_path / "d.txt", ["id9"])
+    assert _update(out, "--delete", str(ids)) == 0
+    assert (out / "NOTES.txt").read_text() == "mine" and (out / ".git" / "HEAD").read_text() == "ref"

@@ -100,13 +100,14 @@ class Staging:
         self._commit(state)
         return state["digest"]
 
-    def commit(self, digest: str, files: list[str], stale: list[str]) -> None:
+    def commit(self, digest: str, files: list[str], stale: list[str], carry: list[str]) -> None:
         """Make the staged dataset the dataset. ``files``: what the new dataset holds (relative
-        paths, stats.json last); ``stale``: the old dataset's files it no longer has."""
+        paths, stats.json last); ``stale``: the old dataset's files it no longer has; ``carry``:
+        entries of OUT that are not the dataset's (a user's own files), kept in the new folder."""
         self.next.remove(WORK_DIR)
         stats = self.next.read_bytes("stats.json")
         state = {"phase": "committing", "digest": digest, "stats_sha256": hashlib.sha256(stats).hexdigest(),
-                 "files": files, "stale": stale}
+                 "files": files, "stale": stale, "carry": carry}
         self._write_state(state)
         crash_point("update-committing")
         self._commit(state)
@@ -121,6 +122,7 @@ class Staging:
     def _commit_local(self, state: dict) -> None:
         out, new = self.out.root, self.next.root
         if _is_committed(self.out, state):
+            self._carry(state, new if os.path.exists(new) else os.path.join(self.root, "old"))
             return
         if os.path.exists(new) and os.path.exists(out):
             if not _exchange(new, out):
@@ -130,6 +132,14 @@ class Staging:
         elif os.path.exists(new):  # the two-rename fallback stopped between its renames
             os.rename(new, out)
         crash_point("update-swapped")
+        self._carry(state, new if os.path.exists(new) else os.path.join(self.root, "old"))
+
+    def _carry(self, state: dict, old: str) -> None:
+        """Move the user's own entries from the old folder into the new one."""
+        for name in state.get("carry", []):
+            source, target = os.path.join(old, name), os.path.join(self.out.root, name)
+            if os.path.lexists(source) and not os.path.lexists(target):
+                os.rename(source, target)
 
     def _commit_remote(self, state: dict) -> None:
         """Copies, not moves: a re-run after a crash here copies again, whatever was done."""

@@ -147,9 +147,11 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
                   command, time.perf_counter() - started)
     crash_point("update-staged")
     new_files = _list_files(next_store)
-    old_files = set(_list_files(store))
+    owned = _owned_files(ds, _list_files(store))
+    carry = sorted({f.split("/", 1)[0] for f in _list_files(store) if f not in owned}
+                   - {f.split("/", 1)[0] for f in new_files})
     staging.commit(inputs.digest, [f for f in new_files if f != "stats.json"] + ["stats.json"],
-                   sorted(old_files - set(new_files) - {"stats.json"}))
+                   sorted(owned - set(new_files) - {"stats.json"}), carry)
     progress.message(f"engine: updated {opts.out}: {_summary(report)}")
     return doc
 
@@ -462,6 +464,16 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
         write_row_ids(next_store, row_ids)
     next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
     return doc
+
+
+METADATA = ("README.md", "config.json", "stats.json", "rejects.jsonl", ROW_IDS, "state.json", "dataset_info.json",
+            "dataset_dict.json")
+
+
+def _owned_files(ds: Dataset, files: list[str]) -> set[str]:
+    """The files of ``files`` that are the dataset's own (its shards and metadata), not a user's."""
+    shards = {rel for rels in ds.files.values() for rel in rels}
+    return {f for f in files if f in shards or f.rsplit("/", 1)[-1] in METADATA and f.count("/") <= 1}
 
 
 def _list_files(store: Store) -> list[str]:
