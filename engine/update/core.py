@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from engine.config import TaskConfig
 from engine.conversation import build_conversation, render_prompt, user_content
-from engine.driver import (UNIT_GRAIN, cut_shards, load_task_config, ordered_splits, split_summary, unit_context,
+from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, load_task_config, ordered_splits, split_summary, unit_context,
                            unit_rows_for, write_layout_metadata)
 from engine.errors import EngineError, UsageError
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
@@ -112,6 +112,7 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
         progress.message(f"engine: {opts.out} already has this update (same inputs); nothing to do")
         return ds.stats
     task = new_task or ds.task
+    _prewarm_datasets()  # needed for the features only once the rows are read
     report = Report()
     report.counts["outputs_repeated"] = inputs.outputs_repeated
     scans = scan(ds, opts, inputs, task, new_task is not None, report)
