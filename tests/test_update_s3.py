@@ -84,3 +84,23 @@ def test_crash_during_the_s3_commit_then_run_again(s3, inp, tmp_path, online):
     assert _s3_hashes(s3, "bucket/crash") == parquet_hashes(_fresh(tmp_path, inp))
     assert not [k for k in s3.find("bucket/crash") if "/.engine" in k]
     assert len(json.loads(s3.cat_file("bucket/crash/stats.json"))["updates"]) == 1
+
+
+def test_packed_update_on_s3(s3, inp, tmp_path, online):
+    import hashlib
+
+    import datasets
+
+    out = "s3://bucket/packed-upd"
+    assert convert(inp, out, "--layout", "arrow", *OPTS) == 0  # type: ignore[arg-type]
+    assert run_main(["update", out, "--runner", "local", "--quiet", *_inputs(tmp_path)]) == 0
+    manifest = inp.root / "final.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in _final_rows()))
+    fresh = tmp_path / "fresh-packed"
+    assert run_main(["convert", "--manifest", str(manifest), "--config", str(inp.config), "--out", str(fresh),
+                     "--runner", "local", "--quiet", "--layout", "arrow", *OPTS]) == 0
+    names = ["row_ids.parquet", "state.json", "dataset_info.json"] + sorted(p.name for p in fresh.glob("*.arrow"))
+    assert {n: hashlib.sha256(s3.cat_file(f"bucket/packed-upd/{n}")).hexdigest() for n in names} == \
+        {n: hashlib.sha256((fresh / n).read_bytes()).hexdigest() for n in names}
+    ds = datasets.load_from_disk(out)
+    assert len(ds) == 7 and ds[0]["conversations"][-1]["content"] == '{"price":42.0}'
