@@ -116,6 +116,7 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
     report = Report()
     report.counts["outputs_repeated"] = inputs.outputs_repeated
     scans = scan(ds, opts, inputs, task, new_task is not None, report)
+    log.debug("rows read and checked at %.2f s", time.perf_counter() - started)
     if report.no_longer_valid and not opts.drop_invalid:
         for item in report.no_longer_valid[:20]:
             print(f"  {item['split']}/{item['image_id']}: {item['reason']}", file=sys.stderr)
@@ -135,6 +136,7 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
                             **({"split": opts.split} if opts.split else {}))
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
     specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added)
+    log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
     progress.start(len(specs), "writing shards", unit="shard")
     shards = []
     with Finisher() as finisher:
@@ -144,6 +146,7 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
             if i == 0:
                 crash_point("update-first-shard")
     progress.close()
+    log.debug("shards written at %.2f s", time.perf_counter() - started)
     doc = _finish(ds, opts, inputs, task, next_store, shards, features, num_bytes, row_ids, report,
                   command, time.perf_counter() - started)
     crash_point("update-staged")
@@ -153,6 +156,7 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
                    - {f.split("/", 1)[0] for f in new_files})
     staging.commit(inputs.digest, [f for f in new_files if f != "stats.json"] + ["stats.json"],
                    sorted(owned - set(new_files) - {"stats.json"}), carry)
+    log.debug("committed at %.2f s", time.perf_counter() - started)
     progress.message(f"engine: updated {opts.out}: {_summary(report)}")
     return doc
 
