@@ -152,6 +152,11 @@ def update_section(result: dict) -> list[str]:
              "(content-defined chunking, page index), fsynced, the floor of any update that rewrites the "
              "shards. `cp -r; sync` is the copy on disk, as the update leaves its files. `vs X` is X's time "
              "over the update's (1.0: as fast as X).", "",
+             "What the update does that a copy does not: it reads the dataset twice (once for the rows' "
+             "byte sizes, which cut the shards exactly as `convert` would, once to write them), encodes "
+             "every page again through the Parquet writer (content-defined chunking hashes every byte: "
+             "`rewrite` is that writer alone), and fsyncs what it writes. On 2 shared cores the CPU it "
+             "needs for this sets its pace, and other jobs' load moves every column.", "",
              "| rows | dataset | cp -r (s) | cp -r; sync (s) | rewrite (s) | update (s) | vs cp -r | vs cp -r; sync "
              "| vs rewrite | update peak RSS | load (uptime) |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
