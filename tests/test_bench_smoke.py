@@ -55,3 +55,17 @@ def test_limit_write_counts_only_when_its_bytes_are_on_disk(tmp_path):
     assert not check.valid and "written/" in check.problems[0], check
     shutil.rmtree(out / "written")
     assert not check_output(out, corpus).valid
+
+
+def test_bench_update_smoke(tmp_path):
+    results = tmp_path / "results"
+    argv = [sys.executable, "-m", "bench", "update", "--sizes", "12", "--base-images", "4", "--repeats", "1",
+            "--workdir", str(tmp_path / "work"), "--results", str(results)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = results.glob("*-update.json")
+    point = json.loads(path.read_text())["points"][0]
+    assert point["status"] == "ok" and point["num_rows"] == 12, point
+    assert {"speed_vs_cp", "speed_vs_rewrite", "max_peak_rss_mb"} <= set(point)
+    assert "load average" in point["uptime_before"]
+    assert "## Update: an outputs-only" in (tmp_path / "RESULTS.md").read_text()

@@ -479,3 +479,22 @@ def test_a_users_own_files_in_the_folder_are_kept(tmp_path, made, layout):
     ids = _jsonl(tmp_path / "d.txt", ["id9"])
     assert _update(out, "--delete", str(ids)) == 0
     assert (out / "NOTES.txt").read_text() == "mine" and (out / ".git" / "HEAD").read_text() == "ref"
+
+
+def test_a_second_update_at_the_same_time_is_refused(tmp_path, made, layout, capsys):
+    from engine.sinks.store import Store
+    from engine.update.commit import Staging
+
+    inp, out = made
+    ids = _jsonl(tmp_path / "d.txt", ["id9"])
+    running = Staging(Store(str(out)))
+    running.lock()
+    try:
+        before = _folder(out)
+        capsys.readouterr()
+        assert _update(out, "--delete", str(ids)) == 2
+        assert "another 'engine update'" in capsys.readouterr().err
+        assert _folder(out) == before
+    finally:
+        running.unlock()
+    assert _update(out, "--delete", str(ids)) == 0

@@ -16,6 +16,7 @@ commit is finished by the next run, before anything else.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -24,6 +25,7 @@ import shutil
 
 import orjson
 
+from engine.errors import UsageError
 from engine.sinks.store import WORK_DIR, Store
 
 STAGING = ".engine-update"  # on object storage, inside OUT
@@ -81,6 +83,28 @@ class Staging:
             self.out.remove(STAGING)
         else:
             shutil.rmtree(self.root, ignore_errors=True)
+
+    def unlock(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is not None:
+            lock.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(lock.name)
+            self._lock = None
+
+    def lock(self) -> None:
+        """One update of a local folder at a time: a second one is refused, not interleaved. The
+        lock is held until the process ends (object storage has no such lock)."""
+        if self.out.remote:
+            return
+        import fcntl
+
+        self._lock = open(f"{self.root}.lock", "a+b")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise UsageError(f"another 'engine update' of {self.out.root} is running") from None
 
     def start(self, digest: str) -> Store:
         """A fresh staging folder for an update with this digest; returns the new dataset's store."""

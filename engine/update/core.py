@@ -100,6 +100,17 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
     new_task = load_task_config(opts.config) if opts.config else None
     store = Store(opts.out)
     staging = Staging(store)
+    if opts.show_diff:
+        return _update(opts, progress, command, inputs, new_task, store, staging, started)
+    staging.lock()
+    try:
+        return _update(opts, progress, command, inputs, new_task, store, staging, started)
+    finally:
+        staging.unlock()
+
+
+def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Inputs, new_task: TaskConfig | None,
+            store: Store, staging: Staging, started: float) -> dict[str, Any]:
     if not opts.show_diff:
         done = staging.recover()
         if done is not None:
