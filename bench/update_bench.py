@@ -129,7 +129,8 @@ def run_update_bench(*, sizes: list[int], workdir: Path, results_dir: Path, work
             point["median_cp_sync_seconds"] = statistics.median(r["seconds"] for r in point["cp_sync"])
             point["speed_vs_cp_sync"] = point["median_cp_sync_seconds"] / up_s
             point.update({"median_cp_seconds": cp_s, "median_update_seconds": up_s, "median_rewrite_seconds": rw_s,
-                          "speed_vs_cp": cp_s / up_s, "speed_vs_rewrite": rw_s / up_s, "max_peak_rss_mb": max(u["peak_rss_mb"] for u in ok)})
+                          "speed_vs_cp": cp_s / up_s, "speed_vs_rewrite": rw_s / up_s,
+                          "max_peak_rss_mb": max(u["peak_rss_mb"] for u in ok)})
         point["uptime_after"] = _uptime()
         points.append(point)
         shutil.rmtree(run_dir, ignore_errors=True)  # the next size needs the disk

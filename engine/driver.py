@@ -234,13 +234,20 @@ def layout_features(results: list[UnitResult], opts: ConvertOptions):
     """The output ``datasets.Features``, known once every unit has reported what it saw."""
     if opts.layout == "parquet":
         meta_keys = tuple(order_meta_keys({k for r in results for k in r.meta_keys}))
-        return extraction_features(list(meta_keys)), meta_keys, ""
+        return features_for(opts, meta_keys, ""), meta_keys, ""
     columns = {c for r in results for c in r.text_columns}
     if len(columns) > 1:
         raise EngineError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
                           "convert them into separate datasets")
     text_column = columns.pop() if columns else "conversations"
-    return packed_features(text_column=text_column, images_as_paths=opts.images_as_paths), (), text_column
+    return features_for(opts, (), text_column), (), text_column
+
+
+def features_for(opts: ConvertOptions, meta_keys: tuple[str, ...], text_column: str):
+    """The layout's ``datasets.Features`` for these options (``engine update`` builds them too)."""
+    if opts.layout == "parquet":
+        return extraction_features(list(meta_keys))
+    return packed_features(text_column=text_column, images_as_paths=opts.images_as_paths)
 
 
 def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -> tuple[list[ShardSpec], Any]:

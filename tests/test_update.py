@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, CONFIG_BYTES, SCHEMA, Output, convert, row, run_main, write_input
+from conftest import REPO, SCHEMA, Output, convert, row, run_main, write_input
 
 import imagegen
 

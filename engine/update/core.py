@@ -28,13 +28,13 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from engine.config import TaskConfig
-from engine.conversation import build_conversation, render_prompt, user_content
-from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, load_task_config, ordered_splits, split_summary, unit_context,
-                           unit_rows_for, write_layout_metadata)
+from engine.conversation import build_conversation
+from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, load_task_config,
+                           ordered_splits, split_summary, unit_context, unit_rows_for, write_layout_metadata)
 from engine.errors import EngineError, UsageError
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.progress import NullProgress, Progress
-from engine.records import META_FIXED, Reject, extraction_features, order_meta_keys, packed_features
+from engine.records import META_FIXED, Reject, order_meta_keys
 from engine.runners import make_runner
 from engine.sinks.shards import write_shard
 from engine.sinks.store import WORK_DIR, Finisher, Store
@@ -126,7 +126,12 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     _prewarm_datasets()  # needed for the features only once the rows are read
     report = Report()
     report.counts["outputs_repeated"] = inputs.outputs_repeated
-    scans = scan(ds, opts, inputs, task, new_task is not None, report)
+    config_path = opts.config or (store.path("config.json") if ds.task else None)
+    user = None
+    if new_task is not None and ds.layout == "arrow":  # the user turn convert builds from the new config
+        user = unit_context(convert_options(ds, out=store.root, config=config_path, quiet=True, overwrite=False,
+                                            resume=False), task, store, embedded=True).user_content
+    scans = scan(ds, opts, inputs, task, new_task is not None, user, report)
     log.debug("rows read and checked at %.2f s", time.perf_counter() - started)
     if report.no_longer_valid and not opts.drop_invalid:
         for item in report.no_longer_valid[:20]:
@@ -142,7 +147,7 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     crash_point("update-started")
     copts = convert_options(ds, out=next_store.root, quiet=True, overwrite=False, resume=False,
                             workers=opts.workers, runner=opts.runner,
-                            config=opts.config or (store.path("config.json") if ds.task else None),
+                            config=config_path,
                             **({"manifest": opts.add, "base_path": None} if opts.add else {}),
                             **({"split": opts.split} if opts.split else {}))
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
@@ -196,19 +201,15 @@ def _utf8(column) -> np.ndarray:
 
 
 def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | None, config_changed: bool,
-         report: Report) -> list[ShardScan]:
+         user: str | None, report: Report) -> list[ShardScan]:
     """Read the dataset once (row group by row group) and decide every row's fate, except the
     rows that ``--add --replace`` replaces, which are known once the new rows are converted."""
     validator = OutputValidator(task.json_schema) if task is not None else None
     delete = set(inputs.delete)
     found_outputs: set[str] = set()
     found_delete: set[str] = set()
-    user, ids_by_split = None, {}
+    ids_by_split = {}
     if ds.layout == "arrow":
-        if config_changed:
-            o = ds.options
-            user = user_content(render_prompt(o["prompt_template"], task.instructions, task.json_schema),
-                                o["attachment_token"])
         offset = 0
         for split in ds.files:
             n = ds.stats["splits"][split]["num_rows"]
@@ -420,15 +421,14 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
     if ds.layout == "parquet":
         extra = {key for sc in scans for key, has in sc.extra_meta.items() if (has & sc.keep).any()}
         extra |= {k for r in added for k in r.meta_keys}
-        meta_keys = tuple(order_meta_keys(extra))
-        features, text_column = extraction_features(list(meta_keys)), ""
+        meta_keys, text_column = tuple(order_meta_keys(extra)), ""
     else:
         columns = {c for r in added for c in r.text_columns} | {ds.text_column}
         if len(columns) > 1:
             raise UsageError("the --add manifest's rows are not of the dataset's kind ('text' against "
                              "'conversations'); add them to a dataset of their kind")
         meta_keys, text_column = (), ds.text_column
-        features = packed_features(text_column=text_column, images_as_paths=False)
+    features = features_for(copts, meta_keys, text_column)
     specs = cut_shards(segments, copts, next_store, features, meta_keys, text_column, reader=read_rows)
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
     table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
@@ -511,7 +511,8 @@ def _list_files(store: Store) -> list[str]:
 def _summary(report: Report) -> str:
     c = report.counts
     parts = [f"{c['outputs_applied']:,} outputs replaced"]
-    for key, label in (("outputs_invalid", "invalid outputs not applied"), ("outputs_unknown", "unknown ids in --outputs"),
+    for key, label in (("outputs_invalid", "invalid outputs not applied"),
+                       ("outputs_unknown", "unknown ids in --outputs"),
                        ("outputs_repeated", "repeated ids in --outputs (last line kept)"),
                        ("deleted", "rows deleted"), ("delete_unknown", "unknown ids in --delete"),
                        ("added", "rows added"), ("add_rejected", "--add rows rejected"), ("replaced", "rows replaced"),
