@@ -476,6 +476,8 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
     title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]
     write_layout_metadata(next_store, ds.layout, features, splits, shards, doc, doc.get("command", ""),
                           task.instructions if task else None, title=title)
+    if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
+        doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
     if ds.layout == "arrow":
         write_row_ids(next_store, row_ids)
     next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
