@@ -498,3 +498,21 @@ def test_a_second_update_at_the_same_time_is_refused(tmp_path, made, layout, cap
     finally:
         running.unlock()
     assert _update(out, "--delete", str(ids)) == 0
+
+
+def test_add_rows_of_a_new_split(tmp_path, made, layout):
+    inp, out = made
+    added = [row("v1", "img/new.png", split="validation"), row("v2", "img/1.jpg", split="validation")]
+    assert _update(out, "--add", str(_jsonl(inp.root / "add.jsonl", added))) == 0
+    assert _data_files(out) == _data_files(_fresh(tmp_path, inp, _rows() + added, layout))
+    assert list(Output(out).stats["splits"]) == ["train", "validation", "test"]
+
+
+def test_delete_every_row(tmp_path, made, layout):
+    """Nothing left: one empty shard of the default split, as convert writes when every row is rejected."""
+    inp, out = made
+    ids = _jsonl(tmp_path / "d.txt", [r["image_id"] for r in _rows()])
+    assert _update(out, "--delete", str(ids)) == 0
+    stats = Output(out).stats
+    assert stats["num_written"] == 0 and stats["num_input_rows"] == stats["num_rejected"] == 1
+    assert _data_files(out) == _data_files(_fresh(tmp_path, inp, [_rows()[-1]], layout))
