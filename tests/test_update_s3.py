@@ -129,3 +129,20 @@ def test_packed_update_on_s3(s3, inp, tmp_path, online):
         {n: hashlib.sha256((fresh / n).read_bytes()).hexdigest() for n in names}
     ds = datasets.load_from_disk(out)
     assert len(ds) == 7 and ds[0]["conversations"][-1]["content"] == '{"price":42.0}'
+
+
+def test_crash_before_the_s3_commit_leaves_the_old_dataset(s3, inp, tmp_path, online):
+    out = "s3://bucket/staged"
+    assert convert(inp, out, *OPTS) == 0  # type: ignore[arg-type]
+    before = _s3_hashes(s3, "bucket/staged")
+    stats = s3.cat_file("bucket/staged/stats.json")
+    env = dict(os.environ, PYTHONPATH=str(REPO), ENGINE_CRASH_AT="update-staged")
+    argv = [sys.executable, "-m", "engine", "update", out, "--runner", "local", "--quiet", *_inputs(tmp_path)]
+    killed = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _s3_hashes(s3, "bucket/staged") == before and s3.cat_file("bucket/staged/stats.json") == stats
+    env.pop("ENGINE_CRASH_AT")
+    again = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert _s3_hashes(s3, "bucket/staged") == parquet_hashes(_fresh(tmp_path, inp))
+    assert not [k for k in s3.find("bucket/staged") if "/.engine" in k]
