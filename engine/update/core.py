@@ -233,7 +233,8 @@ def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | No
                     sc.keep[i] = False
                     found_delete.add(image_id)
                     report.counts["deleted"] += 1
-                    report.diffs.append((image_id, sc.old_output(i), None))
+                    if opts.show_diff:  # only a diff keeps the old and new texts
+                        report.diffs.append((image_id, sc.old_output(i), None))
                     continue
                 change = inputs.outputs.get(image_id)
                 if change is None and not config_changed:
@@ -248,7 +249,8 @@ def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | No
                     else:
                         final = verdict.output
                         report.counts["outputs_applied"] += 1
-                        report.diffs.append((image_id, old, final))
+                        if opts.show_diff:
+                            report.diffs.append((image_id, old, final))
                 if config_changed:
                     verdict = validator.check(final, MAX_OUTPUT_BYTES)
                     if verdict.reason is not None:
