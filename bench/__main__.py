@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--max-workers", type=int, default=os.cpu_count() or 1)
     common(scaling)
 
+    upd = sub.add_parser("update", help="an outputs-only engine update against cp -r, and its peak RSS")
+    upd.add_argument("--sizes", default="1000,10000")
+    upd.add_argument("--base-images", type=int, default=300)
+    upd.add_argument("--repeats", type=int, default=2)
+    upd.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    common(upd)
+
     rep = sub.add_parser("report", help="regenerate the plot and RESULTS.md from the JSON files")
     common(rep)
     return parser
@@ -100,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         harness.run_scaling(n=args.n, workdir=workdir, results_dir=args.results,
                             max_workers=args.max_workers, command=command,
                             timeout=args.timeout)
+    elif args.command == "update":
+        from bench.update_bench import run_update_bench
+
+        run_update_bench(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir, results_dir=args.results,
+                         workers=args.workers, command=command, base_images=args.base_images,
+                         repeats=args.repeats, timeout=args.timeout)
     else:
         report.plot_throughput(args.results)
         report.write_results_md(args.results)

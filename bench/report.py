@@ -324,6 +324,11 @@ def write_results_md(results_dir: Path) -> Path:
                   and r.get("ray_start", "lazy") == ray_start and r.get("layout", "parquet") == layout]
         if memory:
             lines += _memory_section(memory[-1])
+    updates = [r for r in results if r.get("kind") == "update"]
+    if updates:
+        from bench.update_bench import update_section
+
+        lines += update_section(updates[-1])
     if any(r.get("kind") == "scaling" for r in results):
         lines += _scaling_section([r for r in results if r.get("kind") == "scaling"][-1])
     steady = [r for r in results if r.get("kind") == "steady-state"]

@@ -128,7 +128,32 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with code 1 when more than this fraction of rows is rejected")
     run.add_argument("--quiet", action="store_true", help="print nothing: no progress bar, summary or library messages")
     run.add_argument("--verbose", action="store_true", help="log debugging detail")
+    add_update_parser(sub)
     return parser
+
+
+def add_update_parser(sub) -> None:
+    u = sub.add_parser("update", help="fix outputs, delete or add rows, or change the config of a finished dataset",
+                       description="Update a finished dataset without decoding its images: the data files come "
+                       "out as a fresh convert of the equivalent final manifest would write them. Atomic: a "
+                       "reader sees the old dataset or the new one; a crashed update is finished by running it again.")
+    u.add_argument("out", metavar="OUT", help="the dataset folder (local or an fsspec URL)")
+    u.add_argument("--outputs", metavar="PATH", help="JSONL of image_id + output: the new expected outputs "
+                   "(validated against the schema; the last line per id wins)")
+    u.add_argument("--delete", metavar="PATH", help="ids of rows to delete: one a line, or JSONL with image_id")
+    u.add_argument("--add", metavar="MANIFEST", help="a manifest of new rows, converted with the dataset's options")
+    u.add_argument("--replace", action="store_true", help="--add rows whose id is in the dataset replace its row "
+                   "(default: they are rejected as duplicates)")
+    u.add_argument("--config", metavar="PATH", help="a new config.json: every output is validated against its schema")
+    u.add_argument("--drop-invalid", action="store_true", help="with --config: remove the rows its schema refuses "
+                   "(default: refuse the update)")
+    u.add_argument("--show-diff", action="store_true", help="print the old and new outputs as a diff; change nothing")
+    u.add_argument("--split", help="apply --outputs and --delete to this split only (and the default split of --add rows)")
+    u.add_argument("--resume", action="store_true", help="finish an interrupted update (running it again does the same)")
+    u.add_argument("--workers", type=int, metavar="N", help="parallel workers for --add rows")
+    u.add_argument("--runner", choices=RUNNERS, default="ray", help="runner for --add rows (as for convert)")
+    u.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    u.add_argument("--verbose", action="store_true", help="log debugging detail")
 
 
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
@@ -148,7 +173,8 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         absolute_paths=args.absolute_paths, paths_relative_to=args.paths_relative_to)
 
 
-PATH_OPTIONS = frozenset({"--manifest", "--config", "--out", "--base-path", "--paths-relative-to"})
+PATH_OPTIONS = frozenset({"--manifest", "--config", "--out", "--base-path", "--paths-relative-to", "--outputs",
+                          "--delete", "--add"})
 
 
 def public_command(argv: Sequence[str]) -> str:
@@ -178,9 +204,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                             if args.verbose else "%(levelname)s %(name)s: %(message)s")
         if args.verbose:  # the engine's own detail, not every library's (Pillow logs each EXIF tag)
             logging.getLogger("engine").setLevel(logging.DEBUG)
+        from engine.progress import BarProgress, NullProgress
+
+        if args.command == "update":
+            from engine.update.core import update
+            from engine.update.inputs import UpdateOptions
+
+            uopts = UpdateOptions(out=args.out, outputs=args.outputs, delete=args.delete, add=args.add,
+                                  replace=args.replace, config=args.config, drop_invalid=args.drop_invalid,
+                                  show_diff=args.show_diff, split=args.split, resume=args.resume,
+                                  workers=args.workers, runner=args.runner, quiet=args.quiet)
+            update(uopts, NullProgress() if args.quiet else BarProgress(), command=public_command(argv))
+            return 0
         opts = options_from_args(args)
         from engine.driver import convert
-        from engine.progress import BarProgress, NullProgress
 
         convert(opts, NullProgress() if opts.quiet else BarProgress(), command=public_command(argv))
         return 0

@@ -31,6 +31,7 @@ from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
 from engine.sources.manifest import check_has_rows, plan_manifest
 from engine.stats import RunStats
+from engine.update.ids import row_ids_from_parts, write_row_ids
 from engine.versions import versions
 
 log = logging.getLogger(__name__)
@@ -304,15 +305,21 @@ def layout_features(results: list[UnitResult], opts: ConvertOptions):
     """The output ``datasets.Features``, known once every unit has reported what it saw."""
     if opts.layout == "parquet":
         meta_keys = tuple(order_meta_keys({k for r in results for k in r.meta_keys}))
-        return extraction_features(list(meta_keys)), meta_keys, ""
+        return features_for(opts, meta_keys, ""), meta_keys, ""
     columns = {c for r in results for c in r.text_columns}
     if len(columns) > 1:
         raise UsageError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
                          "convert them into separate datasets (then run again with --overwrite)")
     text_column = columns.pop() if columns else "conversations"
-    features = packed_features(text_column=text_column, images_as_paths=opts.images_as_paths,
-                               modality_feature=opts.modality_feature)
-    return features, (), text_column
+    return features_for(opts, (), text_column), (), text_column
+
+
+def features_for(opts: ConvertOptions, meta_keys: tuple[str, ...], text_column: str):
+    """The layout's ``datasets.Features`` for these options (``engine update`` builds them too)."""
+    if opts.layout == "parquet":
+        return extraction_features(list(meta_keys))
+    return packed_features(text_column=text_column, images_as_paths=opts.images_as_paths,
+                           modality_feature=opts.modality_feature)
 
 
 def fs_image_prefix(opts: ConvertOptions, store: Store) -> str:
@@ -333,26 +340,35 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -
     Uses only per-row byte sizes, so the cut is the same whatever the number of units or workers.
     """
     features, meta_keys, text_column = layout_features(results, opts)
-    schema = features.arrow_schema
     prefix = fs_image_prefix(opts, store) if opts.images_as_paths else ""
     splits = ordered_splits([s for r in results for s in r.sizes]) or [opts.split]
+    segments = {split: [(r.part, r.sizes[split]) for r in results if split in r.sizes] for split in splits}
+    return cut_shards(segments, opts, store, features, meta_keys, text_column, path_prefix=prefix), features
+
+
+def cut_shards(segments: dict[str, list[tuple[str, np.ndarray]]], opts: ConvertOptions, store: Store, features,
+               meta_keys: tuple[str, ...], text_column: str, reader=None, path_prefix: str = "") -> list[ShardSpec]:
+    """The shards of each split (in the given order) from its segments: (part file, the byte size
+    of each of its rows in this split). ``reader`` reads a piece when it is not a part file
+    (``engine update`` reads the rows of a finished dataset)."""
+    schema = features.arrow_schema
     specs: list[ShardSpec] = []
-    for split in splits:
-        segments = [(r.part, len(r.sizes[split])) for r in results if split in r.sizes]
-        sizes = np.concatenate([r.sizes[split] for r in results if split in r.sizes] or [np.zeros(0, np.int64)])
+    for split, split_segments in segments.items():
+        sizes = np.concatenate([s for _, s in split_segments] or [np.zeros(0, np.int64)]).astype(np.int64)
         chunks = plan_chunks(sizes.tolist(), opts.max_shard_bytes, opts.shard_rows) or [(0, 0)]
+        counts = [(part, len(s)) for part, s in split_segments]
         for index, (start, stop) in enumerate(chunks):
             if opts.layout == "parquet":
                 relpath = parquet_shard_path(split, index, len(chunks))
             else:
-                relpath = arrow_shard_path(split, index, len(chunks), nested=len(splits) > 1)
+                relpath = arrow_shard_path(split, index, len(chunks), nested=len(segments) > 1)
             specs.append(ShardSpec(layout=opts.layout, split=split, relpath=relpath,
-                                   pieces=pieces_for(segments, start, stop), schema=schema, meta_keys=meta_keys,
+                                   pieces=pieces_for(counts, start, stop), schema=schema, meta_keys=meta_keys,
                                    text_column=text_column, images_as_paths=opts.images_as_paths,
                                    row_groups=tuple(b - a for a, b in plan_chunks(
                                        sizes[start:stop].tolist(), opts.row_group_bytes, opts.row_group_rows)),
-                                   store=store, path_prefix=prefix))
-    return specs, features
+                                   store=store, path_prefix=path_prefix, reader=reader))
+    return specs
 
 
 def pieces_for(segments: list[tuple[str, int]], start: int, stop: int) -> tuple[Piece, ...]:
@@ -380,6 +396,24 @@ def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results:
             if r.rejects:
                 dst.write(store.read_bytes(r.rejects))
 
+    num_bytes: dict[str, int] = {}
+    for r in results:
+        for split, sizes in r.sizes.items():
+            num_bytes[split] = num_bytes.get(split, 0) + int(sizes.sum())
+    splits = split_summary(shards, num_bytes)
+    doc = stats.to_dict()
+    write_layout_metadata(store, opts.layout, features, splits, shards, doc, command,
+                          task.instructions if task else None)
+    if opts.layout == "arrow":  # how `engine update` finds a packed row by its id
+        write_row_ids(store, row_ids_from_parts(store, results, list(splits)))
+    doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
+                "command": command, "versions": versions(), "fingerprint": fingerprint})
+    store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last: the commit marker
+    return doc
+
+
+def split_summary(shards: list[ShardResult], num_bytes: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Rows, shards, data and file bytes, and files of each split (in split order)."""
     splits: dict[str, dict[str, Any]] = {}
     for shard in sorted(shards, key=lambda s: s.path):
         s = splits.setdefault(shard.split, {"num_rows": 0, "num_shards": 0, "num_bytes": 0, "file_bytes": 0, "files": []})
@@ -387,27 +421,27 @@ def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results:
         s["num_shards"] += 1
         s["file_bytes"] += shard.num_bytes
         s["files"].append(shard.path)
-    for r in results:
-        for split, sizes in r.sizes.items():
-            splits[split]["num_bytes"] += int(sizes.sum())
-    splits = {name: splits[name] for name in ordered_splits(list(splits))}
-    doc = stats.to_dict()
-    if opts.layout == "parquet":
+    for split, n in num_bytes.items():
+        splits[split]["num_bytes"] += n
+    return {name: splits[name] for name in ordered_splits(list(splits))}
+
+
+def write_layout_metadata(store: Store, layout: str, features, splits: dict[str, dict[str, Any]],
+                          shards: list[ShardResult], doc: dict[str, Any], command: str,
+                          instructions: str | None, title: str | None = None) -> None:
+    """The dataset card (Parquet), or the save_to_disk metadata of each split (packed)."""
+    if layout == "parquet":
         card = dataset_card(features=features, splits=splits, data_glob="data/{split}-*",
-                            title=store.root.rstrip("/").rsplit("/", 1)[-1], stats=doc, command=command,
-                            instructions=task.instructions if task else None)
+                            title=title or store.root.rstrip("/").rsplit("/", 1)[-1], stats=doc, command=command,
+                            instructions=instructions)
         store.write_bytes("README.md", card.encode())
-    else:
-        nested = len(splits) > 1
-        for name, s in splits.items():
-            write_save_to_disk_metadata(store, name, [x for x in shards if x.split == name], features,
-                                        s["num_bytes"], nested)
-        if nested:
-            write_dataset_dict(store, list(splits))
-        # the folder each split's trainer `packed_path` must name: with several splits, OUT/<split>
-        # (OUT itself would load dataset_dict.json's folder as a one-row dataset)
-        doc["packed_paths"] = {name: store.path(name) if nested else store.root for name in splits}
-    doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
-                "command": command, "versions": versions(), "fingerprint": fingerprint})
-    store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last: the commit marker
-    return doc
+        return
+    nested = len(splits) > 1
+    for name, s in splits.items():
+        write_save_to_disk_metadata(store, name, [x for x in shards if x.split == name], features,
+                                    s["num_bytes"], nested)
+    if nested:
+        write_dataset_dict(store, list(splits))
+    # the folder each split's trainer `packed_path` must name: with several splits, OUT/<split>
+    # (OUT itself would load dataset_dict.json's folder as a one-row dataset)
+    doc["packed_paths"] = {name: store.path(name) if nested else store.root for name in splits}

@@ -69,3 +69,17 @@ def test_engine_packed_output_is_checked_for_upright_images(tmp_path):
     assert check.valid and check.num_rows == corpus.num_valid, check
     assert check.num_upright_known == check.num_sampled > 0, check
     assert check.num_upright == check.num_upright_known, check
+
+
+def test_bench_update_smoke(tmp_path):
+    results = tmp_path / "results"
+    argv = [sys.executable, "-m", "bench", "update", "--sizes", "12", "--base-images", "4", "--repeats", "1",
+            "--workdir", str(tmp_path / "work"), "--results", str(results)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = results.glob("*-update.json")
+    point = json.loads(path.read_text())["points"][0]
+    assert point["status"] == "ok" and point["num_rows"] == 12, point
+    assert {"speed_vs_cp", "speed_vs_rewrite", "max_peak_rss_mb"} <= set(point)
+    assert "load average" in point["uptime_before"]
+    assert "## Update: an outputs-only" in (tmp_path / "RESULTS.md").read_text()

@@ -44,6 +44,8 @@ class ShardSpec:
     row_groups: tuple[int, ...]  # rows per row group, cut by the driver from row sizes
     store: Store
     path_prefix: str = ""  # fs-image: prepended to the "images/..." paths (absolute or relative to a folder)
+    # reads a piece's rows (store, part, split, start, stop) as part-schema tables; None: a part file
+    reader: Callable | None = None
 
 
 @dataclass(slots=True)
@@ -118,8 +120,9 @@ def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
 def _assemble_groups(spec: ShardSpec, before_group: Callable[[], bool], emit: Callable[[pa.Table], None]) -> None:
     """Build the shard's row groups from its pieces of part files and ``emit`` each one; stops
     early when ``before_group`` says so."""
+    read = spec.reader or iter_part_rows
     batches = (table for piece in spec.pieces
-               for table in iter_part_rows(spec.store, piece.part, spec.split, piece.start, piece.stop))
+               for table in read(spec.store, piece.part, spec.split, piece.start, piece.stop))
     pending: list[pa.Table] = []
     have = 0
     for count in spec.row_groups:

@@ -1,0 +1,554 @@
+"""``engine update``: change the outputs, drop rows, add rows or change the config of a finished
+dataset, without decoding its images.
+
+The update re-plans the shards from the updated rows' byte sizes and writes them through the
+same writers as ``convert``, so the data files are those a fresh ``convert`` of the equivalent
+final manifest makes: the old manifest without the deleted (and replaced) rows, with the new
+outputs, and the ``--add`` manifest's lines after it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import difflib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
+
+from engine.config import TaskConfig
+from engine.conversation import build_conversation
+from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, load_task_config,
+                           ordered_splits, split_summary, unit_context, unit_rows_for, write_layout_metadata)
+from engine.errors import EngineError, UsageError
+from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
+from engine.progress import NullProgress, Progress
+from engine.records import META_FIXED, Reject, order_meta_keys
+from engine.runners import make_runner
+from engine.sinks.shards import write_shard
+from engine.sinks.store import WORK_DIR, Finisher, Store
+from engine.sources.manifest import parse_row, plan_manifest, read_unit_lines
+from engine.update.commit import Staging, crash_point
+from engine.update.dataset import Dataset, convert_options, open_dataset
+from engine.update.ids import ROW_IDS, ROW_IDS_SCHEMA, part_row_ids, write_row_ids
+from engine.update.inputs import Inputs, UpdateOptions, read_inputs
+from engine.update.rows import EDIT_SUFFIX, read_rows, write_edit_file
+from engine.validate import OutputValidator
+from engine.versions import versions
+
+log = logging.getLogger(__name__)
+LISTED = 1000  # at most this many ids of each list are kept in stats.json's history
+
+
+class UpdateRefused(EngineError):
+    """The update would leave rows that do not conform to the new schema; nothing was changed."""
+
+
+@dataclass
+class ShardScan:
+    """One old shard: which rows stay, their new text and their new byte sizes."""
+
+    split: str
+    rel: str
+    ids: list[str]
+    sizes: np.ndarray  # new byte size of every row (kept or not)
+    text_chars: np.ndarray  # packed: characters of the new text column
+    keep: np.ndarray
+    base: np.ndarray  # byte size of every row without its text (output or conversation)
+    old: Any = None  # the rows' outputs (Parquet) or conversations (packed), read on demand
+    texts: dict[int, str] = field(default_factory=dict)  # row -> its new output or conversation JSON
+    extra_meta: dict[str, np.ndarray] = field(default_factory=dict)  # Parquet: key -> row has a value
+
+    def old_output(self, i: int) -> str | None:
+        if self.old is None:
+            return None
+        value = self.old[i].as_py()
+        if isinstance(value, str) or value is None:
+            return value
+        for turn in reversed(value):  # packed: the assistant turn holds the output
+            if turn.get("role") == "assistant" and isinstance(turn.get("content"), str):
+                return turn["content"]
+        return None
+
+
+@dataclass
+class Report:
+    counts: Counter = field(default_factory=Counter)
+    unknown_outputs: list[str] = field(default_factory=list)
+    unknown_delete: list[str] = field(default_factory=list)
+    invalid_outputs: list[dict[str, Any]] = field(default_factory=list)
+    no_longer_valid: list[dict[str, Any]] = field(default_factory=list)
+    diffs: list[tuple[str, str | None, str | None]] = field(default_factory=list)  # id, old, new
+    rejects: list[dict[str, Any]] = field(default_factory=list)
+
+
+def update(opts: UpdateOptions, progress: Progress | None = None, command: str = "") -> dict[str, Any]:
+    started = time.perf_counter()
+    progress = progress or NullProgress()
+    inputs = read_inputs(opts)  # every input is checked before anything is touched
+    new_task = load_task_config(opts.config) if opts.config else None
+    store = Store(opts.out)
+    staging = Staging(store)
+    if opts.show_diff:
+        return _update(opts, progress, command, inputs, new_task, store, staging, started)
+    staging.lock()
+    try:
+        return _update(opts, progress, command, inputs, new_task, store, staging, started)
+    finally:
+        staging.unlock()
+
+
+def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Inputs, new_task: TaskConfig | None,
+            store: Store, staging: Staging, started: float) -> dict[str, Any]:
+    if not opts.show_diff:
+        done = staging.recover()
+        if done is not None:
+            progress.message(f"engine: finished the update of {opts.out} that an earlier run left half-committed")
+            if done == inputs.digest:
+                return orjson.loads(store.read_bytes("stats.json"))
+    ds = open_dataset(store)
+    _check_applicable(ds, opts, new_task)
+    if not opts.show_diff and ds.history and ds.history[-1].get("digest") == inputs.digest:
+        progress.message(f"engine: {opts.out} already has this update (same inputs); nothing to do")
+        return ds.stats
+    task = new_task or ds.task
+    _prewarm_datasets()  # needed for the features only once the rows are read
+    report = Report()
+    report.counts["outputs_repeated"] = inputs.outputs_repeated
+    config_path = opts.config or (store.path("config.json") if ds.task else None)
+    user = None
+    if new_task is not None and ds.layout == "arrow":  # the user turn convert builds from the new config
+        user = unit_context(convert_options(ds, out=store.root, config=config_path, quiet=True, overwrite=False,
+                                            resume=False), task, store, embedded=True).user_content
+    scans = scan(ds, opts, inputs, task, new_task is not None, user, report)
+    log.debug("rows read and checked at %.2f s", time.perf_counter() - started)
+    if report.no_longer_valid and not opts.drop_invalid:
+        for item in report.no_longer_valid[:20]:
+            print(f"  {item['split']}/{item['image_id']}: {item['reason']}", file=sys.stderr)
+        first = report.no_longer_valid[0]
+        raise UpdateRefused(f"{len(report.no_longer_valid):,} row(s) do not conform to the new schema (first: "
+                            f"{first['image_id']!r}: {first['reason']}); pass --drop-invalid to remove them. "
+                            "Nothing was changed")
+    if opts.show_diff:
+        _print_diff(report, ds, opts)
+        return ds.stats
+    next_store = staging.start(inputs.digest)
+    crash_point("update-started")
+    copts = convert_options(ds, out=next_store.root, quiet=True, overwrite=False, resume=False,
+                            workers=opts.workers, runner=opts.runner,
+                            config=config_path,
+                            **({"manifest": opts.add, "base_path": None} if opts.add else {}),
+                            **({"split": opts.split} if opts.split else {}))
+    added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
+    specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added)
+    log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
+    progress.start(len(specs), "writing shards", unit="shard")
+    shards = []
+    with Finisher() as finisher:
+        for i, spec in enumerate(specs):
+            shards.append(write_shard(spec, finisher))
+            progress.advance(1, 0)
+            if i == 0:
+                crash_point("update-first-shard")
+    progress.close()
+    log.debug("shards written at %.2f s", time.perf_counter() - started)
+    doc = _finish(ds, opts, inputs, task, next_store, shards, features, num_bytes, row_ids, report,
+                  command, time.perf_counter() - started)
+    crash_point("update-staged")
+    new_files = _list_files(next_store)
+    owned = _owned_files(ds, _list_files(store))
+    carry = sorted({f.split("/", 1)[0] for f in _list_files(store) if f not in owned}
+                   - {f.split("/", 1)[0] for f in new_files})
+    staging.commit(inputs.digest, [f for f in new_files if f != "stats.json"] + ["stats.json"],
+                   sorted(owned - set(new_files) - {"stats.json"}), carry)
+    log.debug("committed at %.2f s", time.perf_counter() - started)
+    progress.message(f"engine: updated {opts.out}: {_summary(report)}")
+    return doc
+
+
+def _check_applicable(ds: Dataset, opts: UpdateOptions, new_task: TaskConfig | None) -> None:
+    if (opts.outputs or opts.config) and ds.task is None and new_task is None:
+        raise UsageError(f"{opts.out} has no config.json (a trainer-style packed dataset): its rows have no "
+                         "output to replace or validate")
+    if (opts.outputs or opts.config) and ds.layout == "arrow" and ds.text_column != "conversations":
+        raise UsageError(f"{opts.out} holds pretraining text, which has no output to replace")
+    if opts.split and opts.split not in ds.files and not opts.add:
+        raise UsageError(f"{opts.out} has no split {opts.split!r} (it has {', '.join(ds.files)})")
+
+
+# ---- reading the old rows ---------------------------------------------------------------------
+
+
+def _open_parquet(store: Store, rel: str) -> pq.ParquetFile:
+    if store.remote:
+        return pq.ParquetFile(store.fs.open(store.path(rel), "rb"))
+    return pq.ParquetFile(store.path(rel))
+
+
+def _utf8(column) -> np.ndarray:
+    return pc.utf8_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | None, config_changed: bool,
+         user: str | None, report: Report) -> list[ShardScan]:
+    """Read the dataset once (row group by row group) and decide every row's fate, except the
+    rows that ``--add --replace`` replaces, which are known once the new rows are converted."""
+    validator = OutputValidator(task.json_schema) if task is not None else None
+    delete = set(inputs.delete)
+    found_outputs: set[str] = set()
+    found_delete: set[str] = set()
+    ids_by_split = {}
+    if ds.layout == "arrow":
+        offset = 0
+        for split in ds.files:
+            n = ds.stats["splits"][split]["num_rows"]
+            ids_by_split[split] = ds.row_ids.slice(offset, n)
+            offset += n
+    scans = []
+    for split, shards in ds.files.items():
+        applies = opts.split is None or opts.split == split
+        row_offset = 0
+        for rel in shards:
+            if ds.layout == "parquet":
+                sc = _scan_parquet_shard(ds, split, rel)
+            else:
+                sc = _scan_arrow_shard(ds, split, rel, ids_by_split[split], row_offset)
+                row_offset += len(sc.ids)
+            scans.append(sc)
+            if not applies:
+                continue
+            for i, image_id in enumerate(sc.ids):
+                if image_id in delete:
+                    sc.keep[i] = False
+                    found_delete.add(image_id)
+                    report.counts["deleted"] += 1
+                    if opts.show_diff:  # only a diff keeps the old and new texts
+                        report.diffs.append((image_id, sc.old_output(i), None))
+                    continue
+                change = inputs.outputs.get(image_id)
+                if change is None and not config_changed:
+                    continue
+                old = final = sc.old_output(i)
+                if change is not None:
+                    found_outputs.add(image_id)
+                    verdict = validator.check(change.output, MAX_OUTPUT_BYTES)
+                    if verdict.reason is not None:
+                        report.invalid_outputs.append({"line": change.line, "image_id": image_id,
+                                                       "reason": verdict.reason})
+                    else:
+                        final = verdict.output
+                        report.counts["outputs_applied"] += 1
+                        if opts.show_diff:
+                            report.diffs.append((image_id, old, final))
+                if config_changed:
+                    verdict = validator.check(final, MAX_OUTPUT_BYTES)
+                    if verdict.reason is not None:
+                        report.no_longer_valid.append({"split": split, "image_id": image_id, "reason": verdict.reason})
+                        if opts.drop_invalid:
+                            sc.keep[i] = False
+                            report.counts["dropped_invalid"] += 1
+                            report.rejects.append({"line": None, "image_id": image_id, "stage": "validate",
+                                                   "reason": f"no longer valid under the new schema: {verdict.reason}"})
+                        continue
+                if final is not None and (final != old or (config_changed and ds.layout == "arrow")):
+                    _set_text(ds, sc, i, final, user)
+            sc.old = None  # only what changed is kept
+    report.unknown_outputs = [i for i in inputs.outputs if i not in found_outputs]
+    report.unknown_delete = [i for i in dict.fromkeys(inputs.delete) if i not in found_delete]
+    report.counts["outputs_unknown"] = len(report.unknown_outputs)
+    report.counts["outputs_invalid"] = len(report.invalid_outputs)
+    report.counts["delete_unknown"] = len(report.unknown_delete)
+    return scans
+
+
+def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
+    """Ids, outputs and byte sizes of a Parquet shard, read one row group at a time. A row's size
+    is computed as ``Sample.num_bytes`` counts it (characters of its text fields, bytes of its image)."""
+    ids: list[str] = []
+    outputs: list[pa.Array] = []
+    base: list[np.ndarray] = []
+    extra: dict[str, list[np.ndarray]] = {}
+    with _open_parquet(ds.store, rel) as f:
+        for g in range(f.num_row_groups):
+            t = f.read_row_group(g, columns=["image_id", "image", "output", "meta"])
+            image, meta = t.column("image").combine_chunks(), t.column("meta").combine_chunks()
+            size = _utf8(t.column("image_id")) + _utf8(image.field("path"))
+            size += pc.binary_length(image.field("bytes")).fill_null(0).to_numpy(zero_copy_only=False)
+            for k, key in enumerate(meta.type):
+                values = meta.field(k)
+                size = size + _utf8(values)
+                if key.name not in META_FIXED:
+                    valid = pc.and_(pc.is_valid(values), pc.not_equal(values, "")).fill_null(False)
+                    extra.setdefault(key.name, []).append(valid.to_numpy(zero_copy_only=False))
+            base.append(size)
+            ids += t.column("image_id").to_pylist()
+            outputs.append(t.column("output").combine_chunks())
+            del t, image, meta
+    n = len(ids)
+    base_sizes = np.concatenate(base).astype(np.int64) if base else np.zeros(0, np.int64)
+    old = pa.concat_arrays(outputs) if outputs else pa.array([], pa.string())
+    return ShardScan(split=split, rel=rel, ids=ids, sizes=base_sizes + _utf8(old), text_chars=np.zeros(n, np.int64),
+                     keep=np.ones(n, bool), base=base_sizes, old=old,
+                     extra_meta={k: np.concatenate(v) for k, v in extra.items()})
+
+
+def _scan_arrow_shard(ds: Dataset, split: str, rel: str, split_ids: pa.Table, offset: int) -> ShardScan:
+    """A packed shard: its rows' ids and sizes come from row_ids.parquet; only the text column
+    is kept from the rows read."""
+    batches = []
+    with ds.store.open_arrow(rel) as f:
+        for batch in ipc.open_stream(f):
+            batches.append(batch.select([ds.text_column]))  # the images are dropped as they are read
+    n = sum(b.num_rows for b in batches)
+    ids = split_ids.slice(offset, n)
+    sizes = ids.column("num_bytes").to_numpy().astype(np.int64)
+    chars = ids.column("text_chars").to_numpy().astype(np.int64)
+    old = pa.Table.from_batches(batches).column(ds.text_column) if batches else None
+    return ShardScan(split=split, rel=rel, ids=ids.column("image_id").to_pylist(), sizes=sizes.copy(),
+                     text_chars=chars.copy(), keep=np.ones(n, bool), base=sizes - chars, old=old)
+
+
+def _set_text(ds: Dataset, sc: ShardScan, i: int, output: str, user: str | None) -> None:
+    """Record row ``i``'s new output (or, packed, its new conversation) and its new size."""
+    if ds.layout == "parquet":
+        sc.texts[i] = output
+        sc.sizes[i] = sc.base[i] + len(output)
+        return
+    turns = sc.old[i].as_py()
+    if user is not None:  # a new config: the conversation convert builds from it
+        o = ds.options
+        turns = build_conversation(user, output, o.get("system_prompt"))
+    else:
+        for turn in reversed(turns):
+            if turn.get("role") == "assistant":
+                turn["content"] = output
+                break
+    text = orjson.dumps(turns).decode()
+    sc.texts[i] = text
+    sc.text_chars[i] = len(text)
+    sc.sizes[i] = sc.base[i] + len(text)
+
+
+# ---- new rows ---------------------------------------------------------------------------------
+
+
+def _run_add(ds: Dataset, opts: UpdateOptions, copts, task, next_store: Store, scans: list[ShardScan],
+             report: Report) -> list:
+    """Convert the --add manifest into part files, as convert does; ids already in the dataset
+    are rejected as duplicates, or (--replace) replace their old row once converted."""
+    existing = {image_id: (sc, i) for sc in scans for i, image_id in enumerate(sc.ids) if sc.keep[i]}
+    in_dataset: dict[int, str] = {}
+    with make_runner(copts) as runner:
+        ctx = unit_context(copts, task, next_store, runner.embedded)
+        plan = plan_manifest(copts.manifest, UNIT_GRAIN)
+        plan = plan.coalesce(unit_rows_for(plan.num_rows, runner.num_workers))
+        units = []
+        for unit in plan.units:
+            seen = set(unit.duplicate_lines)
+            extra = []
+            for line, raw in read_unit_lines(unit):
+                row = parse_row(line, raw, base=ctx.base, default_split=ctx.default_split)
+                if isinstance(row, Reject) or line in seen or row.image_id not in existing:
+                    continue
+                if not opts.replace:
+                    extra.append(line)
+                    in_dataset[line] = row.image_id
+            units.append(replace(unit, duplicate_lines=tuple(sorted(seen | set(extra)))))
+        results = sorted(runner.map_unordered(process_unit, [(u, ctx) for u in units]), key=lambda r: r.index)
+    name = os.path.basename(opts.add)
+    update_index = len(ds.history) + 1
+    for r in results:
+        report.counts["add_rows"] += r.num_rows
+        report.counts["added"] += r.num_written
+        report.counts["add_rejected"] += sum(r.rejected.values())
+        if r.rejects:
+            for raw in next_store.read_bytes(r.rejects).splitlines():
+                doc = orjson.loads(raw)
+                if doc["line"] in in_dataset:
+                    doc["reason"] = (f"image_id {doc['image_id']!r} is already in the dataset "
+                                     "(pass --replace to replace its row)")
+                doc.update({"update": update_index, "manifest": name})
+                report.rejects.append(doc)
+        if opts.replace:
+            for split in r.sizes:
+                for image_id in part_row_ids(next_store, r.part, split).column("image_id").to_pylist():
+                    if image_id in existing:
+                        sc, i = existing.pop(image_id)
+                        sc.keep[i] = False
+                        report.counts["replaced"] += 1
+    return results
+
+
+# ---- planning and writing ---------------------------------------------------------------------
+
+
+def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: list):
+    splits = ordered_splits([sc.split for sc in scans] + [s for r in added for s in r.sizes])
+    segments: dict[str, list[tuple[str, np.ndarray]]] = {}
+    row_ids: list[pa.Table] = []
+    for split in splits:
+        parts = []
+        for k, sc in enumerate(scans):
+            if sc.split != split or not sc.keep.any():
+                continue
+            rel = f"{WORK_DIR}/edits/{k:05d}{EDIT_SUFFIX}"
+            write_edit_file(next_store, rel, ds.store.path(sc.rel), ds.layout, sc.keep,
+                            sc.texts, sc.sizes)
+            parts.append((rel, sc.sizes[sc.keep]))
+            if ds.layout == "arrow":
+                row_ids.append(pa.table({"split": [split] * int(sc.keep.sum()),
+                                         "image_id": [x for x, k in zip(sc.ids, sc.keep) if k],
+                                         "num_bytes": sc.sizes[sc.keep], "text_chars": sc.text_chars[sc.keep]},
+                                        schema=ROW_IDS_SCHEMA))
+        for r in added:
+            if split in r.sizes:
+                parts.append((r.part, r.sizes[split]))
+                if ds.layout == "arrow":
+                    row_ids.append(part_row_ids(next_store, r.part, split))
+        if sum(len(s) for _, s in parts):
+            segments[split] = parts
+    if not segments:  # nothing left: one empty shard, as convert writes
+        segments[copts.split] = []
+    if ds.layout == "parquet":
+        extra = {key for sc in scans for key, has in sc.extra_meta.items() if (has & sc.keep).any()}
+        extra |= {k for r in added for k in r.meta_keys}
+        meta_keys, text_column = tuple(order_meta_keys(extra)), ""
+    else:
+        columns = {c for r in added for c in r.text_columns} | {ds.text_column}
+        if len(columns) > 1:
+            raise UsageError("the --add manifest's rows are not of the dataset's kind ('text' against "
+                             "'conversations'); add them to a dataset of their kind")
+        meta_keys, text_column = (), ds.text_column
+    features = features_for(copts, meta_keys, text_column)
+    specs = cut_shards(segments, copts, next_store, features, meta_keys, text_column, reader=read_rows)
+    num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
+    table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
+    return specs, features, num_bytes, table
+
+
+def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: Store, shards, features,
+            num_bytes: dict[str, int], row_ids: pa.Table, report: Report, command: str, seconds: float) -> dict:
+    """config.json, rejects.jsonl, the card or save_to_disk metadata, row ids, and last stats.json."""
+    if opts.config:
+        next_store.write_bytes("config.json", task.raw)
+    elif ds.task is not None:
+        next_store.write_bytes("config.json", ds.task.raw)
+    old_rejects = ds.store.read_bytes("rejects.jsonl") if ds.store.is_file("rejects.jsonl") else b""
+    next_store.write_bytes("rejects.jsonl", old_rejects + b"".join(orjson.dumps(r) + b"\n" for r in report.rejects))
+    splits = split_summary(shards, num_bytes)
+    doc = json.loads(json.dumps(ds.stats))
+    c = report.counts
+    removed = c["deleted"] + c["replaced"] + c["dropped_invalid"]
+    new_rejects = Counter(r["stage"] for r in report.rejects)
+    doc["num_written"] = sum(s["num_rows"] for s in splits.values())
+    doc["num_rejected"] = doc["num_rejected"] + sum(new_rejects.values())
+    doc["num_input_rows"] = doc["num_input_rows"] - removed + c["add_rows"] + c["dropped_invalid"]
+    by_reason = Counter(doc.get("rejected_by_reason", {}))
+    by_reason.update(new_rejects)
+    doc["rejected_by_reason"] = dict(by_reason)
+    if doc["num_input_rows"] != doc["num_written"] + doc["num_rejected"]:
+        raise AssertionError(f"accounting broken: {doc['num_input_rows']} rows != {doc['num_written']} written + "
+                             f"{doc['num_rejected']} rejected")
+    doc["splits"] = splits
+    doc["versions"] = versions()
+    entry = {
+        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "inputs": inputs.files,
+        "digest": inputs.digest,
+        "options": {"replace": opts.replace, "drop_invalid": opts.drop_invalid, "split": opts.split},
+        "counts": {k: int(v) for k, v in sorted(c.items())},
+        "seconds": round(seconds, 3),
+        "unknown_ids": {"outputs": report.unknown_outputs[:LISTED], "delete": report.unknown_delete[:LISTED]},
+        "invalid_outputs": report.invalid_outputs[:LISTED],
+        "no_longer_valid": report.no_longer_valid[:LISTED],
+    }
+    doc["updates"] = list(doc.get("updates", [])) + [entry]
+    title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]
+    write_layout_metadata(next_store, ds.layout, features, splits, shards, doc, doc.get("command", ""),
+                          task.instructions if task else None, title=title)
+    if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
+        doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
+    if ds.layout == "arrow":
+        write_row_ids(next_store, row_ids)
+    next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
+    return doc
+
+
+METADATA = ("README.md", "config.json", "stats.json", "rejects.jsonl", ROW_IDS, "state.json", "dataset_info.json",
+            "dataset_dict.json")
+
+
+def _owned_files(ds: Dataset, files: list[str]) -> set[str]:
+    """The files of ``files`` that are the dataset's own (its shards and metadata), not a user's."""
+    shards = {rel for rels in ds.files.values() for rel in rels}
+    return {f for f in files if f in shards or f.rsplit("/", 1)[-1] in METADATA and f.count("/") <= 1}
+
+
+def _list_files(store: Store) -> list[str]:
+    """Every file of a dataset folder (relative paths), its scratch folders left out."""
+    if store.remote:
+        root = store.root.split("://", 1)[-1].rstrip("/")
+        found = [p[len(root) + 1:] for p in store.fs.find(store.root)]
+    else:
+        found = []
+        for folder, dirs, files in os.walk(store.root):
+            dirs[:] = [d for d in dirs if not d.startswith(".engine")]
+            found += [os.path.relpath(os.path.join(folder, f), store.root).replace(os.sep, "/") for f in files]
+    return sorted(f for f in found if not f.startswith(".engine"))
+
+
+# ---- reporting --------------------------------------------------------------------------------
+
+
+def _summary(report: Report) -> str:
+    c = report.counts
+    parts = [f"{c['outputs_applied']:,} outputs replaced"]
+    for key, label in (("outputs_invalid", "invalid outputs not applied"),
+                       ("outputs_unknown", "unknown ids in --outputs"),
+                       ("outputs_repeated", "repeated ids in --outputs (last line kept)"),
+                       ("deleted", "rows deleted"), ("delete_unknown", "unknown ids in --delete"),
+                       ("added", "rows added"), ("add_rejected", "--add rows rejected"), ("replaced", "rows replaced"),
+                       ("dropped_invalid", "rows dropped (invalid under the new schema)")):
+        if c[key]:
+            parts.append(f"{c[key]:,} {label}")
+    text = ", ".join(parts)
+    unknown = report.unknown_outputs + report.unknown_delete
+    if unknown:
+        text += f"; unknown ids: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (all in stats.json)"
+    return text
+
+
+def _pretty(text: str | None) -> list[str]:
+    if text is None:
+        return []
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False).splitlines()
+    except ValueError:
+        return text.splitlines()
+
+
+def _print_diff(report: Report, ds: Dataset, opts: UpdateOptions) -> None:
+    """The old and new outputs as a unified diff of indented JSON (as labelr's --show-diff)."""
+    out = sys.stdout
+    for image_id, old, new in report.diffs:
+        label = "deleted" if new is None else "new"
+        for line in difflib.unified_diff(_pretty(old), _pretty(new), fromfile=f"{image_id} (old)",
+                                         tofile=f"{image_id} ({label})", lineterm=""):
+            print(line, file=out)
+    for item in report.invalid_outputs:
+        print(f"# {item['image_id']}: new output not applied (line {item['line']}): {item['reason']}", file=out)
+    for item in report.no_longer_valid:
+        print(f"# {item['split']}/{item['image_id']}: not valid under the new schema: {item['reason']}", file=out)
+    print(f"# {_summary(report)}; nothing was changed (--show-diff)", file=out)
