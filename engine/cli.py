@@ -108,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-reject-ratio", type=float, default=1.0, metavar="R",
                      help="exit with code 1 when more than this fraction of rows is rejected")
     run.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    run.add_argument("--report", action="store_true", help="write OUT/report.html (engine inspect's report) at the end")
     run.add_argument("--verbose", action="store_true", help="log debugging detail")
+    from engine.inspect.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -157,11 +161,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                             if args.verbose else "%(levelname)s %(name)s: %(message)s")
         if args.verbose:  # the engine's own detail, not every library's (Pillow logs each EXIF tag)
             logging.getLogger("engine").setLevel(logging.DEBUG)
+        if args.command in ("inspect", "check"):
+            from engine.inspect.cli import run_command
+
+            return run_command(args)
         opts = options_from_args(args)
         from engine.driver import convert
         from engine.progress import BarProgress, NullProgress
 
         convert(opts, NullProgress() if opts.quiet else BarProgress(), command=public_command(argv))
+        if args.report:
+            from engine.inspect.cli import write_convert_report
+
+            write_convert_report(opts.out, opts.quiet)
         return 0
     except EngineError as exc:
         hint = " (fix the cause, then finish the run with --resume)" if isinstance(exc, ShardError) else ""
