@@ -12,6 +12,7 @@ from engine.inspect.scan import ScanResult
 from engine.inspect.source import FS
 
 REJECT_EXAMPLES = 3  # first reasons shown per stage
+TEXT_LISTED = 5  # groups or ids the text summary names (the HTML report lists more)
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,16 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
     by = "pixels" if leak.exact_by == "pixels" else "stored bytes"
     lines.append(f"  exact duplicates (by {by}): {len(leak.exact_cross):,} groups across splits, "
                  f"{len(leak.exact_within):,} within a split")
+    lines += _listed(leak.exact_cross)
     if leak.near is not None:
         lines.append(f"  near duplicates: {len(leak.near):,} groups, {len(leak.near_cross):,} across splits")
+        lines += _listed(leak.near_cross)
     if leak.has_ids:
         lines.append(f"  ids in two splits: {len(leak.shared_ids):,}")
+        lines += [f"    {i}: {', '.join(s)}" for i, s in list(leak.shared_ids.items())[:TEXT_LISTED]]
     return "\n".join(lines)
+
+
+def _listed(groups) -> list[str]:
+    return ["    " + ", ".join(f"{s}/{k}" for s, k in g.members[:8]) + (" …" if len(g.members) > 8 else "")
+            for g in groups[:TEXT_LISTED]]
