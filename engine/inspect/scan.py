@@ -22,13 +22,16 @@ import xxhash
 from PIL import Image
 
 from engine.config import DEFAULT_ATTACHMENT_TOKEN
+from engine.imaging import exif_orientation
 from engine.inspect.leakage import LeakIndex, Leakage
 from engine.inspect.source import FS, Dataset, Rows, iter_rows, load_image_bytes, row_count
+from engine.jpeg_header import read_jpeg_header
 
 MAX_EXAMPLES = 20  # rows named per problem kind
 MAX_DISTINCT = 5000  # distinct string values counted per property; later new ones count as "other"
 MAX_NUMBERS = 100_000  # numbers kept per property for its histogram (a seeded reservoir beyond)
 THUMB_PX = 192
+HEADER_BYTES = 1 << 16  # a JPEG's markers up to the scan fit in this, apart from huge EXIF/ICC blocks
 Image.MAX_IMAGE_PIXELS = None  # the engine checked sizes when it wrote them; a report must not refuse one
 
 
@@ -48,6 +51,12 @@ def analyse_image(data: bytes | None, *, decode: bool, phash: bool) -> ImageFact
     """Facts about one encoded image; never raises."""
     if data is None:
         return ImageFacts(None, 0, 0, 0, b"missing", None, 1, "image bytes missing (or the file is not found)")
+    if not decode:
+        header = read_jpeg_header(bytes(data[:HEADER_BYTES]))  # a plain JPEG: 5 us instead of Pillow's 55
+        if header is not None:
+            orientation = exif_orientation(header.exif) if header.exif else 1
+            return ImageFacts("JPEG", header.width, header.height, len(data), xxhash.xxh3_128_digest(data), None,
+                              orientation if isinstance(orientation, int) else 1, None)
     try:
         im = Image.open(io.BytesIO(data))
         fmt, (width, height) = im.format, im.size
@@ -183,7 +192,8 @@ class Scanner:
             blob = load_image_bytes(data, path, base, split_dir, self.fs)
             return analyse_image(blob, decode=self.decode, phash=self.phash), blob
 
-        results = list(self.pool.map(facts, payloads)) if payloads else []
+        # decoding is worth threads (Pillow releases the GIL); a header read is cheaper than a future
+        results = list(self.pool.map(facts, payloads) if self.decode else map(facts, payloads))
         per_row: dict[int, list[tuple[ImageFacts, bytes | None]]] = defaultdict(list)
         for (i, _, _), got in zip(payloads, results):
             per_row[i].append(got)
@@ -292,7 +302,7 @@ class Scanner:
             slot = self.rng.randrange(self.num_seen)
             if slot >= self.num_samples:
                 return
-        blob = images[0][1] if images else None
+        blob = bytes(images[0][1]) if images and images[0][1] is not None else None  # a copy: not the row group
         sample = Sample(rows.split, key, blob, rows.outputs[i],
                         rows.conversations[i] if rows.conversations is not None else None)
         if slot == len(self.samples):

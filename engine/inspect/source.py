@@ -4,6 +4,7 @@ Parquet dataset with an image column, on a local disk or any fsspec URL."""
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 from collections.abc import Iterator
@@ -222,8 +223,9 @@ def iter_rows(ds: Dataset, fs: FS, *, with_images: bool = True) -> Iterator[Rows
 
 
 def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
-    with fs.open(f.location) as fh:
-        pf = pq.ParquetFile(fh)
+    local = None if fs.remote else _local_path(f.location)
+    with (contextlib.nullcontext(local) if local else fs.open(f.location)) as source:
+        pf = pq.ParquetFile(source, memory_map=local is not None)
         schema = pf.schema_arrow
         image = image_column(schema)
         if image is None:
@@ -232,21 +234,56 @@ def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
         if with_images:
             columns.append(image)
         start = 0
-        for i in range(pf.num_row_groups):
-            table = pf.read_row_group(i, columns=columns)
+        for table in _prefetched(pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups)):
             n = table.num_rows
             ids = table["image_id"].to_pylist() if "image_id" in table.column_names else [None] * n
             ids = [None if v is None else str(v) for v in ids]
             outputs = table["output"].to_pylist() if "output" in table.column_names else [None] * n
-            images: list[list[tuple[bytes | None, str | None]]]
+            images: list[list[tuple[bytes | memoryview | None, str | None]]]
             if with_images:
                 col = table[image].combine_chunks()
-                data, paths = col.field("bytes").to_pylist(), col.field("path").to_pylist()
+                data, paths = binary_views(col.field("bytes")), col.field("path").to_pylist()
                 images = [[(b, p)] if (b is not None or p is not None) else [] for b, p in zip(data, paths)]
             else:
                 images = [[] for _ in range(n)]
             yield Rows(f.split, f.location, start, ids, images, outputs, None)
             start += n
+
+
+def _local_path(location: str) -> str | None:
+    from engine.sources.location import local_path
+
+    return local_path(location)
+
+
+def _prefetched(tables: Iterator[pa.Table]) -> Iterator[pa.Table]:
+    """Read the next row group in a thread while the caller works on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inspect-read") as pool:
+        pending = pool.submit(next, tables, None)
+        while True:
+            table = pending.result()
+            if table is None:
+                return
+            pending = pool.submit(next, tables, None)
+            yield table
+
+
+def binary_views(array: pa.Array) -> list[memoryview | None]:
+    """Each value of a binary array as a zero-copy view of the array's data buffer."""
+    import numpy as np
+
+    if len(array) == 0:
+        return []
+    if pa.types.is_large_binary(array.type):
+        array = array.cast(pa.binary()) if array.nbytes < 2**31 else array
+    _, offsets_buf, data_buf = array.buffers()[:3]
+    dtype = np.int64 if pa.types.is_large_binary(array.type) else np.int32
+    offsets = np.frombuffer(offsets_buf, dtype=dtype)[array.offset:array.offset + len(array) + 1].tolist()
+    data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
+    valid = array.is_valid().to_pylist() if array.null_count else None
+    return [data[offsets[i]:offsets[i + 1]] if valid is None or valid[i] else None for i in range(len(array))]
 
 
 def _arrow_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
