@@ -75,7 +75,7 @@ th{background:#eef1f5}td.num,th.num{text-align:right}
 .card img{width:120px;height:120px;object-fit:contain;background:#e9ecf1;flex:none}
 .card .none{width:120px;height:120px;background:#e9ecf1;flex:none;display:flex;align-items:center;justify-content:center}
 .card pre{margin:0;font-size:11px;white-space:pre-wrap;word-break:break-all;max-height:160px;overflow:auto;flex:1}
-.card .id{font-weight:600;font-size:12px}.ok{color:#1f7a3a}.bad{color:#b3261e}.warn{color:#8a5a00}
+.card .id{font-weight:600;font-size:12px;word-break:break-all}.ok{color:#1f7a3a}.bad{color:#b3261e}.warn{color:#8a5a00}
 .muted{color:#667}
 """
 

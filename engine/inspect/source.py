@@ -225,7 +225,7 @@ def iter_rows(ds: Dataset, fs: FS, *, with_images: bool = True) -> Iterator[Rows
 def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
     local = None if fs.remote else _local_path(f.location)
     with (contextlib.nullcontext(local) if local else fs.open(f.location)) as source:
-        pf = pq.ParquetFile(source, memory_map=local is not None)
+        pf = pq.ParquetFile(source)  # not memory-mapped: mapped pages would count as resident memory
         schema = pf.schema_arrow
         image = image_column(schema)
         if image is None:
