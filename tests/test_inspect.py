@@ -337,3 +337,21 @@ def test_reference_copy_is_independent(tmp_path, leaky_parquet):
     inspect_dataset(str(copy))
     check_dataset(str(copy))
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_header_scan_agrees_with_decoding_and_sees_exif_orientation(tmp_path):
+    rotated = imagegen.oriented(6, "JPEG", size=(64, 48))
+    write_hf_parquet(tmp_path, {"train": [hf_row("r", rotated), hf_row("n", noise(1)),
+                                          hf_row("p", lossless_copies(2)[0])]})
+    fast, full = (inspect_dataset(str(tmp_path), decode=d).result for d in (False, True))
+    assert fast.formats == full.formats == {"JPEG": 2, "PNG": 1}
+    assert list(fast.widths) == list(full.widths) == [48, 128, 128]  # as stored: orientation 6 turns it
+    assert fast.num_rotated == full.num_rotated == 1 and fast.rotated == ["train/r"]
+    result = check_dataset(str(tmp_path))
+    assert any(w.startswith("1 images still carry an EXIF orientation") and "train/r" in w for w in result.warnings)
+
+
+def test_unwritable_report_is_one_line(leaky_parquet, tmp_path):
+    code, out, err = cli("inspect", str(leaky_parquet), "--quiet", "--no-decode", "--html",
+                         str(tmp_path / "no" / "such" / "r.html"))
+    assert code == 1 and len(err.strip().splitlines()) == 1 and "No such file or directory" in err

@@ -41,6 +41,15 @@ def _progress(quiet: bool):
 
 
 def run_command(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except OSError as exc:  # an unreadable dataset file, or a report path that cannot be written
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"engine: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "inspect":
         from engine.inspect.report import inspect_dataset, write_report
 

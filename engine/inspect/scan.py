@@ -32,7 +32,6 @@ MAX_DISTINCT = 5000  # distinct string values counted per property; later new on
 MAX_NUMBERS = 100_000  # numbers kept per property for its histogram (a seeded reservoir beyond)
 THUMB_PX = 192
 HEADER_BYTES = 1 << 16  # a JPEG's markers up to the scan fit in this, apart from huge EXIF/ICC blocks
-Image.MAX_IMAGE_PIXELS = None  # the engine checked sizes when it wrote them; a report must not refuse one
 
 
 @dataclass(frozen=True, slots=True)
