@@ -86,7 +86,7 @@ def check_repository(fs: FS, out: CheckResult) -> None:
 
 def check_card(ds: Dataset, fs: FS, out: CheckResult) -> None:
     if ds.card is None:
-        out.problems.append("README.md: no dataset card (the Hub needs its YAML configs to find the splits)")
+        out.warnings.append("README.md: no dataset card; the Hub will guess the splits from the file names")
         return
     from huggingface_hub import DatasetCard
 
@@ -97,7 +97,7 @@ def check_card(ds: Dataset, fs: FS, out: CheckResult) -> None:
         return
     configs = card.data.to_dict().get("configs")
     if not configs:
-        out.problems.append("README.md: the card's YAML has no 'configs'")
+        out.warnings.append("README.md: the card's YAML has no 'configs'; the Hub will guess the splits from the file names")
         return
     files = {_rel(f.location, fs): f.split for f in ds.files}
     covered: set[str] = set()

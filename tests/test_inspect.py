@@ -135,6 +135,9 @@ def test_inspect_and_check_packed_layouts(leaky_input, tmp_path, extra):
     assert {k: v.num_rows for k, v in r.splits.items()} == {"train": 8, "test": 4}
     assert r.formats == {"JPEG": 12} and r.num_token_mismatches == 0 and r.num_invalid_outputs == 0
     assert r.attachment_token == "<|reserved_special_token_0|>"
+    from engine.inspect.source import open_dataset, row_count
+
+    assert row_count(*open_dataset(str(out))) == 12  # the progress bar's total, from dataset_info.json
     assert r.samples[0].conversation[-1]["role"] == "assistant"
     assert len(r.leakage.exact_cross) == 1 and not r.leakage.has_ids
     result = check_dataset(str(out))
@@ -197,7 +200,9 @@ def test_hf_parquet_lossless_reencode_shared_ids_and_bad_rows(tmp_path):
     code, out, _ = cli("check", str(tmp_path), "--quiet")
     assert code == 1
     lines = out.splitlines()
-    assert "README.md: no dataset card (the Hub needs its YAML configs to find the splits)" in lines
+    assert not any(x.startswith("README.md") for x in lines)  # without a card the Hub guesses: a warning
+    assert "README.md: no dataset card; the Hub will guess the splits from the file names" in \
+        check_dataset(str(tmp_path)).warnings
     assert any(x.startswith("1 outputs do not validate") and "wrong: schema violation at price" in x for x in lines)
     assert any(x.startswith("1 images do not decode") and "train/broken" in x for x in lines)
     assert any(x.startswith("1 images are in more than one split") and "validation/b" in x for x in lines)
@@ -355,3 +360,17 @@ def test_unwritable_report_is_one_line(leaky_parquet, tmp_path):
     code, out, err = cli("inspect", str(leaky_parquet), "--quiet", "--no-decode", "--html",
                          str(tmp_path / "no" / "such" / "r.html"))
     assert code == 1 and len(err.strip().splitlines()) == 1 and "No such file or directory" in err
+
+
+def test_hub_parquet_conversion_layout_and_a_single_file(tmp_path):
+    """The Hub's refs/convert/parquet layout (default/<split>/0000.parquet), and one file given directly."""
+    write_hf_parquet(tmp_path / "src", {"train": [hf_row("a", noise(1)), hf_row("b", noise(2))],
+                                        "test": [hf_row("c", noise(1))]})
+    for split, name in (("train", "0000.parquet"), ("test", "0000.parquet")):
+        (tmp_path / "hub" / "default" / split).mkdir(parents=True)
+        shutil.copy(tmp_path / "src" / "data" / f"{split}-00000-of-00001.parquet", tmp_path / "hub" / "default" / split / name)
+    r = inspect_dataset(str(tmp_path / "hub")).result
+    assert {k: v.num_rows for k, v in r.splits.items()} == {"train": 2, "test": 1}
+    assert [g.members for g in r.leakage.exact_cross] == [(("train", "a"), ("test", "c"))]
+    single = inspect_dataset(str(tmp_path / "src" / "data" / "train-00000-of-00001.parquet")).result
+    assert {k: v.num_rows for k, v in single.splits.items()} == {"train": 2}

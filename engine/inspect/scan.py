@@ -31,6 +31,8 @@ MAX_EXAMPLES = 20  # rows named per problem kind
 MAX_DISTINCT = 5000  # distinct string values counted per property; later new ones count as "other"
 MAX_NUMBERS = 100_000  # numbers kept per property for its histogram (a seeded reservoir beyond)
 THUMB_PX = 192
+# formats a training set holds; others (DDS, PSD, ...) are findings, and some hang Pillow-SIMD (FORMATS.md §6)
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "TIFF", "BMP", "MPO")
 HEADER_BYTES = 1 << 16  # a JPEG's markers up to the scan fit in this, apart from huge EXIF/ICC blocks
 
 
@@ -57,7 +59,7 @@ def analyse_image(data: bytes | None, *, decode: bool, phash: bool) -> ImageFact
             return ImageFacts("JPEG", header.width, header.height, len(data), xxhash.xxh3_128_digest(data), None,
                               orientation if isinstance(orientation, int) else 1, None)
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=FORMATS)
         fmt, (width, height) = im.format, im.size
         raw_exif = im.info.get("exif")
         orientation = Image.Exif()
@@ -331,7 +333,7 @@ def thumbnail(data: bytes | None) -> bytes | None:
     if data is None:
         return None
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             im.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
             im = im.convert("RGB")
             im.thumbnail((THUMB_PX, THUMB_PX))

@@ -204,11 +204,18 @@ def image_column(schema: pa.Schema) -> str | None:
 def row_count(ds: Dataset, fs: FS) -> int | None:
     """Rows in the whole dataset, from the Parquet footers or the save_to_disk metadata."""
     total = 0
+    folders: set[str] = set()
     for f in ds.files:
         if f.kind == "parquet":
             with fs.open(f.location) as fh:
                 total += pq.ParquetFile(fh).metadata.num_rows
         else:
+            folders.add(posixpath.dirname(f.location))
+    for folder in folders:
+        raw = fs.read(posixpath.join(folder[len(fs.root):].lstrip("/"), "dataset_info.json"))
+        try:
+            total += sum(s.get("num_examples", 0) for s in (orjson.loads(raw or b"{}").get("splits") or {}).values())
+        except (orjson.JSONDecodeError, AttributeError):
             return None
     return total
 
