@@ -4,8 +4,9 @@ found in more than one split. Memory grows by a few dozen bytes per image, never
 
 from __future__ import annotations
 
+from array import array
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 NEAR_DISTANCE = 4  # Hamming distance of two 64-bit pHashes at most this: a near duplicate
 # pigeonhole: two hashes within NEAR_DISTANCE bits agree exactly on one of NEAR_DISTANCE + 1 bands
@@ -50,32 +51,52 @@ class Leakage:
         return [g for g in self.near or [] if g.cross_split]
 
 
-@dataclass
 class LeakIndex:
-    exact_by: str = "pixels"
-    _first: dict[bytes, int] = field(default_factory=dict)  # exact hash -> group index
-    _groups: list[list[tuple[str, str]]] = field(default_factory=list)
-    _phashes: list[int] = field(default_factory=list)  # per exact group, 0 where unknown
-    _bands: list[dict[int, list[int]]] = field(default_factory=lambda: [defaultdict(list) for _ in _BANDS])
-    _parent: list[int] = field(default_factory=list)  # per exact group, the leader of its near cluster
-    _ids: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
-    _id_counts: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    _any_phash: bool = False
+    """The exact and perceptual hashes and the ids seen so far. Per image it keeps one dict entry
+    (its exact hash), its pHash (8 bytes in an array), its row key and, for ids, one small int
+    (a bitmask of the splits it is in); later copies of an image are kept in a side table."""
+
+    def __init__(self, exact_by: str = "pixels"):
+        self.exact_by = exact_by
+        self._split_index: dict[str, int] = {}
+        self._splits: list[str] = []
+        self._first: dict[int, int] = {}  # exact hash -> group
+        self._members: list[tuple[int, str]] = []  # group -> its first (split index, key)
+        self._more: dict[int, list[tuple[int, str]]] = {}  # group -> later copies (duplicates only)
+        self._phashes = array("Q")  # per group, 0 where unknown
+        self._leader = array("q")  # per group, the group leading its near cluster (-1: none)
+        self._bands: list[dict[int, list[int]]] = [defaultdict(list) for _ in _BANDS]
+        self._ids: dict[str, int] = {}  # id -> bitmask of the splits holding it
+        self._repeated: dict[tuple[int, str], int] = {}  # (split, id) -> count, ids repeated within a split
+        self._any_phash = False
+
+    def _split(self, name: str) -> int:
+        index = self._split_index.get(name)
+        if index is None:
+            index = self._split_index[name] = len(self._splits)
+            self._splits.append(name)
+        return index
 
     def add_id(self, split: str, image_id: str) -> None:
-        self._ids[image_id].add(split)
-        self._id_counts[(split, image_id)] += 1
+        bit = 1 << self._split(split)
+        mask = self._ids.get(image_id, 0)
+        if mask & bit:
+            key = (self._split(split), image_id)
+            self._repeated[key] = self._repeated.get(key, 1) + 1
+        self._ids[image_id] = mask | bit
 
     def add_image(self, split: str, key: str, exact: bytes, phash: int | None) -> None:
-        group = self._first.get(exact)
+        member = (self._split(split), key)
+        digest = int.from_bytes(exact, "little")
+        group = self._first.get(digest)
         if group is not None:
-            self._groups[group].append((split, key))
+            self._more.setdefault(group, []).append(member)
             return
-        group = len(self._groups)
-        self._first[exact] = group
-        self._groups.append([(split, key)])
-        self._parent.append(group)
+        group = len(self._members)
+        self._first[digest] = group
+        self._members.append(member)
         self._phashes.append(phash or 0)
+        self._leader.append(-1)
         if phash is not None:
             self._any_phash = True
             self._index_phash(group, phash)
@@ -83,27 +104,34 @@ class LeakIndex:
     def _index_phash(self, group: int, phash: int) -> None:
         """Leader clustering: join the nearest earlier leader within NEAR_DISTANCE, else lead a new
         cluster. Unlike a transitive closure, a chain of small steps does not merge unlike images."""
-        best, best_distance = None, NEAR_DISTANCE + 1
-        for band, (lo, hi) in zip(self._bands, _BANDS):
-            for leader in band.get((phash >> lo) & ((1 << (hi - lo)) - 1), ())[:_BUCKET_SCAN]:
+        best, best_distance = -1, NEAR_DISTANCE + 1
+        keys = [(phash >> lo) & ((1 << (hi - lo)) - 1) for lo, hi in _BANDS]
+        for band, k in zip(self._bands, keys):
+            for leader in band.get(k, ())[:_BUCKET_SCAN]:
                 distance = (self._phashes[leader] ^ phash).bit_count()
                 if distance < best_distance:
                     best, best_distance = leader, distance
-        if best is not None:
-            self._parent[group] = best
+        if best >= 0:
+            self._leader[group] = best
             return
-        for band, (lo, hi) in zip(self._bands, _BANDS):
-            band[(phash >> lo) & ((1 << (hi - lo)) - 1)].append(group)
+        self._leader[group] = group
+        for band, k in zip(self._bands, keys):
+            band[k].append(group)
+
+    def _group(self, group: int) -> list[tuple[str, str]]:
+        return [(self._splits[s], k) for s, k in [self._members[group], *self._more.get(group, ())]]
 
     def result(self) -> Leakage:
-        exact = [Group(tuple(m)) for m in self._groups if len(m) > 1]
+        exact = [Group(tuple(self._group(g))) for g in self._more]
         near = None
         if self._any_phash:
             clusters: dict[int, list[int]] = defaultdict(list)
-            for g in range(len(self._groups)):
-                clusters[self._parent[g]].append(g)
-            near = [Group(tuple(m for g in gs for m in self._groups[g])) for gs in clusters.values() if len(gs) > 1]
-        shared = {i: sorted(s) for i, s in self._ids.items() if len(s) > 1}
-        repeated = {f"{s}/{i}": c for (s, i), c in self._id_counts.items() if c > 1}
+            for g, leader in enumerate(self._leader):
+                if leader >= 0:
+                    clusters[leader].append(g)
+            near = [Group(tuple(m for g in gs for m in self._group(g))) for gs in clusters.values() if len(gs) > 1]
+        shared = {i: [self._splits[b] for b in range(len(self._splits)) if mask >> b & 1]
+                  for i, mask in self._ids.items() if mask & (mask - 1)}
+        repeated = {f"{self._splits[s]}/{i}": c for (s, i), c in self._repeated.items()}
         return Leakage(exact_by=self.exact_by, exact=exact, near=near, shared_ids=shared, repeated_ids=repeated,
                        has_ids=bool(self._ids))
