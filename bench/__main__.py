@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(scaling)
 
     insp = sub.add_parser("inspect", help="engine inspect against reading the Parquet files with pyarrow")
-    insp.add_argument("--sizes", default="2000,8000", help="rows of the pass-through datasets (peak RSS at each)")
+    insp.add_argument("--sizes", default="500,2000,8000", help="rows of the pass-through datasets (peak RSS at each)")
     insp.add_argument("--decode-rows", type=int, default=2000,
                       help="also time the decoding modes (pixel hash, perceptual hash) at sizes up to this")
     insp.add_argument("--base-images", type=int, default=300)
