@@ -72,19 +72,22 @@ def analyse_image(data: bytes | None, *, decode: bool, phash: bool) -> ImageFact
         digest = xxhash.xxh3_128()
         digest.update(f"{im.mode}:{width}x{height}:".encode())
         digest.update(im.tobytes())
-        ph = None
-        if phash:
-            import imagehash
-
-            # pHash resizes to 32x32 anyway: a box-filter reduction first (to >= 128 px) costs 0.8 ms
-            # instead of 33 ms at 1024 px, and moved the hash by 0.3 bits on average
-            small = im if im.mode in ("L", "RGB", "RGBA") else im.convert("L")
-            factor = max(1, min(width, height) // 128)
-            ph = int(str(imagehash.phash(small.reduce(factor) if factor > 1 else small)), 16)
-        return ImageFacts(fmt, width, height, len(data), digest.digest(), ph, orient, None)
+        return ImageFacts(fmt, width, height, len(data), digest.digest(), perceptual_hash(im) if phash else None,
+                          orient, None)
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a finding, not a crash
         return ImageFacts(None, 0, 0, len(data), xxhash.xxh3_128_digest(data), None, 1,
                           f"does not decode: {type(exc).__name__}: {exc}")
+
+
+def perceptual_hash(im: Image.Image) -> int:
+    """``imagehash.phash`` as a 64-bit int. pHash resizes to 32x32 anyway: a box-filter reduction
+    first (to >= 128 px) costs 0.8 ms instead of 33 ms at 1024 px, and moved the hash by 0.3 bits
+    on average."""
+    import imagehash
+
+    small = im if im.mode in ("L", "RGB", "RGBA") else im.convert("L")
+    factor = max(1, min(im.size) // 128)
+    return int(str(imagehash.phash(small.reduce(factor) if factor > 1 else small)), 16)
 
 
 def _jpeg_header(data) -> JpegHeader | None:
