@@ -270,7 +270,7 @@ class Scanner:
             except orjson.JSONDecodeError:
                 value = None
         if self.validator is not None:
-            verdict = self.validator.check(output)
+            verdict = self.validator.check(output if value is None else value)  # parsed once
             if verdict.reason is not None:
                 self.num_invalid_outputs += 1
                 if len(self.invalid_outputs) < MAX_EXAMPLES:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from engine.errors import UsageError
@@ -248,11 +249,12 @@ def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
             outputs = table["output"].to_pylist() if "output" in table.column_names else [None] * n
             images: list[list[tuple[bytes | memoryview | None, str | None]]]
             if with_images:
-                col = table[image].combine_chunks()
-                blobs = col.field("bytes")
-                data = binary_views(blobs)
-                # a path matters only where there are no bytes (and reading them costs 8 us a row)
-                paths = col.field("path").to_pylist() if blobs.null_count else [None] * n
+                data, paths = [], []
+                for chunk in table[image].chunks:  # not combine_chunks: that copies every image
+                    blobs = pc.struct_field(chunk, "bytes")
+                    data += binary_views(blobs)
+                    # a path matters only where there are no bytes (and reading them costs 8 us a row)
+                    paths += pc.struct_field(chunk, "path").to_pylist() if blobs.null_count else [None] * len(chunk)
                 images = [[(b, p)] if (b is not None or p is not None) else [] for b, p in zip(data, paths)]
             else:
                 images = [[] for _ in range(n)]
