@@ -10,6 +10,7 @@ import io
 import os
 import posixpath
 import random
+import re
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -22,7 +23,6 @@ import xxhash
 from PIL import Image
 
 from engine.config import DEFAULT_ATTACHMENT_TOKEN
-from engine.imaging import exif_orientation
 from engine.inspect.leakage import LeakIndex, Leakage
 from engine.inspect.source import FS, Dataset, Rows, iter_rows, load_image_bytes, row_count
 from engine.jpeg_header import JpegHeader, read_jpeg_header
@@ -55,17 +55,13 @@ def analyse_image(data: bytes | None, *, decode: bool, phash: bool) -> ImageFact
     if not decode:
         header = _jpeg_header(data)
         if header is not None:
-            orientation = exif_orientation(header.exif) if _may_orient(header.exif) else 1
+            orient = stored_orientation(header.exif, getattr(header, "xmp", None))
             return ImageFacts("JPEG", header.width, header.height, len(data), xxhash.xxh3_128_digest(data), None,
-                              orientation if isinstance(orientation, int) else 1, None)
+                              orient, None)
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
         fmt, (width, height) = im.format, im.size
-        raw_exif = im.info.get("exif")
-        orientation = Image.Exif()
-        if isinstance(raw_exif, bytes):
-            orientation.load(raw_exif)
-        orient = int(orientation.get(0x0112, 1) or 1)
+        orient = stored_orientation(im.info.get("exif"), im.info.get("xmp"))
         if not decode:
             return ImageFacts(fmt, width, height, len(data), xxhash.xxh3_128_digest(data), None, orient, None)
         im.load()
@@ -101,10 +97,27 @@ def _jpeg_header(data) -> JpegHeader | None:
     return None
 
 
-def _may_orient(exif: bytes | None) -> bool:
-    """Whether an EXIF block can hold the Orientation tag (0x0112, in either byte order): most hold
-    only a camera name, and parsing them costs 50 us."""
-    return bool(exif) and (b"\x01\x12" in exif or b"\x12\x01" in exif)
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(?:="|>)([0-9])')  # as ImageOps.exif_transpose reads it
+
+
+def stored_orientation(exif: bytes | None, xmp: bytes | str | None) -> int:
+    """The orientation a reader would still apply (1: none), from the EXIF block, else XMP.
+    Most EXIF blocks hold no Orientation tag (0x0112, in either byte order) and are not parsed:
+    that costs 50 us."""
+    if isinstance(exif, bytes) and (b"\x01\x12" in exif or b"\x12\x01" in exif):
+        try:
+            value = Image.Exif()
+            value.load(exif)
+            found = int(value.get(0x0112, 1) or 1)
+            if found != 1:
+                return found
+        except Exception:  # noqa: BLE001 - a corrupt EXIF block holds no usable orientation
+            pass
+    if xmp:
+        m = _XMP_ORIENTATION.search(xmp.encode() if isinstance(xmp, str) else xmp)
+        if m and m.group(1) != b"1":
+            return int(m.group(1))
+    return 1
 
 
 @dataclass
