@@ -10,12 +10,11 @@ def add_commands(sub) -> None:
     i = sub.add_parser("inspect", help="summarise a dataset; with --html, write a self-contained HTML report",
                        description="Stream a dataset (any layout the engine writes, or any Hugging Face Parquet "
                        "dataset with an image column, local or fsspec URL) and summarise it: counts, image sizes, "
-                       "outputs against config.json's schema, samples, duplicates and leakage across splits.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "outputs against config.json's schema, samples, duplicates and leakage across splits.")
     i.add_argument("dataset", metavar="OUT", help="dataset folder, .parquet file or fsspec URL")
     i.add_argument("--html", metavar="FILE", help="write the report to FILE (one HTML file, images inline)")
-    i.add_argument("--samples", type=int, default=12, metavar="N", help="thumbnails in the report's sample grid")
-    i.add_argument("--seed", type=int, default=0, help="seed of the sample choice")
+    i.add_argument("--samples", type=int, default=12, metavar="N", help="thumbnails in the report's sample grid (default: 12)")
+    i.add_argument("--seed", type=int, default=0, help="seed of the sample choice (default: 0)")
     i.add_argument("--no-phash", dest="phash", action="store_false",
                    help="skip the perceptual hash (no near-duplicate search)")
     i.add_argument("--no-decode", dest="decode", action="store_false",
