@@ -299,8 +299,8 @@ def test_progress_bar_only_without_quiet(leaky_parquet):
 def test_inspect_on_s3(leaky_parquet, s3):
     for path in leaky_parquet.rglob("*"):
         if path.is_file():
-            s3.put_file(str(path), f"bucket/leaky/{path.relative_to(leaky_parquet).as_posix()}")
-    insp = inspect_dataset("s3://bucket/leaky", samples=2)
+            s3.put_file(str(path), f"inspect-bucket/leaky/{path.relative_to(leaky_parquet).as_posix()}")
+    insp = inspect_dataset("s3://inspect-bucket/leaky", samples=2)
     assert {k: v.num_rows for k, v in insp.result.splits.items()} == {"train": 8, "test": 4}
     assert [g.members for g in insp.result.leakage.exact_cross] == [(("train", "id1"), ("test", "copy-of-id1"))]
 
@@ -326,8 +326,9 @@ def s3():
 
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
-    fs.mkdir("bucket")
+    fs.mkdir("inspect-bucket")  # moto's state is per process: test_s3.py's own "bucket" must stay free
     yield fs
+    fs.rm("inspect-bucket", recursive=True)
     server.stop()
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
