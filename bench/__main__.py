@@ -1,4 +1,4 @@
-"""``python -m bench run | memory | scaling | report``."""
+"""``python -m bench run | memory | scaling | inspect | report``."""
 
 from __future__ import annotations
 
@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     upd.add_argument("--repeats", type=int, default=2)
     upd.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     common(upd)
+    insp = sub.add_parser("inspect", help="engine inspect against reading the Parquet files with pyarrow")
+    insp.add_argument("--sizes", default="500,2000,8000", help="rows of the pass-through datasets (peak RSS at each)")
+    insp.add_argument("--decode-rows", type=int, default=2000,
+                      help="also time the decoding modes (pixel hash, perceptual hash) at sizes up to this")
+    insp.add_argument("--base-images", type=int, default=300)
+    insp.add_argument("--repeats", type=int, default=3)
+    insp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    common(insp)
 
     rep = sub.add_parser("report", help="regenerate the plot and RESULTS.md from the JSON files")
     common(rep)
@@ -113,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         run_update_bench(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir, results_dir=args.results,
                          workers=args.workers, command=command, base_images=args.base_images,
                          repeats=args.repeats, timeout=args.timeout)
+    elif args.command == "inspect":
+        from bench.inspect_bench import run_inspect
+
+        run_inspect(sizes=[int(s) for s in _csv(args.sizes)], decode_rows=args.decode_rows,
+                    base_images=args.base_images, workdir=workdir, results_dir=args.results, repeats=args.repeats,
+                    workers=args.workers, command=command, timeout=args.timeout)
     else:
         report.plot_throughput(args.results)
         report.write_results_md(args.results)

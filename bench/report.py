@@ -339,6 +339,11 @@ def write_results_md(results_dir: Path) -> Path:
                   "| engine, Ray warm (img/s) | limit (img/s) | ratio |", "|---:|---:|---:|",
                   f"| {s['engine_warm_images_per_second']:.1f} | {s['limit_images_per_second']:.1f} | "
                   f"{s['ratio_engine_warm_vs_limit']:.2f} |", ""]
+    inspect_runs = [r for r in results if r.get("kind") == "inspect"]
+    if inspect_runs:
+        from bench.inspect_bench import inspect_section
+
+        lines += inspect_section(inspect_runs[-1])
     gap = Path(__file__).with_name("GAP.md")
     if gap.exists():
         lines += [gap.read_text().strip(), ""]

@@ -128,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit with code 1 when more than this fraction of rows is rejected")
     run.add_argument("--quiet", action="store_true", help="print nothing: no progress bar, summary or library messages")
     run.add_argument("--verbose", action="store_true", help="log debugging detail")
+    run.add_argument("--report", action="store_true", help="write OUT/report.html (engine inspect's report) at the end")
     add_update_parser(sub)
+    from engine.inspect.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 
@@ -206,6 +210,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger("engine").setLevel(logging.DEBUG)
         from engine.progress import BarProgress, NullProgress
 
+        if args.command in ("inspect", "check"):
+            from engine.inspect.cli import run_command
+
+            return run_command(args)
         if args.command == "update":
             from engine.update.core import update
             from engine.update.inputs import UpdateOptions
@@ -220,6 +228,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from engine.driver import convert
 
         convert(opts, NullProgress() if opts.quiet else BarProgress(), command=public_command(argv))
+        if args.report:
+            from engine.inspect.cli import write_convert_report
+
+            write_convert_report(opts.out, opts.quiet)
         return 0
     except EngineError as exc:
         hint = " (fix the cause, then finish the run with --resume)" if isinstance(exc, ShardError) else ""

@@ -36,6 +36,15 @@ WANT="jpg zlib webp libtiff"
 [ -e /usr/include/lcms2.h ] && WANT="$WANT littlecms2"
 compgen -G "/usr/include/openjpeg-2.*/openjpeg.h" >/dev/null && WANT="$WANT jpg_2000"
 
+# Debian's chromium: the headless browser tests/test_inspect_browser.py renders the inspect report in
+# (skipped without it). ENGINE_NO_CHROMIUM=1 leaves it out; a failed install only warns.
+if [ -z "${ENGINE_NO_CHROMIUM:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+    && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  log "installing chromium (headless browser for the report tests)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } \
+    >/dev/null 2>&1 || log "WARNING: chromium could not be installed; the browser tests will be skipped"
+fi
+
 if [ ! -x .venv/bin/python ]; then
   log "creating .venv"
   "$PY" -m venv .venv
