@@ -322,6 +322,7 @@ def ray_instance():
     if ray.is_initialized():
         ray.shutdown()
     ray.init(
+        address="local",  # never another process's cluster on this machine
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=200 * 2**20,

@@ -417,3 +417,29 @@ def test_missing_package_of_a_filesystem_built_into_fsspec_is_named(good, tmp_pa
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "--manifest" in lines[0] and "aiohttp" in lines[0], lines[0]
+
+
+@pytest.mark.ray
+def test_embedded_ray_ignores_a_cluster_that_ray_start_left_on_the_machine(tmp_path):
+    """Without --ray-address the engine starts a Ray of its own, even when `ray start` runs a cluster
+    on this machine (plain ``ray.init`` would join that one, and refuse the engine's num_cpus)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eng-ray-", dir="/tmp"))
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    try:
+        started = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "1", "--include-dashboard", "false"],
+                                 env=env, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr
+        names = [f"c{i}" for i in range(6)]
+        inp = write_input(tmp_path / "in", [row(n, f"{n}.jpg") for n in names],
+                          {f"{n}.jpg": imagegen.noise_jpeg(seed=i) for i, n in enumerate(names)})
+        proc = subprocess.run([sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest),
+                               "--config", str(inp.config), "--out", str(tmp_path / "out"), "--workers", "2",
+                               "--quiet"], cwd=REPO, env=dict(env, ENGINE_RAY_START="eager"),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert Output(tmp_path / "out").stats["num_written"] == len(names)
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

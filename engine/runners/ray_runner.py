@@ -197,7 +197,8 @@ class RayRunner:
         kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
         if self._address:
             kwargs["address"] = self._address
-        else:
+        else:  # "local": an instance of its own, even when `ray start` left a cluster on this machine
+            kwargs["address"] = "local"
             kwargs["num_cpus"] = self.num_workers
             kwargs["object_store_memory"] = 256 * 2**20  # results are small; images never go through it
         started = time.perf_counter()
