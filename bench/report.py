@@ -323,7 +323,7 @@ def _http_section(result: dict) -> list[str]:
     memory = result.get("memory")
     if memory:
         lines += ["", f"Memory over URLs of tiny images at {memory['latency_seconds']:g} s latency "
-                  "(engine pass-through, distinct URLs):", "",
+                  f"(engine pass-through, distinct URLs, Ray started {memory.get('ray_start', 'lazily')}ly at every size):", "",
                   "| rows | images/s | peak RSS (MB) | in flight at the server |", "|---:|---:|---:|---:|"]
         for p in memory["points"]:
             lines.append(f"| {p['num_rows']} | {p['images_per_second']:.1f} | {p['peak_rss_mb']:.0f} | "
