@@ -395,3 +395,22 @@ def test_fetch_options_do_not_define_the_output(tmp_path):
     assert a.output_defining() == b.output_defining()
     assert hashlib.sha256(repr(a.output_defining()).encode()).digest() == \
         hashlib.sha256(repr(b.output_defining()).encode()).digest()
+
+
+def test_progress_shows_downloaded_megabytes_per_second(server, capsys):
+    from engine.progress import BarProgress
+
+    bar = BarProgress()
+    bar.start(4, "converting")
+    fetcher = Fetcher(FetchOptions(), max_bytes=1 << 20)
+    assert all(fetcher.fetch(f"{server}/img/0/p{i}.jpg") == GOOD for i in range(4))
+    bar.advance(4, 0)
+    assert "MB/s downloaded" in bar.postfix()
+    bar.close()
+
+
+def test_cache_folder_is_not_shown_in_the_card_command():
+    from engine.cli import public_command
+
+    assert public_command(["convert", "--download-cache", "/home/me/secret/cache", "--out", "s3://b/o"]) == \
+        "engine convert --download-cache cache --out s3://b/o"

@@ -121,7 +121,7 @@ class HttpClient:
         self._aiohttp = aiohttp
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=opts.concurrency, limit_per_host=opts.max_per_host,
-                                           ttl_dns_cache=300),
+                                           ttl_dns_cache=300, ssl=_ssl_context()),
             headers={"User-Agent": opts.user_agent}, cookie_jar=aiohttp.DummyCookieJar(), trust_env=True,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.timeout, sock_read=opts.timeout))
         if hasattr(self._session, "_retry_connection"):
@@ -267,6 +267,17 @@ class HttpClient:
 
     def _too_big(self, size: int):
         return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
+
+
+def _ssl_context():
+    """Certificates from certifi when it is installed (as requests did), else the system's."""
+    import ssl
+
+    try:
+        import certifi
+    except ImportError:
+        return ssl.create_default_context()
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 def _retry_after(value: str | None) -> float | None:
