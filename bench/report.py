@@ -326,6 +326,9 @@ def _http_section(result: dict) -> list[str]:
                   f"(engine pass-through, distinct URLs, Ray started {memory.get('ray_start', 'lazily')}ly at every size):", "",
                   "| rows | images/s | peak RSS (MB) | in flight at the server |", "|---:|---:|---:|---:|"]
         for p in memory["points"]:
+            if not p.get("valid"):
+                lines.append(f"| {p['num_rows']} | failed: {p.get('error', 'invalid output')} | – | – |")
+                continue
             lines.append(f"| {p['num_rows']} | {p['images_per_second']:.1f} | {p['peak_rss_mb']:.0f} | "
                          f"{p.get('server_max_in_flight', '–')} |")
         if memory.get("peak_ratio_last_to_first"):

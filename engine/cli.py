@@ -130,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_download_cache(location: str | None) -> None:
+    """A local cache folder must be creatable, before any work starts."""
+    from engine.sources.location import local_path
+
+    path = local_path(location) if location else None
+    if path:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--download-cache {location}: {exc.strerror or exc}") from None
+
+
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     image = ImageOptions(max_size=args.max_size or None, format=args.image_format, quality=args.quality,
                          passthrough=args.passthrough, max_pixels=args.max_pixels,
@@ -138,6 +150,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
                          concurrency=args.fetch_concurrency, max_per_host=args.max_connections_per_host,
                          max_rps_per_host=args.max_requests_per_second_per_host, user_agent=args.user_agent,
                          cache=args.download_cache)
+    _check_download_cache(args.download_cache)
     return ConvertOptions(
         manifest=args.manifest, out=args.out, config=args.config, layout=args.layout, split=args.split,
         image=image, fetch=fetch, shard_rows=args.shard_rows, max_shard_bytes=parse_size(args.max_shard_size),

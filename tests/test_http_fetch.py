@@ -414,3 +414,24 @@ def test_cache_folder_is_not_shown_in_the_card_command():
 
     assert public_command(["convert", "--download-cache", "/home/me/secret/cache", "--out", "s3://b/o"]) == \
         "engine convert --download-cache cache --out s3://b/o"
+
+
+def test_download_cache_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    inp = write_input(tmp_path / "in", [row("a", "http://127.0.0.1:9/a.jpg", key="image_url")])
+    assert convert(inp, tmp_path / "out", "--download-cache", str(tmp_path / "file" / "cache")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--download-cache" in err[0] and "Not a directory" in err[0], err
+
+
+def test_rows_rejected_after_their_fetch_are_not_downloaded_again(server, tmp_path):
+    """What a later retry of rejected rows relies on: a body that arrived whole is cached even
+    when its row failed afterwards (here an HTML page with status 200, rejected at decode)."""
+    cache = tmp_path / "cache"
+    rows = [row("page", f"{server}/html/p.jpg", key="image_url"), row("ok", f"{server}/plain.jpg", key="image_url")]
+    first = _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+    assert [r["stage"] for r in first.rejects] == ["decode"]
+    STATE.reset()
+    second = _run(tmp_path, rows, "--download-cache", str(cache), name="second")
+    assert STATE.hits == {} and [r["stage"] for r in second.rejects] == ["decode"]
+    assert DownloadCache(str(cache)).contains(f"{server}/html/p.jpg")

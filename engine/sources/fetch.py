@@ -153,13 +153,16 @@ class Fetcher:
         or as soon as the buffer fills. Returns how many were started."""
         client = self._http_client()
         now, started = time.monotonic(), 0
+        # rows ahead: enough to cover the latency at any rate for small images; for large ones,
+        # what an eighth of the buffer holds, so photos are not held in memory long before use
+        cap = min(self._opts.concurrency, max(8, int(self._opts.buffer_bytes / 8 / client.mean_body_bytes)))
         with self._http_lock:
             table = self._speculative
             while table and next(iter(table.values()))[0] < now - SPECULATIVE_SECONDS:
                 table.pop(next(iter(table)))[1].cancel()
             urls = iter(urls)
             # checked before the next URL is drawn: a URL drawn is one the look-ahead has passed
-            while started < limit and len(table) < self._opts.concurrency and client.has_room():
+            while started < limit and len(table) < cap and client.has_room():
                 url = next(urls, None)
                 if url is None:
                     break

@@ -25,7 +25,7 @@ from concurrent.futures import Future
 from urllib.parse import urlsplit
 
 from engine.config import FetchOptions
-from engine.sources.cache import DownloadCache
+from engine.sources.cache import CacheRead, DownloadCache
 from engine.sources.fetch import Fetched, FetchFailure
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ class HttpClient:
     def __init__(self, opts: FetchOptions, max_bytes: int, cache: DownloadCache | None = None,
                  on_pressure: Callable[[], None] | None = None):
         self._opts, self._max_bytes, self._cache, self._on_pressure = opts, max_bytes, cache, on_pressure
+        self._cache_warned = False
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-http", daemon=True)
@@ -140,6 +141,11 @@ class HttpClient:
         leaving ``data`` None, when it completes while others wait for room in the buffer."""
         return asyncio.run_coroutine_threadsafe(self._fetch(url, speculative), self._loop)
 
+    @property
+    def mean_body_bytes(self) -> float:
+        """The running mean size of the bodies fetched so far (a guess before the first)."""
+        return self._gate.mean
+
     def has_room(self) -> bool:
         """Whether the buffer is less than half full (read from any thread; a hint)."""
         return self._gate.held < self._gate.limit // 2 and not self._gate.waiting
@@ -160,7 +166,7 @@ class HttpClient:
         try:
             fetched = Fetched(None)
             if self._cache is not None:
-                found = await self._loop.run_in_executor(None, self._cache.get, url)
+                found = await self._loop.run_in_executor(None, self._cache_get, url)
                 if found.data is not None:
                     fetched.data, fetched.cache, fetched.num_cache_bytes = found.data, "hit", found.size
                 else:
@@ -170,7 +176,7 @@ class HttpClient:
                 if isinstance(fetched.data, bytes):
                     self._gate.note_size(len(fetched.data))
                     if self._cache is not None:
-                        fetched.num_cache_bytes = await self._loop.run_in_executor(None, self._cache.put, url,
+                        fetched.num_cache_bytes = await self._loop.run_in_executor(None, self._cache_put, url,
                                                                                    fetched.data)
             size = len(fetched.data) if isinstance(fetched.data, bytes) else 0
             if speculative and self._gate.waiting:  # rows that are needed now come first
@@ -181,6 +187,26 @@ class HttpClient:
         except BaseException:
             self._gate.release(held)
             raise
+
+    def _cache_get(self, url: str) -> CacheRead:
+        try:
+            return self._cache.get(url)
+        except Exception as exc:  # noqa: BLE001 - an unreadable cache is a miss, never a lost row
+            self._warn_cache(exc)
+            return CacheRead(None)
+
+    def _cache_put(self, url: str, data: bytes) -> int:
+        try:
+            return self._cache.put(url, data)
+        except Exception as exc:  # noqa: BLE001 - the row has its bytes; only the next run loses them
+            self._warn_cache(exc)
+            return 0
+
+    def _warn_cache(self, exc: Exception) -> None:
+        if not self._cache_warned:
+            self._cache_warned = True
+            log.warning("download cache %s: %s: %s (rows are fetched without it)", self._cache.root,
+                        type(exc).__name__, exc)
 
     async def _pace(self, host: str) -> None:
         """At most ``max_rps_per_host`` requests start per second on one host."""
