@@ -311,13 +311,15 @@ def test_corrupt_cache_entry_is_fetched_again(server, tmp_path):
     cache = tmp_path / "cache"
     rows = [row(f"r{i}", f"{server}/img/0/c{i}.jpg", key="image_url") for i in range(3)]
     _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+    def entry(url: str) -> Path:
+        key = DownloadCache.key(url)
+        return cache / key[:2] / key
+
     victim = f"{server}/img/0/c1.jpg"
-    key = DownloadCache.key(victim)
-    entry = cache / key[:2] / key
-    data = bytearray(entry.read_bytes())
+    data = bytearray(entry(victim).read_bytes())
     data[-10] ^= 0xFF  # one flipped byte in the body
-    entry.write_bytes(bytes(data))
-    (cache / DownloadCache.key(f"{server}/img/0/c2.jpg")[:2] / DownloadCache.key(f"{server}/img/0/c2.jpg")).write_bytes(b"")
+    entry(victim).write_bytes(bytes(data))
+    entry(f"{server}/img/0/c2.jpg").write_bytes(b"")  # torn to nothing
 
     STATE.reset()
     o = _run(tmp_path, rows, "--download-cache", str(cache), name="second")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.config import FetchOptions
@@ -23,9 +23,9 @@ from engine.sources.location import local_path
 # waits for the GIL (often over 0.2 ms with two busy threads); a cold disk or a network file
 # system shows as reads that take milliseconds.
 INLINE_LOCAL_READ_BYTES = 512 * 1024
-SPECULATIVE_SECONDS = 30.0  # a speculative fetch no unit has claimed by then is dropped
-RECENT_URLS = 1 << 14
 SLOW_LOCAL_READ_SECONDS = 0.002
+SPECULATIVE_SECONDS = 30.0  # a look-ahead fetch no unit has claimed by then is dropped
+RECENT_URLS = 1 << 14  # URLs remembered as asked for by units, so look-ahead never fetches them again
 
 
 @dataclass(frozen=True, slots=True)

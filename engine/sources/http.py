@@ -52,7 +52,7 @@ class _ByteGate:
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
-        self.mean = 256 * 1024
+        self.mean = 1 << 20  # a guess until bodies arrive: high, so large images do not flood the buffer at first
         self.on_pressure: Callable[[], None] | None = None  # called when a request has to wait
         self._waiters: deque[asyncio.Future] = deque()
 
