@@ -365,10 +365,8 @@ def _urls_after(unit: UnitSpec, ctx: UnitContext, num_rows: int) -> Iterator[str
             yield from (loc for loc in row.locations if Fetcher.is_http(loc))
 
 
-def _take(future: Future, tally: FetchTally, fetcher: Fetcher, loc: str) -> tuple[bytes | FetchFailure, os.stat_result | None]:
+def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, os.stat_result | None]:
     fetched = future.result()
-    if fetched.data is None:  # a speculative fetch that gave its bytes up: fetch it now
-        fetched = fetcher.submit(loc).result()
     tally.add(fetched)
     fetched.release()  # the bytes are the unit's now: they no longer count against the fetch buffer
     return fetched.data, fetched.stat
@@ -410,7 +408,7 @@ def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int, tally: Fet
             nxt = next(pending, None)
             if nxt is not None:
                 submit(nxt)
-            payloads = [_take(future, tally, fetcher, loc) for future, loc in zip(futures, checked.row.locations)]
+            payloads = [_take(future, tally) for future in futures]
             futures = None  # nothing here keeps the fetched results alive
             yield checked, payloads
     finally:  # the unit failed or was abandoned: fetch nothing more for it

@@ -131,8 +131,7 @@ class Fetcher:
 
     def submit(self, location: str) -> Future:
         """Start fetching (or take over a speculative fetch of the same URL); the future's result
-        is a :class:`Fetched`, whose ``data`` is None only for a speculative fetch that gave its
-        bytes up (fetch it again)."""
+        is a :class:`Fetched`."""
         if self.is_http(location):
             with self._http_lock:
                 found = self._speculative.pop(location, None)
@@ -148,9 +147,10 @@ class Fetcher:
 
     def speculate(self, urls: Iterable[str], limit: int) -> int:
         """Start fetching up to ``limit`` of ``urls`` that this process will probably need soon
-        (the rows after its unit: see ``engine.pipeline``), while the fetch buffer has room;
-        :meth:`submit` takes them over. Unclaimed ones are dropped after SPECULATIVE_SECONDS,
-        or as soon as the buffer fills. Returns how many were started."""
+        (the rows after its unit: see ``engine.pipeline``), while the fetch buffer is less than
+        half full; :meth:`submit` takes them over. At most about an eighth of the buffer's worth
+        is held ahead; unclaimed ones are dropped after SPECULATIVE_SECONDS. Returns how many
+        were started."""
         client = self._http_client()
         now, started = time.monotonic(), 0
         # rows ahead: enough to cover the latency at any rate for small images; for large ones,
@@ -171,13 +171,6 @@ class Fetcher:
                     started += 1
         return started
 
-    def _drop_done_speculation(self) -> None:
-        """Called on the event loop when a request must wait for room: finished speculative
-        fetches give their bytes up first."""
-        with self._http_lock:
-            for url in [u for u, (_, f) in self._speculative.items() if f.done()]:
-                del self._speculative[url]
-
     def _read_in_thread(self, location: str) -> Fetched:
         data, st = self.fetch_with_stat(location)
         return Fetched(data, stat=st)
@@ -190,8 +183,7 @@ class Fetcher:
                     from engine.sources.http import HttpClient
 
                     cache = DownloadCache(self._opts.cache) if self._opts.cache else None
-                    self._http = HttpClient(self._opts, self._max_bytes, cache,
-                                            on_pressure=self._drop_done_speculation)
+                    self._http = HttpClient(self._opts, self._max_bytes, cache)
         return self._http
 
     @property

@@ -8,6 +8,8 @@ waits for a slot, then its clock starts: every attempt, pause and body read of o
 Requests start in submission order while fewer than ``buffer_bytes`` of fetched bytes are held
 (being read, or done and not yet taken by their unit), so memory does not grow with the
 concurrency; a unit takes its rows in order, so the oldest waiting row always gets to start.
+Look-ahead fetches (rows no unit has asked for yet) are capped in number by their caller and
+stay out of that count, so they never hold up a row a unit waits for.
 bench/GAP.md says why this is an event loop rather than a larger thread pool.
 """
 
@@ -20,7 +22,6 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from urllib.parse import urlsplit
 
@@ -53,15 +54,12 @@ class _ByteGate:
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
         self.mean = 1 << 20  # a guess until bodies arrive: high, so large images do not flood the buffer at first
-        self.on_pressure: Callable[[], None] | None = None  # called when a request has to wait
         self._waiters: deque[asyncio.Future] = deque()
 
     async def acquire(self) -> int:
         if self._waiters or self.held >= self.limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
-            if self.on_pressure is not None:
-                self.on_pressure()
             try:
                 await waiter
             except asyncio.CancelledError:
@@ -99,9 +97,8 @@ class _ByteGate:
 class HttpClient:
     """One per process and set of options (see ``engine.sources.fetch``); thread-safe."""
 
-    def __init__(self, opts: FetchOptions, max_bytes: int, cache: DownloadCache | None = None,
-                 on_pressure: Callable[[], None] | None = None):
-        self._opts, self._max_bytes, self._cache, self._on_pressure = opts, max_bytes, cache, on_pressure
+    def __init__(self, opts: FetchOptions, max_bytes: int, cache: DownloadCache | None = None):
+        self._opts, self._max_bytes, self._cache = opts, max_bytes, cache
         self._cache_warned = False
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
@@ -131,14 +128,13 @@ class HttpClient:
             self._session._retry_connection = False
         self._slots = asyncio.Semaphore(opts.concurrency)
         self._gate = _ByteGate(opts.buffer_bytes)
-        self._gate.on_pressure = self._on_pressure
         self._next_start: dict[str, float] = {}
         self.in_flight = self.max_in_flight = 0
 
     def submit(self, url: str, speculative: bool = False) -> Future:
         """Fetch ``url``; the future's result is a :class:`Fetched`. Cancelling it stops the request.
-        A speculative fetch (a row this process will probably need soon) gives its bytes up,
-        leaving ``data`` None, when it completes while others wait for room in the buffer."""
+        A speculative fetch (a row this process will probably need soon) does not wait for room
+        in the buffer, nor counts in it: the caller bounds how many it starts."""
         return asyncio.run_coroutine_threadsafe(self._fetch(url, speculative), self._loop)
 
     @property
@@ -162,7 +158,9 @@ class HttpClient:
         return fetched
 
     async def _fetch(self, url: str, speculative: bool) -> Fetched:
-        held = await self._gate.acquire()
+        # look-ahead fetches stay out of the buffer (their number is capped instead), so the rows
+        # units wait for never wait behind rows no unit has asked for yet
+        held = 0 if speculative else await self._gate.acquire()
         try:
             fetched = Fetched(None)
             if self._cache is not None:
@@ -178,9 +176,9 @@ class HttpClient:
                     if self._cache is not None:
                         fetched.num_cache_bytes = await self._loop.run_in_executor(None, self._cache_put, url,
                                                                                    fetched.data)
+            if speculative:
+                return fetched
             size = len(fetched.data) if isinstance(fetched.data, bytes) else 0
-            if speculative and self._gate.waiting:  # rows that are needed now come first
-                fetched.data, size = None, 0
             self._gate.grow(size - held)
             held = size
             return self._hold(fetched, held)
