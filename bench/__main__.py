@@ -85,6 +85,16 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--repeats", type=int, default=3)
     insp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     common(insp)
+    http = sub.add_parser("http", help="images over HTTP from a loopback server with latency: engine on URLs, "
+                          "on the same files, from its download cache, and img2dataset on the URLs")
+    http.add_argument("--n-small", type=int, default=1000, help="rows of small JPEGs (pass-through); 0: none")
+    http.add_argument("--n-photos", type=int, default=100, help="rows of 12 MP photos (resized); 0: none")
+    http.add_argument("--latencies", default="0.05,0.2", help="seconds before each answer, comma-separated")
+    http.add_argument("--repeats", type=int, default=3)
+    http.add_argument("--memory-sizes", default="1000,20000",
+                      help="row counts of tiny-image URLs for the memory check at the last latency ('' for none)")
+    http.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    common(http)
 
     rep = sub.add_parser("report", help="regenerate the plot and RESULTS.md from the JSON files")
     common(rep)
@@ -127,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
         run_inspect(sizes=[int(s) for s in _csv(args.sizes)], decode_rows=args.decode_rows,
                     base_images=args.base_images, workdir=workdir, results_dir=args.results, repeats=args.repeats,
                     workers=args.workers, command=command, timeout=args.timeout)
+    elif args.command == "http":
+        from bench import http_bench
+
+        corpora = {name: n for name, n in (("small", args.n_small), ("photos", args.n_photos)) if n}
+        http_bench.run_http(corpora=corpora, latencies=[float(x) for x in _csv(args.latencies)],
+                            repeats=args.repeats, workdir=workdir, results_dir=args.results, workers=args.workers,
+                            command=command, memory_sizes=[int(s) for s in _csv(args.memory_sizes)],
+                            timeout=args.timeout)
     else:
         report.plot_throughput(args.results)
         report.write_results_md(args.results)

@@ -291,6 +291,51 @@ def _cycled_section(runs: dict[tuple[str, int], dict]) -> list[str]:
     return lines + [""]
 
 
+HTTP_TOOLS = ("engine-local", "engine-http", "engine-cache-fill", "engine-cached", "img2dataset-http")
+
+
+def _http_section(result: dict) -> list[str]:
+    before, after = (" / ".join(f"{x:.2f}" for x in result[k]) for k in ("load_before", "load_after"))
+    lines = [f"## Images over HTTP ({result['_file']})", "",
+             f"Command: `{result['command']}`. A loopback server in its own process (bench/http_server.py) "
+             f"answers each request after the given latency; {result['workers']} workers; median of "
+             f"{result['repeats']} interleaved repeats; whole command incl. start-up. Load average (1/5/15 min) "
+             f"{before} before and {after} after: the machine was shared, so the numbers are noisy.", "",
+             "| scenario | " + " | ".join(HTTP_TOOLS) + " | http / local | http / img2dataset | cached / local |",
+             "|---|" + "---:|" * (len(HTTP_TOOLS) + 3)]
+    for sc in result["scenarios"]:
+        cells = [_cell(sc["tools"].get(t)) for t in HTTP_TOOLS]
+        r = sc["ratios"]
+        ratios = [r.get(k) for k in ("engine-http/engine-local", "engine-http/img2dataset-http",
+                                     "engine-cached/engine-local")]
+        lines.append(f"| {sc['scenario']} ({sc['rows']} rows) | " + " | ".join(cells) + " | "
+                     + " | ".join(f"{x:.2f}×" if x else "–" for x in ratios) + " |")
+    lines += ["", "Images/s above; below, the most requests the server had in flight at once, and peak memory "
+              "(MB, the whole process tree, median).", "",
+              "| scenario | " + " | ".join(HTTP_TOOLS) + " |", "|---|" + "---:|" * len(HTTP_TOOLS)]
+    for sc in result["scenarios"]:
+        cells = []
+        for t in HTTP_TOOLS:
+            tool = sc["tools"].get(t) or {}
+            cells.append(f"{tool['max_in_flight']} / {tool['median_peak_rss_mb']:.0f}" if tool.get("status") == "ok"
+                         else "–")
+        lines.append(f"| {sc['scenario']} | " + " | ".join(cells) + " |")
+    memory = result.get("memory")
+    if memory:
+        lines += ["", f"Memory over URLs of tiny images at {memory['latency_seconds']:g} s latency "
+                  f"(engine pass-through, distinct URLs, Ray started {memory.get('ray_start', 'lazily')}ly at every size):", "",
+                  "| rows | images/s | peak RSS (MB) | in flight at the server |", "|---:|---:|---:|---:|"]
+        for p in memory["points"]:
+            if not p.get("valid"):
+                lines.append(f"| {p['num_rows']} | failed: {p.get('error', 'invalid output')} | – | – |")
+                continue
+            lines.append(f"| {p['num_rows']} | {p['images_per_second']:.1f} | {p['peak_rss_mb']:.0f} | "
+                         f"{p.get('server_max_in_flight', '–')} |")
+        if memory.get("peak_ratio_last_to_first"):
+            lines += ["", f"Peak memory, largest over smallest: {memory['peak_ratio_last_to_first']:.2f}×."]
+    return lines + [""]
+
+
 def write_results_md(results_dir: Path) -> Path:
     """Regenerate ``RESULTS.md`` beside ``results_dir`` (``bench/RESULTS.md`` by default)."""
     path = results_dir.parent / "RESULTS.md"
@@ -344,6 +389,9 @@ def write_results_md(results_dir: Path) -> Path:
         from bench.inspect_bench import inspect_section
 
         lines += inspect_section(inspect_runs[-1])
+    http = [r for r in results if r.get("kind") == "http"]
+    if http:
+        lines += _http_section(http[-1])
     gap = Path(__file__).with_name("GAP.md")
     if gap.exists():
         lines += [gap.read_text().strip(), ""]

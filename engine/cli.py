@@ -121,9 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
                      "start Ray embedded)")
     run.add_argument("--unit-rows", type=int, metavar="N", help="rows per work unit (default: automatic, "
                      "about 16 units per worker); affects parallelism and resume granularity, never the output")
-    run.add_argument("--http-timeout", type=float, default=30.0, metavar="S", help="timeout of each HTTP request")
+    run.add_argument("--http-timeout", type=float, default=30.0, metavar="S", help="timeout of each HTTP request's "
+                     "connect, and of each wait for more of its bytes")
     run.add_argument("--http-retries", type=int, default=3, metavar="N", help="retries of a failed HTTP request "
                      "(connection errors, 408/429/5xx), with exponential backoff")
+    net = c.add_argument_group("image URLs (http, https)")
+    net.add_argument("--http-total-timeout", type=float, default=FetchOptions().total_timeout, metavar="S",
+                     help="reject an image whose fetch takes longer than S seconds in all: its retries, their "
+                     "pauses and the whole body read included (a server that trickles its bytes is cut off)")
+    net.add_argument("--fetch-concurrency", type=int, default=FetchOptions().concurrency, metavar="N",
+                     help="HTTP requests in flight per process (the driver's threads share them, and so do "
+                     "each Ray worker's); set it to about the images/s you expect times the server's latency")
+    net.add_argument("--max-connections-per-host", type=int, default=0, metavar="N",
+                     help="at most N connections to one host (0: only --fetch-concurrency bounds them)")
+    net.add_argument("--max-requests-per-second-per-host", type=float, default=0.0, metavar="R",
+                     help="start at most R requests per second to one host, per process (0: no limit)")
+    net.add_argument("--user-agent", default=FetchOptions().user_agent, metavar="TEXT",
+                     help="User-Agent header of every request: name your application and a contact, as "
+                     "image servers such as Open Food Facts' ask")
+    net.add_argument("--download-cache", metavar="DIR", help="keep every downloaded image here (a folder or an "
+                     "fsspec URL), by URL: a later run with other options fetches nothing again; a damaged "
+                     "entry is fetched again")
     run.add_argument("--max-reject-ratio", type=float, default=1.0, metavar="R",
                      help="exit with code 1 when more than this fraction of rows is rejected")
     run.add_argument("--quiet", action="store_true", help="print nothing: no progress bar, summary or library messages")
@@ -160,12 +178,27 @@ def add_update_parser(sub) -> None:
     u.add_argument("--verbose", action="store_true", help="log debugging detail")
 
 
+def _check_download_cache(location: str | None) -> None:
+    """A local cache folder must be creatable, before any work starts."""
+    from engine.sources.location import local_path
+
+    path = local_path(location) if location else None
+    if path:
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as exc:
+            raise UsageError(f"--download-cache {location}: {exc.strerror or exc}") from None
+
+
 def options_from_args(args: argparse.Namespace) -> ConvertOptions:
     image = ImageOptions(max_size=args.max_size or None, format=args.image_format, quality=args.quality,
                          passthrough=args.passthrough, max_pixels=args.max_pixels,
                          timeout=args.image_timeout or None, formats=parse_formats(args.formats))
-    fetch = FetchOptions(timeout=args.http_timeout, retries=args.http_retries,
-                         total_timeout=max(args.http_timeout * (args.http_retries + 1) + 10, args.http_timeout))
+    fetch = FetchOptions(timeout=args.http_timeout, retries=args.http_retries, total_timeout=args.http_total_timeout,
+                         concurrency=args.fetch_concurrency, max_per_host=args.max_connections_per_host,
+                         max_rps_per_host=args.max_requests_per_second_per_host, user_agent=args.user_agent,
+                         cache=args.download_cache)
+    _check_download_cache(args.download_cache)
     return ConvertOptions(
         manifest=args.manifest, out=args.out, config=args.config, layout=args.layout, split=args.split,
         image=image, fetch=fetch, shard_rows=args.shard_rows, max_shard_bytes=parse_size(args.max_shard_size),
@@ -178,7 +211,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
 
 
 PATH_OPTIONS = frozenset({"--manifest", "--config", "--out", "--base-path", "--paths-relative-to", "--outputs",
-                          "--delete", "--add"})
+                          "--delete", "--add", "--download-cache"})
 
 
 def public_command(argv: Sequence[str]) -> str:

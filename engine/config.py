@@ -129,12 +129,25 @@ class ImageOptions:
     formats: tuple[str, ...] = DEFAULT_FORMATS  # --formats: the formats decoded (lower-case names)
 
 
+DEFAULT_USER_AGENT = "engine/0.1 (image dataset converter)"
+
+
 @dataclass(frozen=True, kw_only=True)
 class FetchOptions:
-    timeout: float = 30.0  # per request (connect and read)
+    """How image bytes are fetched. None of it defines the output (see ``output_defining``)."""
+
+    timeout: float = 30.0  # per request: connecting, and each wait for the next bytes
     retries: int = 3
-    total_timeout: float = 120.0  # per image, retries included
-    io_threads: int = 8  # concurrent fetches per worker
+    total_timeout: float = 120.0  # per image, retries, pauses and the whole body read included
+    io_threads: int = 8  # local and fsspec reads (and download-cache I/O) per process
+    concurrency: int = 256  # HTTP requests in flight per process, shared by its threads
+    max_per_host: int = 0  # connections per host; 0: only the concurrency bounds them
+    max_rps_per_host: float = 0.0  # requests started per second per host; 0: no limit
+    user_agent: str = DEFAULT_USER_AGENT
+    cache: str | None = None  # download cache folder or fsspec URL
+    # Fetched bytes held per process (being read, or waiting for their unit): no new request
+    # starts above it, so memory does not follow the concurrency times the image size.
+    buffer_bytes: int = 256 * 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -219,7 +232,17 @@ def _check_options(o: ConvertOptions) -> str | None:
     if not 0.0 <= o.max_reject_ratio <= 1.0:
         return f"--max-reject-ratio must be between 0 and 1, not {o.max_reject_ratio}"
     if o.fetch.timeout <= 0 or o.fetch.total_timeout <= 0 or o.fetch.retries < 0:
-        return "--http-timeout must be positive and --http-retries not negative"
+        return "--http-timeout and --http-total-timeout must be positive and --http-retries not negative"
+    if o.fetch.concurrency < 1 or o.fetch.io_threads < 1 or o.fetch.buffer_bytes < 1:
+        return f"--fetch-concurrency must be at least 1, not {o.fetch.concurrency}"
+    if o.fetch.max_per_host < 0:
+        return f"--max-connections-per-host must be at least 1 (or 0 for no cap), not {o.fetch.max_per_host}"
+    if o.fetch.max_rps_per_host < 0:
+        return f"--max-requests-per-second-per-host must be positive (or 0 for no limit), not {o.fetch.max_rps_per_host:g}"
+    if not o.fetch.user_agent.strip() or any(c in o.fetch.user_agent for c in "\r\n"):
+        return "--user-agent must be one non-empty line"
+    if o.fetch.cache is not None and not o.fetch.cache.strip():
+        return "--download-cache must name a folder or an fsspec URL"
     if o.resume and o.overwrite:
         return "--resume and --overwrite exclude each other"
     if o.images_as_paths and o.layout != "arrow":

@@ -7,11 +7,14 @@ Ray or the CLI; runners call :func:`process_unit` wherever they run it.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,8 +28,8 @@ from engine.naming import safe_stem
 from engine.records import META_FIXED, Reject, Sample, SourceRef
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import WORK_DIR, Store
-from engine.sources.fetch import FetchFailure, Fetcher
-from engine.sources.location import local_path
+from engine.sources.fetch import FetchFailure, Fetcher, FetchTally
+from engine.sources.location import local_path, open_binary
 from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
 from engine.validate import validator_for
 
@@ -72,6 +75,7 @@ class UnitResult:
     rejects_bytes: int | None = None
     node: str | None = field(default=None)
     warnings: dict[str, int] = field(default_factory=dict)  # kind -> images written despite it
+    fetch: dict[str, int] | None = None  # what fetching cost over HTTP (FetchTally), when it was used
 
 
     def to_json(self) -> bytes:
@@ -183,8 +187,12 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     num_passthrough = 0
     warnings: Counter = Counter()
     fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
+    tally = FetchTally()
     try:
-        for checked, payloads in _prefetched(fetcher, ready, ctx.fetch.io_threads):
+        _claim(unit, ctx)
+        lookahead = functools.partial(_urls_after, unit, ctx, ctx.fetch.concurrency)
+        for checked, payloads in _prefetched(fetcher, ready, ctx.fetch.io_threads, tally, lookahead,
+                                             ctx.fetch.concurrency):
             row = checked.row
             images = _transform_all(row, [data for data, _ in payloads], ctx)
             if isinstance(images, Reject):
@@ -225,6 +233,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
         part_bytes=part_bytes,
         rejects_bytes=len(rejects_data) if rejects else None,
         warnings=dict(sorted(warnings.items())),
+        fetch={**tally.to_dict(), "max_in_flight": fetcher.max_in_flight} if tally.num_requests or tally.num_cache_hits else None,
     )
     ctx.store.write_bytes(result_path, result.to_json(), durable=False)  # last: marks the unit complete
     return result
@@ -280,38 +289,95 @@ def _fetch_all(fetcher: Fetcher, row: ManifestRow) -> list[tuple[bytes | FetchFa
     return [fetcher.fetch_with_stat(loc) for loc in row.locations]
 
 
-@functools.lru_cache(maxsize=2)
-def _fetch_pool(threads: int) -> ThreadPoolExecutor:
-    """One pool per process, kept across units: starting threads for every unit cost more than
-    the pass-through work of a small unit."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch")
+@dataclass
+class _Progress:
+    """What this process's units of one run have started or looked ahead at, in one manifest."""
+
+    started: deque = field(default_factory=lambda: deque(maxlen=256))  # (byte_start, byte_end) of units
+    frontier: int = 0  # rows before this offset have been looked ahead at already
 
 
-def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int):
+# Per (manifest, run context): the rows after a unit that no started unit holds are the ones
+# this process's threads take next.
+_RUNS: dict[tuple[str, int], _Progress] = {}
+_RUNS_LOCK = threading.Lock()
+
+
+def _claim(unit: UnitSpec, ctx: UnitContext) -> None:
+    with _RUNS_LOCK:
+        _RUNS.setdefault((unit.manifest, id(ctx)), _Progress()).started.append((unit.byte_start, unit.byte_end))
+
+
+def _urls_after(unit: UnitSpec, ctx: UnitContext, num_rows: int) -> Iterator[str]:
+    """The URLs of about ``num_rows`` rows after ``unit`` that no unit of this process has
+    started and no earlier look-ahead has seen."""
+    with _RUNS_LOCK:
+        progress = _RUNS.setdefault((unit.manifest, id(ctx)), _Progress())
+        start = max(unit.byte_end, progress.frontier)
+    per_row = (unit.byte_end - unit.byte_start) / max(unit.num_rows, 1)
+    with open_binary(unit.manifest) as f:
+        f.seek(start)
+        data = f.read(int(per_row * num_rows * 2) + 4096)
+    offset = start
+    for raw in data.split(b"\n")[:-1]:  # the last piece may be cut short
+        pos, offset = offset, offset + len(raw) + 1
+        with _RUNS_LOCK:  # other threads start units meanwhile
+            progress.frontier = max(progress.frontier, offset)
+            claimed = any(a <= pos < b for a, b in progress.started)
+        if claimed or not raw.strip():
+            continue
+        row = parse_row(0, raw, base=ctx.base, default_split=ctx.default_split)
+        if not isinstance(row, Reject):
+            yield from (loc for loc in row.locations if Fetcher.is_http(loc))
+
+
+def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, os.stat_result | None]:
+    fetched = future.result()
+    tally.add(fetched)
+    fetched.release()  # the bytes are the unit's now: they no longer count against the fetch buffer
+    return fetched.data, fetched.stat
+
+
+def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int, tally: FetchTally | None = None,
+                lookahead: Callable[[], Iterator[str]] | None = None, concurrency: int | None = None):
     """Yield (row, [(bytes | FetchFailure, local file status or None) per image]) in order,
-    fetching a bounded window ahead in threads so file and network I/O overlap with decoding.
-    A unit of local files is read inline while they are small and quick to read (see
-    INLINE_LOCAL_READ_BYTES)."""
+    fetching a bounded window ahead, so file and network I/O overlap with decoding: up to
+    ``concurrency`` rows ahead when some are URLs (their requests share the process's event
+    loop, and the fetch buffer bounds their bytes), ``threads`` for files. A unit of
+    local files is read inline while they are small and quick to read (see
+    INLINE_LOCAL_READ_BYTES). In the driver's threads, which share one process and take the
+    units in order, a unit of URLs also starts fetching the rows after it (``lookahead``), so
+    the next unit's images are not waited for when it starts."""
     if not rows:
         return
     if fetcher.inline_local_reads and all(fetcher.is_local(loc) for c in rows for loc in c.row.locations):
         for checked in rows:
             yield checked, _fetch_all(fetcher, checked.row)
         return
-    pool = _fetch_pool(max(1, threads))
-    window: deque[tuple[_Checked, Future]] = deque()
+    remote = any(not fetcher.is_local(loc) for c in rows for loc in c.row.locations)
+    concurrency = concurrency or threads
+    ahead = max(1, concurrency if remote else threads)
+    tally = tally if tally is not None else FetchTally()
+    window: deque[tuple[_Checked, list[Future]]] = deque()
     pending = iter(rows)
+
+    def submit(checked: _Checked) -> None:
+        window.append((checked, [fetcher.submit(loc) for loc in checked.row.locations]))
+
     try:
-        for checked in pending:
-            window.append((checked, pool.submit(_fetch_all, fetcher, checked.row)))
-            if len(window) >= threads:
-                break
+        for checked in itertools.islice(pending, ahead):
+            submit(checked)
+        if remote and lookahead is not None and threading.current_thread() is not threading.main_thread():
+            fetcher.speculate(lookahead(), limit=concurrency)
         while window:
-            checked, future = window.popleft()
+            checked, futures = window.popleft()
             nxt = next(pending, None)
             if nxt is not None:
-                window.append((nxt, pool.submit(_fetch_all, fetcher, nxt.row)))
-            yield checked, future.result()
+                submit(nxt)
+            payloads = [_take(future, tally) for future in futures]
+            futures = None  # nothing here keeps the fetched results alive
+            yield checked, payloads
     finally:  # the unit failed or was abandoned: fetch nothing more for it
-        for _, future in window:
-            future.cancel()
+        for _, futures in window:
+            for future in futures:
+                future.cancel()

@@ -21,6 +21,8 @@ class RunStats:
     shards_by_node: Counter = field(default_factory=Counter)
     warnings: Counter = field(default_factory=Counter)  # kind -> count, from any stage that reports one
     seconds: float = 0.0
+    # HTTP fetching, summed over the units (max_* taken as the maximum); empty without URLs
+    fetch: dict[str, int] = field(default_factory=dict)
 
     def add_unit(self, result: Any) -> None:
         self.num_input_rows += result.num_rows
@@ -30,6 +32,9 @@ class RunStats:
         self.warnings.update(getattr(result, "warnings", None) or {})
         self.num_rejected += sum(result.rejected.values())
         self.units_by_node[result.node or "driver"] += 1
+        for key, value in (getattr(result, "fetch", None) or {}).items():
+            merged = self.fetch.get(key, 0)
+            self.fetch[key] = max(merged, value) if key.startswith("max_") else merged + value
 
     def add_shard(self, result: Any) -> None:
         self.shards_by_node[result.node or "driver"] += 1
@@ -60,6 +65,7 @@ class RunStats:
             "images_per_second": round(self.images_per_second, 2),
             "units_by_node": dict(self.units_by_node),
             "shards_by_node": dict(self.shards_by_node),
+            **({"fetch": dict(self.fetch)} if self.fetch else {}),
         }
 
     def summary(self) -> str:
@@ -68,4 +74,8 @@ class RunStats:
             stages = ", ".join(f"{k} {v}" for k, v in self.to_dict()["rejected_by_reason"].items())
             parts.append(f"{self.num_rejected:,} rejected ({stages})")
         parts.append(f"{self.seconds:.1f} s, {self.images_per_second:.1f} img/s")
+        if self.fetch.get("num_requests") or self.fetch.get("num_cache_hits"):
+            mb = self.fetch.get("num_bytes_downloaded", 0) / 1e6
+            hits = f", {self.fetch['num_cache_hits']:,} from the download cache" if self.fetch.get("num_cache_hits") else ""
+            parts.append(f"{mb:,.1f} MB downloaded in {self.fetch.get('num_requests', 0):,} requests{hits}")
         return "; ".join(parts)

@@ -241,15 +241,17 @@ def test_remote_locations_are_prefetched_in_threads(monkeypatch):
     from engine.pipeline import _prefetched
     from engine.sources import fetch
 
+    from engine.sources import http
+
     readers: list[str] = []
 
-    def fetch_http(self, url):
+    async def download(self, url, fetched):  # HTTP runs on the process's event-loop thread
         readers.append(threading.current_thread().name)
         return url.encode()
 
-    monkeypatch.setattr(fetch.Fetcher, "_fetch_http", fetch_http)
+    monkeypatch.setattr(http.HttpClient, "_download", download)
     fetcher = fetch.Fetcher(FetchOptions(), max_bytes=1 << 20)
     urls = [f"http://example.invalid/{i}.jpg" for i in range(5)]
     got = [payloads for _, payloads in _prefetched(fetcher, _rows(urls), threads=3)]
     assert got == [[(u.encode(), None)] for u in urls]  # no file status for a remote image
-    assert all(name.startswith("fetch") for name in readers)
+    assert readers and all(name == "engine-http" for name in readers)

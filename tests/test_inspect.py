@@ -10,7 +10,6 @@ import re
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image

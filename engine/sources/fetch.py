@@ -1,4 +1,4 @@
-"""Fetching image bytes: local files, HTTP(S) with timeouts and bounded retries, fsspec URLs.
+"""Fetching image bytes: local files, HTTP(S) (see :mod:`engine.sources.http`), fsspec URLs.
 
 Every failure is returned as a :class:`FetchFailure` (stage ``fetch``), never raised.
 """
@@ -8,12 +8,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 from engine.config import FetchOptions
 from engine.sources.location import local_path
 
-_RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # Local files are read inline, in the unit's own thread, while they are small and reads are
 # fast; otherwise the prefetch threads overlap the reads with decoding. Handing a row to a
 # thread and back costs 50-90 us: more than reading a 150 KB file from the page cache (38 us
@@ -23,6 +24,8 @@ _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 # system shows as reads that take milliseconds.
 INLINE_LOCAL_READ_BYTES = 512 * 1024
 SLOW_LOCAL_READ_SECONDS = 0.002
+SPECULATIVE_SECONDS = 30.0  # a look-ahead fetch no unit has claimed by then is dropped
+RECENT_URLS = 1 << 14  # URLs remembered as asked for by units, so look-ahead never fetches them again
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,13 +33,63 @@ class FetchFailure:
     reason: str
 
 
+@dataclass
+class Fetched:
+    """One image's outcome and what it cost. Until :meth:`release` (or until it is dropped), its
+    bytes count against the fetch buffer (``FetchOptions.buffer_bytes``)."""
+
+    data: bytes | FetchFailure
+    stat: os.stat_result | None = None  # a local file's status, taken before its read
+    num_requests: int = 0
+    num_bytes_downloaded: int = 0
+    cache: str | None = None  # hit | miss | corrupt (a miss whose entry failed its check); None: no cache
+    num_cache_bytes: int = 0  # size of the cache entry read or written
+    hold: Callable[[], object] | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        if self.hold is not None:
+            self.hold()
+
+
+@dataclass(slots=True)
+class FetchTally:
+    """What fetching a unit's images cost (summed into stats.json's ``fetch``)."""
+
+    num_requests: int = 0
+    num_bytes_downloaded: int = 0
+    num_cache_hits: int = 0
+    num_cache_misses: int = 0
+    num_cache_corrupt: int = 0
+    num_cache_bytes: int = 0  # size of the cache entries read or written
+
+    def add(self, fetched: Fetched) -> None:
+        self.num_requests += fetched.num_requests
+        self.num_bytes_downloaded += fetched.num_bytes_downloaded
+        self.num_cache_bytes += fetched.num_cache_bytes
+        if fetched.cache == "hit":
+            self.num_cache_hits += 1
+        elif fetched.cache is not None:
+            self.num_cache_misses += 1
+            self.num_cache_corrupt += fetched.cache == "corrupt"
+
+    def to_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
 class Fetcher:
-    """Reads image bytes. One per worker process; thread-safe (one HTTP session per thread)."""
+    """Reads image bytes. One per worker process and set of options; thread-safe.
+
+    HTTP(S) goes through one event loop per process (:mod:`engine.sources.http`), with the
+    download cache when one is set; local files and other fsspec URLs are read in threads."""
 
     def __init__(self, opts: FetchOptions, max_bytes: int):
         self._opts = opts
         self._max_bytes = max_bytes
-        self._local = threading.local()
+        self._http = None
+        self._http_lock = threading.Lock()
+        self._speculative: dict[str, tuple[float, Future]] = {}  # URL -> (when, fetch), oldest first
+        self._recent: dict[str, None] = {}  # URLs units have asked for lately, oldest first
+        self._pool: ThreadPoolExecutor | None = None
         self._local_read_seconds = 0.0  # running means over the last ~64 local reads
         self._local_read_bytes = 0.0
         self._local_reads = 0
@@ -45,6 +98,10 @@ class Fetcher:
     def is_local(location: str) -> bool:
         """Read by :meth:`fetch` as a local file (every URL but ``file://`` is remote)."""
         return local_path(location) is not None
+
+    @staticmethod
+    def is_http(location: str) -> bool:
+        return location.startswith(("http://", "https://"))
 
     @property
     def inline_local_reads(self) -> bool:
@@ -57,9 +114,11 @@ class Fetcher:
     def fetch_with_stat(self, location: str) -> tuple[bytes | FetchFailure, os.stat_result | None]:
         """The bytes and, for a local file, the status of the open file they were read from
         (taken before the read: a file rewritten meanwhile shows a newer mtime later)."""
+        if self.is_http(location):
+            fetched = self.submit(location).result()
+            fetched.release()
+            return fetched.data, None
         try:
-            if location.startswith(("http://", "https://")):
-                return self._fetch_http(location), None
             path = local_path(location)
             if path is not None:
                 started = time.perf_counter()
@@ -69,6 +128,68 @@ class Fetcher:
             return self._read_fsspec(location), None
         except Exception as exc:  # noqa: BLE001 - any I/O problem is this row's failure
             return FetchFailure(f"{type(exc).__name__}: {exc}"), None
+
+    def submit(self, location: str) -> Future:
+        """Start fetching (or take over a speculative fetch of the same URL); the future's result
+        is a :class:`Fetched`."""
+        if self.is_http(location):
+            with self._http_lock:
+                found = self._speculative.pop(location, None)
+                self._recent[location] = None  # so no look-ahead fetches it again
+                if len(self._recent) > RECENT_URLS:
+                    del self._recent[next(iter(self._recent))]
+            return found[1] if found is not None else self._http_client().submit(location)
+        if self._pool is None:
+            with self._http_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=self._opts.io_threads, thread_name_prefix="fetch")
+        return self._pool.submit(self._read_in_thread, location)
+
+    def speculate(self, urls: Iterable[str], limit: int) -> int:
+        """Start fetching up to ``limit`` of ``urls`` that this process will probably need soon
+        (the rows after its unit: see ``engine.pipeline``), while the fetch buffer is less than
+        half full; :meth:`submit` takes them over. At most about an eighth of the buffer's worth
+        is held ahead; unclaimed ones are dropped after SPECULATIVE_SECONDS. Returns how many
+        were started."""
+        client = self._http_client()
+        now, started = time.monotonic(), 0
+        # rows ahead: enough to cover the latency at any rate for small images; for large ones,
+        # what an eighth of the buffer holds, so photos are not held in memory long before use
+        cap = min(self._opts.concurrency, max(8, int(self._opts.buffer_bytes / 8 / client.mean_body_bytes)))
+        with self._http_lock:
+            table = self._speculative
+            while table and next(iter(table.values()))[0] < now - SPECULATIVE_SECONDS:
+                table.pop(next(iter(table)))[1].cancel()
+            urls = iter(urls)
+            # checked before the next URL is drawn: a URL drawn is one the look-ahead has passed
+            while started < limit and len(table) < cap and client.has_room():
+                url = next(urls, None)
+                if url is None:
+                    break
+                if url not in table and url not in self._recent:
+                    table[url] = (now, client.submit(url, speculative=True))
+                    started += 1
+        return started
+
+    def _read_in_thread(self, location: str) -> Fetched:
+        data, st = self.fetch_with_stat(location)
+        return Fetched(data, stat=st)
+
+    def _http_client(self):
+        if self._http is None:
+            with self._http_lock:
+                if self._http is None:
+                    from engine.sources.cache import DownloadCache
+                    from engine.sources.http import HttpClient
+
+                    cache = DownloadCache(self._opts.cache) if self._opts.cache else None
+                    self._http = HttpClient(self._opts, self._max_bytes, cache)
+        return self._http
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most HTTP requests this process has had in flight at once."""
+        return self._http.max_in_flight if self._http is not None else 0
 
     def _note_local_read(self, seconds: float, size: int) -> None:
         # Threads may race here; a lost update only nudges the means.
@@ -102,61 +223,3 @@ class Fetcher:
         except FileNotFoundError:
             return FetchFailure(f"not found: {url}")
         return self._too_big(len(data)) if len(data) > self._max_bytes else data
-
-    def _session(self):
-        session = getattr(self._local, "session", None)
-        if session is None:
-            import requests
-
-            session = requests.Session()
-            session.headers["User-Agent"] = "engine/0.1 (image dataset converter)"
-            self._local.session = session
-        return session
-
-    def _fetch_http(self, url: str) -> bytes | FetchFailure:
-        """GET with a per-request timeout, retries with exponential backoff on connection errors
-        and retryable statuses, and a total time bound per image."""
-        import requests
-
-        opts = self._opts
-        deadline = time.monotonic() + opts.total_timeout
-        last = "no attempt made"
-        for attempt in range(opts.retries + 1):
-            if attempt:
-                pause = min(0.25 * 2 ** (attempt - 1), 4.0)
-                if time.monotonic() + pause >= deadline:
-                    break
-                time.sleep(pause)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            timeout = min(opts.timeout, remaining)
-            try:
-                with self._session().get(url, timeout=timeout, stream=True) as resp:
-                    if resp.status_code in _RETRY_STATUS:
-                        last = f"HTTP {resp.status_code} {resp.reason}"
-                        continue
-                    if resp.status_code >= 400:
-                        return FetchFailure(f"HTTP {resp.status_code} {resp.reason}: {url}")
-                    declared = int(resp.headers.get("Content-Length") or 0)
-                    if declared > self._max_bytes:
-                        return self._too_big(declared)
-                    chunks, size = [], 0
-                    for chunk in resp.iter_content(1 << 16):
-                        size += len(chunk)
-                        if size > self._max_bytes:
-                            return self._too_big(size)
-                        if time.monotonic() > deadline:
-                            return FetchFailure(f"timed out after {opts.total_timeout:g} s: {url}")
-                        chunks.append(chunk)
-                    return b"".join(chunks)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                last = f"{type(exc).__name__}: {_short(exc)}"
-            except requests.RequestException as exc:
-                return FetchFailure(f"{type(exc).__name__}: {_short(exc)}")
-        return FetchFailure(f"gave up after {attempt + 1} attempt(s) ({last}): {url}")
-
-
-def _short(exc: Exception) -> str:
-    text = str(exc)
-    return text if len(text) < 200 else text[:200] + "…"

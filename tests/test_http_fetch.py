@@ -1,0 +1,439 @@
+"""Fetching over HTTP against a server on 127.0.0.1 that this module starts: concurrency that
+follows latency, politeness (Retry-After, redirects, a per-host cap and rate, the User-Agent),
+slow and lying servers bounded, and the download cache. Every case checks the accounting:
+each row is written or rejected with a reason."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+import imagegen
+from conftest import Output, convert, decode, parquet_hashes, row, write_input
+from engine.config import FetchOptions
+from engine.sources.cache import DownloadCache
+from engine.sources.fetch import Fetcher, FetchFailure
+
+GOOD = imagegen.jpeg(size=(96, 64))
+ROT6 = imagegen.oriented(6)
+STOP = threading.Event()
+
+
+class Server:
+    """Counts requests per path and the most handled at once (overall and per path prefix)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.reset()
+
+    def reset(self):
+        with self.lock:
+            self.hits: dict[str, int] = {}
+            self.times: dict[str, list[float]] = {}
+            self.agents: list[str] = []
+            self.in_flight = self.max_in_flight = 0
+
+    def count(self, prefix: str = "/") -> int:
+        with self.lock:
+            return sum(n for p, n in self.hits.items() if p.startswith(prefix))
+
+
+STATE = Server()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real image servers do
+
+    def log_message(self, *args):
+        pass
+
+    def _image(self, body: bytes = GOOD, content_type: str = "image/jpeg"):
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = urlsplit(self.path).path
+        with STATE.lock:
+            first = path not in STATE.hits
+            STATE.hits[path] = STATE.hits.get(path, 0) + 1
+            STATE.times.setdefault(path, []).append(time.monotonic())
+            STATE.agents.append(self.headers.get("User-Agent", ""))
+            STATE.in_flight += 1
+            STATE.max_in_flight = max(STATE.max_in_flight, STATE.in_flight)
+        try:
+            self._route(path, first)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+            pass
+        finally:
+            with STATE.lock:
+                STATE.in_flight -= 1
+
+    def _route(self, path: str, first: bool):
+        parts = path.strip("/").split("/")
+        kind = parts[0]
+        if kind == "img":  # /img/<latency ms>/<name>
+            time.sleep(int(parts[1]) / 1000)
+            self._image(ROT6 if parts[-1].startswith("rot6") else GOOD)
+        elif kind == "retry-after":  # /retry-after/<status>/<seconds>/<name>: once, then the image
+            if first:
+                self.send_response(int(parts[1]))
+                self.send_header("Retry-After", parts[2])
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                self._image()
+        elif kind == "redirect":  # /redirect/<n>/<name>: n hops, then the image
+            n = int(parts[1])
+            if n == 0:
+                self._image()
+                return
+            self.send_response(302)
+            self.send_header("Location", f"/redirect/{n - 1}/{parts[2]}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif kind == "loop":
+            self.send_response(302)
+            self.send_header("Location", path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        elif kind == "trickle":  # a valid header, then the body one byte at a time
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GOOD)))
+            self.end_headers()
+            for i in range(len(GOOD)):
+                if STOP.is_set():
+                    return
+                self.wfile.write(GOOD[i:i + 1])
+                self.wfile.flush()
+                time.sleep(0.05)
+        elif kind == "silent":  # accepts, reads the request, never answers
+            STOP.wait(60)
+            self.close_connection = True
+        elif kind == "cl-long":  # promises more than it sends, then closes
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GOOD) + 5000))
+            self.end_headers()
+            self.wfile.write(GOOD)
+            self.close_connection = True
+        elif kind == "cl-short":  # promises half of what it sends
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(GOOD) // 2))
+            self.end_headers()
+            self.wfile.write(GOOD)
+            self.close_connection = True
+        elif kind == "chunked-cut":  # a chunked body cut off before its last chunk
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            half = GOOD[: len(GOOD) // 2]
+            self.wfile.write(f"{len(half):x}\r\n".encode() + half + b"\r\n")
+            self.wfile.flush()
+            self.close_connection = True
+        elif kind == "html":  # an error page with status 200
+            self._image(b"<html><body>Sorry, this product has no photo.</body></html>", "text/html")
+        elif kind == "missing":
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        else:
+            self._image()
+
+
+@pytest.fixture(scope="module")
+def server():
+    STOP.clear()
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.block_on_close = False
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    STOP.set()
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counts():
+    STATE.reset()
+
+
+def _run(tmp_path: Path, rows: list[dict], *options: str, runner: str = "local", name: str = "out") -> Output:
+    inp = write_input(tmp_path / f"in-{name}", rows)
+    out = tmp_path / name
+    assert convert(inp, out, "--http-retries", "1", *options, runner=runner) == 0
+    o = Output(out)
+    s = o.stats
+    assert s["num_input_rows"] == len(rows) == s["num_written"] + s["num_rejected"]
+    assert len(o.rejects) == s["num_rejected"] and all(r["reason"] for r in o.rejects)
+    return o
+
+
+def test_concurrency_follows_latency_across_units(server, tmp_path):
+    """200 ms per answer, 16 rows per unit and the driver's threads: far more requests than one
+    unit's rows (or the old 8 threads) are in flight, and no URL is fetched twice."""
+    rows = [row(f"r{i}", f"{server}/img/200/{i}.jpg", key="image_url") for i in range(160)]
+    o = _run(tmp_path, rows, "--unit-rows", "16", "--fetch-concurrency", "64", runner="ray")
+    assert len(o.by_id()) == 160 and o.rejects == []
+    assert STATE.max_in_flight > 16, STATE.max_in_flight
+    assert STATE.max_in_flight <= 64
+    assert STATE.count("/img/") == 160 and all(n == 1 for n in STATE.hits.values())
+    fetch = o.stats["fetch"]
+    assert fetch["num_requests"] == 160 and fetch["num_bytes_downloaded"] == 160 * len(GOOD)
+    assert 16 < fetch["max_in_flight"] <= 64
+    im = decode(o.by_id()["r7"]["image"])
+    assert im.size == (96, 64)
+
+
+def test_retry_after_and_503_then_success(server, tmp_path):
+    rows = [row("r429", f"{server}/retry-after/429/1/a.jpg", key="image_url"),
+            row("r503", f"{server}/retry-after/503/0/b.jpg", key="image_url"),
+            row("date", f"{server}/retry-after/503/Wed, 21 Oct 2015 07:28:00 GMT/c.jpg", key="image_url")]
+    o = _run(tmp_path, rows)
+    assert sorted(o.by_id()) == ["date", "r429", "r503"], o.rejects
+    assert STATE.hits["/retry-after/429/1/a.jpg"] == 2
+    first, second = STATE.times["/retry-after/429/1/a.jpg"]
+    assert second - first >= 0.9  # it waited as asked (a lower bound, not a speed)
+
+
+def test_retry_after_past_the_total_bound_is_rejected_at_once(server, tmp_path):
+    rows = [row("later", f"{server}/retry-after/429/3600/a.jpg", key="image_url"),
+            row("ok", f"{server}/plain.jpg", key="image_url")]
+    started = time.monotonic()
+    o = _run(tmp_path, rows, "--http-total-timeout", "20")
+    assert time.monotonic() - started < 15
+    assert sorted(o.by_id()) == ["ok"]
+    (rec,) = o.rejects
+    assert rec["stage"] == "fetch" and "429" in rec["reason"] and "3600" in rec["reason"], rec
+
+
+def test_redirects_up_to_five_then_refused(server, tmp_path):
+    rows = [row("five", f"{server}/redirect/5/a.jpg", key="image_url"),
+            row("six", f"{server}/redirect/6/b.jpg", key="image_url"),
+            row("loop", f"{server}/loop/c.jpg", key="image_url")]
+    o = _run(tmp_path, rows)
+    assert sorted(o.by_id()) == ["five"]
+    reasons = {r["image_id"]: r["reason"] for r in o.rejects}
+    assert set(reasons) == {"six", "loop"}
+    assert all("redirect" in r for r in reasons.values()), reasons
+    assert STATE.count("/loop/") <= 6
+
+
+@pytest.mark.parametrize("path", ["trickle/a.jpg", "silent/a.jpg"])
+def test_slow_servers_are_cut_off_at_the_total_bound(server, tmp_path, path):
+    """A body sent one byte at a time (each byte well within --http-timeout) and a server that
+    never answers are rejected within --http-total-timeout, and the other rows are written."""
+    rows = [row("slow", f"{server}/{path}", key="image_url")] + [
+        row(f"ok{i}", f"{server}/img/0/{i}.jpg", key="image_url") for i in range(5)]
+    started = time.monotonic()
+    o = _run(tmp_path, rows, "--http-timeout", "30", "--http-total-timeout", "2")
+    assert time.monotonic() - started < 20  # the bound is 2 s; generous slack for a busy machine
+    assert sorted(o.by_id()) == [f"ok{i}" for i in range(5)]
+    (rec,) = o.rejects
+    assert rec["stage"] == "fetch" and "timed out after 2 s" in rec["reason"], rec
+
+
+def test_lying_and_broken_bodies_are_rejected(server, tmp_path):
+    rows = [row("long", f"{server}/cl-long/a.jpg", key="image_url"),
+            row("short", f"{server}/cl-short/b.jpg", key="image_url"),
+            row("cut", f"{server}/chunked-cut/c.jpg", key="image_url"),
+            row("html", f"{server}/html/d.jpg", key="image_url"),
+            row("gone", f"{server}/missing/e.jpg", key="image_url"),
+            row("ok", f"{server}/plain.jpg", key="image_url")]
+    o = _run(tmp_path, rows)
+    assert sorted(o.by_id()) == ["ok"], "no short or foreign body may be stored as an image"
+    stages = {r["image_id"]: (r["stage"], r["reason"]) for r in o.rejects}
+    assert stages["long"][0] == "fetch" and "cut short" in stages["long"][1], stages
+    assert stages["cut"][0] == "fetch", stages
+    assert stages["short"][0] in ("fetch", "decode"), stages
+    assert stages["html"][0] == "decode", stages
+    assert stages["gone"] == ("fetch", f"HTTP 404 Not Found: {server}/missing/e.jpg"), stages
+
+
+def test_per_host_cap_and_rate_are_observed_at_the_server(server, tmp_path):
+    rows = [row(f"r{i}", f"{server}/img/100/{i}.jpg", key="image_url") for i in range(24)]
+    o = _run(tmp_path, rows, "--max-connections-per-host", "3", runner="ray", name="cap")
+    assert len(o.by_id()) == 24
+    assert STATE.max_in_flight <= 3, STATE.max_in_flight
+
+    STATE.reset()
+    rows = [row(f"q{i}", f"{server}/img/0/q{i}.jpg", key="image_url") for i in range(10)]
+    o = _run(tmp_path, rows, "--max-requests-per-second-per-host", "10", name="rate")
+    assert len(o.by_id()) == 10
+    starts = sorted(t for p, ts in STATE.times.items() for t in ts)
+    assert starts[-1] - starts[0] >= 0.6  # 10 requests at 10/s span about 0.9 s (a lower bound)
+
+
+def test_user_agent_is_sent(server, tmp_path):
+    _run(tmp_path, [row("a", f"{server}/plain.jpg", key="image_url")],
+         "--user-agent", "labelr-export/1.0 (contact@example.org)")
+    assert STATE.agents == ["labelr-export/1.0 (contact@example.org)"]
+
+
+def test_download_cache_second_run_sends_no_request(server, tmp_path):
+    """The second run, with another --max-size, is served from the cache: the server sees no
+    request, the images are right, and the cache changes no output byte."""
+    cache = tmp_path / "cache"
+    rows = [row(f"r{i}", f"{server}/img/0/rot6-{i}.jpg", key="image_url") for i in range(6)]
+    rows.append(row("gone", f"{server}/missing/x.jpg", key="image_url"))
+    first = _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+    assert STATE.count("/img/") == 6
+    assert first.stats["fetch"]["num_cache_misses"] == 7
+    assert first.stats["fetch"]["num_cache_bytes"] > 6 * len(ROT6)
+
+    STATE.reset()
+    second = _run(tmp_path, rows, "--download-cache", str(cache), "--max-size", "32", name="second")
+    assert STATE.count("/img/") == 0, STATE.hits
+    assert STATE.count("/missing/") == 1  # a failure is not kept: it is asked again
+    fetch = second.stats["fetch"]
+    assert (fetch["num_cache_hits"], fetch["num_cache_misses"]) == (6, 1)
+    im = decode(second.by_id()["r3"]["image"])
+    assert im.size == (32, 24)  # rotated upright and resized from the cached bytes
+    imagegen.assert_quadrants(im)
+
+    STATE.reset()
+    third = _run(tmp_path, rows, "--download-cache", str(cache), name="third")
+    without = _run(tmp_path, rows, name="without")
+    assert parquet_hashes(third.root) == parquet_hashes(without.root) == parquet_hashes(first.root)
+
+
+def test_corrupt_cache_entry_is_fetched_again(server, tmp_path):
+    cache = tmp_path / "cache"
+    rows = [row(f"r{i}", f"{server}/img/0/c{i}.jpg", key="image_url") for i in range(3)]
+    _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+    def entry(url: str) -> Path:
+        key = DownloadCache.key(url)
+        return cache / key[:2] / key
+
+    victim = f"{server}/img/0/c1.jpg"
+    data = bytearray(entry(victim).read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte in the body
+    entry(victim).write_bytes(bytes(data))
+    entry(f"{server}/img/0/c2.jpg").write_bytes(b"")  # torn to nothing
+
+    STATE.reset()
+    o = _run(tmp_path, rows, "--download-cache", str(cache), name="second")
+    assert len(o.by_id()) == 3
+    assert STATE.hits == {"/img/0/c1.jpg": 1, "/img/0/c2.jpg": 1}
+    assert o.stats["fetch"]["num_cache_corrupt"] == 2 and o.stats["fetch"]["num_cache_hits"] == 1
+    assert DownloadCache(str(cache)).get(victim).data == GOOD  # rewritten whole
+
+
+def test_download_cache_on_fsspec(server, tmp_path):
+    rows = [row(f"r{i}", f"{server}/img/0/m{i}.jpg", key="image_url") for i in range(3)]
+    url = f"memory://engine-test-cache-{time.monotonic_ns()}"
+    _run(tmp_path, rows, "--download-cache", url, name="first")
+    STATE.reset()
+    o = _run(tmp_path, rows, "--download-cache", url, "--max-size", "48", name="second")
+    assert STATE.count("/img/") == 0 and len(o.by_id()) == 3
+    assert DownloadCache(url).size_bytes() == o.stats["fetch"]["num_cache_bytes"]
+
+
+def test_cache_entries_are_checked(tmp_path):
+    cache = DownloadCache(str(tmp_path / "c"))
+    assert cache.get("http://x/a").data is None and not cache.get("http://x/a").corrupt
+    size = cache.put("http://x/a", b"abc")
+    assert cache.get("http://x/a").data == b"abc" and size == cache.size_bytes()
+    key = DownloadCache.key("http://x/a")
+    path = tmp_path / "c" / key[:2] / key
+    path.write_bytes(path.read_bytes()[:-1])  # torn
+    assert cache.get("http://x/a").corrupt
+    assert [p.name for p in path.parent.iterdir()] == [key]  # no temporary file left behind
+
+
+def test_fetch_buffer_bounds_the_bytes_held(server):
+    """With a 1 MB buffer, a process that takes none of its results starts few requests; once
+    it takes them, the rest follow, in order, whole."""
+    body = len(GOOD)
+    fetcher = Fetcher(FetchOptions(buffer_bytes=10 * body, concurrency=64), max_bytes=1 << 20)
+    futures = [fetcher.submit(f"{server}/img/0/b{i}.jpg") for i in range(60)]
+    deadline = time.monotonic() + 10
+    while STATE.count("/img/") < 8 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert STATE.count("/img/") <= 12, STATE.count("/img/")
+    taken = []
+    for future in futures:
+        fetched = future.result(timeout=30)
+        taken.append(fetched.data)
+        fetched.release()
+    assert taken == [GOOD] * 60 and STATE.count("/img/") == 60
+
+
+def test_dead_host_reason_names_the_connection_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = Fetcher(FetchOptions(retries=0), 1 << 20).fetch(f"http://127.0.0.1:{port}/x.jpg")
+    assert isinstance(result, FetchFailure) and "ConnectionError" in result.reason
+
+
+@pytest.mark.parametrize("option,value", [("--fetch-concurrency", "0"), ("--max-connections-per-host", "-1"),
+                                          ("--max-requests-per-second-per-host", "-2"), ("--http-total-timeout", "0"),
+                                          ("--user-agent", " ")])
+def test_bad_fetch_options_are_usage_errors(tmp_path, option, value, capsys):
+    inp = write_input(tmp_path / "in", [row("a", "http://127.0.0.1:9/a.jpg", key="image_url")])
+    assert convert(inp, tmp_path / "out", option, value) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0], err
+
+
+def test_fetch_options_do_not_define_the_output(tmp_path):
+    from engine.config import ConvertOptions
+
+    a = ConvertOptions(manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "o"), config="c.json")
+    b = ConvertOptions(manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "o"), config="c.json",
+                       fetch=FetchOptions(cache=str(tmp_path / "cache"), concurrency=7, user_agent="x"))
+    assert a.output_defining() == b.output_defining()
+    assert hashlib.sha256(repr(a.output_defining()).encode()).digest() == \
+        hashlib.sha256(repr(b.output_defining()).encode()).digest()
+
+
+def test_progress_shows_downloaded_megabytes_per_second(server, capsys):
+    from engine.progress import BarProgress
+
+    bar = BarProgress()
+    bar.start(4, "converting")
+    fetcher = Fetcher(FetchOptions(), max_bytes=1 << 20)
+    assert all(fetcher.fetch(f"{server}/img/0/p{i}.jpg") == GOOD for i in range(4))
+    bar.advance(4, 0)
+    assert "MB/s downloaded" in bar.postfix()
+    bar.close()
+
+
+def test_cache_folder_is_not_shown_in_the_card_command():
+    from engine.cli import public_command
+
+    assert public_command(["convert", "--download-cache", "/home/me/secret/cache", "--out", "s3://b/o"]) == \
+        "engine convert --download-cache cache --out s3://b/o"
+
+
+def test_download_cache_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    inp = write_input(tmp_path / "in", [row("a", "http://127.0.0.1:9/a.jpg", key="image_url")])
+    assert convert(inp, tmp_path / "out", "--download-cache", str(tmp_path / "file" / "cache")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--download-cache" in err[0] and "Not a directory" in err[0], err
+
+
+def test_rows_rejected_after_their_fetch_are_not_downloaded_again(server, tmp_path):
+    """What a later retry of rejected rows relies on: a body that arrived whole is cached even
+    when its row failed afterwards (here an HTML page with status 200, rejected at decode)."""
+    cache = tmp_path / "cache"
+    rows = [row("page", f"{server}/html/p.jpg", key="image_url"), row("ok", f"{server}/plain.jpg", key="image_url")]
+    first = _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+    assert [r["stage"] for r in first.rejects] == ["decode"]
+    STATE.reset()
+    second = _run(tmp_path, rows, "--download-cache", str(cache), name="second")
+    assert STATE.hits == {} and [r["stage"] for r in second.rejects] == ["decode"]
+    assert DownloadCache(str(cache)).contains(f"{server}/html/p.jpg")
