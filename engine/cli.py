@@ -150,7 +150,7 @@ def add_update_parser(sub) -> None:
     u.add_argument("--show-diff", action="store_true", help="print the old and new outputs as a diff; change nothing")
     u.add_argument("--retry-rejected", action="store_true", help="run the rows rejected at --stages again, from the "
                    "dataset's manifest; each that succeeds goes to its original place")
-    u.add_argument("--stages", default="fetch", metavar="LIST", help="with --retry-rejected: the reject stages "
+    u.add_argument("--stages", metavar="LIST", help="with --retry-rejected: the reject stages "
                    "to retry (default: fetch; also decode, validate, write)")
     u.add_argument("--manifest", metavar="PATH", help="with --retry-rejected: a moved copy of the dataset's manifest "
                    "(its SHA-256 must match the one in stats.json)")
@@ -221,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   replace=args.replace, config=args.config, drop_invalid=args.drop_invalid,
                                   show_diff=args.show_diff, split=args.split, resume=args.resume,
                                   workers=args.workers, runner=args.runner, quiet=args.quiet,
-                                  retry_rejected=args.retry_rejected, stages=parse_stages(args.stages),
+                                  retry_rejected=args.retry_rejected,
+                                  **({"stages": parse_stages(args.stages)} if args.stages else {}),
                                   manifest=args.manifest)
             update(uopts, NullProgress() if args.quiet else BarProgress(), command=public_command(argv))
             return 0

@@ -254,3 +254,21 @@ def test_sigkill_then_run_again(tmp_path, server, layout, point):
     _check_exactly_once(out, layout, 15)
     assert [r["image_id"] for r in Output(out).rejects] == ["gone"]
     assert not list(tmp_path.glob(".*engine-update*"))
+
+
+def test_retry_after_a_delete_and_an_add(tmp_path, server, layout):
+    """Rows an --add appended stay after the manifest's rows; a deleted row stays deleted."""
+    inp, out = _made(tmp_path, server, layout)
+    (tmp_path / "d.txt").write_text("id3\nid5\n")
+    added = [row("new1", "img/a.jpg", output={"price": 9.0}), row("new2", "img/a.jpg", split="test")]
+    add = tmp_path / "in" / "add.jsonl"
+    add.write_text("".join(json.dumps(r) + "\n" for r in added))
+    assert run_main(["update", str(out), "--delete", str(tmp_path / "d.txt"), "--runner", "local", "--quiet"]) == 0
+    assert run_main(["update", str(out), "--add", str(add), "--runner", "local", "--quiet"]) == 0
+    assert _retry(out, "--stages", "fetch,decode") == 0
+    rows = [r for r in _rows(server.url) if r["image_id"] not in ("id3", "id5")] + added
+    final = write_input(tmp_path / "final", rows, {"img/a.jpg": imagegen.jpeg((30, 30))})
+    fresh = tmp_path / "fresh"
+    assert convert(final, fresh, *_opts(layout)) == 0
+    assert _data_files(out) == _data_files(fresh)
+    _check_exactly_once(out, layout, 15)

@@ -40,8 +40,8 @@ class UpdateOptions:
             if self.outputs or self.delete or self.add or self.config or self.show_diff or self.split:
                 raise UsageError("--retry-rejected runs alone: give the other changes in a separate update")
             return
-        if self.manifest:
-            raise UsageError("--manifest applies with --retry-rejected only")
+        if self.manifest or self.stages != ("fetch",):
+            raise UsageError("--manifest and --stages apply with --retry-rejected only")
         if not (self.outputs or self.delete or self.add or self.config):
             raise UsageError("nothing to update: give --outputs, --delete, --add and/or --config, or --retry-rejected")
         if self.drop_invalid and not self.config:

@@ -176,24 +176,26 @@ def _sparse_manifest(manifest: str, wanted: set[int], existing: set[str],
                      default_split: str) -> tuple[bytes, dict[str, int], dict[int, str]]:
     """The manifest with every line but the wanted ones blank (line numbers kept); the first line
     of every id (where its row sits in line order); wanted lines whose id the dataset already has."""
-    with location.open_binary(manifest) as f:
-        data = f.read()
     out: list[bytes] = []
     first_line: dict[str, int] = {}
     taken: dict[int, str] = {}
-    for number, raw in enumerate(data.removeprefix(BOM).split(b"\n"), start=1):
-        if not raw.strip():
-            out.append(b"")
-            continue
-        row = parse_row(number, raw, base="", default_split=default_split)
-        image_id = getattr(row, "image_id", None)
-        if image_id is not None:
-            first_line.setdefault(image_id, number)
-        if number in wanted and image_id in existing:
-            taken[number] = image_id
-            out.append(b"")
-        else:
-            out.append(raw if number in wanted else b"")
+    with location.open_binary(manifest) as f:
+        for number, raw in enumerate(f, start=1):  # one line at a time: a manifest may be large
+            raw = raw.rstrip(b"\n")
+            if number == 1:
+                raw = raw.removeprefix(BOM)
+            if not raw.strip():
+                out.append(b"")
+                continue
+            row = parse_row(number, raw, base="", default_split=default_split)
+            image_id = getattr(row, "image_id", None)
+            if image_id is not None:
+                first_line.setdefault(image_id, number)
+            if number in wanted and image_id in existing:
+                taken[number] = image_id
+                out.append(b"")
+            else:
+                out.append(raw if number in wanted else b"")
     return b"\n".join(out), first_line, taken
 
 
