@@ -22,6 +22,11 @@ from conftest import REPO, Output, convert, row, run_main, write_input
 
 import imagegen
 
+try:  # object storage through the moto server the update tests use, where s3fs and moto are installed
+    from test_update_s3 import online, s3  # noqa: F401  (fixtures)
+except pytest.skip.Exception:
+    s3 = None
+
 OPTS = ["--shard-rows", "4", "--row-group-rows", "2", "--max-size", "64", "--http-retries", "0",
         "--http-timeout", "5"]
 DOWN = {"u1.jpg", "u4.jpg", "u7.jpg", "big.jpg"}  # answer 503 in the first run
@@ -272,3 +277,22 @@ def test_retry_after_a_delete_and_an_add(tmp_path, server, layout):
     assert convert(final, fresh, *_opts(layout)) == 0
     assert _data_files(out) == _data_files(fresh)
     _check_exactly_once(out, layout, 15)
+
+
+@pytest.mark.skipif(s3 is None, reason="needs s3fs and moto")
+def test_retry_on_s3(s3, server, tmp_path, online):  # noqa: F811
+    from conftest import parquet_hashes
+    from test_s3 import _s3_hashes
+
+    inp = write_input(tmp_path / "in", _rows(server.url), {"img/a.jpg": imagegen.jpeg((30, 30))})
+    out = "s3://bucket/retry"
+    server.down = set(DOWN)
+    try:
+        assert convert(inp, out, *OPTS) == 0  # type: ignore[arg-type]
+    finally:
+        server.down = set()
+    assert _retry(out) == 0  # type: ignore[arg-type]
+    assert not [k for k in s3.find("bucket/retry") if "/.engine" in k]
+    assert _s3_hashes(s3, "bucket/retry") == parquet_hashes(_fresh(tmp_path, inp, "parquet", server))
+    stats = json.loads(s3.cat_file("bucket/retry/stats.json"))
+    assert stats["num_rejected"] == 1 and stats["num_input_rows"] == stats["num_written"] + 1
