@@ -234,6 +234,7 @@ def test_manifest_digest_is_checked_and_a_moved_copy_is_used(tmp_path, server, c
     assert Output(out).rejects_by_id().keys() == {"id9", "gone"}
     assert _retry(out, "--stages", "manifest") == 2
     assert _retry(out, "--outputs", str(moved)) == 2
+    assert run_main(["update", str(out), "--delete", str(moved), "--stages", "decode", "--quiet"]) == 2
 
 
 def _retry_subprocess(out: Path, crash_at: str | None) -> subprocess.CompletedProcess:
