@@ -156,8 +156,8 @@ def add_update_parser(sub) -> None:
                    "(its SHA-256 must match the one in stats.json)")
     u.add_argument("--split", help="apply --outputs and --delete to this split only (and the default split of --add rows)")
     u.add_argument("--resume", action="store_true", help="finish an interrupted update (running it again does the same)")
-    u.add_argument("--workers", type=int, metavar="N", help="parallel workers for --add rows")
-    u.add_argument("--runner", choices=RUNNERS, default="ray", help="runner for --add rows (as for convert)")
+    u.add_argument("--workers", type=int, metavar="N", help="parallel workers for --add and --retry-rejected rows")
+    u.add_argument("--runner", choices=RUNNERS, default="ray", help="runner for --add and --retry-rejected rows (as for convert)")
     u.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     u.add_argument("--verbose", action="store_true", help="log debugging detail")
 
