@@ -280,8 +280,24 @@ def test_retry_after_a_delete_and_an_add(tmp_path, server, layout):
     _check_exactly_once(out, layout, 15)
 
 
+@pytest.fixture
+def bucket(s3):  # noqa: F811
+    """moto keeps its buckets per process, and test_s3 creates its bucket itself: leave none behind."""
+    try:
+        yield s3
+    finally:
+        import contextlib
+
+        with contextlib.suppress(FileNotFoundError):
+            s3.rm("bucket", recursive=True)
+        with contextlib.suppress(FileNotFoundError, OSError):
+            s3.rmdir("bucket")
+        s3.invalidate_cache()
+
+
 @pytest.mark.skipif(s3 is None, reason="needs s3fs and moto")
-def test_retry_on_s3(s3, server, tmp_path, online):  # noqa: F811
+def test_retry_on_s3(bucket, server, tmp_path, online):  # noqa: F811
+    s3 = bucket
     from conftest import parquet_hashes
     from test_s3 import _s3_hashes
 
