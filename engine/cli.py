@@ -170,10 +170,16 @@ def add_update_parser(sub) -> None:
     u.add_argument("--drop-invalid", action="store_true", help="with --config: remove the rows its schema refuses "
                    "(default: refuse the update)")
     u.add_argument("--show-diff", action="store_true", help="print the old and new outputs as a diff; change nothing")
+    u.add_argument("--retry-rejected", action="store_true", help="run the rows rejected at --stages again, from the "
+                   "dataset's manifest; each that succeeds goes to its original place")
+    u.add_argument("--stages", metavar="LIST", help="with --retry-rejected: the reject stages "
+                   "to retry (default: fetch; also decode, validate, write)")
+    u.add_argument("--manifest", metavar="PATH", help="with --retry-rejected: a moved copy of the dataset's manifest "
+                   "(its SHA-256 must match the one in stats.json)")
     u.add_argument("--split", help="apply --outputs and --delete to this split only (and the default split of --add rows)")
     u.add_argument("--resume", action="store_true", help="finish an interrupted update (running it again does the same)")
-    u.add_argument("--workers", type=int, metavar="N", help="parallel workers for --add rows")
-    u.add_argument("--runner", choices=RUNNERS, default="ray", help="runner for --add rows (as for convert)")
+    u.add_argument("--workers", type=int, metavar="N", help="parallel workers for --add and --retry-rejected rows")
+    u.add_argument("--runner", choices=RUNNERS, default="ray", help="runner for --add and --retry-rejected rows (as for convert)")
     u.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     u.add_argument("--verbose", action="store_true", help="log debugging detail")
 
@@ -250,11 +256,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "update":
             from engine.update.core import update
             from engine.update.inputs import UpdateOptions
+            from engine.update.retry import parse_stages
 
             uopts = UpdateOptions(out=args.out, outputs=args.outputs, delete=args.delete, add=args.add,
                                   replace=args.replace, config=args.config, drop_invalid=args.drop_invalid,
                                   show_diff=args.show_diff, split=args.split, resume=args.resume,
-                                  workers=args.workers, runner=args.runner, quiet=args.quiet)
+                                  workers=args.workers, runner=args.runner, quiet=args.quiet,
+                                  retry_rejected=args.retry_rejected,
+                                  **({"stages": parse_stages(args.stages)} if args.stages else {}),
+                                  manifest=args.manifest)
             update(uopts, NullProgress() if args.quiet else BarProgress(), command=public_command(argv))
             return 0
         opts = options_from_args(args)

@@ -94,6 +94,10 @@ class Report:
 
 
 def update(opts: UpdateOptions, progress: Progress | None = None, command: str = "") -> dict[str, Any]:
+    if opts.retry_rejected:
+        from engine.update.retry import retry
+
+        return retry(opts, progress, command)
     started = time.perf_counter()
     progress = progress or NullProgress()
     inputs = read_inputs(opts)  # every input is checked before anything is touched

@@ -31,10 +31,19 @@ class UpdateOptions:
     workers: int | None = None
     runner: str = "ray"
     quiet: bool = False
+    retry_rejected: bool = False  # run the rejected rows at `stages` again
+    stages: tuple[str, ...] = ("fetch",)
+    manifest: str | None = None  # with --retry-rejected: a moved copy of the dataset's manifest
 
     def __post_init__(self) -> None:
+        if self.retry_rejected:
+            if self.outputs or self.delete or self.add or self.config or self.show_diff or self.split:
+                raise UsageError("--retry-rejected runs alone: give the other changes in a separate update")
+            return
+        if self.manifest or self.stages != ("fetch",):
+            raise UsageError("--manifest and --stages apply with --retry-rejected only")
         if not (self.outputs or self.delete or self.add or self.config):
-            raise UsageError("nothing to update: give --outputs, --delete, --add and/or --config")
+            raise UsageError("nothing to update: give --outputs, --delete, --add and/or --config, or --retry-rejected")
         if self.drop_invalid and not self.config:
             raise UsageError("--drop-invalid applies with --config only")
         if self.replace and not self.add:

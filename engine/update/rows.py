@@ -25,6 +25,7 @@ from engine.sinks.store import Store
 from engine.sources.location import local_path
 
 EDIT_SUFFIX = ".edit.arrow"
+OFFSET_MARK = "::"  # "PIECE::N": the piece's rows from its N-th on (a retry splices rows between them)
 EDIT_SCHEMA = pa.schema([("keep", pa.bool_()), ("text", pa.string()), ("num_bytes", pa.int64())])
 
 
@@ -42,6 +43,9 @@ def write_edit_file(store: Store, rel: str, source: str, layout: str, keep: np.n
 
 def read_rows(store: Store, rel: str, split: str, start: int, stop: int) -> Iterator[pa.Table]:
     """Rows ``[start, stop)`` of a piece as part-schema tables (a ShardSpec ``reader``)."""
+    if OFFSET_MARK in rel:
+        rel, offset = rel.rsplit(OFFSET_MARK, 1)
+        start, stop = start + int(offset), stop + int(offset)
     if not rel.endswith(EDIT_SUFFIX):
         yield from iter_part_rows(store, rel, split, start, stop)
         return
