@@ -313,3 +313,25 @@ def test_retry_on_s3(bucket, server, tmp_path, online):  # noqa: F811
     assert _s3_hashes(s3, "bucket/retry") == parquet_hashes(_fresh(tmp_path, inp, "parquet", server))
     stats = json.loads(s3.cat_file("bucket/retry/stats.json"))
     assert stats["num_rejected"] == 1 and stats["num_input_rows"] == stats["num_written"] + 1
+
+
+def test_with_a_download_cache_rows_fetched_before_are_not_downloaded_again(tmp_path, server):
+    """A row whose bytes arrived (status 200) but failed later, at decode, is retried from the
+    download cache; only the rows that failed at fetch reach the server again."""
+    cache = tmp_path / "cache"
+    inp = write_input(tmp_path / "in", _rows(server.url), {"img/a.jpg": imagegen.jpeg((30, 30))})
+    out = tmp_path / "ds"
+    server.down, server.garbage = set(DOWN), set(GARBAGE)
+    try:
+        assert convert(inp, out, *OPTS, "--download-cache", str(cache)) == 0
+        assert Output(out).rejects_by_id()["id9"]["stage"] == "decode"
+        server.requests.clear()
+        server.down = set()  # the garbage answer stays what the cache holds for u9
+        assert _retry(out, "--stages", "fetch,decode") == 0
+    finally:
+        server.down, server.garbage = set(), set()
+    assert "u9.jpg" not in server.requests
+    assert sorted(server.requests) == sorted(["u1.jpg", "u4.jpg", "u7.jpg", "big.jpg", "nope.jpg"])
+    by_id = Output(out).rejects_by_id()
+    assert by_id["id9"]["stage"] == "decode" and by_id["id9"]["attempts"] == 2
+    _check_exactly_once(out, "parquet", 15)
