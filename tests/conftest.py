@@ -312,6 +312,47 @@ def http_server(tmp_path_factory):
         server.server_close()
 
 
+# --- S3 (moto's server on 127.0.0.1) -----------------------------------------------------------
+
+
+def moto_s3(bucket: str):
+    """A generator for a module-scoped fixture: moto's standalone S3 server on 127.0.0.1 with an
+    empty ``bucket`` (moto keeps its buckets per process, so a bucket left by another module is
+    emptied), the AWS variables pointing at it, and an s3fs filesystem. Skips without s3fs or moto."""
+    import socket
+
+    s3fs = pytest.importorskip("s3fs")
+    moto_server = pytest.importorskip("moto.server")
+    import fsspec
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fsspec.config.conf.pop("s3", None)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    if fs.exists(bucket):
+        fs.rm(bucket, recursive=True)
+    fs.mkdir(bucket)
+    try:
+        yield fs
+    finally:
+        try:
+            fs.rm(bucket, recursive=True)
+        except FileNotFoundError:
+            pass
+        server.stop()
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
 # --- Ray -------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import imagegen
-from conftest import CONFIG_BYTES, convert, row, run_main, write_input
+from conftest import CONFIG_BYTES, convert, moto_s3, row, run_main, write_input
 
 from engine.check import check_dataset
 from engine.inspect.report import inspect_dataset, write_report
@@ -306,32 +306,7 @@ def test_inspect_on_s3(leaky_parquet, s3):
 
 @pytest.fixture(scope="module")
 def s3():
-    """moto's S3 server on 127.0.0.1, as in test_s3.py."""
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.server")
-    import os
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("inspect-bucket")  # moto's state is per process: test_s3.py's own "bucket" must stay free
-    yield fs
-    fs.rm("inspect-bucket", recursive=True)
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
+    yield from moto_s3("inspect-bucket")
 
 
 def test_reference_copy_is_independent(tmp_path, leaky_parquet):

@@ -4,16 +4,14 @@ server on 127.0.0.1), read back with ``datasets`` through fsspec."""
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
 
 import pytest
 
 import imagegen
-from conftest import convert, parquet_hashes, row, write_input
+from conftest import convert, moto_s3, parquet_hashes, row, write_input
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 
 @pytest.fixture
@@ -27,33 +25,9 @@ def online(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False, raising=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def s3():
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-    import s3fs
-
-    fsspec.config.conf.pop("s3", None)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    fs.mkdir("bucket")
-    yield fs
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
+    yield from moto_s3("bucket")
 
 
 @pytest.fixture(scope="module")

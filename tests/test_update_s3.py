@@ -11,38 +11,19 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, convert, parquet_hashes, row, run_main, write_input
+from conftest import REPO, convert, moto_s3, parquet_hashes, row, run_main, write_input
 
 import imagegen
 
 pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
-from test_s3 import _free_port, _s3_hashes, online  # noqa: E402,F401  (online: a fixture)
+pytest.importorskip("moto.server")
+from test_s3 import _s3_hashes, online  # noqa: E402,F401  (online: a fixture)
 
 
 @pytest.fixture(scope="module")
 def s3():
-    """Like test_s3's server; moto keeps its buckets per process, so the bucket may exist already."""
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import fsspec
-    import s3fs
+    yield from moto_s3("bucket")
 
-    fsspec.config.conf.pop("s3", None)
-    s3fs.S3FileSystem.clear_instance_cache()
-    fs = s3fs.S3FileSystem()
-    if not fs.exists("bucket"):
-        fs.mkdir("bucket")
-    yield fs
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    s3fs.S3FileSystem.clear_instance_cache()
 
 OPTS = ["--shard-rows", "3", "--row-group-rows", "2"]
 
