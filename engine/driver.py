@@ -30,7 +30,7 @@ from engine.sinks.parquet import parquet_shard_path
 from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
 from engine.sources.manifest import check_has_rows, plan_manifest
-from engine.stats import RunStats
+from engine.stats import RunStats, merge_image_changes
 from engine.update.ids import row_ids_from_parts, write_row_ids
 from engine.versions import versions
 
@@ -402,6 +402,7 @@ def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results:
             num_bytes[split] = num_bytes.get(split, 0) + int(sizes.sum())
     splits = split_summary(shards, num_bytes)
     doc = stats.to_dict()
+    doc["images"] = merge_image_changes(r.images for r in results)  # results in line order: ids too
     write_layout_metadata(store, opts.layout, features, splits, shards, doc, command,
                           task.instructions if task else None)
     if opts.layout == "arrow":  # how `engine update` finds a packed row by its id

@@ -112,6 +112,9 @@ class EncodedImage:
     passthrough: bool
     # kinds of harmless trouble met on the way (WARNING_* names), counted per kind in stats.json
     warnings: tuple[str, ...] = ()
+    # what re-encoding did to it, counted in stats.json "images": shrunk to --max-size, turned upright
+    resized: bool = False
+    rotated: bool = False
 
     @property
     def extension(self) -> str:
@@ -194,7 +197,7 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
         im = im.transpose(_TRANSPOSE[orientation.value])
     im = _mode_for_format(im, out_format)
     return EncodedImage(_encode(im, out_format, opts.quality), out_format, im.width, im.height, False,
-                        orientation.warnings)
+                        orientation.warnings, resized=target != (width, height), rotated=orientation.value != 1)
 
 
 def _proven_whole(data: bytes, source: str, im: Image.Image, png: PngFacts | None) -> bool:

@@ -31,6 +31,7 @@ from engine.sinks.store import WORK_DIR, Store
 from engine.sources.fetch import FetchFailure, Fetcher, FetchTally
 from engine.sources.location import local_path, open_binary
 from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
+from engine.stats import ImageTally
 from engine.validate import validator_for
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class UnitResult:
     node: str | None = field(default=None)
     warnings: dict[str, int] = field(default_factory=dict)  # kind -> images written despite it
     fetch: dict[str, int] | None = None  # what fetching cost over HTTP (FetchTally), when it was used
+    images: dict | None = None  # stats.json "images" of this unit (engine.stats.image_changes)
 
 
     def to_json(self) -> bytes:
@@ -186,6 +188,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     text_columns: set[str] = set()
     num_passthrough = 0
     warnings: Counter = Counter()
+    tally_images = ImageTally()
     fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
     tally = FetchTally()
     try:
@@ -206,6 +209,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
             text_columns.add("text" if checked.text is not None else "conversations")
             num_passthrough += sum(im.passthrough for im in images)
             warnings.update(kind for im in images for kind in im.warnings)
+            tally_images.add(row.image_id, images)
     except BaseException as exc:
         writer.abort(exc)
         raise
@@ -233,6 +237,7 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
         part_bytes=part_bytes,
         rejects_bytes=len(rejects_data) if rejects else None,
         warnings=dict(sorted(warnings.items())),
+        images=tally_images.to_dict(),
         fetch={**tally.to_dict(), "max_in_flight": fetcher.max_in_flight} if tally.num_requests or tally.num_cache_hits else None,
     )
     ctx.store.write_bytes(result_path, result.to_json(), durable=False)  # last: marks the unit complete

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,3 +80,42 @@ class RunStats:
             hits = f", {self.fetch['num_cache_hits']:,} from the download cache" if self.fetch.get("num_cache_hits") else ""
             parts.append(f"{mb:,.1f} MB downloaded in {self.fetch.get('num_requests', 0):,} requests{hits}")
         return "; ".join(parts)
+
+
+# stats.json "images": what was done to each written image, counted per image (resized and
+# rotated may both hold; reencoded is neither, a format or mode change), with the ids of the
+# first images resized or rotated, in line order (image_id, or image_id[k] in a multi-image row).
+IMAGE_KINDS = ("passthrough", "resized", "rotated", "reencoded")
+LISTED_IMAGE_IDS = 100  # ids kept per list: enough to look at, small beside any dataset
+
+
+class ImageTally:
+    """The "images" counts of the rows a unit writes, added one row at a time (no bytes kept)."""
+
+    def __init__(self) -> None:
+        self.counts = dict.fromkeys(IMAGE_KINDS, 0)
+        self.ids: dict[str, list[str]] = {"resized": [], "rotated": []}
+
+    def add(self, image_id: str, images: Sequence[Any]) -> None:
+        for im in images:
+            kinds = [k for k in ("resized", "rotated") if getattr(im, k)]
+            for k in kinds or ["passthrough" if im.passthrough else "reencoded"]:
+                self.counts[k] += 1
+        for k, listed in self.ids.items():
+            for i, im in enumerate(images):
+                if len(listed) < LISTED_IMAGE_IDS and getattr(im, k):
+                    listed.append(image_id if len(images) == 1 else f"{image_id}[{i}]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.counts, "resized_ids": self.ids["resized"], "rotated_ids": self.ids["rotated"]}
+
+
+def merge_image_changes(docs: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+    """Several "images" dicts (units in line order, or a dataset's and a retry's) as one."""
+    merged: dict[str, Any] = {**dict.fromkeys(IMAGE_KINDS, 0), "resized_ids": [], "rotated_ids": []}
+    for doc in docs:
+        for k in IMAGE_KINDS:
+            merged[k] += (doc or {}).get(k, 0)
+        for k in ("resized_ids", "rotated_ids"):
+            merged[k] = (merged[k] + list((doc or {}).get(k, [])))[:LISTED_IMAGE_IDS]
+    return merged

@@ -170,6 +170,11 @@ def test_retry_puts_rows_at_their_place_equal_to_a_fresh_convert(tmp_path, serve
     assert stats["rejected_by_reason"] == {"fetch": 1}
     entry = stats["updates"][-1]
     assert entry["counts"] == {"retried": 6, "written": 5, "rejected_again": 1}
+    # stats.json "images" after the retry counts what a fresh convert counts ("big" resized on retry)
+    fresh = Output(tmp_path / "fresh").stats["images"]
+    assert {k: v for k, v in stats["images"].items() if k != "resized_ids"} == \
+        {k: v for k, v in fresh.items() if k != "resized_ids"}
+    assert stats["images"]["resized_ids"] == ["big"] and fresh["resized_ids"] == ["big"]
     assert entry["inputs"]["manifest"]["sha256"] == hashlib.sha256(inp.manifest.read_bytes()).hexdigest()
     if layout == "parquet":  # the retried row's extra meta key is in the schema, its row's value in place
         assert Output(out).by_id("train")["id4"]["meta"]["shelf"] == "top"

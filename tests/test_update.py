@@ -231,6 +231,8 @@ def test_add_rows_rejects_existing_ids(tmp_path, made, layout):
     added = [row("n1", "img/new.png", output={"price": 3.0}), row("id2", "img/1.jpg"),
              row("n2", "img/rot.jpg", split="test"), row("n3", "img/missing.jpg"), row("n1", "img/2.jpg")]
     manifest = _jsonl(inp.root / "add.jsonl", added)
+    before = Output(out).stats["images"]
+    assert before["resized_ids"] == ["big"] and before["rotated_ids"] == []
     assert _update(out, "--add", str(manifest)) == 0
     o = Output(out)
     rejects = [r for r in o.rejects if r.get("update") == 1]
@@ -239,6 +241,10 @@ def test_add_rows_rejects_existing_ids(tmp_path, made, layout):
     assert "already in the dataset" in next(r["reason"] for r in rejects if r["image_id"] == "id2")
     entry = o.stats["updates"][-1]
     assert entry["counts"]["added"] == 2 and entry["counts"]["add_rejected"] == 3
+    # stats.json "images" stays the convert's; the added rows' images are counted in their entry
+    assert o.stats["images"] == before
+    assert entry["images"] == {"passthrough": 1, "resized": 0, "rotated": 1, "reencoded": 0, "resized_ids": [],
+                               "rotated_ids": ["n2"]}
     assert o.stats["num_input_rows"] == o.stats["num_written"] + o.stats["num_rejected"] == 17
     # a fresh convert of the old manifest followed by the new lines
     assert _data_files(out) == _data_files(_fresh(tmp_path, inp, _rows() + added, layout))

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from engine.inspect.scan import ScanResult
-from engine.inspect.summary import Summary
+from engine.inspect.summary import Summary, image_changes
 
 LISTED = 50  # groups or ids listed per leakage table
 
@@ -141,6 +141,12 @@ def _images(result: ScanResult) -> list[str]:
         at_max = int(np.sum(np.maximum(w, h) == max_size))
         out.append(f"<p>{at_max:,} images have their longest side at <code>--max-size</code> {max_size} px "
                    f"(downscaled, or already that size).</p>")
+    changes = image_changes(stats, LISTED)
+    if changes:
+        out.append("<p>From <code>stats.json</code>, what the convert did to each image:</p>")
+        out.append(_table(["images", "count", "ids"],
+                          [[kind, f"{count:,}", ", ".join(ids) + (f" and {more:,} more" if more else "")]
+                           for kind, count, ids, more in changes]))
     cls = "bad" if result.num_rotated else "ok"
     out.append(f"<p class=\"{cls}\">{result.num_rotated:,} images still carry an EXIF orientation other than 1 "
                f"(a reader would rotate them){': ' + _e(', '.join(result.rotated)) if result.rotated else ''}.</p>")

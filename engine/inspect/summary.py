@@ -82,6 +82,20 @@ def _reject_examples(stats: dict | None, fs: FS) -> dict[str, list[str]]:
     return examples
 
 
+def image_changes(stats: dict | None, listed: int) -> list[tuple[str, int, list[str], int]]:
+    """stats.json's "images" as (kind, count, first ids, ids not shown) for resized and rotated,
+    then passthrough and reencoded (no ids); empty for a dataset without them."""
+    images = (stats or {}).get("images")
+    if not isinstance(images, dict):
+        return []
+    rows = []
+    for kind in ("resized", "rotated", "passthrough", "reencoded"):
+        count = int(images.get(kind, 0))
+        ids = [str(i) for i in images.get(f"{kind}_ids", [])][:listed]
+        rows.append((kind, count, ids, count - len(ids) if kind in ("resized", "rotated") else 0))
+    return rows
+
+
 def text_summary(result: ScanResult, summary: Summary) -> str:
     leak = result.leakage
     lines = [f"{result.dataset.root}: {summary.layout}, {summary.num_rows:,} rows, {summary.num_images:,} images"]
@@ -93,6 +107,12 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
                      f"{min(result.heights)}-{max(result.heights)} px")
     if result.schema is not None:
         lines.append(f"  outputs: {result.num_invalid_outputs:,} of {result.num_outputs:,} invalid against the schema")
+    changes = image_changes(result.dataset.stats, TEXT_LISTED)
+    if changes:
+        lines.append("  images at convert: " + ", ".join(f"{kind} {count:,}" for kind, count, _, _ in changes))
+        for kind, count, ids, more in changes:
+            if ids:
+                lines.append(f"    {kind}: {', '.join(ids)}{f' and {more:,} more' if more else ''}")
     if result.num_undecodable:
         lines.append(f"  undecodable images: {result.num_undecodable:,}")
     if result.num_rotated:

@@ -33,6 +33,7 @@ from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_f
                            ordered_splits, split_summary, unit_context, unit_rows_for, write_layout_metadata)
 from engine.errors import EngineError, UsageError
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
+from engine.stats import merge_image_changes
 from engine.progress import NullProgress, Progress
 from engine.records import META_FIXED, Reject, order_meta_keys
 from engine.runners import make_runner
@@ -91,6 +92,7 @@ class Report:
     no_longer_valid: list[dict[str, Any]] = field(default_factory=list)
     diffs: list[tuple[str, str | None, str | None]] = field(default_factory=list)  # id, old, new
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    images: dict[str, Any] | None = None  # stats "images" of the --add rows written
 
 
 def update(opts: UpdateOptions, progress: Progress | None = None, command: str = "") -> dict[str, Any]:
@@ -370,6 +372,7 @@ def _run_add(ds: Dataset, opts: UpdateOptions, copts, task, next_store: Store, s
                     in_dataset[line] = row.image_id
             units.append(replace(unit, duplicate_lines=tuple(sorted(seen | set(extra)))))
         results = sorted(runner.map_unordered(process_unit, [(u, ctx) for u in units]), key=lambda r: r.index)
+    report.images = merge_image_changes(r.images for r in results)
     name = os.path.basename(opts.add)
     update_index = len(ds.history) + 1
     for r in results:
@@ -477,6 +480,9 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
         "unknown_ids": {"outputs": report.unknown_outputs[:LISTED], "delete": report.unknown_delete[:LISTED]},
         "invalid_outputs": report.invalid_outputs[:LISTED],
         "no_longer_valid": report.no_longer_valid[:LISTED],
+        # the top-level "images" stays the convert's (a deleted row's changes are not known):
+        # what this update's --add rows went through is kept here
+        **({"images": report.images} if report.images is not None else {}),
     }
     doc["updates"] = list(doc.get("updates", [])) + [entry]
     title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]

@@ -37,6 +37,7 @@ from engine.sinks.shards import write_shard
 from engine.sinks.store import WORK_DIR, Finisher, Store
 from engine.sources import location
 from engine.sources.manifest import BOM, parse_row, plan_manifest
+from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
 from engine.update.core import Report, _list_files, _owned_files, scan
 from engine.update.dataset import Dataset, convert_options, open_dataset
@@ -326,6 +327,8 @@ def _finish(ds: Dataset, opts: UpdateOptions, next_store: Store, records: list[d
     doc["rejected_by_reason"] = {k: v for k, v in by_stage.items() if v}
     if "num_passthrough" in doc:
         doc["num_passthrough"] += sum(r.num_passthrough for r in results)
+    if "images" in doc:  # the retried rows' images join the counts; their ids follow the listed ones
+        doc["images"] = merge_image_changes([doc["images"], *(r.images for r in results)])
     if doc["num_input_rows"] != doc["num_written"] + doc["num_rejected"]:
         raise AssertionError(f"accounting broken: {doc['num_input_rows']} rows != {doc['num_written']} written + "
                              f"{doc['num_rejected']} rejected")
