@@ -455,13 +455,11 @@ def _fs_files(out: Path) -> dict[str, str]:
 
 def _fs_images(out: Path, base: Path | None = None) -> dict[str, list[bytes]]:
     """Every row's image files' bytes by id, through load_from_disk; each path opens as an image."""
-    import datasets
     from PIL import Image
 
     ids = [r["image_id"] for r in pq.read_table(out / "row_ids.parquet").to_pylist()]
-    dd = datasets.load_from_disk(str(out))
     found = {}
-    mods = [m for split in dd for m in dd[split]["modalities"]]
+    mods = _fs_modalities(out)
     assert len(mods) == len(ids)
     for image_id, row_mods in zip(ids, mods):
         files = [Path(m["value"]) if os.path.isabs(m["value"]) else (base or out) / m["value"] for m in row_mods]
@@ -580,6 +578,8 @@ def _fs_modalities(out: Path) -> list:
     import datasets
 
     dd = datasets.load_from_disk(str(out))
+    if isinstance(dd, datasets.Dataset):  # one split: save_to_disk's Dataset folder
+        return dd["modalities"]
     return [m for split in dd for m in dd[split]["modalities"]]
 
 
@@ -596,6 +596,33 @@ def test_fs_image_sigkill_then_run_again(tmp_path, fs_made):
     rows = [r for r in _fs_rows() if r["image_id"] != "id1"]
     assert _fs_files(out) == _fs_files(_fs_fresh(tmp_path, inp, rows))
     assert not list(tmp_path.glob(".*engine-update*"))
+
+
+def test_fs_image_trainer_rows_with_two_images(tmp_path):
+    """Rows with several images ({line}-{stem}-{i}.{ext}) renamed together; --delete then --add."""
+    images = {"a.jpg": imagegen.jpeg((40, 30)), "b.png": imagegen.png((20, 20))}
+    token = "<|reserved_special_token_0|>"
+
+    def trainer(i: int, n: int) -> dict:
+        return {"conversations": [{"role": "user", "content": f"{token}\n" * n + f"What is {i}?"},
+                                  {"role": "assistant", "content": f"It is {i}."}],
+                "modalities": [{"type": "image", "value": v} for v in ["a.jpg", "b.png"][:n]], "id": f"t{i}"}
+
+    rows = [trainer(i, 1 + i % 2) for i in range(6)]
+    inp = write_input(tmp_path / "in", rows, images, manifest_name="trainer.jsonl")
+    base = ["convert", "--layout", "arrow", "--images-as-paths", "--runner", "local", "--quiet", "--shard-rows", "2"]
+    out = tmp_path / "packed"
+    assert run_main(base + ["--manifest", str(inp.manifest), "--out", str(out)]) == 0
+    before = _fs_images(out)
+    assert _update(out, "--delete", str(_jsonl(tmp_path / "d.txt", ["t0", "t3"]))) == 0
+    added = [trainer(7, 2)]
+    assert _update(out, "--add", str(_jsonl(inp.root / "add.jsonl", added))) == 0
+    after = _fs_images(out)
+    assert all(after[k] == before[k] for k in before if k not in ("t0", "t3")) and len(after["t7"]) == 2
+    final = _jsonl(inp.root / "final.jsonl", [r for r in rows if r["id"] not in ("t0", "t3")] + added)
+    fresh = tmp_path / "fresh"
+    assert run_main(base + ["--manifest", str(final), "--out", str(fresh)]) == 0
+    assert _fs_files(out) == _fs_files(fresh)
 
 
 def test_fs_image_retry_rejected_is_refused(tmp_path, fs_made, capsys):
