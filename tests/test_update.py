@@ -441,14 +441,203 @@ def test_trainer_style_packed_dataset(tmp_path):
     assert _data_files(out) == _data_files(fresh)
 
 
-def test_fs_image_datasets_are_refused(tmp_path, capsys):
-    inp = write_input(tmp_path / "in", _rows()[:3], _images())
+# ---- fs-image datasets (--images-as-paths) ----------------------------------------------------
+
+FS_OPTS = CONVERT_OPTS + ["--layout", "arrow", "--images-as-paths"]
+
+
+def _fs_rows() -> list[dict]:
+    return _rows()
+
+
+def _fs_files(out: Path) -> dict[str, str]:
+    """sha256 of the data files and of every image file under images/."""
+    found = _data_files(out)
+    found.update({p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in sorted((out / "images").glob("*")) if p.is_file()})
+    assert any(k.startswith("images/") for k in found)
+    return found
+
+
+def _fs_images(out: Path, base: Path | None = None) -> dict[str, list[bytes]]:
+    """Every row's image files' bytes by id, through load_from_disk; each path opens as an image."""
+    from PIL import Image
+
+    ids = [r["image_id"] for r in pq.read_table(out / "row_ids.parquet").to_pylist()]
+    found = {}
+    mods = _fs_modalities(out)
+    assert len(mods) == len(ids)
+    for image_id, row_mods in zip(ids, mods):
+        files = [Path(m["value"]) if os.path.isabs(m["value"]) else (base or out) / m["value"] for m in row_mods]
+        for f in files:
+            with Image.open(f) as im:
+                im.verify()
+        found[image_id] = [f.read_bytes() for f in files]
+    return found
+
+
+@pytest.fixture
+def fs_made(tmp_path):
+    inp = write_input(tmp_path / "in", _fs_rows(), _images())
     out = tmp_path / "fs"
-    assert convert(inp, out, "--layout", "arrow", "--images-as-paths") == 0
+    assert convert(inp, out, *FS_OPTS) == 0
+    return inp, out
+
+
+def _fs_fresh(tmp_path: Path, inp, rows: list, config: Path | None = None, out: Path | None = None,
+              extra: tuple[str, ...] = ()) -> Path:
+    manifest = _jsonl(inp.root / "fresh.jsonl", rows)
+    out = out or tmp_path / "fresh"
+    argv = ["convert", "--manifest", str(manifest), "--config", str(config or inp.config), "--out", str(out),
+            "--runner", "local", "--quiet", *FS_OPTS, *extra]
+    assert run_main(argv) == 0
+    return out
+
+
+def _fs_case(tmp_path: Path, inp, case: str) -> tuple[list[str], list[dict], Path | None]:
+    """(update arguments, the equivalent final manifest, the config a fresh convert uses)."""
+    rows = _fs_rows()
+    if case == "outputs":
+        updates = _jsonl(tmp_path / "u.jsonl", [{"image_id": "id2", "output": {"price": 9.0}},
+                                                 {"image_id": "ghost", "output": {"price": 1.0}}])
+        rows[2]["output"] = {"price": 9.0}
+        return ["--outputs", str(updates)], rows, None
+    if case == "delete":
+        ids = _jsonl(tmp_path / "d.txt", ["id0", "id3", "id7"])
+        return ["--delete", str(ids)], [r for r in rows if r["image_id"] not in ("id0", "id3", "id7")], None
+    if case in ("add", "replace"):
+        added = [row("n1", "img/new.png", output={"price": 3.0}), row("id2", "img/rot.jpg"),
+                 row("n2", "img/1.jpg", split="test"), row("n3", "img/missing.jpg")]
+        manifest = _jsonl(inp.root / "add.jsonl", added)
+        if case == "add":  # id2 is a duplicate, rejected
+            return ["--add", str(manifest)], rows + added, None
+        return ["--add", str(manifest), "--replace"], [r for r in rows if r["image_id"] != "id2"] + added, None
+    config = _new_config(tmp_path)  # config: id5..id9 no longer conform and go; they keep their lines
+    return ["--config", str(config), "--drop-invalid"], rows, config
+
+
+@pytest.mark.parametrize("case", ["outputs", "delete", "add", "replace", "config"])
+def test_fs_image_update_matches_a_fresh_convert(tmp_path, fs_made, case):
+    """Image files renamed to the lines of the equivalent final manifest, never re-encoded; the
+    shards, state.json, dataset_info.json and every image file byte-identical to a fresh convert."""
+    inp, out = fs_made
+    before = _fs_images(out)
+    args, rows, config = _fs_case(tmp_path, inp, case)
+    assert _update(out, *args) == 0
+    after = _fs_images(out)
+    assert all(after[k] == before[k] for k in after if k in before and not (case == "replace" and k == "id2"))
+    fresh = _fs_fresh(tmp_path, inp, rows, config)
+    assert _fs_files(out) == _fs_files(fresh)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in (fresh / "images").iterdir())
+    stats = Output(out).stats
+    assert stats["num_input_rows"] == stats["num_written"] + stats["num_rejected"] == len(rows)
+
+
+def test_fs_image_two_updates_in_a_row(tmp_path, fs_made):
+    """A delete, then an add: the second update counts the lines the first left."""
+    inp, out = fs_made
+    assert _update(out, "--delete", str(_jsonl(tmp_path / "d.txt", ["id1"]))) == 0
+    added = [row("n1", "img/new.png")]
+    assert _update(out, "--add", str(_jsonl(inp.root / "add.jsonl", added))) == 0
+    rows = [r for r in _fs_rows() if r["image_id"] != "id1"] + added
+    assert _fs_files(out) == _fs_files(_fs_fresh(tmp_path, inp, rows))
+
+
+def test_fs_image_absolute_paths(tmp_path):
+    """--absolute-paths point into OUT itself: byte-identical to a fresh convert into the same OUT;
+    a folder moved since convert (its paths point elsewhere) is refused, untouched."""
+    inp = write_input(tmp_path / "in", _fs_rows(), _images())
+    out = tmp_path / "abs"
+    assert convert(inp, out, *FS_OPTS, "--absolute-paths") == 0
     ids = _jsonl(tmp_path / "d.txt", ["id1"])
+    assert _update(out, "--delete", str(ids)) == 0
+    updated = _fs_files(out)
+    assert all(b for b in _fs_images(out).values())
+    import shutil
+
+    shutil.rmtree(out)
+    rows = [r for r in _fs_rows() if r["image_id"] != "id1"]
+    assert _fs_files(_fs_fresh(tmp_path, inp, rows, out=out, extra=("--absolute-paths",))) == updated
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    before = _folder(moved)
+    assert _update(moved, "--delete", str(_jsonl(tmp_path / "d2.txt", ["id2"]))) == 2
+    assert _folder(moved) == before
+
+
+def test_fs_image_paths_relative_to(tmp_path):
+    inp = write_input(tmp_path / "in", _fs_rows(), _images())
+    out = tmp_path / "sets" / "one"
+    assert convert(inp, out, *FS_OPTS, "--paths-relative-to", str(tmp_path / "sets")) == 0
+    assert _update(out, "--delete", str(_jsonl(tmp_path / "d.txt", ["id4"]))) == 0
+    _fs_images(out, base=tmp_path / "sets")
+    rows = [r for r in _fs_rows() if r["image_id"] != "id4"]
+    fresh = _fs_fresh(tmp_path, inp, rows, out=tmp_path / "sets" / "fresh",
+                      extra=("--paths-relative-to", str(tmp_path / "sets")))
+    mine = {k: v for k, v in _fs_files(out).items() if k.startswith("images/")}
+    assert mine == {k: v for k, v in _fs_files(fresh).items() if k.startswith("images/")}
+    paths = [m["value"] for mods in _fs_modalities(out) for m in mods]
+    assert paths == [m["value"].replace("fresh/", "one/", 1) for mods in _fs_modalities(fresh) for m in mods]
+
+
+def _fs_modalities(out: Path) -> list:
+    import datasets
+
+    dd = datasets.load_from_disk(str(out))
+    if isinstance(dd, datasets.Dataset):  # one split: save_to_disk's Dataset folder
+        return dd["modalities"]
+    return [m for split in dd for m in dd[split]["modalities"]]
+
+
+def test_fs_image_sigkill_then_run_again(tmp_path, fs_made):
+    inp, out = fs_made
+    old = _fs_files(out)
+    ids = _jsonl(tmp_path / "d.txt", ["id1"])
+    killed = _update_subprocess(out, ["--delete", str(ids)], "update-first-shard")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert _fs_files(out) == old  # the old dataset, untouched and loadable
+    _fs_images(out)
+    again = _update_subprocess(out, ["--delete", str(ids)], None)
+    assert again.returncode == 0, again.stderr
+    rows = [r for r in _fs_rows() if r["image_id"] != "id1"]
+    assert _fs_files(out) == _fs_files(_fs_fresh(tmp_path, inp, rows))
+    assert not list(tmp_path.glob(".*engine-update*"))
+
+
+def test_fs_image_trainer_rows_with_two_images(tmp_path):
+    """Rows with several images ({line}-{stem}-{i}.{ext}) renamed together; --delete then --add."""
+    images = {"a.jpg": imagegen.jpeg((40, 30)), "b.png": imagegen.png((20, 20))}
+    token = "<|reserved_special_token_0|>"
+
+    def trainer(i: int, n: int) -> dict:
+        return {"conversations": [{"role": "user", "content": f"{token}\n" * n + f"What is {i}?"},
+                                  {"role": "assistant", "content": f"It is {i}."}],
+                "modalities": [{"type": "image", "value": v} for v in ["a.jpg", "b.png"][:n]], "id": f"t{i}"}
+
+    rows = [trainer(i, 1 + i % 2) for i in range(6)]
+    inp = write_input(tmp_path / "in", rows, images, manifest_name="trainer.jsonl")
+    base = ["convert", "--layout", "arrow", "--images-as-paths", "--runner", "local", "--quiet", "--shard-rows", "2"]
+    out = tmp_path / "packed"
+    assert run_main(base + ["--manifest", str(inp.manifest), "--out", str(out)]) == 0
+    before = _fs_images(out)
+    assert _update(out, "--delete", str(_jsonl(tmp_path / "d.txt", ["t0", "t3"]))) == 0
+    added = [trainer(7, 2)]
+    assert _update(out, "--add", str(_jsonl(inp.root / "add.jsonl", added))) == 0
+    after = _fs_images(out)
+    assert all(after[k] == before[k] for k in before if k not in ("t0", "t3")) and len(after["t7"]) == 2
+    final = _jsonl(inp.root / "final.jsonl", [r for r in rows if r["id"] not in ("t0", "t3")] + added)
+    fresh = tmp_path / "fresh"
+    assert run_main(base + ["--manifest", str(final), "--out", str(fresh)]) == 0
+    assert _fs_files(out) == _fs_files(fresh)
+
+
+def test_fs_image_retry_rejected_is_refused(tmp_path, fs_made, capsys):
+    inp, out = fs_made
+    before = _folder(out)
     capsys.readouterr()
-    assert _update(out, "--delete", str(ids)) == 2
+    assert _update(out, "--retry-rejected") == 2
     assert "fs-image" in capsys.readouterr().err
+    assert _folder(out) == before
 
 
 def test_without_an_atomic_exchange_two_renames_do(tmp_path, made, layout, monkeypatch):

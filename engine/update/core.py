@@ -14,6 +14,7 @@ import difflib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -30,7 +31,8 @@ import pyarrow.parquet as pq
 from engine.config import TaskConfig
 from engine.conversation import build_conversation
 from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, load_task_config,
-                           ordered_splits, split_summary, unit_context, unit_rows_for, write_layout_metadata)
+                           fs_image_prefix, ordered_splits, split_summary, unit_context, unit_rows_for,
+                           write_layout_metadata)
 from engine.errors import EngineError, UsageError
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.stats import merge_image_changes
@@ -44,7 +46,8 @@ from engine.update.commit import Staging, crash_point
 from engine.update.dataset import Dataset, convert_options, open_dataset
 from engine.update.ids import ROW_IDS, ROW_IDS_SCHEMA, part_row_ids, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions, read_inputs
-from engine.update.rows import EDIT_SUFFIX, read_rows, write_edit_file
+from engine.update.rows import (EDIT_SUFFIX, IMAGES_PREFIX, LINE_DIGITS, LINES_MARK, new_name, read_rows,
+                                write_edit_file)
 from engine.validate import OutputValidator
 from engine.versions import versions
 
@@ -70,6 +73,9 @@ class ShardScan:
     old: Any = None  # the rows' outputs (Parquet) or conversations (packed), read on demand
     texts: dict[int, str] = field(default_factory=dict)  # row -> its new output or conversation JSON
     extra_meta: dict[str, np.ndarray] = field(default_factory=dict)  # Parquet: key -> row has a value
+    paths: list[list[str]] | None = None  # fs-image: every row's stored image paths
+    dropped: set[int] = field(default_factory=set)  # rows --drop-invalid removes (they keep their manifest line)
+    lines: np.ndarray | None = None  # fs-image: every row's new manifest line
 
     def old_output(self, i: int) -> str | None:
         if self.old is None:
@@ -157,7 +163,8 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
                             **({"manifest": opts.add, "base_path": None} if opts.add else {}),
                             **({"split": opts.split} if opts.split else {}))
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
-    specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added)
+    images = _place_images(ds, scans, next_store) if ds.fs_image else None
+    specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added, images)
     log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
     progress.start(len(specs), "writing shards", unit="shard")
     shards = []
@@ -263,6 +270,7 @@ def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | No
                         report.no_longer_valid.append({"split": split, "image_id": image_id, "reason": verdict.reason})
                         if opts.drop_invalid:
                             sc.keep[i] = False
+                            sc.dropped.add(i)
                             report.counts["dropped_invalid"] += 1
                             report.rejects.append({"line": None, "image_id": image_id, "stage": "validate",
                                                    "reason": f"no longer valid under the new schema: {verdict.reason}"})
@@ -312,9 +320,11 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
 def _scan_arrow_shard(ds: Dataset, split: str, rel: str, split_ids: pa.Table, offset: int) -> ShardScan:
     """A packed shard: its rows' ids and sizes come from row_ids.parquet; only the text column
     is kept from the rows read."""
-    batches = []
+    batches, paths = [], [] if ds.fs_image else None
     with ds.store.open_arrow(rel) as f:
         for batch in ipc.open_stream(f):
+            if paths is not None:  # fs-image: the modalities are paths, which the update renames
+                paths += [[m["value"] for m in mods] for mods in batch.column("modalities").to_pylist()]
             batches.append(batch.select([ds.text_column]))  # the images are dropped as they are read
     n = sum(b.num_rows for b in batches)
     ids = split_ids.slice(offset, n)
@@ -322,7 +332,7 @@ def _scan_arrow_shard(ds: Dataset, split: str, rel: str, split_ids: pa.Table, of
     chars = ids.column("text_chars").to_numpy().astype(np.int64)
     old = pa.Table.from_batches(batches).column(ds.text_column) if batches else None
     return ShardScan(split=split, rel=rel, ids=ids.column("image_id").to_pylist(), sizes=sizes.copy(),
-                     text_chars=chars.copy(), keep=np.ones(n, bool), base=sizes - chars, old=old)
+                     text_chars=chars.copy(), keep=np.ones(n, bool), base=sizes - chars, old=old, paths=paths)
 
 
 def _set_text(ds: Dataset, sc: ShardScan, i: int, output: str, user: str | None) -> None:
@@ -400,7 +410,51 @@ def _run_add(ds: Dataset, opts: UpdateOptions, copts, task, next_store: Store, s
 # ---- planning and writing ---------------------------------------------------------------------
 
 
-def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: list):
+def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tuple[str, int]:
+    """fs-image: give every kept row the line it has in the equivalent final manifest (the rows
+    removed before it no longer count; --drop-invalid's rows stay, as rejects) and hard-link (or
+    copy) its image files to the names that line gives; the --add rows' files, written under their
+    lines in the --add manifest, move after the old manifest's. Returns (path prefix, the --add
+    rows' line shift). No image is read or decoded."""
+    prefix = fs_image_prefix(convert_options(ds, out=ds.store.root), ds.store)  # as convert into OUT writes it
+    skip = len(prefix) + len(IMAGES_PREFIX)
+    removed: list[int] = []
+    for sc in scans:
+        sc.lines = np.full(len(sc.ids), -1, np.int64)
+        for i, values in enumerate(sc.paths):
+            names = [v[skip:] for v in values]
+            if not values or any(not v.startswith(prefix + IMAGES_PREFIX) or not n[:LINE_DIGITS].isdigit()
+                                 for v, n in zip(values, names)):
+                raise UsageError(f"{ds.store.root}: row {sc.ids[i]!r} has image paths {values!r} that are not "
+                                 f"'{prefix}{IMAGES_PREFIX}<line>-...' (was the folder moved or renamed since "
+                                 "convert?); convert it again")
+            sc.lines[i] = int(names[0][:LINE_DIGITS])
+            if not sc.keep[i] and i not in sc.dropped:
+                removed.append(int(sc.lines[i]))
+    removed_sorted = np.sort(np.array(removed, np.int64))
+    shift = ds.stats["num_input_rows"] - len(removed)
+    folder = next_store.path(IMAGES_PREFIX.rstrip("/"))
+    os.makedirs(folder, exist_ok=True)
+    # only the --add rows' files are there yet: last line first, so no name is taken twice
+    for name in sorted(os.listdir(folder), key=lambda n: -int(n[:LINE_DIGITS])):
+        if shift:
+            os.rename(os.path.join(folder, name), os.path.join(folder, new_name(name, int(name[:LINE_DIGITS]) + shift)))
+    for sc in scans:
+        sc.lines = sc.lines - np.searchsorted(removed_sorted, sc.lines)
+        for i in np.flatnonzero(sc.keep):
+            for value in sc.paths[i]:
+                source = ds.store.path(value[len(prefix):])
+                target = os.path.join(folder, new_name(value[skip:], int(sc.lines[i])))
+                try:
+                    os.link(source, target)
+                except OSError:  # a filesystem without hard links
+                    shutil.copyfile(source, target)
+        sc.paths = None
+    return prefix, shift
+
+
+def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: list,
+          images: tuple[str, int] | None = None):
     splits = ordered_splits([sc.split for sc in scans] + [s for r in added for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
@@ -411,7 +465,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
                 continue
             rel = f"{WORK_DIR}/edits/{k:05d}{EDIT_SUFFIX}"
             write_edit_file(next_store, rel, ds.store.path(sc.rel), ds.layout, sc.keep,
-                            sc.texts, sc.sizes)
+                            sc.texts, sc.sizes, sc.lines, images[0] if images else None)
             parts.append((rel, sc.sizes[sc.keep]))
             if ds.layout == "arrow":
                 row_ids.append(pa.table({"split": [split] * int(sc.keep.sum()),
@@ -420,7 +474,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
                                         schema=ROW_IDS_SCHEMA))
         for r in added:
             if split in r.sizes:
-                parts.append((r.part, r.sizes[split]))
+                parts.append((r.part + (f"{LINES_MARK}{images[1]}" if images else ""), r.sizes[split]))
                 if ds.layout == "arrow":
                     row_ids.append(part_row_ids(next_store, r.part, split))
         if sum(len(s) for _, s in parts):
@@ -438,7 +492,8 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
                              "'conversations'); add them to a dataset of their kind")
         meta_keys, text_column = (), ds.text_column
     features = features_for(copts, meta_keys, text_column)
-    specs = cut_shards(segments, copts, next_store, features, meta_keys, text_column, reader=read_rows)
+    specs = cut_shards(segments, copts, next_store, features, meta_keys, text_column, reader=read_rows,
+                       path_prefix=images[0] if images else "")
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
     table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
     return specs, features, num_bytes, table
@@ -503,7 +558,8 @@ METADATA = ("README.md", "config.json", "stats.json", "rejects.jsonl", ROW_IDS, 
 def _owned_files(ds: Dataset, files: list[str]) -> set[str]:
     """The files of ``files`` that are the dataset's own (its shards and metadata), not a user's."""
     shards = {rel for rels in ds.files.values() for rel in rels}
-    return {f for f in files if f in shards or f.rsplit("/", 1)[-1] in METADATA and f.count("/") <= 1}
+    return {f for f in files if f in shards or f.rsplit("/", 1)[-1] in METADATA and f.count("/") <= 1
+            or ds.fs_image and f.startswith(IMAGES_PREFIX)}
 
 
 def _list_files(store: Store) -> list[str]:

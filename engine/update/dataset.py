@@ -31,6 +31,10 @@ class Dataset:
         return self.stats["options"]
 
     @property
+    def fs_image(self) -> bool:
+        return bool(self.options.get("images_as_paths"))
+
+    @property
     def history(self) -> list[dict[str, Any]]:
         return self.stats.get("updates", [])
 
@@ -50,8 +54,8 @@ def open_dataset(store: Store) -> Dataset:
         files = {name: list(s["files"]) for name, s in splits.items()}
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{root}/stats.json is not the stats of an engine dataset") from None
-    if options.get("images_as_paths"):
-        raise UsageError("engine update does not handle fs-image datasets (--images-as-paths) yet")
+    if options.get("images_as_paths") and store.remote:
+        raise UsageError("engine update handles fs-image datasets (--images-as-paths) in local folders only")
     for shards in files.values():
         for rel in shards:
             if not store.is_file(rel):

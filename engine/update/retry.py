@@ -82,6 +82,9 @@ def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, 
         if done == digest:
             return orjson.loads(store.read_bytes("stats.json"))
     ds = open_dataset(store)
+    if ds.fs_image:  # a retried row's image name carries its line in a sparse manifest, not the dataset's
+        raise UsageError("engine update --retry-rejected does not handle fs-image datasets (--images-as-paths); "
+                         "convert the fixed manifest again")
     records = [orjson.loads(line) for line in (store.read_bytes("rejects.jsonl") if store.is_file("rejects.jsonl")
                                                else b"").splitlines() if line.strip()]
     # rows of the dataset's own manifest only (an --add manifest's rejects name their manifest)

@@ -26,16 +26,24 @@ from engine.sources.location import local_path
 
 EDIT_SUFFIX = ".edit.arrow"
 OFFSET_MARK = "::"  # "PIECE::N": the piece's rows from its N-th on (a retry splices rows between them)
-EDIT_SCHEMA = pa.schema([("keep", pa.bool_()), ("text", pa.string()), ("num_bytes", pa.int64())])
+LINES_MARK = "#lines+"  # "PART#lines+N": an --add part whose fs-image names take N more manifest lines
+EDIT_SCHEMA = pa.schema([("keep", pa.bool_()), ("text", pa.string()), ("num_bytes", pa.int64()),
+                         ("line", pa.int64())])
+LINE_DIGITS = 8  # fs-image names: images/{line:08d}-{stem}.{ext} (engine.pipeline)
+IMAGES_PREFIX = "images/"
 
 
 def write_edit_file(store: Store, rel: str, source: str, layout: str, keep: np.ndarray,
-                    texts: dict[int, str], num_bytes: np.ndarray) -> None:
-    """``texts``: row index -> the row's new output (Parquet) or conversation JSON (packed)."""
+                    texts: dict[int, str], num_bytes: np.ndarray, lines: np.ndarray | None = None,
+                    prefix: str | None = None) -> None:
+    """``texts``: row index -> the row's new output (Parquet) or conversation JSON (packed).
+    fs-image: ``lines`` are the rows' new manifest lines and ``prefix`` what the old paths start with."""
     text = [texts.get(i) for i in range(len(keep))] if texts else pa.nulls(len(keep), pa.string())
+    line = pa.array(lines, pa.int64()) if lines is not None else pa.nulls(len(keep), pa.int64())
     table = pa.table({"keep": pa.array(keep, pa.bool_()), "text": pa.array(text, pa.string()),
-                      "num_bytes": pa.array(num_bytes, pa.int64())}, schema=EDIT_SCHEMA)
-    table = table.replace_schema_metadata({"source": source, "layout": layout})
+                      "num_bytes": pa.array(num_bytes, pa.int64()), "line": line}, schema=EDIT_SCHEMA)
+    table = table.replace_schema_metadata({"source": source, "layout": layout,
+                                           **({"prefix": prefix} if prefix is not None else {})})
     with store.writing(rel, durable=False) as tmp, pa.OSFile(tmp, "wb") as sink, \
             ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -46,6 +54,13 @@ def read_rows(store: Store, rel: str, split: str, start: int, stop: int) -> Iter
     if OFFSET_MARK in rel:
         rel, offset = rel.rsplit(OFFSET_MARK, 1)
         start, stop = start + int(offset), stop + int(offset)
+    if LINES_MARK in rel:
+        rel, shift = rel.rsplit(LINES_MARK, 1)
+        for rows in iter_part_rows(store, rel, split, start, stop):
+            lines = pc.add(rows.column("line"), int(shift)).to_pylist()
+            yield rows.set_column(rows.schema.get_field_index("images"), "images",
+                                  _renamed(rows.column("images").to_pylist(), lines, 0))
+        return
     if not rel.endswith(EDIT_SUFFIX):
         yield from iter_part_rows(store, rel, split, start, stop)
         return
@@ -74,7 +89,7 @@ def read_rows(store: Store, rel: str, split: str, start: int, stop: int) -> Iter
             rows = batch.slice(int(local[0]), len(local))
         else:
             rows = batch.take(pa.array(local))
-        yield _to_part(rows, meta["layout"], split, edits.take(pa.array(take)))
+        yield _to_part(rows, meta["layout"], split, edits.take(pa.array(take)), meta.get("prefix"))
         if hi > wanted[-1]:
             break
 
@@ -104,7 +119,20 @@ def _arrow_batches(source: str) -> Iterator[pa.RecordBatch]:
         yield from ipc.open_stream(stream)
 
 
-def _to_part(rows, layout: str, split: str, edits: pa.Table) -> pa.Table:
+def new_name(name: str, line: int) -> str:
+    """An fs-image file name (``{line:08d}-{stem}...``) with another manifest line number."""
+    return f"{line:0{LINE_DIGITS}d}{name[LINE_DIGITS:]}"
+
+
+def _renamed(images: list, lines: list[int], cut: int) -> pa.Array:
+    """fs-image rows' paths (``cut`` characters of prefix dropped) renamed to their new lines."""
+    skip = cut + len(IMAGES_PREFIX)
+    return pa.array([[{"bytes": None, "path": IMAGES_PREFIX + new_name(
+        (im["path"] if isinstance(im, dict) else im)[skip:], line)} for im in row]
+        for row, line in zip(images, lines)], pa.list_(IMAGE_STRUCT))
+
+
+def _to_part(rows, layout: str, split: str, edits: pa.Table, prefix: str | None = None) -> pa.Table:
     n = rows.num_rows
     new_text = edits.column("text")
     if layout == "parquet":
@@ -116,7 +144,11 @@ def _to_part(rows, layout: str, split: str, edits: pa.Table) -> pa.Table:
         text = pa.nulls(n, pa.string())
     else:
         image_id = pa.nulls(n, pa.string())
-        images = images_from_modalities(rows.column("modalities"))
+        if prefix is not None:  # fs-image: the paths, renamed to the rows' new manifest lines
+            values = [[m["value"] for m in mods] for mods in rows.column("modalities").to_pylist()]
+            images = _renamed(values, edits.column("line").to_pylist(), len(prefix))
+        else:
+            images = images_from_modalities(rows.column("modalities"))
         output = pa.nulls(n, pa.string())
         meta = pa.array(["{}"] * n, pa.string())
         if "conversations" in rows.schema.names:
