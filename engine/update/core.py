@@ -166,15 +166,7 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     images = _place_images(ds, scans, next_store) if ds.fs_image else None
     specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added, images)
     log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
-    progress.start(len(specs), "writing shards", unit="shard")
-    shards = []
-    with Finisher() as finisher:
-        for i, spec in enumerate(specs):
-            shards.append(write_shard(spec, finisher))
-            progress.advance(1, 0)
-            if i == 0:
-                crash_point("update-first-shard")
-    progress.close()
+    shards = write_shards(specs, progress)
     log.debug("shards written at %.2f s", time.perf_counter() - started)
     doc = _finish(ds, opts, inputs, task, next_store, shards, features, num_bytes, row_ids, report,
                   command, time.perf_counter() - started)
@@ -452,6 +444,20 @@ def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tup
         sc.paths = None
     return prefix, shift
 
+
+
+def write_shards(specs: list, progress: Progress) -> list:
+    """Write the planned shards through convert's writers, one after another (a crash point after the first)."""
+    progress.start(len(specs), "writing shards", unit="shard")
+    shards = []
+    with Finisher() as finisher:
+        for i, spec in enumerate(specs):
+            shards.append(write_shard(spec, finisher))
+            progress.advance(1, 0)
+            if i == 0:
+                crash_point("update-first-shard")
+    progress.close()
+    return shards
 
 def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: list,
           images: tuple[str, int] | None = None):

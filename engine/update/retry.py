@@ -33,13 +33,12 @@ from engine.pipeline import process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import order_meta_keys
 from engine.runners import make_runner
-from engine.sinks.shards import write_shard
-from engine.sinks.store import WORK_DIR, Finisher, Store
+from engine.sinks.store import WORK_DIR, Store
 from engine.sources import location
 from engine.sources.manifest import BOM, parse_row, plan_manifest
 from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
-from engine.update.core import Report, _list_files, _owned_files, scan
+from engine.update.core import Report, _list_files, _owned_files, scan, write_shards
 from engine.update.dataset import Dataset, convert_options, open_dataset
 from engine.update.ids import ROW_IDS_SCHEMA, text_chars, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions
@@ -129,15 +128,7 @@ def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, 
         new_rejects[line] = {"line": line, "image_id": image_id, "stage": "duplicate",
                              "reason": f"image_id {image_id!r} is already in the dataset (added by a later update)"}
     specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, results, lines_of)
-    progress.start(len(specs), "writing shards", unit="shard")
-    shards = []
-    with Finisher() as finisher:
-        for i, spec in enumerate(specs):
-            shards.append(write_shard(spec, finisher))
-            progress.advance(1, 0)
-            if i == 0:
-                crash_point("update-first-shard")
-    progress.close()
+    shards = write_shards(specs, progress)
     doc, counts = _finish(ds, opts, next_store, records, chosen, new_rejects, results, shards, features, num_bytes,
                           row_ids, digest, {"manifest": {"path": os.path.basename(manifest) if "://" not in manifest
                                                          else manifest, "sha256": manifest_sha}},
