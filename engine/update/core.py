@@ -171,12 +171,7 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     doc = _finish(ds, opts, inputs, task, next_store, shards, features, num_bytes, row_ids, report,
                   command, time.perf_counter() - started)
     crash_point("update-staged")
-    new_files = _list_files(next_store)
-    owned = _owned_files(ds, _list_files(store))
-    carry = sorted({f.split("/", 1)[0] for f in _list_files(store) if f not in owned}
-                   - {f.split("/", 1)[0] for f in new_files})
-    staging.commit(inputs.digest, [f for f in new_files if f != "stats.json"] + ["stats.json"],
-                   sorted(owned - set(new_files) - {"stats.json"}), carry)
+    commit_staged(staging, ds, store, next_store, inputs.digest)
     log.debug("committed at %.2f s", time.perf_counter() - started)
     progress.message(f"engine: updated {opts.out}: {_summary(report)}")
     return doc
@@ -445,6 +440,17 @@ def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tup
     return prefix, shift
 
 
+
+
+def commit_staged(staging: Staging, ds: Dataset, store: Store, next_store: Store, digest: str) -> None:
+    """Swap the staged dataset in: its files (stats.json last), the old dataset's files it no longer
+    has removed, and a user's own files in OUT carried over."""
+    new_files = _list_files(next_store)
+    owned = _owned_files(ds, _list_files(store))
+    carry = sorted({f.split("/", 1)[0] for f in _list_files(store) if f not in owned}
+                   - {f.split("/", 1)[0] for f in new_files})
+    staging.commit(digest, [f for f in new_files if f != "stats.json"] + ["stats.json"],
+                   sorted(owned - set(new_files) - {"stats.json"}), carry)
 
 def write_shards(specs: list, progress: Progress) -> list:
     """Write the planned shards through convert's writers, one after another (a crash point after the first)."""

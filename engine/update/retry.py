@@ -38,7 +38,7 @@ from engine.sources import location
 from engine.sources.manifest import BOM, parse_row, plan_manifest
 from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
-from engine.update.core import Report, _list_files, _owned_files, scan, write_shards
+from engine.update.core import Report, commit_staged, scan, write_shards
 from engine.update.dataset import Dataset, convert_options, open_dataset
 from engine.update.ids import ROW_IDS_SCHEMA, text_chars, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions
@@ -134,12 +134,7 @@ def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, 
                                                          else manifest, "sha256": manifest_sha}},
                           command, time.perf_counter() - started)
     crash_point("update-staged")
-    new_files = _list_files(next_store)
-    owned = _owned_files(ds, _list_files(store))
-    carry = sorted({f.split("/", 1)[0] for f in _list_files(store) if f not in owned}
-                   - {f.split("/", 1)[0] for f in new_files})
-    staging.commit(digest, [f for f in new_files if f != "stats.json"] + ["stats.json"],
-                   sorted(owned - set(new_files) - {"stats.json"}), carry)
+    commit_staged(staging, ds, store, next_store, digest)
     progress.message(f"engine: retried {counts['retried']:,} rejected rows of {opts.out}: {counts['written']:,} "
                      f"written, {counts['rejected_again']:,} rejected again (in rejects.jsonl)")
     return doc
