@@ -29,18 +29,21 @@ def text_chars(batch: pa.RecordBatch | pa.Table) -> pa.Array:
     return pc.utf8_length(column).fill_null(0).cast(pa.int64())
 
 
-def part_row_ids(store: Store, part: str, split: str) -> pa.Table:
-    """The ids, sizes and text sizes of one split's rows in a part file. Locally the file is
-    memory-mapped, so only these columns' pages are read, not the images."""
+def part_row_ids(store: Store, part: str, split: str, with_line: bool = False) -> pa.Table:
+    """The ids, sizes and text sizes of one split's rows in a part file (and their manifest lines,
+    ``with_line``). Locally the file is memory-mapped, so only these columns' pages are read, not the images."""
+    schema = pa.schema([("line", pa.int64()), *ROW_IDS_SCHEMA]) if with_line else ROW_IDS_SCHEMA
     source = store.open_arrow(part) if store.remote else pa.memory_map(store.path(part), "r")
     tables = []
     with source:
         for batch in ipc.open_stream(source):
             batch = batch.filter(pc.equal(batch.column("split"), split))
-            tables.append(pa.table({"split": batch.column("split"), "image_id": batch.column("image_id"),
-                                    "num_bytes": batch.column("num_bytes"), "text_chars": text_chars(batch)},
-                                   schema=ROW_IDS_SCHEMA))
-    return pa.concat_tables(tables) if tables else ROW_IDS_SCHEMA.empty_table()
+            columns = {"split": batch.column("split"), "image_id": batch.column("image_id"),
+                       "num_bytes": batch.column("num_bytes"), "text_chars": text_chars(batch)}
+            if with_line:
+                columns = {"line": batch.column("line"), **columns}
+            tables.append(pa.table(columns, schema=schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def row_ids_from_parts(store: Store, results: Sequence, splits: Sequence[str]) -> pa.Table:

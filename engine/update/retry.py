@@ -23,8 +23,6 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.ipc as ipc
 
 from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, ordered_splits, split_summary,
                            unit_context, unit_rows_for, write_layout_metadata)
@@ -40,7 +38,7 @@ from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
 from engine.update.core import Report, commit_staged, scan, write_shards
 from engine.update.dataset import Dataset, convert_options, open_dataset
-from engine.update.ids import ROW_IDS_SCHEMA, text_chars, write_row_ids
+from engine.update.ids import ROW_IDS_SCHEMA, part_row_ids, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions
 from engine.update.rows import EDIT_SUFFIX, OFFSET_MARK, read_rows, write_edit_file
 from engine.versions import versions
@@ -189,19 +187,6 @@ def _sparse_manifest(manifest: str, wanted: set[int], existing: set[str],
     return b"\n".join(out), first_line, taken
 
 
-def _part_rows(store: Store, part: str, split: str) -> pa.Table:
-    """Line, id, size and text size of one split's rows in a part file (the images are not read)."""
-    source = store.open_arrow(part) if store.remote else pa.memory_map(store.path(part), "r")
-    tables = []
-    with source:
-        for batch in ipc.open_stream(source):
-            batch = batch.filter(pc.equal(batch.column("split"), split))
-            tables.append(pa.table({"line": batch.column("line"), "split": batch.column("split"),
-                                    "image_id": batch.column("image_id"), "num_bytes": batch.column("num_bytes"),
-                                    "text_chars": text_chars(batch)}))
-    return pa.concat_tables(tables)
-
-
 def _effective_lines(ids: list[str], lines_of: dict[str, int]) -> np.ndarray:
     """Each old row's manifest line. The convert's rows come first, in line order; rows an --add
     appended (or replaced) after them have no place among them (infinite)."""
@@ -240,7 +225,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
         for r in results:
             if split not in r.sizes:
                 continue
-            t = _part_rows(next_store, r.part, split)
+            t = part_row_ids(next_store, r.part, split, with_line=True)
             n = t.num_rows
             src.append(np.full(n, len(sources)))
             sources.append(r.part)
