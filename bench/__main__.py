@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="rows per run (default: --n); more than --n cycles over the corpus's images "
                           "with distinct ids, to show how the fixed start-up cost spreads over a longer job")
     run.add_argument("--repeats", type=int, default=3)
+    run.add_argument("--ref", default=None, metavar="REV",
+                     help="also run the engine at git revision REV (tool engine-ref), interleaved: a before/after batch")
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     common(run)
 
@@ -110,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir.resolve()
     if args.command == "run":
         peers = [] if args.peers == "none" else _choices(_csv(args.peers), TOOLS[2:], "peer")
-        tools = ([] if args.no_engine else ["engine"]) + ["limit"] + peers
+        tools = ([] if args.no_engine else ["engine"]) + (["engine-ref"] if args.ref else []) + ["limit"] + peers
         opts = harness.RunOptions(
             n=args.n, scenarios=_choices(_csv(args.scenarios), SCENARIOS, "scenario"),
             tools=tools, repeats=args.repeats, workdir=workdir, results_dir=args.results,
-            workers=args.workers, command=command, timeout=args.timeout, rows=args.rows)
+            workers=args.workers, command=command, timeout=args.timeout, rows=args.rows, ref=args.ref)
         harness.run_benchmark(opts)
     elif args.command == "memory":
         harness.run_memory(sizes=[int(s) for s in _csv(args.sizes)], workdir=workdir,

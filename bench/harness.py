@@ -19,7 +19,7 @@ from bench import report
 from bench.corpora import Corpus, build_corpus, cycled, repeated_manifest, warm_page_cache
 from bench.measure import run_measured
 from bench.tools import (REPO_ROOT, SCENARIOS, NotApplicable, engine_available,
-                         engine_command, ensure_img2dataset, failure_reason, tool_command)
+                         REF_TOOL, engine_command, ensure_img2dataset, failure_reason, ref_checkout, tool_command)
 from bench.verify import check_output
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class RunOptions:
     command: str
     timeout: float = 3600
     rows: int | None = None  # rows per run when more than n: cycle over the corpus
+    ref: str | None = None  # a git revision run as "engine-ref", interleaved with "engine"
 
 
 def _env(workdir: Path, run_dir: Path) -> dict:
@@ -132,8 +133,20 @@ def ratios(tools: dict[str, dict]) -> dict[str, float]:
             if name != "engine" and t.get("median_images_per_second")}
 
 
+def pair_ratios(runs: dict[str, list[dict]]) -> dict[str, list[float]]:
+    """engine/X of each repeat: the runs of one repeat follow each other, so they share the
+    machine's state more than medians over the whole batch do."""
+    by_repeat = {tool: {r["repeat"]: r for r in rs if r.get("valid", True) and r["returncode"] == 0}
+                 for tool, rs in runs.items()}
+    engine = by_repeat.get("engine", {})
+    return {f"engine/{tool}": [round(engine[i]["images_per_second"] / r["images_per_second"], 3)
+                               for i, r in sorted(rs.items()) if i in engine]
+            for tool, rs in by_repeat.items() if tool != "engine" and rs}
+
+
 def run_benchmark(opts: RunOptions) -> list[Path]:
     unavailable: dict[str, str] = {}
+    ref_dir = ref_checkout(opts.ref, opts.workdir) if opts.ref else None
     if "engine" in opts.tools:
         reason = engine_available()
         if reason:
@@ -160,12 +173,13 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
                 run_dir = opts.workdir / "runs" / name / f"{tool}-{repeat}"
                 try:
                     command = tool_command(tool, scenario, corpus, run_dir / "out",
-                                           workers=opts.workers)
+                                           workers=opts.workers, ref_dir=ref_dir)
                 except NotApplicable as err:
                     skipped[tool] = f"not applicable: {err}"
                     continue
+                env = {"PYTHONPATH": str(ref_dir)} if tool == REF_TOOL else None
                 record = measure_tool(tool, command, corpus, run_dir, workdir=opts.workdir,
-                                      workers=opts.workers, timeout=opts.timeout)
+                                      workers=opts.workers, timeout=opts.timeout, extra_env=env)
                 record["repeat"] = repeat
                 runs[tool].append(record)
                 if tool == "engine" and record["returncode"] != 0:
@@ -175,7 +189,8 @@ def run_benchmark(opts: RunOptions) -> list[Path]:
                   "date": report.today(), "command": opts.command, "n": opts.n,
                   "rows": corpus.num_rows, "cycled": corpus.num_rows != opts.n,
                   "repeats": opts.repeats, "workers": opts.workers, "corpus": corpus.summary(),
-                  "machine": machine, "tools": tools, "ratios": ratios(tools)}
+                  "machine": machine, "tools": tools, "ratios": ratios(tools),
+                  "pair_ratios": pair_ratios(runs), "ref": opts.ref}
         stem = f"{report.today()}-{name}" + (f"-rows{corpus.num_rows}" if result["cycled"] else "")
         written.append(report.write_json(opts.results_dir, stem, result))
     report.plot_throughput(opts.results_dir)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-TOOL_ORDER = ("engine", "limit", "limit-write", "hf-datasets", "serial-pillow", "ray-data", "img2dataset")
+TOOL_ORDER = ("engine", "engine-ref", "limit", "limit-write", "hf-datasets", "serial-pillow", "ray-data", "img2dataset")
 SCENARIO_ORDER = ("photos-parquet", "small-passthrough", "photos-arrow", "mixed-parquet")
 
 

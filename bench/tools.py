@@ -38,6 +38,7 @@ SCENARIOS = {s.name: s for s in (
 
 PEERS = ("limit-write", "hf-datasets", "serial-pillow", "ray-data", "img2dataset")
 TOOLS = ("engine", "limit") + PEERS
+REF_TOOL = "engine-ref"  # the engine at another commit (`bench run --ref REV`), for before/after batches
 _PEER_MODULES = {"limit": "limit", "limit-write": "limit", "hf-datasets": "hf_datasets",
                  "serial-pillow": "serial_pillow", "ray-data": "ray_data",
                  "img2dataset": "img2dataset"}
@@ -61,10 +62,14 @@ def engine_command(*, manifest: Path, config: Path, out: Path, layout: str, mode
 
 
 def tool_command(tool: str, scenario: Scenario, corpus: Corpus, out: Path, *,
-                 workers: int) -> list[str]:
-    if tool == "engine":
-        return engine_command(manifest=corpus.manifest, config=corpus.config, out=out,
-                              layout=scenario.layout, mode=scenario.mode, workers=workers)
+                 workers: int, ref_dir: Path | None = None) -> list[str]:
+    if tool in ("engine", REF_TOOL):
+        command = engine_command(manifest=corpus.manifest, config=corpus.config, out=out,
+                                 layout=scenario.layout, mode=scenario.mode, workers=workers)
+        if tool == REF_TOOL:  # the same command line, with the reference checkout's engine first on sys.path
+            run = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('engine', run_name='__main__')"
+            command = [PYTHON, "-c", run, str(ref_dir)] + command[3:]
+        return command
     if tool not in _PEER_MODULES:
         raise ValueError(f"unknown tool {tool!r}; choose from {', '.join(TOOLS)}")
     if scenario.layout == "arrow" and tool in _NO_ARROW:
@@ -75,6 +80,17 @@ def tool_command(tool: str, scenario: Scenario, corpus: Corpus, out: Path, *,
             "--config", str(corpus.config), "--out", str(out), "--layout", scenario.layout,
             "--mode", scenario.mode, "--max-size", "1024", "--quality", "90",
             "--workers", str(workers)] + _PEER_FLAGS.get(tool, [])
+
+
+def ref_checkout(rev: str, workdir: Path) -> Path:
+    """A detached worktree of ``rev`` under ``workdir`` (made once per commit)."""
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=REPO_ROOT, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    path = workdir / f"ref-{sha[:12]}"
+    if not (path / "engine").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha], cwd=REPO_ROOT, check=True,
+                       capture_output=True)
+    return path
 
 
 def engine_available() -> str | None:
