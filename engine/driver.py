@@ -17,6 +17,7 @@ from engine import workdir
 from engine.config import ConvertOptions, TaskConfig, parse_task_config
 from engine.conversation import render_prompt, user_content
 from engine.errors import ConfigError, RejectRatioExceeded, UsageError
+from engine.imaging import configure_pillow
 from engine.pipeline import UnitContext, process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import extraction_features, order_meta_keys, packed_features
@@ -105,6 +106,7 @@ def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, em
 
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
     started = time.perf_counter()
+    configure_pillow(opts.image.max_pixels)  # the driver's threads transform images too
     progress = progress or NullProgress()
     check_filesystems(opts)
     task = load_task_config(opts.config) if opts.config else None
@@ -175,11 +177,8 @@ def _write_shards(runner: Runner, specs: list[ShardSpec]) -> Iterator[ShardResul
 
     Here, one writer keeps two cores busy (it reads the next row group while it writes one,
     see ``write_row_groups``), and each shard is fsynced and renamed in a background thread
-    while the next one is written. Memory then does not depend on how many shards a job has:
-    two writers that fsynced themselves held four row groups at a 50k-row pass-through job
-    and one at a 1k-row job (one shard). A/B on 50k rows of 150 KB: 19.5-23.0 s against
-    18.6-23.8 s, peak 249-257 MB against 269-272 MB; at 1k 227-240 MB against 233-237 MB. On
-    Ray, shards are written where Ray places them, in parallel."""
+    while the next one is written, so memory does not depend on how many shards a job has
+    (bench/GAP.md). On Ray, shards are written where Ray places them, in parallel."""
     if not runner.in_process:
         yield from runner.map_unordered(write_shard, [(s,) for s in specs], local_first=True)
         return

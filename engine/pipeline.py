@@ -23,7 +23,7 @@ import orjson
 from engine.bounds import ImageTimeout, time_limit, transform_bounded  # noqa: F401 - time_limit: the pipeline's bound
 from engine.config import FetchOptions, ImageOptions
 from engine.conversation import build_conversation, count_attachments
-from engine.imaging import EncodedImage, ImageFailure
+from engine.imaging import EncodedImage, ImageFailure, configure_pillow
 from engine.naming import safe_stem
 from engine.records import META_FIXED, Reject, Sample, SourceRef
 from engine.sinks.parts import PartWriter
@@ -102,6 +102,7 @@ def check_row(row: ManifestRow, ctx: UnitContext) -> _Checked | Reject:
 
 def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     started = time.perf_counter()
+    configure_pillow(ctx.image.max_pixels)  # a unit may be a Ray worker's first image work
     duplicates = frozenset(unit.duplicate_lines)
     rejects: list[Reject] = []
     ready: list[_Checked] = []

@@ -34,6 +34,7 @@ from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_f
                            fs_image_prefix, ordered_splits, split_summary, unit_context, unit_rows_for,
                            write_layout_metadata)
 from engine.errors import EngineError, UsageError
+from engine.imaging import configure_pillow
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.stats import merge_image_changes
 from engine.progress import NullProgress, Progress
@@ -103,6 +104,7 @@ class Report:
 
 
 def update(opts: UpdateOptions, progress: Progress | None = None, command: str = "") -> dict[str, Any]:
+    configure_pillow()
     if opts.retry_rejected:
         from engine.update.retry import retry
 

@@ -27,6 +27,7 @@ import pyarrow as pa
 from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, ordered_splits, split_summary,
                            unit_context, unit_rows_for, write_layout_metadata)
 from engine.errors import UsageError
+from engine.imaging import configure_pillow
 from engine.pipeline import process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import order_meta_keys
@@ -58,6 +59,7 @@ def parse_stages(text: str) -> tuple[str, ...]:
 
 
 def retry(opts: UpdateOptions, progress: Progress | None = None, command: str = "") -> dict[str, Any]:
+    configure_pillow()
     started = time.perf_counter()
     progress = progress or NullProgress()
     store = Store(opts.out)
