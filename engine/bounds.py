@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 
 from engine.config import ImageOptions
-from engine.imaging import EncodedImage, ImageFailure, transform_image
+from engine.imaging import EncodedImage, ImageFailure, configure_pillow, transform_image
 
 # Wall time past the CPU bound after which a starved thread is stopped and re-checked in isolation.
 GRACE_SECONDS = 2.0
@@ -226,6 +226,7 @@ def transform_isolated(data: bytes, opts: ImageOptions) -> EncodedImage | ImageF
 def _isolated_main(seconds: float, memory: int) -> int:
     """The re-check's process: limits first, then the transform; the result is pickled to stdout."""
     data, opts = pickle.loads(sys.stdin.buffer.read())
+    configure_pillow(opts.max_pixels)
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     cpu = resource.getrusage(resource.RUSAGE_SELF)
     hard = math.ceil(cpu.ru_utime + cpu.ru_stime + seconds) + 2  # the kernel's stop, if a C call never returns

@@ -3,7 +3,6 @@ accounting (rejects.jsonl, stats.json) and the layout's metadata. Knows no Ray a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -14,10 +13,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from engine.config import ConvertOptions, FetchOptions, ImageOptions, TaskConfig, parse_task_config
+from engine import workdir
+from engine.config import ConvertOptions, TaskConfig, parse_task_config
 from engine.conversation import render_prompt, user_content
 from engine.errors import ConfigError, RejectRatioExceeded, UsageError
-from engine.pipeline import UnitContext, UnitResult, load_unit_result, process_unit
+from engine.imaging import configure_pillow
+from engine.pipeline import UnitContext, process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import extraction_features, order_meta_keys, packed_features
 from engine.runners import make_runner
@@ -25,7 +26,7 @@ from engine.runners.base import Runner, run_item
 from engine.sinks.arrow import arrow_shard_path, write_dataset_dict, write_save_to_disk_metadata
 from engine.sinks.card import dataset_card
 from engine.sinks.chunking import plan_chunks
-from engine.sinks.store import WORK_DIR, Finisher, Store
+from engine.sinks.store import Finisher, Store
 from engine.sinks.parquet import parquet_shard_path
 from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
 from engine.sources import location
@@ -33,6 +34,8 @@ from engine.sources.manifest import check_has_rows, plan_manifest
 from engine.stats import RunStats, merge_image_changes
 from engine.update.ids import row_ids_from_parts, write_row_ids
 from engine.versions import versions
+from engine.workdir import (UnitResult, check_finished_matches, is_finished, load_unit_result, prepare_out,
+                            run_fingerprint, run_state)
 
 log = logging.getLogger(__name__)
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
@@ -87,102 +90,6 @@ def check_filesystems(opts: ConvertOptions) -> None:
             raise UsageError(f"{option} {where} needs the {package} package, which is not installed: {how}") from None
 
 
-def prepare_out(store: Store, overwrite: bool, resume: bool) -> None:
-    """Check the output folder is free (or may be replaced, or resumed)."""
-    if not store.remote and os.path.exists(store.root) and not os.path.isdir(store.root):
-        raise UsageError(f"--out {store.root} exists and is not a folder")
-    entries = store.entries()
-    if entries:
-        if resume:
-            if WORK_DIR not in entries:
-                raise UsageError(f"cannot resume: {store.root} holds no interrupted run (no {WORK_DIR}/ folder)")
-        elif not overwrite:
-            raise UsageError(f"output folder {store.root} is not empty; pass --overwrite to replace its contents, "
-                             "or --resume to finish an interrupted run")
-        else:
-            for entry in entries:
-                store.remove(entry)
-    store.make_dirs(f"{WORK_DIR}/parts")
-
-
-def is_finished(store: Store) -> bool:
-    """stats.json is written last and the work folder removed after it: both say 'done'."""
-    return store.is_file("stats.json") and not store.exists(WORK_DIR)
-
-
-def run_state(store: Store, opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str,
-              unit_rows: int) -> int:
-    """Record (or, when resuming, check) what this run produces; returns the unit size to use.
-
-    A resumed run must produce the same dataset: same output-defining options, same manifest
-    and config bytes. The unit size is kept, so completed units line up with the plan.
-    """
-    rel = f"{WORK_DIR}/run.json"
-    fingerprint = run_fingerprint(opts, task, manifest_sha256)
-    if store.exists(rel):
-        previous = orjson.loads(store.read_bytes(rel))
-        if previous["fingerprint"] != fingerprint:
-            changed = sorted(_differences(previous["fingerprint"], fingerprint))
-            raise UsageError(f"cannot resume: this run differs from the interrupted one in {', '.join(changed)}; "
-                             "resuming would mix two datasets (use --overwrite to start again)")
-        return int(previous["unit_rows"])
-    store.write_bytes(rel, orjson.dumps({"fingerprint": fingerprint, "unit_rows": unit_rows}, option=orjson.OPT_INDENT_2))
-    return unit_rows
-
-
-def run_fingerprint(opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str) -> dict[str, Any]:
-    """What decides the dataset's content: the output-defining options and the inputs' bytes."""
-    fingerprint = {"options": opts.output_defining(), "manifest_sha256": manifest_sha256,
-                   "config_sha256": hashlib.sha256(task.raw).hexdigest() if task else None}
-    return orjson.loads(orjson.dumps(fingerprint))
-
-
-def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig | None) -> dict[str, Any]:
-    """``--resume`` on a finished output: its stats, if it is the dataset this run would make;
-    otherwise a usage error naming what differs, so the user never takes the old dataset for
-    the one they asked for."""
-    stats = orjson.loads(store.read_bytes("stats.json"))
-    digest = hashlib.sha256()
-    with location.open_binary(opts.manifest) as f:
-        while block := f.read(2**20):
-            digest.update(block)
-    fingerprint = run_fingerprint(opts, task, digest.hexdigest())
-    # an output from before fingerprints were kept in stats.json: compare its resolved options
-    previous = stats.get("fingerprint") or {**fingerprint, "options": _output_defining(stats.get("options", {}))}
-    for doc in (previous, fingerprint):  # a finished dataset may have been moved: still the same one
-        doc["options"].pop("out", None)
-    changed = sorted(_differences(previous, fingerprint))
-    if changed:
-        raise UsageError(f"cannot resume: {opts.out} is a finished dataset made with a different {', '.join(changed)}; "
-                         "use --overwrite to replace it")
-    return stats
-
-
-def _output_defining(options: dict[str, Any]) -> dict[str, Any]:
-    """The output-defining part of a stats.json's resolved options. An option the older engine
-    did not have is None, so it shows as a difference: that engine wrote without it."""
-    try:
-        doc = ConvertOptions(**{**options, "image": ImageOptions(**options["image"]),
-                                "fetch": FetchOptions(**options["fetch"])}).output_defining()
-    except (TypeError, KeyError, UsageError):  # options this engine cannot read
-        return options
-    for key, value in doc.items():
-        if key not in options:
-            doc[key] = None
-        elif isinstance(value, dict):
-            doc[key] = {k: v if k in options[key] else None for k, v in value.items()}
-    return doc
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b)):
-            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".") or "(root)"]
-
-
 def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, embedded: bool) -> UnitContext:
     user = None
     if task is not None and opts.layout == "arrow":
@@ -199,6 +106,7 @@ def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, em
 
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
     started = time.perf_counter()
+    configure_pillow(opts.image.max_pixels)  # the driver's threads transform images too
     progress = progress or NullProgress()
     check_filesystems(opts)
     task = load_task_config(opts.config) if opts.config else None
@@ -255,7 +163,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     summary = finish(store, opts, task, results, shards, features, stats, command, workers=runner.num_workers,
                      fingerprint=run_fingerprint(opts, task, plan.sha256))
     log.debug("finished at %.2f s", time.perf_counter() - started)
-    store.remove(WORK_DIR)
+    workdir.remove(store)
     progress.message(f"engine: {stats.summary()} -> {opts.out}")
     if stats.reject_ratio > opts.max_reject_ratio:
         raise RejectRatioExceeded(
@@ -269,11 +177,8 @@ def _write_shards(runner: Runner, specs: list[ShardSpec]) -> Iterator[ShardResul
 
     Here, one writer keeps two cores busy (it reads the next row group while it writes one,
     see ``write_row_groups``), and each shard is fsynced and renamed in a background thread
-    while the next one is written. Memory then does not depend on how many shards a job has:
-    two writers that fsynced themselves held four row groups at a 50k-row pass-through job
-    and one at a 1k-row job (one shard). A/B on 50k rows of 150 KB: 19.5-23.0 s against
-    18.6-23.8 s, peak 249-257 MB against 269-272 MB; at 1k 227-240 MB against 233-237 MB. On
-    Ray, shards are written where Ray places them, in parallel."""
+    while the next one is written, so memory does not depend on how many shards a job has
+    (bench/GAP.md). On Ray, shards are written where Ray places them, in parallel."""
     if not runner.in_process:
         yield from runner.map_unordered(write_shard, [(s,) for s in specs], local_first=True)
         return

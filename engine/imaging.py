@@ -1,7 +1,9 @@
 """Pure bytes -> bytes image work: decode, EXIF orientation, downscale, re-encode or pass through.
 
 Nothing here touches files, stats or Ray. ``transform_image`` never raises for a bad image:
-it returns an :class:`ImageFailure` whose reason goes to rejects.jsonl.
+it returns an :class:`ImageFailure` whose reason goes to rejects.jsonl. Importing this module
+changes nothing of Pillow's process-wide state: a process calls :func:`configure_pillow` once
+before its image work (the driver, each unit, update, inspect, the isolated re-check do).
 
 The order of operations follows what measured fastest (FORMATS.md §6): JPEG DCT scaling
 (``draft``) to the smallest scale still at least the target, ``thumbnail``, and only then the
@@ -26,13 +28,6 @@ from PIL import Image, ImageFile, TiffImagePlugin, features
 from engine.config import DEFAULT_FORMATS, ImageOptions
 from engine.jpeg_header import MAX_JPEG_SIDE, jpeg_end, read_jpeg_header
 from engine.libwarnings import route_library_messages
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-route_library_messages()  # Pillow's and libtiff's per-file messages: to logging, not stderr
-# The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-# "... because AVIF support not installed": the reject reason says so (sniff_non_image).
-warnings.filterwarnings("ignore", message="image file could not be identified", category=UserWarning)
 
 
 class _ThreadWarnings:
@@ -67,9 +62,31 @@ class _ThreadWarnings:
             self._local.caught = None
 
 
-if not isinstance(TiffImagePlugin.warnings, _ThreadWarnings):
-    TiffImagePlugin.warnings = _ThreadWarnings(TiffImagePlugin.warnings)
-_TIFF_WARNINGS: _ThreadWarnings = TiffImagePlugin.warnings
+_TIFF_WARNINGS = _ThreadWarnings(warnings)  # put in TiffImagePlugin's place by configure_pillow
+_CONFIGURE_LOCK = threading.Lock()
+_configured = False
+
+
+def configure_pillow(max_pixels: int | None = None) -> None:
+    """Set the process-wide state of Pillow that the engine's image work relies on; calling it
+    again changes nothing. ``max_pixels`` (the run's --max-pixels) raises Pillow's own
+    decompression-bomb limit to it, never lowers it: the engine enforces its limit from the
+    header, and Pillow's open stops only images of over twice that."""
+    global _configured
+    with _CONFIGURE_LOCK:
+        if not _configured:
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            route_library_messages()  # Pillow's and libtiff's per-file messages: to logging, not stderr
+            # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            # "... because AVIF support not installed": the reject reason says so (sniff_non_image).
+            warnings.filterwarnings("ignore", message="image file could not be identified", category=UserWarning)
+            if TiffImagePlugin.warnings is not _TIFF_WARNINGS:  # EXIF warnings, per thread (see _ThreadWarnings)
+                _TIFF_WARNINGS._real = TiffImagePlugin.warnings
+                TiffImagePlugin.warnings = _TIFF_WARNINGS
+            _configured = True
+        if max_pixels is not None and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+            Image.MAX_IMAGE_PIXELS = max_pixels
 
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
@@ -94,10 +111,8 @@ WARNING_ORIENTATION_INVALID = "exif_orientation_invalid"  # orientation 0, 9 or 
 WARNING_EXIF_UNREADABLE = "exif_unreadable"  # a block Pillow cannot fully parse: read as far as it can
 # Widest side each encoder can write: libjpeg's JPEG_MAX_DIMENSION, libwebp's WEBP_MAX_DIMENSION.
 _MAX_SIDE = {"jpeg": MAX_JPEG_SIDE, "webp": 16383}
-# Bytes a JPEG's decoder is given per call. Pillow's default (ImageFile.MAXBLOCK, 64 KB) makes
-# about 40 calls for a 2.5 MB photo, each giving the GIL back and taking it again, so the
-# driver's threads queue for it; one call per photo decoded 200 photos in two threads 5-8%
-# faster (same pixels), and one thread 2.5% faster. The cap bounds the copy a larger file costs.
+# Bytes a JPEG's decoder is given per call: one call per photo, not one per 64 KB that each take
+# the GIL again (faster in threads, bench/GAP.md); the cap bounds the copy a larger file costs.
 # Set per image in _open, not through Pillow's process-wide ImageFile.MAXBLOCK, which every
 # other decoder and encoder in the process (a library user's too) would inherit.
 JPEG_DECODE_BLOCK = 4 << 20
@@ -127,7 +142,8 @@ class ImageFailure:
 
 
 def transform_image(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
-    """Make ``data`` upright, at most ``opts.max_size`` on its longest side, in a storable mode."""
+    """Make ``data`` upright, at most ``opts.max_size`` on its longest side, in a storable mode
+    (in a process that called ``configure_pillow(opts.max_pixels)``)."""
     if not data:
         return ImageFailure("empty file (0 bytes)")
     try:
@@ -143,8 +159,6 @@ def transform_image(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFail
 
 
 def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
-    if opts.max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
-        Image.MAX_IMAGE_PIXELS = opts.max_pixels
     if opts.passthrough:
         kept = _keep_plain_jpeg(data, opts)
         if kept is not None:

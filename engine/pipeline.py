@@ -23,16 +23,17 @@ import orjson
 from engine.bounds import ImageTimeout, time_limit, transform_bounded  # noqa: F401 - time_limit: the pipeline's bound
 from engine.config import FetchOptions, ImageOptions
 from engine.conversation import build_conversation, count_attachments
-from engine.imaging import EncodedImage, ImageFailure
+from engine.imaging import EncodedImage, ImageFailure, configure_pillow
 from engine.naming import safe_stem
 from engine.records import META_FIXED, Reject, Sample, SourceRef
 from engine.sinks.parts import PartWriter
-from engine.sinks.store import WORK_DIR, Store
+from engine.sinks.store import Store
 from engine.sources.fetch import FetchFailure, Fetcher, FetchTally
 from engine.sources.location import local_path, open_binary
 from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
 from engine.stats import ImageTally
 from engine.validate import validator_for
+from engine.workdir import UnitResult, unit_paths
 
 log = logging.getLogger(__name__)
 MAX_OUTPUT_BYTES = 1 << 20  # an `output` larger than 1 MiB is rejected at the validate stage
@@ -57,71 +58,6 @@ class UnitContext:
     # Part files may reference unchanged local source images instead of copying them: true
     # when every process of the run (the shard writers too) sees this machine's files.
     reference_sources: bool = False
-
-
-@dataclass(slots=True)
-class UnitResult:
-    index: int
-    num_rows: int
-    num_written: int
-    num_passthrough: int
-    rejected: dict[str, int]
-    meta_keys: tuple[str, ...]  # extra meta keys seen (beyond the fixed ones)
-    text_columns: tuple[str, ...]  # packed layout: 'conversations' and/or 'text' seen
-    sizes: dict[str, np.ndarray]  # split -> byte size of every written row, in line order
-    part: str | None
-    rejects: str | None
-    seconds: float
-    part_bytes: int | None = None  # sizes of the unit's files, checked when resuming
-    rejects_bytes: int | None = None
-    node: str | None = field(default=None)
-    warnings: dict[str, int] = field(default_factory=dict)  # kind -> images written despite it
-    fetch: dict[str, int] | None = None  # what fetching cost over HTTP (FetchTally), when it was used
-    images: dict | None = None  # stats.json "images" of this unit (engine.stats.image_changes)
-
-
-    def to_json(self) -> bytes:
-        doc = {k: getattr(self, k) for k in self.__slots__}
-        doc["sizes"] = {k: v.tolist() for k, v in self.sizes.items()}
-        return orjson.dumps(doc)
-
-    @classmethod
-    def from_json(cls, raw: bytes) -> UnitResult:
-        doc = orjson.loads(raw)
-        doc["sizes"] = {k: np.asarray(v, dtype=np.int64) for k, v in doc["sizes"].items()}
-        doc["meta_keys"], doc["text_columns"] = tuple(doc["meta_keys"]), tuple(doc["text_columns"])
-        return cls(**doc)
-
-
-def unit_paths(index: int) -> tuple[str, str, str]:
-    """The unit's part file, its rejects, and its result (paths relative to OUT): the checkpoint a
-    resumed run trusts."""
-    stem = f"{WORK_DIR}/parts/unit-{index:06d}"
-    return stem + ".arrow", stem + ".rejects.jsonl", stem + ".json"
-
-
-def load_unit_result(store: Store, index: int) -> UnitResult | None:
-    """The result of a unit that completed in an earlier run, or None (then it is redone).
-
-    Scratch files are not fsynced (see ``Store.writing``), so after a power loss a checkpoint
-    may be empty or name a part file that came back short: the checkpoint must parse and
-    every file it names must have exactly the recorded size."""
-    part, _, result = unit_paths(index)
-    try:
-        done = UnitResult.from_json(store.read_bytes(result))
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError, KeyError):  # empty or torn checkpoint
-        log.warning("unit %d: unreadable checkpoint; redoing the unit", index)
-        return None
-    recorded = {part: done.part_bytes}
-    if done.rejects is not None:
-        recorded[done.rejects] = done.rejects_bytes
-    for path, size in recorded.items():
-        if size is None or store.size(path) != size:
-            log.warning("unit %d: %s missing or not the recorded size; redoing the unit", index, path)
-            return None
-    return done
 
 
 @functools.lru_cache(maxsize=4)
@@ -166,6 +102,7 @@ def check_row(row: ManifestRow, ctx: UnitContext) -> _Checked | Reject:
 
 def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     started = time.perf_counter()
+    configure_pillow(ctx.image.max_pixels)  # a unit may be a Ray worker's first image work
     duplicates = frozenset(unit.duplicate_lines)
     rejects: list[Reject] = []
     ready: list[_Checked] = []

@@ -39,6 +39,11 @@ import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
 import imagegen  # noqa: E402,F401  (re-exported for tests)
+from engine.config import ImageOptions  # noqa: E402
+from engine.imaging import configure_pillow  # noqa: E402
+
+# This process does image work as a run's would: Pillow configured once, before any test.
+configure_pillow(ImageOptions().max_pixels)
 
 SHARD_NAME = r"(?P<split>[\w.]+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.parquet"
 

@@ -1,6 +1,6 @@
-"""The driver's own threads (the runner's local lane): what they run, when Ray is worth starting
-instead, and the two pieces of per-image code that must behave the same in a helper thread as
-in the main thread (the time bound and the EXIF warnings)."""
+"""The driver's own threads (the runner's local lane): what they run, and the two pieces of
+per-image code that must behave the same in a helper thread as in the main thread (the time
+bound and the EXIF warnings). When Ray is worth starting instead: tests/unit/test_cost.py."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from engine import imaging
 from engine.config import ImageOptions
 from engine.imaging import WARNING_EXIF_UNREADABLE, ImageFailure, metadata_orientation, transform_image
 from engine.pipeline import ImageTimeout, time_limit
-from engine.runners.ray_runner import RayRunner, _LocalLane
+from engine.runners.ray_runner import RayRunner
 
 
 def _exif_jpeg(truncate: int) -> bytes:
@@ -117,39 +117,6 @@ def test_time_limit_counts_work_not_waiting():
     with time_limit(0.3):
         time.sleep(0.6)
     assert time.monotonic() - started >= 0.6
-
-
-def _lane_with(seconds_per_item: float, cores_used: float, items: int, threads: int = 2) -> _LocalLane:
-    """A lane whose items ended every ``seconds_per_item`` with ``cores_used`` cores busy."""
-    lane = _LocalLane(lambda: None, threads)
-    lane._ends.extend((i * seconds_per_item, i * seconds_per_item * cores_used) for i in range(1, items + 1))
-    return lane
-
-
-def test_ray_starts_only_where_its_processes_promise_a_real_gain():
-    two, sixteen = RayRunner(workers=2), RayRunner(workers=16)
-    # each thread's first item is left out, and one more round is needed
-    assert _LocalLane(lambda: None, 2).measured() is None
-    assert _lane_with(0.03, 1.0, items=3).measured() is None
-    assert _lane_with(0.03, 1.0, items=4).measured() == pytest.approx((0.03, 1.0))
-    assert not two._worth_starting(_lane_with(0.03, 1.0, items=3), remaining=100_000)
-    # image work keeps both cores busy in threads: Ray would only add its start-up
-    photos = _lane_with(0.6, 1.9, items=6)
-    assert not two._worth_starting(photos, remaining=10_000)
-    # threads already keeping 1.4 of 2 cores busy: Ray promises too little
-    assert not two._worth_starting(_lane_with(0.015, 1.4, items=6), remaining=100_000)
-    # GIL-bound work: one core busy of two; worth Ray's cost only for a long job
-    gil_bound = _lane_with(0.03, 1.0, items=6)
-    assert not two._worth_starting(gil_bound, remaining=100)  # 1.5 s saved < Ray's cost
-    assert two._worth_starting(gil_bound, remaining=2_000)  # 30 s saved
-    assert two._worth_starting(gil_bound, remaining=None)  # unknown length: assume long
-    # promised ~8 s: 50k pass-through rows of 150 KB looked like this and ran slower on Ray
-    assert not two._worth_starting(_lane_with(0.1, 1.17, items=6), remaining=192)
-    # promised ~14 s, saved nothing, once the parts stopped copying the images (same job)
-    assert not two._worth_starting(_lane_with(0.16, 1.10, items=6), remaining=192)
-    # on 16 cores, threads keeping 6 busy leave most of the machine to Ray
-    assert sixteen._worth_starting(_lane_with(0.1, 6.0, items=40, threads=16), remaining=1_000)
-    assert not sixteen._worth_starting(_lane_with(0.1, 15.0, items=40, threads=16), remaining=1_000)
 
 
 def test_small_job_runs_on_the_drivers_threads_without_ray():

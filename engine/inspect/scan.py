@@ -23,6 +23,7 @@ import xxhash
 from PIL import Image
 
 from engine.config import DEFAULT_ATTACHMENT_TOKEN
+from engine.imaging import configure_pillow
 from engine.inspect.leakage import LeakIndex, Leakage
 from engine.inspect.source import FS, Dataset, Rows, iter_rows, load_image_bytes, row_count
 from engine.jpeg_header import JpegHeader, read_jpeg_header
@@ -384,6 +385,7 @@ def thumbnail(data: bytes | None) -> bytes | None:
 def scan(ds: Dataset, fs: FS, *, decode: bool = True, phash: bool = True, samples: int = 12, seed: int = 0,
          progress: Callable[[int], None] | None = None, start: Callable[[int | None], None] | None = None) -> ScanResult:
     """Read every row once and return the accumulated statistics."""
+    configure_pillow()
     scanner = Scanner(ds, fs, decode=decode, phash=phash, samples=samples, seed=seed)
     if start is not None:
         start(row_count(ds, fs))

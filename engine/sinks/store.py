@@ -23,8 +23,7 @@ import pyarrow as pa
 
 from engine.errors import ShardError, reason
 from engine.sources.location import local_path
-
-WORK_DIR = ".engine"  # scratch space inside OUT: parts, checkpoints, temporary files
+from engine.workdir import TMP_DIR
 
 
 class Finisher:
@@ -105,9 +104,8 @@ class Store:
 
         ``durable=False`` skips the fsync before the rename, for scratch files that a resumed run
         checks anyway (part files and unit checkpoints). A process crash loses nothing either
-        way; only a power loss can leave such a file short, and the resume check redoes its unit.
-        The fsync of every part cost about a quarter of a pass-through run (10k rows: 6.7-7.3 s
-        against 4.8-5.2 s without any fsync).
+        way; only a power loss can leave such a file short, and the resume check redoes its unit
+        (``engine.workdir.load_unit_result``). The fsync of every part was slow (bench/GAP.md).
 
         With a ``finisher``, the last step (fsync and rename, or the upload) runs in its thread
         while the caller writes the next file; ``Finisher.wait`` reports its failures."""
@@ -122,7 +120,7 @@ class Store:
                 shutil.rmtree(folder, ignore_errors=True)
         else:
             final = self.path(rel)
-            tmp_dir = self.path(f"{WORK_DIR}/tmp")
+            tmp_dir = self.path(TMP_DIR)
             os.makedirs(tmp_dir, exist_ok=True)
             tmp = os.path.join(tmp_dir, f".{os.path.basename(final)}.{uuid.uuid4().hex[:12]}.tmp")
 

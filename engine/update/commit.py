@@ -25,8 +25,9 @@ import shutil
 
 import orjson
 
+from engine import workdir
 from engine.errors import UsageError
-from engine.sinks.store import WORK_DIR, Store
+from engine.sinks.store import Store
 
 STAGING = ".engine-update"  # on object storage, inside OUT
 _RENAME_EXCHANGE = 2
@@ -111,7 +112,7 @@ class Staging:
         self.discard()
         self._state.make_dirs("")
         self._write_state({"phase": "staging", "digest": digest})
-        self.next.make_dirs(f"{WORK_DIR}/parts")
+        workdir.make(self.next)
         return self.next
 
     def recover(self) -> str | None:
@@ -128,7 +129,7 @@ class Staging:
         """Make the staged dataset the dataset. ``files``: what the new dataset holds (relative
         paths, stats.json last); ``stale``: the old dataset's files it no longer has; ``carry``:
         entries of OUT that are not the dataset's (a user's own files), kept in the new folder."""
-        self.next.remove(WORK_DIR)
+        workdir.remove(self.next)
         stats = self.next.read_bytes("stats.json")
         state = {"phase": "committing", "digest": digest, "stats_sha256": hashlib.sha256(stats).hexdigest(),
                  "files": files, "stale": stale, "carry": carry}

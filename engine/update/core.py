@@ -34,13 +34,14 @@ from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_f
                            fs_image_prefix, ordered_splits, split_summary, unit_context, unit_rows_for,
                            write_layout_metadata)
 from engine.errors import EngineError, UsageError
+from engine.imaging import configure_pillow
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.stats import merge_image_changes
 from engine.progress import NullProgress, Progress
 from engine.records import META_FIXED, Reject, order_meta_keys
 from engine.runners import make_runner
 from engine.sinks.shards import write_shard
-from engine.sinks.store import WORK_DIR, Finisher, Store
+from engine.sinks.store import Finisher, Store
 from engine.sources.manifest import parse_row, plan_manifest, read_unit_lines
 from engine.update.commit import Staging, crash_point
 from engine.update.dataset import Dataset, convert_options, open_dataset
@@ -50,6 +51,7 @@ from engine.update.rows import (EDIT_SUFFIX, IMAGES_PREFIX, LINE_DIGITS, LINES_M
                                 write_edit_file)
 from engine.validate import OutputValidator
 from engine.versions import versions
+from engine.workdir import EDITS_DIR
 
 log = logging.getLogger(__name__)
 LISTED = 1000  # at most this many ids of each list are kept in stats.json's history
@@ -102,6 +104,7 @@ class Report:
 
 
 def update(opts: UpdateOptions, progress: Progress | None = None, command: str = "") -> dict[str, Any]:
+    configure_pillow()
     if opts.retry_rejected:
         from engine.update.retry import retry
 
@@ -475,7 +478,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
         for k, sc in enumerate(scans):
             if sc.split != split or not sc.keep.any():
                 continue
-            rel = f"{WORK_DIR}/edits/{k:05d}{EDIT_SUFFIX}"
+            rel = f"{EDITS_DIR}/{k:05d}{EDIT_SUFFIX}"
             write_edit_file(next_store, rel, ds.store.path(sc.rel), ds.layout, sc.keep,
                             sc.texts, sc.sizes, sc.lines, images[0] if images else None)
             parts.append((rel, sc.sizes[sc.keep]))

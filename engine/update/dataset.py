@@ -12,7 +12,8 @@ import pyarrow.ipc as ipc
 
 from engine.config import ConvertOptions, FetchOptions, ImageOptions, TaskConfig, parse_task_config
 from engine.errors import ConfigError, UsageError
-from engine.sinks.store import WORK_DIR, Store
+from engine.sinks.store import Store
+from engine.workdir import WORK_DIR, in_progress
 from engine.update.ids import read_row_ids
 
 
@@ -42,7 +43,7 @@ class Dataset:
 def open_dataset(store: Store) -> Dataset:
     """The finished dataset in ``store``, or a UsageError saying why it is not one."""
     root = store.root
-    if store.exists(WORK_DIR):
+    if in_progress(store):
         raise UsageError(f"{root} holds an unfinished conversion ({WORK_DIR}/); finish it with "
                          "'engine convert --resume' first")
     if not store.is_file("stats.json"):

@@ -27,11 +27,12 @@ import pyarrow as pa
 from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, ordered_splits, split_summary,
                            unit_context, unit_rows_for, write_layout_metadata)
 from engine.errors import UsageError
+from engine.imaging import configure_pillow
 from engine.pipeline import process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import order_meta_keys
 from engine.runners import make_runner
-from engine.sinks.store import WORK_DIR, Store
+from engine.sinks.store import Store
 from engine.sources import location
 from engine.sources.manifest import BOM, parse_row, plan_manifest
 from engine.stats import merge_image_changes
@@ -42,9 +43,10 @@ from engine.update.ids import ROW_IDS_SCHEMA, part_row_ids, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions
 from engine.update.rows import EDIT_SUFFIX, OFFSET_MARK, read_rows, write_edit_file
 from engine.versions import versions
+from engine.workdir import EDITS_DIR, RETRY_MANIFEST
 
 RETRYABLE = ("fetch", "decode", "validate", "write")  # a manifest or duplicate reject would fail the same way
-SPARSE = f"{WORK_DIR}/retry-manifest.jsonl"
+SPARSE = RETRY_MANIFEST
 
 
 def parse_stages(text: str) -> tuple[str, ...]:
@@ -57,6 +59,7 @@ def parse_stages(text: str) -> tuple[str, ...]:
 
 
 def retry(opts: UpdateOptions, progress: Progress | None = None, command: str = "") -> dict[str, Any]:
+    configure_pillow()
     started = time.perf_counter()
     progress = progress or NullProgress()
     store = Store(opts.out)
@@ -210,7 +213,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
         for k, sc in enumerate(scans):
             if sc.split != split or not len(sc.ids):
                 continue
-            rel = f"{WORK_DIR}/edits/{k:05d}{EDIT_SUFFIX}"
+            rel = f"{EDITS_DIR}/{k:05d}{EDIT_SUFFIX}"
             write_edit_file(next_store, rel, ds.store.path(sc.rel), ds.layout, sc.keep, sc.texts, sc.sizes)
             n = len(sc.ids)
             src.append(np.full(n, len(sources)))
