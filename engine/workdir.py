@@ -165,16 +165,20 @@ def run_fingerprint(opts: ConvertOptions, task: TaskConfig | None, manifest_sha2
     return orjson.loads(orjson.dumps(fingerprint))
 
 
-def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig | None) -> dict[str, Any]:
+def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig | None,
+                           manifest_sha256: str | None = None) -> dict[str, Any]:
     """``--resume`` on a finished output: its stats, if it is the dataset this run would make;
     otherwise a usage error naming what differs, so the user never takes the old dataset for
-    the one they asked for."""
+    the one they asked for. ``manifest_sha256``: the input's (``Source.sha256``), else the
+    manifest file's bytes are hashed here."""
     stats = orjson.loads(store.read_bytes("stats.json"))
-    digest = hashlib.sha256()
-    with location.open_binary(opts.manifest) as f:
-        while block := f.read(2**20):
-            digest.update(block)
-    fingerprint = run_fingerprint(opts, task, digest.hexdigest())
+    if manifest_sha256 is None:
+        digest = hashlib.sha256()
+        with location.open_binary(opts.manifest) as f:
+            while block := f.read(2**20):
+                digest.update(block)
+        manifest_sha256 = digest.hexdigest()
+    fingerprint = run_fingerprint(opts, task, manifest_sha256)
     # an output from before fingerprints were kept in stats.json: compare its resolved options
     previous = stats.get("fingerprint") or {**fingerprint, "options": _output_defining(stats.get("options", {}))}
     for doc in (previous, fingerprint):  # a finished dataset may have been moved: still the same one

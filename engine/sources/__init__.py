@@ -1,1 +1,48 @@
-"""Inputs: planning a manifest into small work-unit descriptors, reading them, fetching images."""
+"""Inputs: the Source seam (planning an input into small work-unit descriptors and reading them
+back as rows), the sources registered behind it, and fetching images."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from engine.errors import UsageError
+from engine.sources.base import ImageInput, InlineImage, ManifestRow, Row, Source, SourcePlan, Unit
+
+if TYPE_CHECKING:
+    from engine.config import ConvertOptions
+
+__all__ = ["SOURCES", "ImageInput", "InlineImage", "ManifestRow", "Row", "Source", "SourcePlan", "Unit",
+           "register", "source_for"]
+
+SOURCES: dict[str, type[Source]] = {}  # kind -> class, in registration order (the order detection tries)
+
+
+def register(cls: type[Source]) -> type[Source]:
+    """Add a Source class under its ``kind`` (usable as a class decorator)."""
+    SOURCES[cls.kind] = cls
+    return cls
+
+
+def source_for(opts: ConvertOptions) -> Source:
+    """The run's input: ``opts.input_format`` when set (a registry key), else the first
+    registered class whose ``detect`` is true (those marked ``detect_last`` after the others)."""
+    _load_builtin()
+    where = opts.manifest
+    kind = getattr(opts, "input_format", None)
+    if kind:
+        cls = SOURCES.get(kind)
+        if cls is None:
+            raise UsageError(f"--input-format must be one of {', '.join(SOURCES)}, not {kind!r}")
+        return cls.from_options(opts)
+    for cls in sorted(SOURCES.values(), key=lambda c: c.detect_last):  # stable: registration order otherwise
+        if cls.detect(where):
+            return cls.from_options(opts)
+    expected = "; ".join(f"{c.expects or c.kind} ({c.kind})" for c in SOURCES.values())
+    raise UsageError(f"cannot tell what kind of input {where} is; expected one of: {expected} "
+                     "(or name it with --input-format)")
+
+
+def _load_builtin() -> None:
+    """Import the modules that register the built-in sources (not at package import: the
+    fetch/http modules live here too and must stay cheap to import)."""
+    import engine.sources.jsonl  # noqa: F401
