@@ -9,7 +9,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from engine.config import (ATTACHMENT_POSITIONS, DEFAULT_ATTACHMENT_TOKEN, DEFAULT_FORMATS, IMAGE_FORMATS, LAYOUTS,
+from engine.config import (ATTACHMENT_POSITIONS, DEFAULT_ATTACHMENT_TOKEN, DEFAULT_FORMATS, IMAGE_FORMATS,
                            MODALITY_FEATURES, RUNNERS, ConvertOptions, FetchOptions, ImageOptions,
                            parse_formats, parse_size)
 from engine.errors import EngineError, ShardError, UsageError
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--config", metavar="PATH", help="config.json with 'instructions' and 'json_schema'; copied into the output "
                     "(required for manifests with 'output'; not for trainer-style JSONL)")
     io.add_argument("--out", required=True, metavar="DIR", help="output dataset folder")
-    io.add_argument("--layout", choices=LAYOUTS, default="parquet",
+    io.add_argument("--layout", default="parquet", metavar="{parquet,arrow}",  # checked against the registry
                     help="parquet: Hugging Face LLM image-extraction Parquet; arrow: packed Arrow shards "
                     "(datasets.save_to_disk layout) with conversations + modalities")
     io.add_argument("--split", default="train", help="split of rows that have no 'split' key")

@@ -30,20 +30,21 @@ import pyarrow.parquet as pq
 
 from engine.config import TaskConfig
 from engine.conversation import build_conversation
-from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, load_task_config,
-                           fs_image_prefix, ordered_splits, split_summary, unit_context, unit_rows_for,
-                           write_layout_metadata)
+from engine.driver import (UNIT_GRAIN, _prewarm_datasets, load_task_config, ordered_splits, split_summary,
+                           unit_context, unit_rows_for)
 from engine.errors import EngineError, UsageError
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.stats import merge_image_changes
 from engine.progress import NullProgress, Progress
-from engine.records import META_FIXED, Reject, order_meta_keys
+from engine.layouts import layout_for, write_shard
+from engine.layouts.base import SeenColumns
+from engine.layouts.plan import cut_shards
+from engine.records import META_FIXED, Reject
 from engine.runners import make_runner
-from engine.sinks.shards import write_shard
 from engine.sinks.store import WORK_DIR, Finisher, Store
 from engine.sources.manifest import parse_row, plan_manifest, read_unit_lines
 from engine.update.commit import Staging, crash_point
-from engine.update.dataset import Dataset, convert_options, open_dataset
+from engine.update.dataset import Dataset, convert_options, dataset_layout, open_dataset
 from engine.update.ids import ROW_IDS, ROW_IDS_SCHEMA, part_row_ids, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions, read_inputs
 from engine.update.rows import (EDIT_SUFFIX, IMAGES_PREFIX, LINE_DIGITS, LINES_MARK, new_name, read_rows,
@@ -403,7 +404,7 @@ def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tup
     copy) its image files to the names that line gives; the --add rows' files, written under their
     lines in the --add manifest, move after the old manifest's. Returns (path prefix, the --add
     rows' line shift). No image is read or decoded."""
-    prefix = fs_image_prefix(convert_options(ds, out=ds.store.root), ds.store)  # as convert into OUT writes it
+    prefix = dataset_layout(ds).path_prefix(ds.store)  # as convert into OUT writes it
     skip = len(prefix) + len(IMAGES_PREFIX)
     removed: list[int] = []
     for sc in scans:
@@ -495,16 +496,16 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
         segments[copts.split] = []
     if ds.layout == "parquet":
         extra = {key for sc in scans for key, has in sc.extra_meta.items() if (has & sc.keep).any()}
-        extra |= {k for r in added for k in r.meta_keys}
-        meta_keys, text_column = tuple(order_meta_keys(extra)), ""
+        seen = SeenColumns(meta_keys=frozenset(extra | {k for r in added for k in r.meta_keys}))
     else:
         columns = {c for r in added for c in r.text_columns} | {ds.text_column}
         if len(columns) > 1:
             raise UsageError("the --add manifest's rows are not of the dataset's kind ('text' against "
                              "'conversations'); add them to a dataset of their kind")
-        meta_keys, text_column = (), ds.text_column
-    features = features_for(copts, meta_keys, text_column)
-    specs = cut_shards(segments, copts, next_store, features, meta_keys, text_column, reader=read_rows,
+        seen = SeenColumns(text_columns=frozenset(columns))
+    layout = layout_for(copts)
+    features = layout.features(seen)
+    specs = cut_shards(segments, copts, next_store, layout, features, reader=read_rows,
                        path_prefix=images[0] if images else "")
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
     table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
@@ -553,11 +554,12 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
     }
     doc["updates"] = list(doc.get("updates", [])) + [entry]
     title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]
-    write_layout_metadata(next_store, ds.layout, features, splits, shards, doc, doc.get("command", ""),
-                          task.instructions if task else None, title=title)
+    layout = dataset_layout(ds)
+    layout.on_write_complete(next_store, splits, shards, features, doc, doc.get("command", ""),
+                             task.instructions if task else None, title=title)
     if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
         doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
-    if ds.layout == "arrow":
+    if layout.keeps_row_ids:
         write_row_ids(next_store, row_ids)
     next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
     return doc

@@ -12,6 +12,8 @@ import pyarrow.ipc as ipc
 
 from engine.config import ConvertOptions, FetchOptions, ImageOptions, TaskConfig, parse_task_config
 from engine.errors import ConfigError, UsageError
+from engine.layouts import layout_for
+from engine.layouts.base import Layout
 from engine.sinks.store import WORK_DIR, Store
 from engine.update.ids import read_row_ids
 
@@ -81,6 +83,11 @@ def open_dataset(store: Store) -> Dataset:
             text_column = "text" if "text" in names else "conversations"
     return Dataset(store=store, stats=stats, layout=layout, task=task, files=files, row_ids=row_ids,
                    text_column=text_column)
+
+
+def dataset_layout(ds: Dataset) -> Layout:
+    """The Layout the dataset was written with (from its recorded options)."""
+    return layout_for(convert_options(ds, out=ds.store.root))
 
 
 def convert_options(ds: Dataset, **override: Any) -> ConvertOptions:
