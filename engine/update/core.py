@@ -141,7 +141,7 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     report.counts["outputs_repeated"] = inputs.outputs_repeated
     config_path = opts.config or (store.path("config.json") if ds.task else None)
     user = None
-    if new_task is not None and ds.layout == "arrow":  # the user turn convert builds from the new config
+    if new_task is not None:  # the user turn convert builds from the new config (layouts of conversations)
         user = unit_context(convert_options(ds, out=store.root, config=config_path, quiet=True, overwrite=False,
                                             resume=False), task, store, embedded=True).user_content
     scans = scan(ds, opts, inputs, task, new_task is not None, user, report)
@@ -471,6 +471,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
     splits = ordered_splits([sc.split for sc in scans] + [s for r in added for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
+    layout = layout_for(copts)
     for split in splits:
         parts = []
         for k, sc in enumerate(scans):
@@ -480,7 +481,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
             write_edit_file(next_store, rel, ds.store.path(sc.rel), ds.layout, sc.keep,
                             sc.texts, sc.sizes, sc.lines, images[0] if images else None)
             parts.append((rel, sc.sizes[sc.keep]))
-            if ds.layout == "arrow":
+            if layout.keeps_row_ids:
                 row_ids.append(pa.table({"split": [split] * int(sc.keep.sum()),
                                          "image_id": [x for x, k in zip(sc.ids, sc.keep) if k],
                                          "num_bytes": sc.sizes[sc.keep], "text_chars": sc.text_chars[sc.keep]},
@@ -488,7 +489,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
         for r in added:
             if split in r.sizes:
                 parts.append((r.part + (f"{LINES_MARK}{images[1]}" if images else ""), r.sizes[split]))
-                if ds.layout == "arrow":
+                if layout.keeps_row_ids:
                     row_ids.append(part_row_ids(next_store, r.part, split))
         if sum(len(s) for _, s in parts):
             segments[split] = parts
@@ -503,7 +504,6 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
             raise UsageError("the --add manifest's rows are not of the dataset's kind ('text' against "
                              "'conversations'); add them to a dataset of their kind")
         seen = SeenColumns(text_columns=frozenset(columns))
-    layout = layout_for(copts)
     features = layout.features(seen)
     specs = cut_shards(segments, copts, next_store, layout, features, reader=read_rows,
                        path_prefix=images[0] if images else "")

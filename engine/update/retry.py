@@ -205,6 +205,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
     splits = ordered_splits([sc.split for sc in scans] + [s for r in results for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
+    layout = layout_for(copts)
     for split in splits:
         sources: list[str] = []
         src, local, sizes, ids, chars = [], [], [], [], []
@@ -254,7 +255,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
                 parts.append((rel, size_all[start:i]))
                 start = i
         segments[split] = parts
-        if ds.layout == "arrow":
+        if layout.keeps_row_ids:
             row_ids.append(pa.table({"split": [split] * len(order), "image_id": [ids[j] for j in order],
                                      "num_bytes": size_all, "text_chars": np.concatenate(chars)[order]},
                                     schema=ROW_IDS_SCHEMA))
@@ -265,7 +266,6 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
         seen = SeenColumns(meta_keys=frozenset(extra | {k for r in results for k in r.meta_keys}))
     else:
         seen = SeenColumns(text_columns=frozenset({ds.text_column}))
-    layout = layout_for(copts)
     features = layout.features(seen)
     specs = cut_shards(segments, copts, next_store, layout, features, reader=read_rows)
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
