@@ -67,19 +67,20 @@ class Sample:
     conversations: list[dict[str, str]] | None = None  # {role, content} turns (packed layout)
     text: str | None = None  # pretraining text (packed layout)
 
-    @property
-    def text_chars(self) -> int:
-        """Characters of the text column (a conversation counts as its compact JSON)."""
+    def sizes(self) -> tuple[int, int]:
+        """(num_bytes, text_chars): the uncompressed size estimate that cuts row groups and
+        shards, and the part of it the text column makes (a conversation counts as its compact JSON)."""
         if self.conversations is not None:
-            return len(orjson.dumps(self.conversations).decode())
-        return len(self.text) if self.text else 0
+            chars = len(orjson.dumps(self.conversations).decode())
+        else:
+            chars = len(self.text) if self.text else 0
+        size = len(self.image_id) + sum(len(v) for v in self.meta.values() if v)
+        size += sum((b.size if isinstance(b, SourceRef) else len(b or b"")) + len(name) for b, name in self.images)
+        return size + (len(self.output) if self.output else 0) + chars, chars
 
     @property
     def num_bytes(self) -> int:
-        """Uncompressed size estimate used to cut row groups and shards."""
-        size = len(self.image_id) + sum(len(v) for v in self.meta.values() if v)
-        size += sum((b.size if isinstance(b, SourceRef) else len(b or b"")) + len(name) for b, name in self.images)
-        return size + (len(self.output) if self.output else 0) + self.text_chars
+        return self.sizes()[0]
 
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
@@ -107,8 +108,8 @@ PART_SCHEMA = pa.schema(
 )
 
 
-def samples_to_part_batch(samples: list[Sample], sizes: list[int]) -> pa.RecordBatch:
-    """The part file's rows; ``sizes`` are the samples' ``num_bytes``, computed once by the caller."""
+def samples_to_part_batch(samples: list[Sample], sizes: list[tuple[int, int]]) -> pa.RecordBatch:
+    """The part file's rows; ``sizes`` are the samples' ``sizes()``, computed once by the caller."""
     return pa.RecordBatch.from_arrays(
         [
             pa.array([s.line for s in samples], pa.int64()),
@@ -118,14 +119,44 @@ def samples_to_part_batch(samples: list[Sample], sizes: list[int]) -> pa.RecordB
                       for s in samples], pa.list_(IMAGE_STRUCT)),
             pa.array([_source_entries(s.images) for s in samples], pa.list_(SOURCE_STRUCT)),
             pa.array([s.output for s in samples], pa.string()),
-            pa.array([s.conversations for s in samples], TURNS_TYPE),
+            _turns_array([s.conversations for s in samples]),
             pa.array([s.text for s in samples], pa.string()),
-            pa.array([list(s.meta.items()) for s in samples], META_TYPE),
-            pa.array(sizes, pa.int64()),
-            pa.array([s.text_chars for s in samples], pa.int64()),
+            _meta_array([s.meta for s in samples]),
+            pa.array([n for n, _ in sizes], pa.int64()),
+            pa.array([c for _, c in sizes], pa.int64()),
         ],
         schema=PART_SCHEMA,
     )
+
+
+def _turns_array(rows: list[list[dict[str, str]] | None]) -> pa.Array:
+    """The turns as a list<struct<role, content>> column, built from flat columns (converting
+    each dict to a struct costs twice the time)."""
+    if all(t is None for t in rows):  # an extraction or pretraining row
+        return pa.nulls(len(rows), TURNS_TYPE)
+    offsets, roles, contents = [0], [], []
+    for turns in rows:
+        if turns is not None:
+            roles += [t["role"] for t in turns]
+            contents += [t["content"] for t in turns]
+        offsets.append(len(roles))
+    mask = pa.array([t is None for t in rows]) if None in rows else None
+    values = pa.StructArray.from_arrays([pa.array(roles, pa.string()), pa.array(contents, pa.string())],
+                                        fields=list(TURNS_TYPE.value_type))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=TURNS_TYPE, mask=mask)
+
+
+def _meta_array(rows: list[dict[str, str | None]]) -> pa.Array:
+    if not any(rows):  # the packed layout's rows keep no meta
+        return pa.MapArray.from_arrays(pa.array([0] * (len(rows) + 1), pa.int32()), pa.array([], pa.string()),
+                                       pa.array([], pa.string()), type=META_TYPE)
+    offsets, keys, items = [0], [], []
+    for meta in rows:
+        keys += meta.keys()
+        items += meta.values()
+        offsets.append(len(keys))
+    return pa.MapArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(keys, pa.string()),
+                                   pa.array(items, pa.string()), type=META_TYPE)
 
 
 def _source_entries(images: tuple[StoredImage, ...]) -> list[dict | None] | None:

@@ -31,7 +31,7 @@ class PartWriter:
 
     def __init__(self, store: Store, rel: str):
         self._pending: list[Sample] = []
-        self._sizes: list[int] = []
+        self._sizes: list[tuple[int, int]] = []
         self._ctx = store.writing(rel, durable=False)  # scratch: a resumed run checks its size
         self._tmp = self._ctx.__enter__()
         self._sink = pa.OSFile(self._tmp, "wb")
@@ -39,12 +39,12 @@ class PartWriter:
 
     def write(self, sample: Sample) -> int:
         """Queue one row; returns its size as the part records it (``Sample.num_bytes``)."""
-        size = sample.num_bytes
+        sizes = sample.sizes()
         self._pending.append(sample)
-        self._sizes.append(size)
+        self._sizes.append(sizes)
         if len(self._pending) >= BATCH_ROWS:
             self._flush()
-        return size
+        return sizes[0]
 
     def _flush(self) -> None:
         if self._pending:

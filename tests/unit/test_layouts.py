@@ -193,7 +193,7 @@ def test_part_rows_are_typed_and_sizes_are_todays():
     # the size the shard cut depends on, as it was computed from the JSON strings the parts held
     old = [1 + 3 + 1000 + 5 + 7, 1 + 3 + 7 + 12 + len(orjson.dumps(turns).decode()), 1 + 10]
     assert [s.num_bytes for s in samples] == old
-    batch = samples_to_part_batch(samples, [s.num_bytes for s in samples])
+    batch = samples_to_part_batch(samples, [s.sizes() for s in samples])
     assert batch.schema == PART_SCHEMA
     assert PART_SCHEMA.field("conversations").type == pa.list_(pa.struct([("role", pa.string()),
                                                                             ("content", pa.string())]))
