@@ -73,7 +73,11 @@ def iter_part_rows(store: Store, rel: str, split: str, start: int, stop: int) ->
     so reading never holds more of the part than that."""
     seen = 0
     with store.open_arrow(rel) as source:
-        for batch in ipc.open_stream(source):
+        reader = ipc.open_stream(source)
+        if not reader.schema.equals(PART_SCHEMA):  # e.g. a run interrupted under an older engine, resumed
+            raise EngineError(f"{store.path(rel)} is a part file of another engine version; "
+                              "run the conversion again with --overwrite")
+        for batch in reader:
             mask = pc.equal(batch.column("split"), split)
             if not pc.all(mask).as_py():  # a part usually holds one split: then no filtering copy
                 batch = batch.filter(mask)

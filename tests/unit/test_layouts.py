@@ -274,3 +274,17 @@ def test_a_registered_third_layout_writes_a_dataset_through_convert(tmp_path, mo
     assert stats["num_written"] == 4 and stats["splits"]["train"]["num_shards"] == 2
     assert (out / "config.json").read_bytes() == CONFIG_BYTES
     assert not (out / ".engine").exists()
+
+
+def test_a_part_file_of_another_schema_is_refused_in_one_line(tmp_path):
+    """A run interrupted under an engine whose parts held JSON strings, then resumed, must not
+    write shards from them."""
+    from engine.errors import EngineError
+    from engine.sinks.parts import iter_part_rows
+
+    store = Store(str(tmp_path))
+    old = pa.schema([("split", pa.string()), ("conversations", pa.string())])
+    with pa.OSFile(str(tmp_path / "old.arrow"), "wb") as sink, ipc.new_stream(sink, old) as writer:
+        writer.write_batch(pa.record_batch([pa.array(["train"]), pa.array(["[]"])], schema=old))
+    with pytest.raises(EngineError, match="part file of another engine version.*--overwrite"):
+        list(iter_part_rows(store, "old.arrow", "train", 0, 1))
