@@ -234,6 +234,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         log.debug("units done at %.2f s", time.perf_counter() - started)
         specs, features = plan_shards(results, opts, store)
         log.debug("shards planned at %.2f s; writing %d", time.perf_counter() - started, len(specs))
+        ctx.layout.on_write_start(store)
         progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
         for shard in _write_shards(runner, specs):

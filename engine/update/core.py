@@ -455,6 +455,8 @@ def commit_staged(staging: Staging, ds: Dataset, store: Store, next_store: Store
 
 def write_shards(specs: list, progress: Progress) -> list:
     """Write the planned shards through convert's writers, one after another (a crash point after the first)."""
+    if specs:
+        specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
     shards = []
     with Finisher() as finisher:

@@ -244,6 +244,9 @@ class TsvLayout(Layout):
             f.write(data)
         return ShardResult(spec.relpath, spec.split, num_rows, len(data))
 
+    def on_write_start(self, store):
+        store.write_bytes("tsv/started", b"")
+
     def on_write_complete(self, store, splits, shards, features, stats_doc, command, instructions, title=None):
         store.write_bytes("tsv/index.json", json.dumps({n: s["files"] for n, s in splits.items()}).encode())
 
@@ -274,6 +277,7 @@ def test_a_registered_third_layout_writes_a_dataset_through_convert(tmp_path, mo
     assert stats["num_written"] == 4 and stats["splits"]["train"]["num_shards"] == 2
     assert (out / "config.json").read_bytes() == CONFIG_BYTES
     assert not (out / ".engine").exists()
+    assert (out / "tsv/started").stat().st_mtime_ns <= min((out / f).stat().st_mtime_ns for f in index["train"])
 
 
 def test_a_part_file_of_another_schema_is_refused_in_one_line(tmp_path):
