@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 
 from engine.errors import EngineError
 from engine.sinks.parts import iter_part_rows
-from engine.sinks.store import WORK_DIR, Finisher, Store
+from engine.sinks.store import WORK_DIR, Store
 
 
 
