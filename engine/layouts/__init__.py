@@ -44,3 +44,4 @@ def write_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResul
 
 from engine.layouts import parquet  # noqa: E402,F401,I001 - register the built-in layouts, in this order
 from engine.layouts import packed  # noqa: E402,F401
+from engine.layouts import messages  # noqa: E402,F401

@@ -57,6 +57,8 @@ class Layout:
     keeps_row_ids: ClassVar[bool] = False
     # images are written as files under OUT (their paths stored), not embedded in the shards
     image_files: ClassVar[bool] = False
+    # `engine update` knows how to read this layout's shards back as part rows
+    updatable: ClassVar[bool] = False
 
     @classmethod
     def from_options(cls, opts: ConvertOptions) -> Layout:

@@ -152,6 +152,7 @@ class PackedLayout(Layout):
 
     name = "arrow"
     keeps_row_ids = True
+    updatable = True
     images_as_paths: bool = False  # fs-image: image files under OUT/images, their paths in the rows
     modality_feature: str = "recipe"
     prompt_template: str = "plain"

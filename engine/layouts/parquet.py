@@ -147,6 +147,7 @@ class ParquetLayout(Layout):
     """One image per row, its validated ``output``, and the manifest's meta as a struct."""
 
     name = "parquet"
+    updatable = True
 
     def check_row(self, row, ctx) -> Checked | Reject:
         if row.kind == "trainer":

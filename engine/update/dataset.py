@@ -56,6 +56,11 @@ def open_dataset(store: Store) -> Dataset:
         files = {name: list(s["files"]) for name, s in splits.items()}
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{root}/stats.json is not the stats of an engine dataset") from None
+    from engine.layouts import LAYOUTS
+
+    if layout not in LAYOUTS or not LAYOUTS[layout].updatable:
+        raise UsageError(f"engine update cannot change a --layout {layout} dataset yet (it updates "
+                         f"{', '.join(n for n, c in LAYOUTS.items() if c.updatable)}); convert it again")
     if options.get("images_as_paths") and store.remote:
         raise UsageError("engine update handles fs-image datasets (--images-as-paths) in local folders only")
     for shards in files.values():
