@@ -3,14 +3,12 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import CONFIG_BYTES, GOOD_OUTPUT, run_main, write_input
-from PIL import Image
 
 import imagegen
 
