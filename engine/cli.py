@@ -9,7 +9,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
-from engine.config import (ATTACHMENT_POSITIONS, DEFAULT_ATTACHMENT_TOKEN, DEFAULT_FORMATS, IMAGE_FORMATS, LAYOUTS,
+from engine.config import (ATTACHMENT_POSITIONS, DEFAULT_ATTACHMENT_TOKEN, DEFAULT_FORMATS, IMAGE_FORMATS,
                            MODALITY_FEATURES, RUNNERS, ConvertOptions, FetchOptions, ImageOptions,
                            parse_formats, parse_size)
 from engine.errors import EngineError, ShardError, UsageError
@@ -54,9 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--config", metavar="PATH", help="config.json with 'instructions' and 'json_schema'; copied into the output "
                     "(required for manifests with 'output'; not for trainer-style JSONL)")
     io.add_argument("--out", required=True, metavar="DIR", help="output dataset folder")
-    io.add_argument("--layout", choices=LAYOUTS, default="parquet",
+    io.add_argument("--layout", default="parquet", metavar="{parquet,arrow,messages}",  # checked against the registry
                     help="parquet: Hugging Face LLM image-extraction Parquet; arrow: packed Arrow shards "
-                    "(datasets.save_to_disk layout) with conversations + modalities")
+                    "(datasets.save_to_disk layout) with conversations + modalities; messages: Parquet of "
+                    "messages (text and image parts) + images, as TRL's vision SFT reads")
     io.add_argument("--split", default="train", help="split of rows that have no 'split' key")
     io.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out")
     io.add_argument("--resume", action="store_true",
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "it. A list of names replaces the default; +NAME adds to it and -NAME removes from it "
                      "(--formats +dds,+ico or --formats=-gif); 'all' is every format Pillow knows. Rarer "
                      "formats' decoders are where fuzzing finds hangs and crashes, so widen it with care")
-    packed = c.add_argument_group("packed Arrow layout (--layout arrow)")
+    packed = c.add_argument_group("packed Arrow layout (--layout arrow); the prompt options apply to --layout messages too")
     packed.add_argument("--images-as-paths", action="store_true",
                         help="fs-image loader: write the images under OUT/images and store their paths "
                         "(default: raw-image, bytes embedded in the shards)")

@@ -15,7 +15,6 @@ import orjson
 
 from engine.errors import ConfigError, UsageError
 
-LAYOUTS = ("parquet", "arrow")
 IMAGE_FORMATS = ("jpeg", "webp", "png", "keep")
 RUNNERS = ("ray", "local")
 SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")
@@ -204,6 +203,8 @@ class ConvertOptions:
 
 
 def _check_options(o: ConvertOptions) -> str | None:
+    from engine.layouts import LAYOUTS  # the registry: a layout module registers its name
+
     if o.layout not in LAYOUTS:
         return f"--layout must be one of {', '.join(LAYOUTS)}, not {o.layout!r}"
     if o.runner not in RUNNERS:

@@ -11,25 +11,21 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import orjson
 
 from engine import workdir
 from engine.config import ConvertOptions, TaskConfig, parse_task_config
-from engine.conversation import render_prompt, user_content
 from engine.errors import ConfigError, RejectRatioExceeded, UsageError
 from engine.imaging import configure_pillow
 from engine.pipeline import UnitContext, process_unit
 from engine.progress import NullProgress, Progress
-from engine.records import extraction_features, order_meta_keys, packed_features
+from engine.layouts import layout_for, write_shard
+from engine.layouts.base import SeenColumns
+from engine.layouts.plan import cut_shards
 from engine.runners import make_runner
 from engine.runners.base import Runner, run_item
-from engine.sinks.arrow import arrow_shard_path, write_dataset_dict, write_save_to_disk_metadata
-from engine.sinks.card import dataset_card
-from engine.sinks.chunking import plan_chunks
 from engine.sinks.store import Finisher, Store
-from engine.sinks.parquet import parquet_shard_path
-from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
+from engine.sinks.shards import ShardResult, ShardSpec
 from engine.sources import Source, location, source_for
 from engine.stats import RunStats, merge_image_changes
 from engine.update.ids import row_ids_from_parts, write_row_ids
@@ -93,15 +89,11 @@ def check_filesystems(opts: ConvertOptions) -> None:
 def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, embedded: bool,
                  source: Source | None = None) -> UnitContext:
     source = source or source_for(opts)
-    user = None
-    if task is not None and opts.layout == "arrow":
-        user = user_content(render_prompt(opts.prompt_template, task.instructions, task.json_schema),
-                            opts.attachment_token, position=opts.attachment_position)
+    layout = layout_for(opts)
     base = opts.base_path or source.default_base()
-    return UnitContext(source=source, layout=opts.layout, schema_json=task.schema_json if task else None, image=opts.image,
+    return UnitContext(source=source, layout=layout, schema_json=task.schema_json if task else None, image=opts.image,
                        fetch=opts.fetch, default_split=opts.split, base=base, store=store,
-                       user_content=user, system_prompt=opts.system_prompt, attachment_token=opts.attachment_token,
-                       images_as_paths=opts.images_as_paths,
+                       user_content=layout.user_content(task), system_prompt=opts.system_prompt,
                        # on a cluster, another node writes the shard and may not see the same files
                        reference_sources=embedded)
 
@@ -153,6 +145,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         log.debug("units done at %.2f s", time.perf_counter() - started)
         specs, features = plan_shards(results, opts, store)
         log.debug("shards planned at %.2f s; writing %d", time.perf_counter() - started, len(specs))
+        ctx.layout.on_write_start(store)
         progress.start(len(specs), "writing shards", unit="shard")
         shards: list[ShardResult] = []
         for shard in _write_shards(runner, specs):
@@ -218,87 +211,16 @@ def ordered_splits(names: Sequence[str]) -> list[str]:
     return sorted(set(names), key=lambda n: (SPLIT_ORDER.get(n, 99), n))
 
 
-def layout_features(results: list[UnitResult], opts: ConvertOptions):
-    """The output ``datasets.Features``, known once every unit has reported what it saw."""
-    if opts.layout == "parquet":
-        meta_keys = tuple(order_meta_keys({k for r in results for k in r.meta_keys}))
-        return features_for(opts, meta_keys, ""), meta_keys, ""
-    columns = {c for r in results for c in r.text_columns}
-    if len(columns) > 1:
-        raise UsageError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
-                         "convert them into separate datasets (then run again with --overwrite)")
-    text_column = columns.pop() if columns else "conversations"
-    return features_for(opts, (), text_column), (), text_column
-
-
-def features_for(opts: ConvertOptions, meta_keys: tuple[str, ...], text_column: str):
-    """The layout's ``datasets.Features`` for these options (``engine update`` builds them too)."""
-    if opts.layout == "parquet":
-        return extraction_features(list(meta_keys))
-    return packed_features(text_column=text_column, images_as_paths=opts.images_as_paths,
-                           modality_feature=opts.modality_feature)
-
-
-def fs_image_prefix(opts: ConvertOptions, store: Store) -> str:
-    """What goes before the stored ``images/...`` paths: nothing (relative to OUT), OUT itself
-    (--absolute-paths), or OUT's path from --paths-relative-to, so datasets in several folders
-    share one trainer base_path."""
-    if opts.absolute_paths:
-        return store.root + os.sep
-    if opts.paths_relative_to:
-        rel = os.path.relpath(store.root, os.path.abspath(opts.paths_relative_to))
-        return "" if rel == os.curdir else rel + os.sep
-    return ""
-
-
 def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -> tuple[list[ShardSpec], Any]:
     """Cut every split's rows (in line order) into shards by size and row cap.
 
     Uses only per-row byte sizes, so the cut is the same whatever the number of units or workers.
     """
-    features, meta_keys, text_column = layout_features(results, opts)
-    prefix = fs_image_prefix(opts, store) if opts.images_as_paths else ""
+    layout = layout_for(opts)
+    features = layout.features(SeenColumns.of(results))
     splits = ordered_splits([s for r in results for s in r.sizes]) or [opts.split]
     segments = {split: [(r.part, r.sizes[split]) for r in results if split in r.sizes] for split in splits}
-    return cut_shards(segments, opts, store, features, meta_keys, text_column, path_prefix=prefix), features
-
-
-def cut_shards(segments: dict[str, list[tuple[str, np.ndarray]]], opts: ConvertOptions, store: Store, features,
-               meta_keys: tuple[str, ...], text_column: str, reader=None, path_prefix: str = "") -> list[ShardSpec]:
-    """The shards of each split (in the given order) from its segments: (part file, the byte size
-    of each of its rows in this split). ``reader`` reads a piece when it is not a part file
-    (``engine update`` reads the rows of a finished dataset)."""
-    schema = features.arrow_schema
-    specs: list[ShardSpec] = []
-    for split, split_segments in segments.items():
-        sizes = np.concatenate([s for _, s in split_segments] or [np.zeros(0, np.int64)]).astype(np.int64)
-        chunks = plan_chunks(sizes.tolist(), opts.max_shard_bytes, opts.shard_rows) or [(0, 0)]
-        counts = [(part, len(s)) for part, s in split_segments]
-        for index, (start, stop) in enumerate(chunks):
-            if opts.layout == "parquet":
-                relpath = parquet_shard_path(split, index, len(chunks))
-            else:
-                relpath = arrow_shard_path(split, index, len(chunks), nested=len(segments) > 1)
-            specs.append(ShardSpec(layout=opts.layout, split=split, relpath=relpath,
-                                   pieces=pieces_for(counts, start, stop), schema=schema, meta_keys=meta_keys,
-                                   text_column=text_column, images_as_paths=opts.images_as_paths,
-                                   row_groups=tuple(b - a for a, b in plan_chunks(
-                                       sizes[start:stop].tolist(), opts.row_group_bytes, opts.row_group_rows)),
-                                   store=store, path_prefix=path_prefix, reader=reader))
-    return specs
-
-
-def pieces_for(segments: list[tuple[str, int]], start: int, stop: int) -> tuple[Piece, ...]:
-    """Map the global row range ``[start, stop)`` onto (part, local start, local stop) pieces."""
-    pieces, offset = [], 0
-    for part, count in segments:
-        lo, hi = max(start, offset), min(stop, offset + count)
-        if lo < hi:
-            pieces.append(Piece(part, lo - offset, hi - offset))
-        offset += count
-        if offset >= stop:
-            break
-    return tuple(pieces)
+    return cut_shards(segments, opts, store, layout, features, path_prefix=layout.path_prefix(store)), features
 
 
 def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResult],
@@ -320,9 +242,9 @@ def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results:
     splits = split_summary(shards, num_bytes)
     doc = stats.to_dict()
     doc["images"] = merge_image_changes(r.images for r in results)  # results in line order: ids too
-    write_layout_metadata(store, opts.layout, features, splits, shards, doc, command,
-                          task.instructions if task else None)
-    if opts.layout == "arrow":  # how `engine update` finds a packed row by its id
+    layout = layout_for(opts)
+    layout.on_write_complete(store, splits, shards, features, doc, command, task.instructions if task else None)
+    if layout.keeps_row_ids:  # how `engine update` finds a row of a layout without an id column
         write_row_ids(store, row_ids_from_parts(store, results, list(splits)))
     doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
                 "command": command, "versions": versions(), "fingerprint": fingerprint})
@@ -342,24 +264,3 @@ def split_summary(shards: list[ShardResult], num_bytes: dict[str, int]) -> dict[
     for split, n in num_bytes.items():
         splits[split]["num_bytes"] += n
     return {name: splits[name] for name in ordered_splits(list(splits))}
-
-
-def write_layout_metadata(store: Store, layout: str, features, splits: dict[str, dict[str, Any]],
-                          shards: list[ShardResult], doc: dict[str, Any], command: str,
-                          instructions: str | None, title: str | None = None) -> None:
-    """The dataset card (Parquet), or the save_to_disk metadata of each split (packed)."""
-    if layout == "parquet":
-        card = dataset_card(features=features, splits=splits, data_glob="data/{split}-*",
-                            title=title or store.root.rstrip("/").rsplit("/", 1)[-1], stats=doc, command=command,
-                            instructions=instructions)
-        store.write_bytes("README.md", card.encode())
-        return
-    nested = len(splits) > 1
-    for name, s in splits.items():
-        write_save_to_disk_metadata(store, name, [x for x in shards if x.split == name], features,
-                                    s["num_bytes"], nested)
-    if nested:
-        write_dataset_dict(store, list(splits))
-    # the folder each split's trainer `packed_path` must name: with several splits, OUT/<split>
-    # (OUT itself would load dataset_dict.json's folder as a one-row dataset)
-    doc["packed_paths"] = {name: store.path(name) if nested else store.root for name in splits}

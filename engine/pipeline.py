@@ -18,33 +18,28 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
-import orjson
 
 from engine.bounds import ImageTimeout, time_limit, transform_bounded  # noqa: F401 - time_limit: the pipeline's bound
 from engine.config import FetchOptions, ImageOptions
-from engine.conversation import build_conversation, count_attachments
 from engine.imaging import EncodedImage, ImageFailure, configure_pillow
-from engine.naming import safe_stem
-from engine.records import META_FIXED, Reject, Sample, SourceRef
+from engine.layouts.base import MAX_OUTPUT_BYTES, Checked, Layout  # noqa: F401 - MAX_OUTPUT_BYTES: engine update's
+from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
 from engine.sources.fetch import FetchFailure, Fetcher, FetchTally
 from engine.sources.base import ManifestRow, Source, Unit
 from engine.sources.location import local_path
 from engine.stats import ImageTally
-from engine.validate import validator_for
 from engine.workdir import UnitResult, unit_paths
 
 log = logging.getLogger(__name__)
-MAX_OUTPUT_BYTES = 1 << 20  # an `output` larger than 1 MiB is rejected at the validate stage
-IMAGES_DIR = "images"  # fs-image files, relative to OUT
 
 
 @dataclass(frozen=True, slots=True)
 class UnitContext:
     """What every unit of a run shares: small and picklable."""
 
-    layout: str  # parquet | arrow
+    layout: Layout  # the run's layout (engine.layouts.layout_for): row checks, image names
     schema_json: str | None  # None without a config.json
     image: ImageOptions
     fetch: FetchOptions
@@ -53,8 +48,6 @@ class UnitContext:
     store: Store  # the output folder (local or object storage)
     user_content: str | None = None  # packed layout from labelr rows: the user turn (tokens + prompt)
     system_prompt: str | None = None
-    attachment_token: str = "<|reserved_special_token_0|>"
-    images_as_paths: bool = False  # fs-image: write files under OUT/images, store their paths
     # Part files may reference unchanged local source images instead of copying them: true
     # when every process of the run (the shard writers too) sees this machine's files.
     reference_sources: bool = False
@@ -66,39 +59,9 @@ def _fetcher(opts: FetchOptions, max_bytes: int) -> Fetcher:
     return Fetcher(opts, max_bytes)
 
 
-@dataclass(frozen=True, slots=True)
-class _Checked:
-    """A row that passed every check that needs no image: what its sample will hold."""
-
-    row: ManifestRow
-    output: str | None = None
-    conversations: str | None = None
-    text: str | None = None
-
-
-def check_row(row: ManifestRow, ctx: UnitContext) -> _Checked | Reject:
+def check_row(row: ManifestRow, ctx: UnitContext) -> Checked | Reject:
     """The manifest- and validate-stage checks of one parsed row, for the run's layout."""
-    def reject(stage: str, reason: str) -> Reject:
-        return Reject(row.line, row.image_id, stage, reason)
-
-    if row.kind == "trainer":
-        if ctx.layout != "arrow":
-            return reject("manifest", "a trainer-style row (conversations/text + modalities) needs --layout arrow")
-        found = count_attachments(row.conversations, row.text, ctx.attachment_token)
-        if found != len(row.locations):
-            return reject("manifest", f"{found} attachment token(s) {ctx.attachment_token!r} in the text but "
-                          f"{len(row.locations)} image modality(ies)")
-        turns = orjson.dumps(list(row.conversations)).decode() if row.conversations is not None else None
-        return _Checked(row, conversations=turns, text=row.text)
-    if ctx.schema_json is None:
-        return reject("manifest", "a row with 'output' needs --config (instructions and JSON schema)")
-    verdict = validator_for(ctx.schema_json).check(row.output, MAX_OUTPUT_BYTES)
-    if verdict.reason is not None:
-        return reject("validate", verdict.reason)
-    if ctx.layout == "arrow":
-        turns = build_conversation(ctx.user_content or "", verdict.output, ctx.system_prompt)
-        return _Checked(row, conversations=orjson.dumps(turns).decode())
-    return _Checked(row, output=verdict.output)
+    return ctx.layout.check_row(row, ctx)
 
 
 def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
@@ -109,7 +72,7 @@ def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
         raise ValueError("UnitContext.source is not set")
     duplicates = frozenset(unit.duplicate_lines)
     rejects: list[Reject] = []
-    ready: list[_Checked] = []
+    ready: list[Checked] = []
     num_rows = 0
     for row in source.read(unit, base=ctx.base, default_split=ctx.default_split):
         num_rows += 1
@@ -199,25 +162,16 @@ def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: 
 
 
 def _store_images(row: ManifestRow, images: list[EncodedImage], stats: list[os.stat_result | None],
-                  ctx: UnitContext) -> tuple[tuple[bytes | SourceRef | None, str], ...]:
-    """(bytes, file name) to embed, or, for fs-image, write each file under OUT/images and keep
-    (None, path relative to OUT).
-
-    Names come from safe_stem, so no id can escape OUT. fs-image names also start with the
-    manifest line number, which no other row shares, so two rows can never write the same file
-    (an id like ``two-0`` next to a two-image row ``two``, say).
-    """
-    stem = safe_stem(row.image_id)
-    suffixes = [""] if len(images) == 1 else [f"-{i}" for i in range(len(images))]
-    if not ctx.images_as_paths:
-        return tuple((_source_or_bytes(im, loc, st, ctx), f"{stem}{sfx}.{im.extension}")
-                     for im, loc, st, sfx in zip(images, row.locations, stats, suffixes))
-    stored = []
-    for im, sfx in zip(images, suffixes):
-        name = f"{row.line:08d}-{stem}{sfx}.{im.extension}"
-        ctx.store.write_bytes(f"{IMAGES_DIR}/{name}", im.data)
-        stored.append((None, f"{IMAGES_DIR}/{name}"))
-    return tuple(stored)
+                  ctx: UnitContext) -> tuple[StoredImage, ...]:
+    """The images to embed under the names the layout gives (bytes, or a reference to the local
+    source), or, for a layout of image files, each file written at its path under OUT (no bytes kept)."""
+    names = ctx.layout.image_names(row, [im.extension for im in images])
+    if not ctx.layout.image_files:
+        return tuple(StoredImage(_source_or_bytes(im, loc, st, ctx), name)
+                     for im, loc, st, name in zip(images, row.locations, stats, names))
+    for im, name in zip(images, names):
+        ctx.store.write_bytes(name, im.data)
+    return tuple(StoredImage(None, name) for name in names)
 
 
 def _source_or_bytes(image: EncodedImage, location: str, st: os.stat_result | None, ctx: UnitContext) -> bytes | SourceRef:
@@ -242,7 +196,7 @@ def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, os.s
     return fetched.data, fetched.stat
 
 
-def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int, tally: FetchTally | None = None,
+def _prefetched(fetcher: Fetcher, rows: list[Checked], threads: int, tally: FetchTally | None = None,
                 lookahead: Callable[[], Iterator[str]] | None = None, concurrency: int | None = None):
     """Yield (row, [(bytes | FetchFailure, local file status or None) per image]) in order,
     fetching a bounded window ahead, so file and network I/O overlap with decoding: up to
@@ -262,10 +216,10 @@ def _prefetched(fetcher: Fetcher, rows: list[_Checked], threads: int, tally: Fet
     concurrency = concurrency or threads
     ahead = max(1, concurrency if remote else threads)
     tally = tally if tally is not None else FetchTally()
-    window: deque[tuple[_Checked, list[Future]]] = deque()
+    window: deque[tuple[Checked, list[Future]]] = deque()
     pending = iter(rows)
 
-    def submit(checked: _Checked) -> None:
+    def submit(checked: Checked) -> None:
         window.append((checked, [fetcher.submit(loc) for loc in checked.row.locations]))
 
     try:

@@ -1,12 +1,11 @@
-"""The sample record, the reject record, and the Arrow schemas of every layout.
-
-Schemas are declared up front from ``datasets.Features``, never inferred from the first row.
+"""The sample record, the reject record, and the schema of the per-unit part files every
+layout is assembled from (each layout's output schema is in ``engine.layouts``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -48,6 +47,13 @@ class SourceRef:
     mtime_ns: int
 
 
+class StoredImage(NamedTuple):
+    """One image of a sample as its part file keeps it."""
+
+    data: bytes | SourceRef | None  # encoded bytes, a reference to the unchanged local source, or None (fs-image)
+    name: str  # embedded file name, or the path relative to OUT (fs-image)
+
+
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One converted row, ready for a sink: its encoded images and its text fields."""
@@ -55,24 +61,32 @@ class Sample:
     line: int
     split: str
     image_id: str
-    # (encoded bytes or a reference to the unchanged local source, file name or path);
-    # bytes None for fs-image
-    images: tuple[tuple[bytes | SourceRef | None, str], ...]
+    images: tuple[StoredImage, ...]
     meta: dict[str, str | None]
     output: str | None = None  # compact JSON (extraction rows)
-    conversations: str | None = None  # JSON list of {role, content} (packed layout)
+    conversations: list[dict[str, str]] | None = None  # {role, content} turns (packed layout)
     text: str | None = None  # pretraining text (packed layout)
+
+    def sizes(self) -> tuple[int, int]:
+        """(num_bytes, text_chars): the uncompressed size estimate that cuts row groups and
+        shards, and the part of it the text column makes (a conversation counts as its compact JSON)."""
+        if self.conversations is not None:
+            chars = len(orjson.dumps(self.conversations).decode())
+        else:
+            chars = len(self.text) if self.text else 0
+        size = len(self.image_id) + sum(len(v) for v in self.meta.values() if v)
+        size += sum((b.size if isinstance(b, SourceRef) else len(b or b"")) + len(name) for b, name in self.images)
+        return size + (len(self.output) if self.output else 0) + chars, chars
 
     @property
     def num_bytes(self) -> int:
-        """Uncompressed size estimate used to cut row groups and shards."""
-        size = len(self.image_id) + sum(len(v) for v in self.meta.values() if v)
-        size += sum((b.size if isinstance(b, SourceRef) else len(b or b"")) + len(name) for b, name in self.images)
-        return size + sum(len(t) for t in (self.output, self.conversations, self.text) if t)
+        return self.sizes()[0]
 
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SOURCE_STRUCT = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+TURNS_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # as datasets' List({role, content})
+META_TYPE = pa.map_(pa.string(), pa.string())
 
 # Intermediate per-unit part files (Arrow IPC streams), shared by every output layout.
 PART_SCHEMA = pa.schema(
@@ -84,16 +98,18 @@ PART_SCHEMA = pa.schema(
         # null for a row whose images are all embedded, else one entry per image (null: embedded)
         ("image_sources", pa.list_(SOURCE_STRUCT)),
         ("output", pa.string()),
-        ("conversations", pa.string()),
+        ("conversations", TURNS_TYPE),
         ("text", pa.string()),
-        ("meta", pa.string()),  # compact JSON object; becomes a struct once all keys are known
+        # a map: the row's own keys; the extraction layout makes it a struct once all keys are known
+        ("meta", META_TYPE),
         ("num_bytes", pa.int64()),
+        ("text_chars", pa.int64()),  # the part of num_bytes the text column makes (engine update's row ids)
     ]
 )
 
 
-def samples_to_part_batch(samples: list[Sample], sizes: list[int]) -> pa.RecordBatch:
-    """The part file's rows; ``sizes`` are the samples' ``num_bytes``, computed once by the caller."""
+def samples_to_part_batch(samples: list[Sample], sizes: list[tuple[int, int]]) -> pa.RecordBatch:
+    """The part file's rows; ``sizes`` are the samples' ``sizes()``, computed once by the caller."""
     return pa.RecordBatch.from_arrays(
         [
             pa.array([s.line for s in samples], pa.int64()),
@@ -103,16 +119,47 @@ def samples_to_part_batch(samples: list[Sample], sizes: list[int]) -> pa.RecordB
                       for s in samples], pa.list_(IMAGE_STRUCT)),
             pa.array([_source_entries(s.images) for s in samples], pa.list_(SOURCE_STRUCT)),
             pa.array([s.output for s in samples], pa.string()),
-            pa.array([s.conversations for s in samples], pa.string()),
+            _turns_array([s.conversations for s in samples]),
             pa.array([s.text for s in samples], pa.string()),
-            pa.array([orjson.dumps(s.meta).decode() for s in samples], pa.string()),
-            pa.array(sizes, pa.int64()),
+            _meta_array([s.meta for s in samples]),
+            pa.array([n for n, _ in sizes], pa.int64()),
+            pa.array([c for _, c in sizes], pa.int64()),
         ],
         schema=PART_SCHEMA,
     )
 
 
-def _source_entries(images: tuple[tuple[bytes | SourceRef | None, str], ...]) -> list[dict | None] | None:
+def _turns_array(rows: list[list[dict[str, str]] | None]) -> pa.Array:
+    """The turns as a list<struct<role, content>> column, built from flat columns (converting
+    each dict to a struct costs twice the time)."""
+    if all(t is None for t in rows):  # an extraction or pretraining row
+        return pa.nulls(len(rows), TURNS_TYPE)
+    offsets, roles, contents = [0], [], []
+    for turns in rows:
+        if turns is not None:
+            roles += [t["role"] for t in turns]
+            contents += [t["content"] for t in turns]
+        offsets.append(len(roles))
+    mask = pa.array([t is None for t in rows]) if None in rows else None
+    values = pa.StructArray.from_arrays([pa.array(roles, pa.string()), pa.array(contents, pa.string())],
+                                        fields=list(TURNS_TYPE.value_type))
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=TURNS_TYPE, mask=mask)
+
+
+def _meta_array(rows: list[dict[str, str | None]]) -> pa.Array:
+    if not any(rows):  # the packed layout's rows keep no meta
+        return pa.MapArray.from_arrays(pa.array([0] * (len(rows) + 1), pa.int32()), pa.array([], pa.string()),
+                                       pa.array([], pa.string()), type=META_TYPE)
+    offsets, keys, items = [0], [], []
+    for meta in rows:
+        keys += meta.keys()
+        items += meta.values()
+        offsets.append(len(keys))
+    return pa.MapArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(keys, pa.string()),
+                                   pa.array(items, pa.string()), type=META_TYPE)
+
+
+def _source_entries(images: tuple[StoredImage, ...]) -> list[dict | None] | None:
     if not any(isinstance(b, SourceRef) for b, _ in images):
         return None
     return [{"path": b.path, "size": b.size, "mtime_ns": b.mtime_ns} if isinstance(b, SourceRef) else None
@@ -121,48 +168,3 @@ def _source_entries(images: tuple[tuple[bytes | SourceRef | None, str], ...]) ->
 
 def order_meta_keys(keys: set[str] | frozenset[str]) -> list[str]:
     return list(META_FIXED) + sorted(set(keys) - set(META_FIXED))
-
-
-def extraction_features(meta_keys: list[str]):
-    """``datasets.Features`` of the LLM image-extraction layout (FORMATS.md §3)."""
-    from datasets import Features, Image, Value
-
-    return Features(
-        {
-            "image_id": Value("string"),
-            "image": Image(),
-            "output": Value("string"),
-            "meta": {k: Value("string") for k in meta_keys},
-        }
-    )
-
-
-def meta_struct_array(meta_json: pa.Array, meta_keys: list[str]) -> pa.StructArray:
-    """Turn the parts' compact-JSON meta column into the struct column, keys in order."""
-    dicts: list[dict[str, Any]] = [orjson.loads(m) for m in meta_json.to_pylist()]
-    columns = [pa.array([d.get(k) for d in dicts], pa.string()) for k in meta_keys]
-    return pa.StructArray.from_arrays(columns, names=meta_keys)
-
-
-def packed_features(*, text_column: str, images_as_paths: bool, modality_feature: str = "recipe"):
-    """``datasets.Features`` of the packed trainer layout (FORMATS.md §4).
-
-    ``recipe`` is what the trainer's documented recipe (``from_generator`` yielding PIL images,
-    then ``save_to_disk``) produces: a plain ``{path: null, bytes: binary}`` struct, because
-    ``datasets`` infers no ``Image`` inside a list of dicts. Trainers concatenate datasets, which
-    needs equal features. ``image`` is the ``Image()`` feature, decoded to PIL by ``datasets``."""
-    from datasets import Features, Image, List, Value
-
-    if images_as_paths:
-        value = Value("string")
-    elif modality_feature == "image":
-        value = Image()
-    else:
-        value = {"path": Value("null"), "bytes": Value("binary")}
-    turns = List({"role": Value("string"), "content": Value("string")})
-    return Features(
-        {
-            text_column: turns if text_column == "conversations" else Value("string"),
-            "modalities": List({"type": Value("string"), "value": value}),
-        }
-    )

@@ -127,9 +127,9 @@ def test_unit_size_does_not_change_the_bytes(big_rows, tmp_path, monkeypatch, la
     """Units of 3 and of 16 rows cut the part files' record batches differently, so each row
     group is assembled from differently chunked columns; the written files must not change.
     Arrow record batches are capped small here, so groups are cut into several of them too."""
-    import engine.sinks.arrow
+    import engine.layouts.packed
 
-    monkeypatch.setattr(engine.sinks.arrow, "BATCH_BYTES", 2 * len(big_rows.root.joinpath("n0.jpg").read_bytes()))
+    monkeypatch.setattr(engine.layouts.packed, "BATCH_BYTES", 2 * len(big_rows.root.joinpath("n0.jpg").read_bytes()))
     extra = ("--layout", layout, "--image-format", "keep", "--row-group-rows", "5", "--shard-rows", "8")
     a = run_any(big_rows, tmp_path / "u3", *extra, "--unit-rows", "3", runner="local")
     b = run_any(big_rows, tmp_path / "u16", *extra, "--unit-rows", "16", runner="local")

@@ -69,6 +69,7 @@ CASES = {
     "arrow-fs": (False, ["--layout", "arrow", "--images-as-paths"]),
     "arrow-splits": (True, ["--layout", "arrow"]),
     "parquet-reencode": (False, ["--no-passthrough", "--max-size", "256", "--image-format", "webp"]),
+    "messages": (True, ["--layout", "messages", "--row-group-rows", "3", "--shard-rows", "4"]),
 }
 
 

@@ -150,10 +150,10 @@ def test_a_failing_item_on_a_driver_thread_names_its_item():
 
 
 def _rows(paths):
-    from engine.pipeline import _Checked
+    from engine.layouts.base import Checked
     from engine.sources.manifest import ManifestRow
 
-    return [_Checked(ManifestRow(line=i, kind="labelr", image_id=f"r{i}", split="train", locations=(str(p),), meta={}))
+    return [Checked(ManifestRow(line=i, kind="labelr", image_id=f"r{i}", split="train", locations=(str(p),), meta={}))
             for i, p in enumerate(paths)]
 
 

@@ -17,6 +17,7 @@ from PIL import Image, ImageFile
 import imagegen
 from engine.config import FetchOptions, ImageOptions
 from engine.imaging import EncodedImage, ImageFailure, transform_image
+from engine.layouts.parquet import ParquetLayout
 from engine.pipeline import UnitContext, process_unit, time_limit
 from engine.records import Reject
 from engine.sinks.store import Store
@@ -153,7 +154,7 @@ def test_units_account_for_every_row(tmp_path_factory, cases):
     manifest = root / "m.jsonl"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
     schema = json.dumps({"type": "object", "properties": {"price": {"type": "number"}}, "required": ["price"]})
-    ctx = UnitContext(layout="parquet", schema_json=schema, image=OPTS, fetch=FetchOptions(), default_split="train",
+    ctx = UnitContext(layout=ParquetLayout(), schema_json=schema, image=OPTS, fetch=FetchOptions(), default_split="train",
                       base=str(root), store=Store(str(root / "out")), source=JsonlSource(str(manifest)))
     [unit] = plan_manifest(str(manifest), 64).units
     result = process_unit(unit, ctx)

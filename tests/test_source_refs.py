@@ -14,8 +14,8 @@ import pytest
 from PIL import Image
 
 import engine.driver
-import engine.sinks.arrow
-import engine.sinks.parquet
+import engine.layouts.packed
+import engine.layouts.parquet
 import imagegen
 from conftest import Output, convert, decode, row, write_input
 from engine.runners.local import LocalRunner
@@ -197,7 +197,7 @@ def test_a_shard_writer_holds_at_most_two_row_groups(tmp_path, monkeypatch, layo
         return write_row_groups(spec, slow_write)
 
     monkeypatch.setattr(engine.sinks.shards, "iter_part_rows", spy)
-    module = {"parquet": engine.sinks.parquet, "arrow": engine.sinks.arrow}[layout]
+    module = {"parquet": engine.layouts.parquet, "arrow": engine.layouts.packed}[layout]
     monkeypatch.setattr(module, "write_row_groups", slow)
     code = convert(inp, tmp_path / "out", "--layout", layout, "--image-format", "keep", "--workers", "1",
                    "--unit-rows", "16", "--row-group-rows", "32")
@@ -225,7 +225,7 @@ def test_arrow_record_batches_bound_the_copy_of_a_group(tmp_path, monkeypatch, b
     inp = write_input(tmp_path / "in", rows, images)
     group = 32 * min(len(b) for b in images.values())
     peaks: list[int] = []  # pool bytes once each record batch is built (its copy made)
-    packed_batch, write_row_groups = engine.sinks.arrow.packed_batch, engine.sinks.arrow.write_row_groups
+    packed_batch, write_row_groups = engine.layouts.packed.packed_batch, engine.layouts.packed.write_row_groups
 
     def measured(*args):
         batch = packed_batch(*args)
@@ -239,9 +239,9 @@ def test_arrow_record_batches_bound_the_copy_of_a_group(tmp_path, monkeypatch, b
 
         return write_row_groups(spec, slow_write)
 
-    monkeypatch.setattr(engine.sinks.arrow, "BATCH_BYTES", batch_bytes)
-    monkeypatch.setattr(engine.sinks.arrow, "packed_batch", measured)
-    monkeypatch.setattr(engine.sinks.arrow, "write_row_groups", slow)
+    monkeypatch.setattr(engine.layouts.packed, "BATCH_BYTES", batch_bytes)
+    monkeypatch.setattr(engine.layouts.packed, "packed_batch", measured)
+    monkeypatch.setattr(engine.layouts.packed, "write_row_groups", slow)
     code = convert(inp, tmp_path / "out", "--layout", "arrow", "--image-format", "keep", "--workers", "1",
                    "--unit-rows", "16", "--row-group-rows", "32")
     assert code == 0

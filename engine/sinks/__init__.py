@@ -1,1 +1,2 @@
-"""Outputs: the per-unit part files every layout starts from, and one module per final layout."""
+"""Outputs: the Store, the per-unit part files every layout starts from, and the shard assembly
+(row groups read back from the parts); the layouts themselves are in ``engine.layouts``."""

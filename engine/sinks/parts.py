@@ -31,7 +31,7 @@ class PartWriter:
 
     def __init__(self, store: Store, rel: str):
         self._pending: list[Sample] = []
-        self._sizes: list[int] = []
+        self._sizes: list[tuple[int, int]] = []
         self._ctx = store.writing(rel, durable=False)  # scratch: a resumed run checks its size
         self._tmp = self._ctx.__enter__()
         self._sink = pa.OSFile(self._tmp, "wb")
@@ -39,12 +39,12 @@ class PartWriter:
 
     def write(self, sample: Sample) -> int:
         """Queue one row; returns its size as the part records it (``Sample.num_bytes``)."""
-        size = sample.num_bytes
+        sizes = sample.sizes()
         self._pending.append(sample)
-        self._sizes.append(size)
+        self._sizes.append(sizes)
         if len(self._pending) >= BATCH_ROWS:
             self._flush()
-        return size
+        return sizes[0]
 
     def _flush(self) -> None:
         if self._pending:
@@ -73,7 +73,11 @@ def iter_part_rows(store: Store, rel: str, split: str, start: int, stop: int) ->
     so reading never holds more of the part than that."""
     seen = 0
     with store.open_arrow(rel) as source:
-        for batch in ipc.open_stream(source):
+        reader = ipc.open_stream(source)
+        if not reader.schema.equals(PART_SCHEMA):  # e.g. a run interrupted under an older engine, resumed
+            raise EngineError(f"{store.path(rel)} is a part file of another engine version; "
+                              "run the conversion again with --overwrite")
+        for batch in reader:
             mask = pc.equal(batch.column("split"), split)
             if not pc.all(mask).as_py():  # a part usually holds one split: then no filtering copy
                 batch = batch.filter(mask)

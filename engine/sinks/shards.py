@@ -1,24 +1,22 @@
-"""Final shards: the descriptor the driver builds, reading their rows back from the parts, and
-the dispatch to each layout's writer."""
+"""Final shards: the descriptor the driver builds, and their rows read back from the parts one
+row group at a time. Each layout (``engine.layouts``) writes the groups; this module knows none."""
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from engine.errors import EngineError
 from engine.sinks.parts import iter_part_rows
-from engine.sinks.store import Finisher, Store
+from engine.sinks.store import Store
 from engine.workdir import WORK_DIR
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,14 +32,11 @@ class Piece:
 class ShardSpec:
     """A small, picklable description of one final shard, built by the driver."""
 
-    layout: str  # parquet | arrow
+    layout: Any  # the run's engine.layouts.Layout, which writes the shard
     split: str
     relpath: str  # final path relative to OUT
     pieces: tuple[Piece, ...]
     schema: pa.Schema  # final schema with the huggingface metadata, built once on the driver
-    meta_keys: tuple[str, ...]
-    text_column: str  # arrow layout: conversations | text
-    images_as_paths: bool
     row_groups: tuple[int, ...]  # rows per row group, cut by the driver from row sizes
     store: Store
     path_prefix: str = ""  # fs-image: prepended to the "images/..." paths (absolute or relative to a folder)
@@ -152,16 +147,3 @@ def map_list_chunks(column: pa.ChunkedArray, build, type: pa.DataType) -> pa.Chu
         offsets = pc.subtract(chunk.offsets, chunk.offsets[0])
         chunks.append(pa.ListArray.from_arrays(offsets, build(chunk.flatten()), type=type))
     return pa.chunked_array(chunks, type=type)
-
-
-def write_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
-    """Assemble and write one final shard (runs in a worker, or in the driver with a finisher
-    that fsyncs and renames it in the background)."""
-    started = time.perf_counter()
-    if spec.layout == "parquet":
-        from engine.sinks.parquet import write_parquet_shard as write
-    else:
-        from engine.sinks.arrow import write_arrow_shard as write
-    result = write(spec, finisher)
-    log.debug("wrote %s (%d rows) in %.2f s", spec.relpath, result.num_rows, time.perf_counter() - started)
-    return result

@@ -31,20 +31,21 @@ import pyarrow.parquet as pq
 
 from engine.config import TaskConfig
 from engine.conversation import build_conversation
-from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, load_task_config,
-                           fs_image_prefix, ordered_splits, split_summary, unit_context, unit_rows_for,
-                           write_layout_metadata)
+from engine.driver import (UNIT_GRAIN, _prewarm_datasets, load_task_config, ordered_splits, split_summary,
+                           unit_context, unit_rows_for)
 from engine.errors import EngineError, UsageError
 from engine.imaging import configure_pillow
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.stats import merge_image_changes
 from engine.progress import NullProgress, Progress
-from engine.records import META_FIXED, Reject, order_meta_keys
+from engine.layouts import layout_for, write_shard
+from engine.layouts.base import SeenColumns
+from engine.layouts.plan import cut_shards
+from engine.records import META_FIXED, Reject
 from engine.runners import make_runner
-from engine.sinks.shards import write_shard
 from engine.sinks.store import Finisher, Store
 from engine.update.commit import Staging, crash_point
-from engine.update.dataset import Dataset, convert_options, open_dataset
+from engine.update.dataset import Dataset, convert_options, dataset_layout, open_dataset
 from engine.update.ids import ROW_IDS, ROW_IDS_SCHEMA, part_row_ids, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions, read_inputs
 from engine.update.rows import (EDIT_SUFFIX, IMAGES_PREFIX, LINE_DIGITS, LINES_MARK, new_name, read_rows,
@@ -143,7 +144,7 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     report.counts["outputs_repeated"] = inputs.outputs_repeated
     config_path = opts.config or (store.path("config.json") if ds.task else None)
     user = None
-    if new_task is not None and ds.layout == "arrow":  # the user turn convert builds from the new config
+    if new_task is not None:  # the user turn convert builds from the new config (layouts of conversations)
         user = unit_context(convert_options(ds, out=store.root, config=config_path, quiet=True, overwrite=False,
                                             resume=False), task, store, embedded=True).user_content
     scans = scan(ds, opts, inputs, task, new_task is not None, user, report)
@@ -406,7 +407,7 @@ def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tup
     copy) its image files to the names that line gives; the --add rows' files, written under their
     lines in the --add manifest, move after the old manifest's. Returns (path prefix, the --add
     rows' line shift). No image is read or decoded."""
-    prefix = fs_image_prefix(convert_options(ds, out=ds.store.root), ds.store)  # as convert into OUT writes it
+    prefix = dataset_layout(ds).path_prefix(ds.store)  # as convert into OUT writes it
     skip = len(prefix) + len(IMAGES_PREFIX)
     removed: list[int] = []
     for sc in scans:
@@ -457,6 +458,8 @@ def commit_staged(staging: Staging, ds: Dataset, store: Store, next_store: Store
 
 def write_shards(specs: list, progress: Progress) -> list:
     """Write the planned shards through convert's writers, one after another (a crash point after the first)."""
+    if specs:
+        specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
     shards = []
     with Finisher() as finisher:
@@ -473,6 +476,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
     splits = ordered_splits([sc.split for sc in scans] + [s for r in added for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
+    layout = layout_for(copts)
     for split in splits:
         parts = []
         for k, sc in enumerate(scans):
@@ -482,7 +486,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
             write_edit_file(next_store, rel, ds.store.path(sc.rel), ds.layout, sc.keep,
                             sc.texts, sc.sizes, sc.lines, images[0] if images else None)
             parts.append((rel, sc.sizes[sc.keep]))
-            if ds.layout == "arrow":
+            if layout.keeps_row_ids:
                 row_ids.append(pa.table({"split": [split] * int(sc.keep.sum()),
                                          "image_id": [x for x, k in zip(sc.ids, sc.keep) if k],
                                          "num_bytes": sc.sizes[sc.keep], "text_chars": sc.text_chars[sc.keep]},
@@ -490,7 +494,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
         for r in added:
             if split in r.sizes:
                 parts.append((r.part + (f"{LINES_MARK}{images[1]}" if images else ""), r.sizes[split]))
-                if ds.layout == "arrow":
+                if layout.keeps_row_ids:
                     row_ids.append(part_row_ids(next_store, r.part, split))
         if sum(len(s) for _, s in parts):
             segments[split] = parts
@@ -498,16 +502,15 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
         segments[copts.split] = []
     if ds.layout == "parquet":
         extra = {key for sc in scans for key, has in sc.extra_meta.items() if (has & sc.keep).any()}
-        extra |= {k for r in added for k in r.meta_keys}
-        meta_keys, text_column = tuple(order_meta_keys(extra)), ""
+        seen = SeenColumns(meta_keys=frozenset(extra | {k for r in added for k in r.meta_keys}))
     else:
         columns = {c for r in added for c in r.text_columns} | {ds.text_column}
         if len(columns) > 1:
             raise UsageError("the --add manifest's rows are not of the dataset's kind ('text' against "
                              "'conversations'); add them to a dataset of their kind")
-        meta_keys, text_column = (), ds.text_column
-    features = features_for(copts, meta_keys, text_column)
-    specs = cut_shards(segments, copts, next_store, features, meta_keys, text_column, reader=read_rows,
+        seen = SeenColumns(text_columns=frozenset(columns))
+    features = layout.features(seen)
+    specs = cut_shards(segments, copts, next_store, layout, features, reader=read_rows,
                        path_prefix=images[0] if images else "")
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
     table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
@@ -556,11 +559,12 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
     }
     doc["updates"] = list(doc.get("updates", [])) + [entry]
     title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]
-    write_layout_metadata(next_store, ds.layout, features, splits, shards, doc, doc.get("command", ""),
-                          task.instructions if task else None, title=title)
+    layout = dataset_layout(ds)
+    layout.on_write_complete(next_store, splits, shards, features, doc, doc.get("command", ""),
+                             task.instructions if task else None, title=title)
     if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
         doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
-    if ds.layout == "arrow":
+    if layout.keeps_row_ids:
         write_row_ids(next_store, row_ids)
     next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
     return doc

@@ -12,6 +12,8 @@ import pyarrow.ipc as ipc
 
 from engine.config import ConvertOptions, FetchOptions, ImageOptions, TaskConfig, parse_task_config
 from engine.errors import ConfigError, UsageError
+from engine.layouts import layout_for
+from engine.layouts.base import Layout
 from engine.sinks.store import Store
 from engine.workdir import WORK_DIR, in_progress
 from engine.update.ids import read_row_ids
@@ -55,6 +57,11 @@ def open_dataset(store: Store) -> Dataset:
         files = {name: list(s["files"]) for name, s in splits.items()}
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{root}/stats.json is not the stats of an engine dataset") from None
+    from engine.layouts import LAYOUTS
+
+    if layout not in LAYOUTS or not LAYOUTS[layout].updatable:
+        raise UsageError(f"engine update cannot change a --layout {layout} dataset yet (it updates "
+                         f"{', '.join(n for n, c in LAYOUTS.items() if c.updatable)}); convert it again")
     if options.get("images_as_paths") and store.remote:
         raise UsageError("engine update handles fs-image datasets (--images-as-paths) in local folders only")
     for shards in files.values():
@@ -82,6 +89,11 @@ def open_dataset(store: Store) -> Dataset:
             text_column = "text" if "text" in names else "conversations"
     return Dataset(store=store, stats=stats, layout=layout, task=task, files=files, row_ids=row_ids,
                    text_column=text_column)
+
+
+def dataset_layout(ds: Dataset) -> Layout:
+    """The Layout the dataset was written with (from its recorded options)."""
+    return layout_for(convert_options(ds, out=ds.store.root))
 
 
 def convert_options(ds: Dataset, **override: Any) -> ConvertOptions:

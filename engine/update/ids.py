@@ -24,9 +24,8 @@ ROW_IDS_SCHEMA = pa.schema([("split", pa.string()), ("image_id", pa.string()), (
 
 
 def text_chars(batch: pa.RecordBatch | pa.Table) -> pa.Array:
-    """Characters of each part row's text column (conversations JSON, or text)."""
-    column = pc.coalesce(batch.column("conversations"), batch.column("text"))
-    return pc.utf8_length(column).fill_null(0).cast(pa.int64())
+    """Characters of each part row's text column (conversations JSON, or text), as its part records them."""
+    return batch.column("text_chars")
 
 
 def part_row_ids(store: Store, part: str, split: str, with_line: bool = False) -> pa.Table:

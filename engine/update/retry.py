@@ -24,13 +24,14 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from engine.driver import (UNIT_GRAIN, _prewarm_datasets, cut_shards, features_for, ordered_splits, split_summary,
-                           unit_context, unit_rows_for, write_layout_metadata)
+from engine.driver import UNIT_GRAIN, _prewarm_datasets, ordered_splits, split_summary, unit_context, unit_rows_for
 from engine.errors import UsageError
 from engine.imaging import configure_pillow
 from engine.pipeline import process_unit
 from engine.progress import NullProgress, Progress
-from engine.records import order_meta_keys
+from engine.layouts import layout_for
+from engine.layouts.base import SeenColumns
+from engine.layouts.plan import cut_shards
 from engine.runners import make_runner
 from engine.sinks.store import Store
 from engine.sources import location
@@ -38,7 +39,7 @@ from engine.sources.jsonl import BOM, parse_row
 from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
 from engine.update.core import Report, commit_staged, scan, write_shards
-from engine.update.dataset import Dataset, convert_options, open_dataset
+from engine.update.dataset import Dataset, convert_options, dataset_layout, open_dataset
 from engine.update.ids import ROW_IDS_SCHEMA, part_row_ids, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions
 from engine.update.rows import EDIT_SUFFIX, OFFSET_MARK, read_rows, write_edit_file
@@ -207,6 +208,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
     splits = ordered_splits([sc.split for sc in scans] + [s for r in results for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
+    layout = layout_for(copts)
     for split in splits:
         sources: list[str] = []
         src, local, sizes, ids, chars = [], [], [], [], []
@@ -256,7 +258,7 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
                 parts.append((rel, size_all[start:i]))
                 start = i
         segments[split] = parts
-        if ds.layout == "arrow":
+        if layout.keeps_row_ids:
             row_ids.append(pa.table({"split": [split] * len(order), "image_id": [ids[j] for j in order],
                                      "num_bytes": size_all, "text_chars": np.concatenate(chars)[order]},
                                     schema=ROW_IDS_SCHEMA))
@@ -264,12 +266,11 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
         segments[copts.split] = []
     if ds.layout == "parquet":
         extra = {key for sc in scans for key, has in sc.extra_meta.items() if has.any()}
-        extra |= {k for r in results for k in r.meta_keys}
-        meta_keys, text_column = tuple(order_meta_keys(extra)), ""
+        seen = SeenColumns(meta_keys=frozenset(extra | {k for r in results for k in r.meta_keys}))
     else:
-        meta_keys, text_column = (), ds.text_column
-    features = features_for(copts, meta_keys, text_column)
-    specs = cut_shards(segments, copts, next_store, features, meta_keys, text_column, reader=read_rows)
+        seen = SeenColumns(text_columns=frozenset({ds.text_column}))
+    features = layout.features(seen)
+    specs = cut_shards(segments, copts, next_store, layout, features, reader=read_rows)
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
     table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
     return specs, features, num_bytes, table
@@ -323,11 +324,12 @@ def _finish(ds: Dataset, opts: UpdateOptions, next_store: Store, records: list[d
         "seconds": round(seconds, 3),
     }]
     title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]
-    write_layout_metadata(next_store, ds.layout, features, splits, shards, doc, doc.get("command", ""),
-                          ds.task.instructions if ds.task else None, title=title)
+    layout = dataset_layout(ds)
+    layout.on_write_complete(next_store, splits, shards, features, doc, doc.get("command", ""),
+                             ds.task.instructions if ds.task else None, title=title)
     if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
         doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
-    if ds.layout == "arrow":
+    if layout.keeps_row_ids:
         write_row_ids(next_store, row_ids)
     next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
     return doc, counts

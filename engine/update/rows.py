@@ -19,7 +19,8 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
-from engine.records import IMAGE_STRUCT, PART_SCHEMA, SOURCE_STRUCT
+from engine.layouts.packed import IMAGES_DIR, LINE_DIGITS
+from engine.records import IMAGE_STRUCT, META_TYPE, PART_SCHEMA, SOURCE_STRUCT, TURNS_TYPE
 from engine.sinks.parts import iter_part_rows
 from engine.sinks.store import Store
 from engine.sources.location import local_path
@@ -29,8 +30,7 @@ OFFSET_MARK = "::"  # "PIECE::N": the piece's rows from its N-th on (a retry spl
 LINES_MARK = "#lines+"  # "PART#lines+N": an --add part whose fs-image names take N more manifest lines
 EDIT_SCHEMA = pa.schema([("keep", pa.bool_()), ("text", pa.string()), ("num_bytes", pa.int64()),
                          ("line", pa.int64())])
-LINE_DIGITS = 8  # fs-image names: images/{line:08d}-{stem}.{ext} (engine.pipeline)
-IMAGES_PREFIX = "images/"
+IMAGES_PREFIX = IMAGES_DIR + "/"
 
 
 def write_edit_file(store: Store, rel: str, source: str, layout: str, keep: np.ndarray,
@@ -139,8 +139,8 @@ def _to_part(rows, layout: str, split: str, edits: pa.Table, prefix: str | None 
         image_id = rows.column("image_id")
         images = _one_image_lists(rows.column("image"))
         output = pc.coalesce(new_text, rows.column("output"))
-        meta = pa.array([orjson.dumps(m).decode() for m in rows.column("meta").to_pylist()], pa.string())
-        conversations = pa.nulls(n, pa.string())
+        meta = _meta_map(rows.column("meta"))
+        conversations = pa.nulls(n, TURNS_TYPE)
         text = pa.nulls(n, pa.string())
     else:
         image_id = pa.nulls(n, pa.string())
@@ -150,19 +150,42 @@ def _to_part(rows, layout: str, split: str, edits: pa.Table, prefix: str | None 
         else:
             images = images_from_modalities(rows.column("modalities"))
         output = pa.nulls(n, pa.string())
-        meta = pa.array(["{}"] * n, pa.string())
+        meta = pa.array([[]] * n, META_TYPE)
         if "conversations" in rows.schema.names:
-            old = [orjson.dumps(t).decode() for t in rows.column("conversations").to_pylist()]
-            conversations = pc.coalesce(new_text, pa.array(old, pa.string()))
+            conversations = _conversations(rows.column("conversations"), new_text)
             text = pa.nulls(n, pa.string())
         else:
-            conversations = pa.nulls(n, pa.string())
+            conversations = pa.nulls(n, TURNS_TYPE)
             text = rows.column("text")
     columns = {"line": pa.nulls(n, pa.int64()), "split": pa.array([split] * n, pa.string()), "image_id": image_id,
                "images": images, "image_sources": pa.nulls(n, pa.list_(SOURCE_STRUCT)), "output": output,
-               "conversations": conversations, "text": text, "meta": meta, "num_bytes": edits.column("num_bytes")}
+               "conversations": conversations, "text": text, "meta": meta, "num_bytes": edits.column("num_bytes"),
+               "text_chars": pa.nulls(n, pa.int64())}
     return pa.table({name: _chunked(columns[name], PART_SCHEMA.field(name).type) for name in PART_SCHEMA.names},
                     schema=PART_SCHEMA)
+
+
+def _conversations(old, new_text: pa.ChunkedArray) -> pa.Array:
+    """The old rows' turns, where the edit file holds none of its own (its conversation JSON)."""
+    old = old.combine_chunks() if isinstance(old, pa.ChunkedArray) else old
+    if new_text.null_count == len(new_text):  # no conversation changed: the turns as they are
+        return old if old.type == TURNS_TYPE else old.cast(TURNS_TYPE)
+    turns = [orjson.loads(t) if t is not None else o for t, o in zip(new_text.to_pylist(), old.to_pylist())]
+    return pa.array(turns, TURNS_TYPE)
+
+
+def _meta_map(meta) -> pa.MapArray:
+    """The extraction layout's meta struct as the parts' map (every key, a missing value null)."""
+    meta = meta.combine_chunks() if isinstance(meta, pa.ChunkedArray) else meta
+    names = [f.name for f in meta.type]
+    n, k = len(meta), len(names)
+    if k == 0:
+        return pa.array([[]] * n, META_TYPE)
+    # row-major items: row i's key j is the j-th field's i-th value
+    order = (np.arange(k)[None, :] * n + np.arange(n)[:, None]).ravel()
+    items = pa.concat_arrays([meta.field(j).cast(pa.string()) for j in range(k)]).take(pa.array(order))
+    keys = pa.array(names * n, pa.string())
+    return pa.MapArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), keys, items, type=META_TYPE)
 
 
 def _chunked(column, type: pa.DataType) -> pa.ChunkedArray:
