@@ -180,3 +180,23 @@ def test_check_names_what_is_missing(tmp_path):
         WebDatasetSource(str(tmp_path)).check()
     with pytest.raises(UsageError, match="tar not found"):
         WebDatasetSource(str(tmp_path / "x-{0..1}.tar")).check()
+
+
+def test_tars_through_fsspec(tmp_path):
+    """A folder of tars and a brace pattern on an fsspec file system (memory://), streamed."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for t in range(2):
+        local = tmp_path / f"{t}.tar"
+        write_tar(local, [{"__key__": f"t{t}-{i}", "jpg": jpeg((t, i, 0)), "json": {"output": str(i)}}
+                          for i in range(3)])
+        fs.pipe(f"/wds-test/{t:05d}.tar", local.read_bytes())
+    try:
+        for where in ("memory://wds-test", "memory://wds-test/{00000..00001}.tar"):
+            assert WebDatasetSource.detect(where)
+            _, rows = read_all(WebDatasetSource(where), grain=2)
+            assert [r.image_id for r in rows] == [f"t{t}-{i}" for t in range(2) for i in range(3)]
+            assert rows[4].locations[0].data == tarfile.open(tmp_path / "1.tar").extractfile("t1-1.jpg").read()
+    finally:
+        fs.rm("/wds-test", recursive=True)
