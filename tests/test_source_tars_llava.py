@@ -189,9 +189,8 @@ def test_llava_messages_jsonl_to_packed_arrow(tmp_path):
 
 
 def test_unusable_inputs_are_one_line_usage_errors(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
-    assert convert(tmp_path / "empty", tmp_path / "o1", "--input-format", "webdataset") == 2
-    assert "no .tar files" in capsys.readouterr().err
+    assert convert(tmp_path / "shard-{0..1}.tar", tmp_path / "o1") == 2
+    assert capsys.readouterr().err.strip() == f"engine: error: tar not found: {tmp_path}/shard-0.tar (and 1 more)"
     (tmp_path / "obj.json").write_text("[]")
     assert convert(tmp_path / "obj.json", tmp_path / "o2") == 2
     err = capsys.readouterr().err

@@ -23,7 +23,7 @@ import orjson
 from engine.config import DEFAULT_ATTACHMENT_TOKEN, SPLIT_NAME
 from engine.errors import UsageError
 from engine.records import Reject
-from engine.sources import jsonarray, location, register, sharegpt
+from engine.sources import identity, jsonarray, location, register, sharegpt
 from engine.sources.base import Row, Source, SourcePlan
 
 BLOCK_BYTES = 8 * 2**20
@@ -112,8 +112,6 @@ class LlavaSource(Source):
         return _first_bytes(self.where).lstrip()[:1] == b"["
 
     def plan(self, grain: int) -> LlavaPlan:
-        import polars as pl  # the driver's planner only
-
         array = self._is_array()
         digest = hashlib.sha256()
         lines: list[int] = []
@@ -141,8 +139,7 @@ class LlavaSource(Source):
                 raise UsageError(f"{self.where}: {exc}") from None
         if not lines:
             raise UsageError(f"{self.where} holds no samples")
-        frame = pl.DataFrame({"line": lines, "id": ids})
-        dups = np.sort(frame.filter(~pl.col("id").is_first_distinct()).get_column("line").to_numpy())
+        dups = identity.duplicate_lines(lines, ids)
         units = []
         for i, (start, end, first, rows) in enumerate(bounds):
             last = bounds[i + 1][2] if i + 1 < len(bounds) else lines[-1] + 1

@@ -31,7 +31,7 @@ from engine.config import DEFAULT_ATTACHMENT_TOKEN, SPLIT_NAME
 from engine.conversation import user_content
 from engine.errors import UsageError
 from engine.records import META_FIXED, RESERVED_KEYS, Reject
-from engine.sources import location, register, sharegpt
+from engine.sources import identity, location, register, sharegpt
 from engine.sources.base import InlineImage, Row, Source, SourcePlan
 
 log = logging.getLogger(__name__)
@@ -179,8 +179,6 @@ class WebDatasetSource(Source):
             raise UsageError(f"tar not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
     def plan(self, grain: int) -> TarPlan:
-        import polars as pl
-
         digest = hashlib.sha256()
         units: list[TarUnit] = []
         lines: list[int] = []
@@ -224,8 +222,7 @@ class WebDatasetSource(Source):
                     line += 1
         if not lines:
             raise UsageError(f"{self.where} holds no samples (no tar member has a key and an extension)")
-        frame = pl.DataFrame({"line": lines, "id": ids}, schema={"line": pl.Int64, "id": pl.String})
-        dups = np.sort(frame.filter(~pl.col("id").is_first_distinct()).get_column("line").to_numpy())
+        dups = identity.duplicate_lines(lines, ids)
         for i, piece in enumerate(pieces):
             lo, hi = np.searchsorted(dups, [piece.first_line, piece.first_line + piece.num_rows])
             units.append(TarUnit(index=i, pieces=(piece,), num_rows=piece.num_rows,

@@ -114,3 +114,14 @@ def test_a_json_array_streams(tmp_path):
         peaks[n] = int(out[1])
     assert os.path.getsize(tmp_path / "50000.json") > 40 * 2**20
     assert peaks[50_000] - peaks[5_000] < 20, peaks  # MB; holding the file alone would add over 40
+
+
+def test_source_and_units_pickle(tmp_path):
+    import pickle
+
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps([sample(i) for i in range(3)]))
+    src = LlavaSource(str(path), attachment_token="<t>")
+    unit = src.plan(2).units[1]
+    rows = list(pickle.loads(pickle.dumps(src)).read(pickle.loads(pickle.dumps(unit)), base="/b", default_split="x"))
+    assert [(r.line, r.image_id, r.split, r.conversations[0]["content"][:3]) for r in rows] == [(3, "s2", "x", "<t>")]

@@ -200,3 +200,15 @@ def test_tars_through_fsspec(tmp_path):
             assert rows[4].locations[0].data == tarfile.open(tmp_path / "1.tar").extractfile("t1-1.jpg").read()
     finally:
         fs.rm("/wds-test", recursive=True)
+
+
+def test_source_and_units_pickle(tmp_path):
+    """They ride to Ray workers: a unpickled source reads an unpickled unit the same."""
+    import pickle
+
+    write_tar(tmp_path / "0.tar", [{"__key__": f"k{i}", "jpg": jpeg((i, 0, 0)), "json": {"output": "1"}}
+                                   for i in range(3)])
+    src = WebDatasetSource(str(tmp_path))
+    unit = src.plan(2).units[1]
+    again = pickle.loads(pickle.dumps(src)).read(pickle.loads(pickle.dumps(unit)), base="", default_split="train")
+    assert [r.image_id for r in again] == ["k2"]
