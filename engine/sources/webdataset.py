@@ -263,9 +263,11 @@ class WebDatasetSource(Source):
             key: str | None = None
             member = ""
             try:
-                stream = tarfile.open(fileobj=f, mode="r|")
-                for info in stream:
-                    stream.members = []  # a stream keeps every header it read otherwise
+                # seekable mode reads each member with one read (stream mode copies it in small
+                # pieces), from this range's first header on; one sample is held at a time
+                stream = tarfile.open(fileobj=f, mode="r:")
+                while (info := stream.next()) is not None:
+                    stream.members = []  # the archive keeps every header it read otherwise
                     if not info.isreg() or _META_NAME.search(info.name):
                         continue
                     prefix, ext = _split_name(info.name)
@@ -300,49 +302,130 @@ class WebDatasetSource(Source):
                           attachment_token=self.attachment_token, attachment_position=self.attachment_position)
 
 
+class _Unsupported(Exception):
+    """A header the quick walk leaves to tarfile (GNU format, long names, sparse files, base-256 sizes)."""
+
+
+def _quick_members(f, file_size: int) -> Iterator[tuple[int, str, int, int, int, bool]]:
+    """(header offset, name, size, mtime, data offset, regular file) of every member of a POSIX
+    ustar/pax tar (what webdataset's TarWriter and Python's tarfile write), reading only the
+    headers: tarfile parses each header in Python, which cost more than the rest of planning.
+    Raises _Unsupported for anything else; the caller then walks the tar with tarfile."""
+    pos, start, pax = 0, None, {}
+    while True:
+        f.seek(pos)
+        hdr = f.read(512)
+        if len(hdr) < 512 or hdr == bytes(512):
+            if hdr.strip(b"\0"):
+                raise tarfile.ReadError(f"the tar ends inside a header at byte {pos}")
+            return
+        if hdr[257:265] != b"ustar\x0000" or hdr[124] & 0x80:
+            raise _Unsupported
+        try:
+            checksum = int(hdr[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+            size = int(hdr[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            mtime = int(hdr[136:148].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            raise _Unsupported from None
+        if checksum != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise tarfile.ReadError(f"bad header checksum at byte {pos}")
+        kind = hdr[156:157]
+        data = pos + 512
+        start = pos if start is None else start
+        if kind in (b"x", b"g"):  # pax records for the next member, or global ones
+            records = f.read(size)
+            if kind == b"x":
+                pax = _pax_records(records)
+            else:
+                start = None
+            pos = data + (size + 511) // 512 * 512
+            continue
+        if kind not in (b"0", b"\0", b"7", b"1", b"2", b"3", b"4", b"5", b"6"):
+            raise _Unsupported  # GNU long names ('L', 'K'), sparse files ('S'), ...
+        name = pax.get("path")
+        if name is None:
+            name = hdr[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = hdr[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            name = f"{prefix}/{name}" if prefix else name
+        if "size" in pax:
+            size = int(pax["size"])
+        regular = kind in (b"0", b"7") or (kind == b"\0" and not name.endswith("/"))  # as tarfile reads them
+        yield start, name, size, int(float(pax.get("mtime", mtime))), data, regular
+        start, pax = None, {}
+        pos = data + (size + 511) // 512 * 512 if kind in (b"0", b"\0", b"7") else data
+
+
+def _pax_records(raw: bytes) -> dict[str, str]:
+    """'%d key=value\\n' records (POSIX pax), as tarfile reads them."""
+    out, i = {}, 0
+    while i < len(raw):
+        space = raw.index(b" ", i)
+        length = int(raw[i:space])
+        key, _, value = raw[space + 1:i + length - 1].partition(b"=")
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        i += length
+    return out
+
+
+def _tarfile_members(f) -> Iterator[tuple[int, str, int, int, int, bool]]:
+    tf = tarfile.open(fileobj=f, mode="r:")
+    while (info := tf.next()) is not None:
+        tf.members = []
+        yield info.offset, info.name, info.size, int(info.mtime), info.offset_data, info.isreg()
+
+
 def _scan_tar(tar: str, digest) -> _Scan:
-    scan = _Scan()
-    key = None
     with location.open_binary(tar) as f:
+        file_size = f.seek(0, os.SEEK_END)
         try:
-            tf = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.ReadError as exc:
-            scan.note = f"not a readable tar ({exc})"
-            return scan
-        pending: tuple[int, str, str | None] | None = None  # the current sample: offset, key, id
-        last_end = 0
-        info = None
-        try:
-            while (info := tf.next()) is not None:
-                tf.members = []
-                last_end = info.offset_data + info.size
-                if not info.isreg() or _META_NAME.search(info.name):
-                    continue
-                prefix, ext = _split_name(info.name)
-                if prefix is None:
-                    continue
-                digest.update(f"{tar}\0{info.name}\0{info.size}\0{info.mtime}\n".encode())
-                if prefix != key:
-                    if pending is not None:
-                        scan.samples.append((pending[0], pending[2] or pending[1]))
-                    key = prefix
-                    scan.keys.add(prefix)
-                    pending = (info.offset, prefix, None)
-                if ext == "json" and pending[2] is None:
-                    raw = tf.extractfile(info).read()
-                    digest.update(raw)
-                    pending = (pending[0], pending[1], _json_id(raw))
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            if pending is not None:
-                scan.damage = f"the tar ends inside member {info.name!r} ({exc})" if info else str(exc)
-        if pending is not None:
-            scan.samples.append((pending[0], pending[2] or pending[1]))
-        if scan.damage is None:
-            f.seek(max(tf.offset, last_end))
-            tail = f.read(1024)
-            if tail.strip(b"\0"):
-                scan.note = f"unreadable tar header at byte {max(tf.offset, last_end)}: the rest of the tar is lost"
+            scan, own = _scan_members(f, tar, _quick_members(f, file_size), file_size)
+        except _Unsupported:
+            f.seek(0)
+            scan, own = _scan_members(f, tar, _tarfile_members(f), file_size)
+    digest.update(own.digest())
     return scan
+
+
+def _scan_members(f, tar: str, members, file_size: int):
+    """The tar's samples (header offset, id), from its members in order."""
+    scan, own = _Scan(), hashlib.sha256()
+    key, pending, name, end = None, None, None, 0  # pending: the current sample's offset, key, id
+    try:
+        for offset, name, size, mtime, data, regular in members:
+            end = data + size
+            if not regular or _META_NAME.search(name):
+                if end > file_size and regular:
+                    raise tarfile.ReadError("unexpected end of data")
+                continue
+            prefix, ext = _split_name(name)
+            if prefix is None:
+                continue
+            own.update(f"{name}\0{size}\0{mtime}\n".encode())
+            if prefix != key:
+                if pending is not None:
+                    scan.samples.append((pending[0], pending[2] or pending[1]))
+                key = prefix
+                scan.keys.add(prefix)
+                pending = (offset, prefix, None)
+            if ext == "json" and pending[2] is None:
+                f.seek(data)
+                raw = f.read(size)
+                own.update(raw)
+                pending = (pending[0], pending[1], _json_id(raw))
+            if end > file_size:  # this member's sample is read up to the cut, then rejected
+                raise tarfile.ReadError("unexpected end of data")
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if pending is not None and end > file_size:
+            scan.damage = f"the tar ends inside member {name!r} ({exc})"
+        else:
+            scan.note = f"unreadable from byte {end} on ({exc}): the rest of the tar is lost"
+    if pending is not None:
+        scan.samples.append((pending[0], pending[2] or pending[1]))
+    if scan.damage is None and scan.note is None:
+        f.seek((end + 511) // 512 * 512)
+        if f.read(1024).strip(b"\0"):
+            scan.note = f"unreadable tar header at byte {(end + 511) // 512 * 512}: the rest of the tar is lost"
+    return scan, own
 
 
 def _json_id(raw: bytes) -> str | None:

@@ -212,3 +212,45 @@ def test_source_and_units_pickle(tmp_path):
     unit = src.plan(2).units[1]
     again = pickle.loads(pickle.dumps(src)).read(pickle.loads(pickle.dumps(unit)), base="", default_split="train")
     assert [r.image_id for r in again] == ["k2"]
+
+
+def test_quick_header_walk_agrees_with_tarfile(tmp_path):
+    """The planner's header walk gives tarfile's members (long pax names, folders, links); a GNU
+    format tar, which it leaves to tarfile, plans the same rows."""
+    from engine.sources import webdataset as w
+
+    path = tmp_path / "pax.tar"
+    long_key = "d/" + "x" * 150
+    write_tar(path, [{"__key__": long_key, "jpg": jpeg((1, 1, 1)), "json": {"output": "é"}},
+                     {"__key__": "short", "jpg": jpeg((2, 2, 2)), "txt": "t"}])
+    with tarfile.open(path, "a") as tf:  # a folder and a symlink, which are no samples
+        tf.addfile(tarfile.TarInfo("a-dir/"))
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "short.jpg"
+        tf.addfile(link)
+    with open(path, "rb") as f:
+        quick = list(w._quick_members(f, path.stat().st_size))
+        f.seek(0)
+        assert quick == list(w._tarfile_members(f))
+    gnu = tmp_path / "gnu.tar"
+    with tarfile.open(path) as src, tarfile.open(gnu, "w", format=tarfile.GNU_FORMAT) as dst:
+        for m in src:
+            dst.addfile(m, src.extractfile(m) if m.isreg() else None)
+    with open(gnu, "rb") as f, pytest.raises(w._Unsupported):
+        list(w._quick_members(f, gnu.stat().st_size))
+    rows = [read_all(WebDatasetSource(str(p)))[1] for p in (path, gnu)]
+    assert [(r.image_id, r.locations[0].data) for r in rows[0]] == [(r.image_id, r.locations[0].data) for r in rows[1]]
+    assert [r.image_id for r in rows[0]] == [long_key, "short"]
+
+
+def test_a_corrupt_header_ends_the_tar_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "c.tar"
+    write_tar(path, [{"__key__": f"k{i}", "jpg": jpeg((i, 0, 0)), "json": {"output": "x"}} for i in range(3)])
+    info = next(m for m in tarfile.open(path) if m.name == "k2.jpg")
+    data = bytearray(path.read_bytes())
+    data[info.offset:info.offset + 512] = b"\x7f" * 512  # the header block of k2's first member
+    path.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        _, rows = read_all(WebDatasetSource(str(path)))
+    assert [r.image_id for r in rows] == ["k0", "k1"]
+    assert "the rest of the tar is lost" in caplog.text
