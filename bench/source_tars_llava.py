@@ -101,19 +101,19 @@ def run_source_bench(source: str, *, n: int, workdir: Path, results_dir: Path, w
               "workers": workers, "repeats": repeats, "machine": report.machine_info(), "runs": runs,
               "median_seconds": medians, "speed_vs_jsonl": medians["jsonl+files"] / medians[source],
               "max_peak_rss_mb": {name: max(r["peak_rss_mb"] for r in rs) for name, rs in runs.items()}}
-    path = report.write_json(results_dir, f"{report.today()}-source-{source}", result)
+    path = report.write_json(results_dir, f"{report.today()}-source-{source}-{n}", result)
     report.write_results_md(results_dir)
     shutil.rmtree(root, ignore_errors=True)
     return path
 
 
 def source_section(results: list[dict]) -> list[str]:
-    """The RESULTS.md section: the newest result of each source."""
-    newest = {r["source"]: r for r in results}
+    """The RESULTS.md section: the newest result of each source and size."""
+    newest = {(r["source"], r["n"]): r for r in results}
     lines = ["## Sources: pass-through from a source against JSONL + files, same images, same batch", "",
              "| source | rows | source (s) | JSONL + files (s) | speed vs JSONL | peak RSS source / JSONL | file |",
              "|---|---:|---:|---:|---:|---:|---|"]
-    for name, r in sorted(newest.items()):
+    for (name, _), r in sorted(newest.items()):
         rss = r["max_peak_rss_mb"]
         lines.append(f"| {name} | {r['n']:,} | {r['median_seconds'][name]:.2f} | "
                      f"{r['median_seconds']['jsonl+files']:.2f} | {r['speed_vs_jsonl']:.2f}x | "

@@ -60,6 +60,7 @@ class Piece:
     offset: int = 0
     num_samples: int = 0
     damage: str | None = None  # the planner found the tar cut short inside this piece's last sample
+    quick: bool = True  # its headers are walked by _quick_members (else by tarfile)
     side: str | None = None
     side_rows: tuple[int, ...] = ()  # parquet row numbers
     lost: str | None = None  # why a listed success is not in the tar
@@ -91,6 +92,7 @@ class _Scan:
 
     samples: list[tuple[int, str]] = field(default_factory=list)  # (header offset, id) per sample
     keys: set[str] = field(default_factory=set)
+    quick: bool = True  # the headers are POSIX ustar/pax, which _quick_members walks
     damage: str | None = None  # the last sample is cut short
     note: str | None = None  # the tar is damaged after its last whole sample
 
@@ -208,7 +210,7 @@ class WebDatasetSource(Source):
                 last = start + grain >= len(scan.samples)
                 damage = f"{scan.damage}; {lost_text}" if last and scan.damage else None
                 pieces.append(Piece(tar=tar, first_line=line, offset=chunk[0][0], num_samples=len(chunk),
-                                    damage=damage))
+                                    damage=damage, quick=scan.quick))
                 for _, sid in chunk:
                     lines.append(line)
                     ids.append(sid)
@@ -254,23 +256,22 @@ class WebDatasetSource(Source):
                 yield from self._samples(piece, default_split)
 
     def _samples(self, piece: Piece, default_split: str) -> Iterator[Row | Reject]:
+        """The piece's samples, member by member from its first header: one sample in memory."""
         line = piece.first_line
         end = piece.first_line + piece.num_samples
         name = os.path.basename(piece.tar)
         with location.open_binary(piece.tar) as f:
+            file_size = f.seek(0, os.SEEK_END)
             f.seek(piece.offset)
             members: dict[str, tuple[str, bytes]] = {}
             key: str | None = None
             member = ""
+            walk = _quick_members(f, file_size, piece.offset) if piece.quick else _tarfile_members(f)
             try:
-                # seekable mode reads each member with one read (stream mode copies it in small
-                # pieces), from this range's first header on; one sample is held at a time
-                stream = tarfile.open(fileobj=f, mode="r:")
-                while (info := stream.next()) is not None:
-                    stream.members = []  # the archive keeps every header it read otherwise
-                    if not info.isreg() or _META_NAME.search(info.name):
+                for _, member, size, _, data, regular in walk:
+                    if not regular or _META_NAME.search(member):
                         continue
-                    prefix, ext = _split_name(info.name)
+                    prefix, ext = _split_name(member)
                     if prefix is None:
                         continue
                     if prefix != key:
@@ -281,8 +282,12 @@ class WebDatasetSource(Source):
                         if line == end:
                             break
                         key = prefix
-                    member = info.name
-                    members.setdefault(ext, (info.name, stream.extractfile(info).read()))
+                    if ext not in members:
+                        f.seek(data)
+                        blob = f.read(size)
+                        if len(blob) != size:
+                            raise tarfile.ReadError("unexpected end of data")
+                        members[ext] = (member, blob)
                 else:
                     if key is not None and line < end:
                         yield self._row(line, key, members, name, default_split)
@@ -306,12 +311,12 @@ class _Unsupported(Exception):
     """A header the quick walk leaves to tarfile (GNU format, long names, sparse files, base-256 sizes)."""
 
 
-def _quick_members(f, file_size: int) -> Iterator[tuple[int, str, int, int, int, bool]]:
+def _quick_members(f, file_size: int, start: int = 0) -> Iterator[tuple[int, str, int, int, int, bool]]:
     """(header offset, name, size, mtime, data offset, regular file) of every member of a POSIX
     ustar/pax tar (what webdataset's TarWriter and Python's tarfile write), reading only the
     headers: tarfile parses each header in Python, which cost more than the rest of planning.
     Raises _Unsupported for anything else; the caller then walks the tar with tarfile."""
-    pos, start, pax = 0, None, {}
+    pos, start, pax = start, None, {}
     while True:
         f.seek(pos)
         hdr = f.read(512)
@@ -382,6 +387,7 @@ def _scan_tar(tar: str, digest) -> _Scan:
         except _Unsupported:
             f.seek(0)
             scan, own = _scan_members(f, tar, _tarfile_members(f), file_size)
+            scan.quick = False
     digest.update(own.digest())
     return scan
 
