@@ -15,6 +15,7 @@ img2dataset's error message; samples lost to a damaged tar).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -81,8 +82,16 @@ class TarUnit:
 @dataclass(frozen=True)
 class TarPlan(SourcePlan):
     def merge(self, index: int, group) -> TarUnit:
-        return TarUnit(index=index, pieces=tuple(p for u in group for p in u.pieces),
-                       num_rows=sum(u.num_rows for u in group),
+        pieces: list[Piece] = []
+        for p in (p for u in group for p in u.pieces):
+            last = pieces[-1] if pieces else None
+            if (last is not None and last.tar == p.tar and last.num_samples and p.num_samples
+                    and not last.side_rows and not p.side_rows and last.damage is None):
+                # the next samples of the same tar: one open, one walk
+                pieces[-1] = dataclasses.replace(last, num_samples=last.num_samples + p.num_samples, damage=p.damage)
+            else:
+                pieces.append(p)
+        return TarUnit(index=index, pieces=tuple(pieces), num_rows=sum(u.num_rows for u in group),
                        duplicate_lines=tuple(d for u in group for d in u.duplicate_lines))
 
 

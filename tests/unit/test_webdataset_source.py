@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import pyarrow as pa
@@ -254,3 +255,14 @@ def test_a_corrupt_header_ends_the_tar_with_a_warning(tmp_path, caplog):
         _, rows = read_all(WebDatasetSource(str(path)))
     assert [r.image_id for r in rows] == ["k0", "k1"]
     assert "the rest of the tar is lost" in caplog.text
+
+
+def test_coalesced_units_read_each_tar_in_one_walk(tmp_path):
+    for t in range(2):
+        write_tar(tmp_path / f"{t}.tar", [{"__key__": f"{t}-{i}", "jpg": jpeg((i, 0, 0)), "json": {"output": "1"}}
+                                          for i in range(5)])
+    plan = WebDatasetSource(str(tmp_path)).plan(2).coalesce(100)
+    assert [[(os.path.basename(p.tar), p.num_samples) for p in u.pieces] for u in plan.units] == [
+        [("0.tar", 2)], [("0.tar", 3), ("1.tar", 5)]]
+    _, rows = read_all(WebDatasetSource(str(tmp_path)), grain=2, coalesce=100)
+    assert [r.image_id for r in rows] == [f"{t}-{i}" for t in range(2) for i in range(5)]
