@@ -195,3 +195,26 @@ def test_unusable_inputs_are_one_line_usage_errors(tmp_path, capsys):
     assert convert(tmp_path / "obj.json", tmp_path / "o2") == 2
     err = capsys.readouterr().err
     assert "holds no samples" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def s3():
+    from conftest import moto_s3
+
+    yield from moto_s3("tars-bucket")
+
+
+def test_tars_on_object_storage(tmp_path, s3):
+    """A brace pattern of tars on S3 (moto): planned and read through fsspec, member by member."""
+    for t in range(2):
+        local = tmp_path / f"{t}.tar"
+        write_tar(local, [{"__key__": f"t{t}-{i}", "jpg": jpeg(COLOURS[t * 3 + i]),
+                           "json": {"conversations": llava_turns("<image>\nColour?", f"{t}-{i}")}} for i in range(3)])
+        s3.put(str(local), f"tars-bucket/shards/{t:05d}.tar")
+    out = tmp_path / "out"
+    assert convert("s3://tars-bucket/shards/{00000..00001}.tar", out) == 0
+    ds, stats, rejects = load(out)
+    assert ds.num_rows == 6 and rejects == []
+    for k, sample in enumerate(ds):
+        assert near(colour_of(sample["modalities"][0]["value"]), COLOURS[k])
+        assert sample["conversations"][1]["content"] == f"{k // 3}-{k % 3}"
