@@ -218,3 +218,29 @@ def test_tars_on_object_storage(tmp_path, s3):
     for k, sample in enumerate(ds):
         assert near(colour_of(sample["modalities"][0]["value"]), COLOURS[k])
         assert sample["conversations"][1]["content"] == f"{k // 3}-{k % 3}"
+
+
+@pytest.mark.ray
+def test_ray_workers_read_tars_and_llava_as_the_local_runner(tmp_path, ray_instance):
+    """Sources and their units travel to Ray's worker processes; the shards come out the same."""
+    tars = tmp_path / "tars"
+    tars.mkdir()
+    for t in range(3):
+        write_tar(tars / f"{t}.tar", [{"__key__": f"{t}-{i}", "jpg": jpeg(COLOURS[(t + i) % 6]),
+                                       "json": {"conversations": llava_turns("<image>", str(i))}} for i in range(20)])
+    write_images(tmp_path / "imgs", {f"{i}.jpg": COLOURS[i % 6] for i in range(6)})
+    llava = tmp_path / "imgs" / "llava.json"
+    llava.write_text(json.dumps([{"id": str(i), "image": f"{i % 6}.jpg", "conversations": llava_turns("<image>", "x")}
+                                 for i in range(60)]))
+    for name, inp in (("tars", tars), ("llava", llava)):
+        outs = {}
+        for runner in ("local", "ray"):
+            out = outs[runner] = tmp_path / f"{name}-{runner}"
+            argv = ["convert", "--manifest", str(inp), "--out", str(out), "--runner", runner, "--quiet",
+                    "--layout", "arrow", "--workers", "2", "--unit-rows", "8"]
+            assert run_main(argv) == 0
+        files = {r: sorted(p.name for p in o.glob("*.arrow")) for r, o in outs.items()}
+        assert files["local"] == files["ray"] and files["local"]
+        for f in files["local"]:
+            assert (outs["local"] / f).read_bytes() == (outs["ray"] / f).read_bytes()
+        assert json.loads((outs["ray"] / "stats.json").read_text())["num_written"] == 60
