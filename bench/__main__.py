@@ -98,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     http.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     common(http)
 
+    for name in ("webdataset", "llava"):
+        src = sub.add_parser(name, help=f"pass-through from {name} input against JSONL + files, same images, "
+                             "same batch")
+        src.add_argument("--n", type=int, default=1000, help="rows")
+        src.add_argument("--repeats", type=int, default=3)
+        src.add_argument("--base-images", type=int, default=300)
+        src.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+        common(src)
+
     rep = sub.add_parser("report", help="regenerate the plot and RESULTS.md from the JSON files")
     common(rep)
     return parser
@@ -147,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
                             repeats=args.repeats, workdir=workdir, results_dir=args.results, workers=args.workers,
                             command=command, memory_sizes=[int(s) for s in _csv(args.memory_sizes)],
                             timeout=args.timeout)
+    elif args.command in ("webdataset", "llava"):
+        from bench.source_tars_llava import run_source_bench
+
+        run_source_bench(args.command, n=args.n, workdir=workdir, results_dir=args.results, workers=args.workers,
+                         command=command, repeats=args.repeats, base_images=args.base_images, timeout=args.timeout)
     else:
         report.plot_throughput(args.results)
         report.write_results_md(args.results)

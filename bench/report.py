@@ -392,6 +392,11 @@ def write_results_md(results_dir: Path) -> Path:
     http = [r for r in results if r.get("kind") == "http"]
     if http:
         lines += _http_section(http[-1])
+    sources = [r for r in results if r.get("kind") == "source" and r.get("source") in ("webdataset", "llava")]
+    if sources:
+        from bench.source_tars_llava import source_section
+
+        lines += source_section(sources)
     gap = Path(__file__).with_name("GAP.md")
     if gap.exists():
         lines += [gap.read_text().strip(), ""]

@@ -45,4 +45,7 @@ def source_for(opts: ConvertOptions) -> Source:
 def _load_builtin() -> None:
     """Import the modules that register the built-in sources (not at package import: the
     fetch/http modules live here too and must stay cheap to import)."""
+    # tars first: img2dataset's folders also hold .parquet side files, which are not a dataset
+    import engine.sources.webdataset  # noqa: F401
+    import engine.sources.llava  # noqa: F401
     import engine.sources.jsonl  # noqa: F401
