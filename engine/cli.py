@@ -295,8 +295,8 @@ def run() -> None:
     """Console-script entry point (also ``python -m engine``).
 
     When ``main`` returns, the run is over: every file is closed and committed, and Ray is shut
-    down. The interpreter's own teardown, which frees pyarrow, polars, datasets and ray module by
-    module, would then take another 0.5-0.8 s (a quarter of a small job), so it is skipped.
+    down. The interpreter's own teardown (freeing pyarrow, polars, datasets and ray module by
+    module) would only cost time, so it is skipped (bench/GAP.md, "Interpreter teardown").
     An unexpected exception still propagates and exits the usual way, with its traceback.
     """
     code = main()

@@ -77,9 +77,8 @@ def analyse_image(data: bytes | None, *, decode: bool, phash: bool) -> ImageFact
 
 
 def perceptual_hash(im: Image.Image) -> int:
-    """``imagehash.phash`` as a 64-bit int. pHash resizes to 32x32 anyway: a box-filter reduction
-    first (to >= 128 px) costs 0.8 ms instead of 33 ms at 1024 px, and moved the hash by 0.3 bits
-    on average."""
+    """``imagehash.phash`` as a 64-bit int, after a cheap box-filter reduction to >= 128 px (pHash
+    resizes to 32x32 anyway; bench/GAP.md, "Perceptual hash")."""
     import imagehash
 
     small = im if im.mode in ("L", "RGB", "RGBA") else im.convert("L")

@@ -99,11 +99,8 @@ def write_arrow_shard(spec: ShardSpec, finisher: Finisher | None = None) -> Shar
         with pa.OSFile(tmp, "wb") as sink, ipc.new_stream(sink, spec.schema) as writer:
 
             def write_group(group: pa.Table) -> None:
-                # A record batch is one block per column, so its rows are copied out of the parts'
-                # chunks, while the group itself and the next one (being read) are still held.
-                # Cutting the group by the rows' byte sizes bounds that third copy to BATCH_BYTES
-                # instead of a whole group (up to 100 MB); the cut depends only on the rows, so
-                # the bytes still do not depend on how units chunked them.
+                # a record batch copies its rows into one block: cut by row sizes, which bounds
+                # the copy to BATCH_BYTES and depends only on the rows
                 for start, stop in plan_chunks(group["num_bytes"].to_pylist(), BATCH_BYTES):
                     writer.write_batch(packed_batch(group.slice(start, stop - start), spec))
 

@@ -60,24 +60,14 @@ def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
     """Hand the shard's rows, in line order and in the part schema, to ``write`` one row group
     at a time; returns the number of rows.
 
-    Pipelined and bounded: a reader thread assembles the next row group (reading the part
-    files, and the source files they reference) while ``write`` runs in the calling thread, and
-    at most GROUPS_IN_MEMORY groups exist at once, whatever the shard or part size. A shard
-    writer thus keeps two cores busy (reading sources and encoding pages each take about as
-    long), so one writer per machine writes as fast as two did, and a job with one shard
-    holds as much memory as a job with many.
-
+    Pipelined and bounded: a reader thread assembles the next group (parts, and the source files
+    they reference) while ``write`` runs, and at most GROUPS_IN_MEMORY groups exist at once.
     - Parts are read a record batch (16 rows) at a time, only as their rows are needed.
-    - No frame keeps a group once it is written: a generator's local did, which held one more
-      group than intended (30 MB per writer at 150 KB images).
-    - mimalloc (pyarrow's pool) keeps a thread's freed pages mapped, 25-30 MB per thread; both
-      threads hand them back after every group, which costs 5-10% of the shard phase.
-    - A group's columns keep the part files' record batches as their chunks: no copy is made
-      here. The written bytes still do not depend on how units chunked rows: the Parquet
-      writer cuts pages by content (content-defined chunking), whatever the chunks, and the
-      Arrow writer cuts each group into record batches by the rows' byte sizes. Copying each
-      group into one contiguous block cost the 10k-row pass-through shard phase about 60% more
-      time.
+    - No frame keeps a group once it is written (a generator's local once held one more).
+    - Both threads hand mimalloc's freed pages back after every group (it keeps them per thread).
+    - A group's columns keep the parts' record batches as chunks, uncopied: the Parquet writer
+      cuts pages by content and the Arrow writer re-cuts by row sizes, so bytes do not depend on
+      the chunks. (Figures: bench/GAP.md, "Shard writer".)
     """
     pool = pa.default_memory_pool()
     slots = threading.Semaphore(GROUPS_IN_MEMORY)

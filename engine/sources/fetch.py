@@ -16,13 +16,9 @@ from engine.config import FetchOptions
 from engine.sources.base import ImageInput, InlineImage
 from engine.sources.location import local_path
 
-# Local files are read inline, in the unit's own thread, while they are small and reads are
-# fast; otherwise the prefetch threads overlap the reads with decoding. Handing a row to a
-# thread and back costs 50-90 us: more than reading a 150 KB file from the page cache (38 us
-# here; pass-through of 10k rows took 2.5-2.9 s inline against 3.2-4.0 s through the threads),
-# less than reading a 2 MB photo (280 us). The time is measured in the thread, so it includes
-# waits for the GIL (often over 0.2 ms with two busy threads); a cold disk or a network file
-# system shows as reads that take milliseconds.
+# Local files are read inline while small and quick to read (handing a row to a thread costs
+# more than reading it from the page cache); otherwise threads overlap reads with decoding.
+# Figures: bench/GAP.md, "Inline local reads".
 INLINE_LOCAL_READ_BYTES = 512 * 1024
 SLOW_LOCAL_READ_SECONDS = 0.002
 SPECULATIVE_SECONDS = 30.0  # a look-ahead fetch no unit has claimed by then is dropped
