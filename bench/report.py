@@ -392,6 +392,13 @@ def write_results_md(results_dir: Path) -> Path:
     http = [r for r in results if r.get("kind") == "http"]
     if http:
         lines += _http_section(http[-1])
+    sources = {r["source"]: r for r in results if r.get("kind") == "source"}  # the newest per source
+    if sources:
+        from bench.source_dataset import source_section
+
+        lines += ["## Sources: pass-through from each input kind against JSONL + files", ""]
+        for doc in sources.values():
+            lines += source_section(doc)
     gap = Path(__file__).with_name("GAP.md")
     if gap.exists():
         lines += [gap.read_text().strip(), ""]

@@ -33,6 +33,7 @@ PARQUET, ARROW = "parquet", "arrow"
 HASH_TAIL = 64 * 1024  # bytes of each file's end hashed into the plan's digest (a Parquet footer)
 TRAINER_TEXT = ("conversations", "text")  # the packed trainer's text columns (FORMATS.md §4)
 ID_COLUMNS = ("image_id", "id")  # tried in this order when --id-column is not given
+READ_BATCH_ROWS = 64  # rows turned into Python objects at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +159,8 @@ def _read(where: str, rel: str) -> bytes | None:
 
 def is_dataset(where: str) -> bool:
     """A .parquet/.arrow file, a save_to_disk folder, or a folder holding Parquet files near its top."""
+    if where.startswith(("http://", "https://")):  # no folders over HTTP: only the suffix, no request
+        return where.split("?", 1)[0].endswith((".parquet", ".arrow"))
     try:
         fs, path = _fs(where)
         if fs.isfile(path):
@@ -278,8 +281,8 @@ def _open(f: DataFile):
         return
     import pyarrow.parquet as pq
 
-    with (contextlib.nullcontext(path) if path else location.open_binary(f.location)) as src:
-        yield pq.ParquetFile(src)
+    with (contextlib.nullcontext(path) if path else location.open_binary(f.location)) as src, pq.ParquetFile(src) as pf:
+        yield pf
 
 
 def _schema(reader) -> pa.Schema:
@@ -297,9 +300,9 @@ def _group_sizes(reader) -> Iterator[tuple[int, pa.RecordBatch | None]]:
 
 
 def _tables(reader, start: int, stop: int, columns: list[str]) -> Iterator[pa.Table | pa.RecordBatch]:
-    if hasattr(reader, "num_row_groups"):
-        for i in range(start, stop):
-            yield reader.read_row_group(i, columns=columns)
+    if hasattr(reader, "num_row_groups"):  # batches within the row groups: a huge row group is not held whole
+        yield from reader.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=range(start, stop), columns=columns,
+                                       use_threads=False)
         return
     for i, batch in enumerate(reader):
         if i >= stop:

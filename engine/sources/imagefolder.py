@@ -134,12 +134,18 @@ def scan_folder(where: str) -> Layout:
 
 
 def looks_like_image_folder(where: str) -> bool:
-    """A folder with a metadata file or image files at its top or one or two folders down."""
+    """A folder with a metadata file or image files at its top or one or two folders down, and
+    no other JSON Lines or JSON file at its top: that is a manifest's folder (name the manifest)."""
+    if where.startswith(("http://", "https://")):  # no folder listings over HTTP
+        return False
     try:
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(where)
         if not fs.isdir(path):
+            return False
+        top = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
+        if any(n.endswith((".jsonl", ".json")) and n not in METADATA_FILES and n != "config.json" for n in top):
             return False
         extensions = _image_extensions()
         for depth in ("*", "*/*", "*/*/*"):
