@@ -84,8 +84,11 @@ def _root(where: str) -> str:
 
 def _rel(path: str, root: str) -> str:
     """``path`` relative to ``root``, with forward slashes (an id, never a file system path)."""
-    if location.is_url(root):
-        return path[len(root):].lstrip("/") if path.startswith(root) else path.rsplit("/", 1)[-1]
+    if location.is_url(root) or location.is_url(path):  # compare the file systems' own paths
+        import fsspec
+
+        base, full = fsspec.core.url_to_fs(root)[1].rstrip("/"), fsspec.core.url_to_fs(path)[1]
+        return full[len(base) + 1:] if full.startswith(base + "/") else posixpath.basename(full)
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 

@@ -114,3 +114,17 @@ def test_not_a_folder_of_images(tmp_path):
     assert not ImageFolderSource.detect(str(tmp_path / "empty"))
     put(tmp_path / "pics", "x/a.jpg")
     assert ImageFolderSource.detect(str(tmp_path / "pics"))
+
+
+def test_fsspec_folder_ids_are_paths_in_the_folder():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    for i in range(3):
+        fs.pipe(f"/imgfold/train/{i}.jpg", imagegen.jpeg((8, 8)))
+    fs.pipe("/imgfold/train/metadata.jsonl",
+            b"".join(json.dumps({"file_name": f"{i}.jpg", "output": "{}"}).encode() + b"\n" for i in range(3)))
+    assert ImageFolderSource.detect("memory://imgfold")
+    rows = rows_of(ImageFolderSource("memory://imgfold"))
+    assert [r.image_id for r in rows] == ["train/0.jpg", "train/1.jpg", "train/2.jpg"]
+    assert rows[0].locations[0].endswith("/imgfold/train/0.jpg") and rows[0].locations[0].startswith("memory://")
