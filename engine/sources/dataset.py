@@ -367,9 +367,11 @@ class DatasetSource(Source):
             except (OSError, pa.ArrowInvalid) as exc:
                 raise UsageError(f"cannot read {f.location}: {exc}") from None
             first = first or (f, cols)
-            if self.id_column and cols.id is None:
-                raise UsageError(f"{f.location} has no column {self.id_column!r} (--id-column); "
-                                 f"its columns: {', '.join(cols.names)}")
+            for option, wanted, found in (("--id-column", self.id_column, cols.id),
+                                          ("--output-column", self.output_column, cols.output)):
+                if wanted and found is None and (cols.kind == "labelr" or option == "--id-column"):
+                    raise UsageError(f"{f.location} has no column {wanted!r} ({option}); "
+                                     f"its columns: {', '.join(cols.names)}")
             usable = usable or cols.kind == "trainer" or cols.image is not None
             num_rows += 1 if rows is None else rows
         if not usable:

@@ -133,6 +133,9 @@ def test_no_image_column_is_one_line_naming_the_columns(tmp_path):
         DatasetSource(str(tmp_path / "plain.parquet")).check()
     with pytest.raises(UsageError, match=r"no column 'picture' \(--image-column\)"):
         DatasetSource(str(tmp_path / "plain.parquet"), image_column="picture").check()
+    write(extraction_table(1), tmp_path / "ds.parquet")
+    with pytest.raises(UsageError, match=r"no column 'answer' \(--output-column\); its columns: image_id, image"):
+        DatasetSource(str(tmp_path / "ds.parquet"), output_column="answer").check()
 
 
 def test_a_file_without_image_column_among_others_rejects_its_rows(tmp_path):
