@@ -42,7 +42,17 @@ def source_for(opts: ConvertOptions) -> Source:
                      "(or name it with --input-format)")
 
 
+def source_kinds() -> list[str]:
+    """The registry keys (the --input-format choices), in detection order."""
+    _load_builtin()
+    return list(SOURCES)
+
+
 def _load_builtin() -> None:
     """Import the modules that register the built-in sources (not at package import: the
-    fetch/http modules live here too and must stay cheap to import)."""
+    fetch/http modules live here too and must stay cheap to import). Registration order is
+    detection order: an existing dataset, an image folder, then the rest; JSONL (detect_last)
+    takes any file no other source claims."""
+    import engine.sources.dataset  # noqa: F401
+    import engine.sources.imagefolder  # noqa: F401
     import engine.sources.jsonl  # noqa: F401

@@ -25,6 +25,7 @@ from engine.errors import UsageError
 from engine.records import META_FIXED, Reject
 from engine.sources import location, register
 from engine.sources.base import InlineImage, Row, Source, SourcePlan
+from engine.sources.identity import duplicate_lines
 
 if TYPE_CHECKING:
     from engine.config import ConvertOptions
@@ -530,11 +531,12 @@ def _trainer_rows(table, cols: Columns, line: int, split: str, base: str) -> Ite
 
 
 def _duplicate_lines(frames: list):
-    """Lines whose id an earlier line already has (first occurrence wins)."""
+    """Lines whose id an earlier line already has (first occurrence wins; an empty id claims nothing)."""
     import numpy as np
     import polars as pl
 
     if not frames:
         return np.zeros(0, dtype=np.int64)
-    ids = pl.concat(frames).filter(pl.col("id").is_not_null() & (pl.col("id") != ""))
-    return np.sort(ids.filter(~pl.col("id").is_first_distinct()).get_column("line").to_numpy().astype(np.int64))
+    ids = pl.concat(frames)
+    return duplicate_lines(ids.get_column("line").to_numpy(),
+                           ids.get_column("id").replace("", None))
