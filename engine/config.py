@@ -281,6 +281,8 @@ def _check_options(o: ConvertOptions) -> str | None:
                         ("--output-column", o.output_column)):
         if value is not None and not value.strip():
             return f"{name} must name a column"
+    if "://" not in o.out and os.path.abspath(o.out) == os.path.abspath(o.manifest):  # --overwrite would delete it
+        return "--out must not be the input folder itself"
     if os.path.abspath(o.out) == os.path.abspath(os.path.dirname(os.path.abspath(o.manifest))):
         return "--out must not be the manifest's own folder"
     return None
