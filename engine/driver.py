@@ -3,6 +3,7 @@ accounting (rejects.jsonl, stats.json) and the layout's metadata. Knows no Ray a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -28,8 +29,7 @@ from engine.sinks.chunking import plan_chunks
 from engine.sinks.store import WORK_DIR, Finisher, Store
 from engine.sinks.parquet import parquet_shard_path
 from engine.sinks.shards import Piece, ShardResult, ShardSpec, write_shard
-from engine.sources import location
-from engine.sources.manifest import check_has_rows, plan_manifest
+from engine.sources import Source, location, source_for
 from engine.stats import RunStats, merge_image_changes
 from engine.update.ids import row_ids_from_parts, write_row_ids
 from engine.versions import versions
@@ -137,16 +137,13 @@ def run_fingerprint(opts: ConvertOptions, task: TaskConfig | None, manifest_sha2
     return orjson.loads(orjson.dumps(fingerprint))
 
 
-def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig | None) -> dict[str, Any]:
+def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig | None,
+                           source: Source | None = None) -> dict[str, Any]:
     """``--resume`` on a finished output: its stats, if it is the dataset this run would make;
     otherwise a usage error naming what differs, so the user never takes the old dataset for
     the one they asked for."""
     stats = orjson.loads(store.read_bytes("stats.json"))
-    digest = hashlib.sha256()
-    with location.open_binary(opts.manifest) as f:
-        while block := f.read(2**20):
-            digest.update(block)
-    fingerprint = run_fingerprint(opts, task, digest.hexdigest())
+    fingerprint = run_fingerprint(opts, task, (source or source_for(opts)).sha256())
     # an output from before fingerprints were kept in stats.json: compare its resolved options
     previous = stats.get("fingerprint") or {**fingerprint, "options": _output_defining(stats.get("options", {}))}
     for doc in (previous, fingerprint):  # a finished dataset may have been moved: still the same one
@@ -183,13 +180,15 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".") or "(root)"]
 
 
-def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, embedded: bool) -> UnitContext:
+def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, embedded: bool,
+                 source: Source | None = None) -> UnitContext:
+    source = source or source_for(opts)
     user = None
     if task is not None and opts.layout == "arrow":
         user = user_content(render_prompt(opts.prompt_template, task.instructions, task.json_schema),
                             opts.attachment_token, position=opts.attachment_position)
-    base = opts.base_path or location.parent(opts.manifest)
-    return UnitContext(layout=opts.layout, schema_json=task.schema_json if task else None, image=opts.image,
+    base = opts.base_path or source.default_base()
+    return UnitContext(source=source, layout=opts.layout, schema_json=task.schema_json if task else None, image=opts.image,
                        fetch=opts.fetch, default_split=opts.split, base=base, store=store,
                        user_content=user, system_prompt=opts.system_prompt, attachment_token=opts.attachment_token,
                        images_as_paths=opts.images_as_paths,
@@ -202,19 +201,20 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     progress = progress or NullProgress()
     check_filesystems(opts)
     task = load_task_config(opts.config) if opts.config else None
-    check_has_rows(opts.manifest)  # also "manifest not found"
+    source = source_for(opts)
+    source.check()  # also "manifest not found"
     store = Store(opts.out)
     if opts.resume and is_finished(store):
-        stats_doc = check_finished_matches(store, opts, task)
+        stats_doc = check_finished_matches(store, opts, task, source)
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
         return ConvertResult(out=opts.out, stats=stats_doc)
     prepare_out(store, opts.overwrite, opts.resume)
     stats = RunStats()
     results: list[UnitResult] = []
-    with make_runner(opts) as runner:  # an embedded Ray starts only when the work is worth it
-        ctx = unit_context(opts, task, store, runner.embedded)
+    with make_runner(opts) as runner, _closing(source):  # an embedded Ray starts only when the work is worth it
+        ctx = unit_context(opts, task, store, runner.embedded, source)
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
-        plan = plan_manifest(opts.manifest, grain)
+        plan = source.plan(grain)
         unit_rows = run_state(store, opts, task, plan.sha256,
                               opts.unit_rows or unit_rows_for(plan.num_rows, runner.num_workers))
         plan = plan.coalesce(unit_rows)
@@ -262,6 +262,15 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             f"{stats.num_rejected:,} of {stats.num_input_rows:,} rows rejected ({stats.reject_ratio:.1%}), "
             f"over --max-reject-ratio {opts.max_reject_ratio:g}; see {os.path.join(opts.out, 'rejects.jsonl')}")
     return ConvertResult(out=opts.out, stats=summary)
+
+
+@contextlib.contextmanager
+def _closing(source: Source) -> Iterator[Source]:
+    """The source's per-process state (look-ahead) goes when the run ends, however it ends."""
+    try:
+        yield source
+    finally:
+        source.close()
 
 
 def _write_shards(runner: Runner, specs: list[ShardSpec]) -> Iterator[ShardResult]:

@@ -29,8 +29,8 @@ from engine.records import META_FIXED, Reject, Sample, SourceRef
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import WORK_DIR, Store
 from engine.sources.fetch import FetchFailure, Fetcher, FetchTally
-from engine.sources.location import local_path, open_binary
-from engine.sources.manifest import ManifestRow, UnitSpec, parse_row, read_unit_lines
+from engine.sources.base import ManifestRow, Source, Unit
+from engine.sources.location import local_path
 from engine.stats import ImageTally
 from engine.validate import validator_for
 
@@ -57,6 +57,7 @@ class UnitContext:
     # Part files may reference unchanged local source images instead of copying them: true
     # when every process of the run (the shard writers too) sees this machine's files.
     reference_sources: bool = False
+    source: Source | None = None  # the run's input: reads each unit's rows (engine.sources)
 
 
 @dataclass(slots=True)
@@ -164,19 +165,22 @@ def check_row(row: ManifestRow, ctx: UnitContext) -> _Checked | Reject:
     return _Checked(row, output=verdict.output)
 
 
-def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
+def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
     started = time.perf_counter()
+    source = ctx.source
+    if source is None:  # a programming error: every run's context names its input
+        raise ValueError("UnitContext.source is not set")
     duplicates = frozenset(unit.duplicate_lines)
     rejects: list[Reject] = []
     ready: list[_Checked] = []
     num_rows = 0
-    for line, raw in read_unit_lines(unit):
+    for row in source.read(unit, base=ctx.base, default_split=ctx.default_split):
         num_rows += 1
-        row = parse_row(line, raw, base=ctx.base, default_split=ctx.default_split)
         if isinstance(row, Reject):
             rejects.append(row)
-        elif line in duplicates:
-            rejects.append(Reject(line, row.image_id, "duplicate", f"image_id {row.image_id!r} already seen on an earlier line"))
+        elif row.line in duplicates:
+            rejects.append(Reject(row.line, row.image_id, "duplicate",
+                                  f"image_id {row.image_id!r} already seen on an earlier line"))
         else:
             checked = check_row(row, ctx)
             (rejects if isinstance(checked, Reject) else ready).append(checked)
@@ -192,8 +196,8 @@ def process_unit(unit: UnitSpec, ctx: UnitContext) -> UnitResult:
     fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
     tally = FetchTally()
     try:
-        _claim(unit, ctx)
-        lookahead = functools.partial(_urls_after, unit, ctx, ctx.fetch.concurrency)
+        lookahead = functools.partial(source.urls_after, unit, ctx.fetch.concurrency, base=ctx.base,
+                                      default_split=ctx.default_split)
         for checked, payloads in _prefetched(fetcher, ready, ctx.fetch.io_threads, tally, lookahead,
                                              ctx.fetch.concurrency):
             row = checked.row
@@ -292,48 +296,6 @@ def _source_or_bytes(image: EncodedImage, location: str, st: os.stat_result | No
 
 def _fetch_all(fetcher: Fetcher, row: ManifestRow) -> list[tuple[bytes | FetchFailure, os.stat_result | None]]:
     return [fetcher.fetch_with_stat(loc) for loc in row.locations]
-
-
-@dataclass
-class _Progress:
-    """What this process's units of one run have started or looked ahead at, in one manifest."""
-
-    started: deque = field(default_factory=lambda: deque(maxlen=256))  # (byte_start, byte_end) of units
-    frontier: int = 0  # rows before this offset have been looked ahead at already
-
-
-# Per (manifest, run context): the rows after a unit that no started unit holds are the ones
-# this process's threads take next.
-_RUNS: dict[tuple[str, int], _Progress] = {}
-_RUNS_LOCK = threading.Lock()
-
-
-def _claim(unit: UnitSpec, ctx: UnitContext) -> None:
-    with _RUNS_LOCK:
-        _RUNS.setdefault((unit.manifest, id(ctx)), _Progress()).started.append((unit.byte_start, unit.byte_end))
-
-
-def _urls_after(unit: UnitSpec, ctx: UnitContext, num_rows: int) -> Iterator[str]:
-    """The URLs of about ``num_rows`` rows after ``unit`` that no unit of this process has
-    started and no earlier look-ahead has seen."""
-    with _RUNS_LOCK:
-        progress = _RUNS.setdefault((unit.manifest, id(ctx)), _Progress())
-        start = max(unit.byte_end, progress.frontier)
-    per_row = (unit.byte_end - unit.byte_start) / max(unit.num_rows, 1)
-    with open_binary(unit.manifest) as f:
-        f.seek(start)
-        data = f.read(int(per_row * num_rows * 2) + 4096)
-    offset = start
-    for raw in data.split(b"\n")[:-1]:  # the last piece may be cut short
-        pos, offset = offset, offset + len(raw) + 1
-        with _RUNS_LOCK:  # other threads start units meanwhile
-            progress.frontier = max(progress.frontier, offset)
-            claimed = any(a <= pos < b for a, b in progress.started)
-        if claimed or not raw.strip():
-            continue
-        row = parse_row(0, raw, base=ctx.base, default_split=ctx.default_split)
-        if not isinstance(row, Reject):
-            yield from (loc for loc in row.locations if Fetcher.is_http(loc))
 
 
 def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, os.stat_result | None]:

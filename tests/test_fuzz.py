@@ -20,6 +20,7 @@ from engine.imaging import EncodedImage, ImageFailure, transform_image
 from engine.pipeline import UnitContext, process_unit, time_limit
 from engine.records import Reject
 from engine.sinks.store import Store
+from engine.sources.jsonl import JsonlSource
 from engine.sources.manifest import ManifestRow, parse_row, plan_manifest
 
 OPTS = ImageOptions(max_size=48, max_pixels=4_000_000, timeout=5.0)
@@ -153,7 +154,7 @@ def test_units_account_for_every_row(tmp_path_factory, cases):
     manifest.write_bytes(b"\n".join(lines) + b"\n")
     schema = json.dumps({"type": "object", "properties": {"price": {"type": "number"}}, "required": ["price"]})
     ctx = UnitContext(layout="parquet", schema_json=schema, image=OPTS, fetch=FetchOptions(), default_split="train",
-                      base=str(root), store=Store(str(root / "out")))
+                      base=str(root), store=Store(str(root / "out")), source=JsonlSource(str(manifest)))
     [unit] = plan_manifest(str(manifest), 64).units
     result = process_unit(unit, ctx)
     assert result.num_rows == len(cases)

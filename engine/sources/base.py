@@ -11,10 +11,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
-from engine.records import Reject
-
 if TYPE_CHECKING:
     from engine.config import ConvertOptions
+    from engine.records import Reject
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.config import FetchOptions
+from engine.sources.base import ImageInput, InlineImage
 from engine.sources.location import local_path
 
 # Local files are read inline, in the unit's own thread, while they are small and reads are
@@ -95,25 +96,30 @@ class Fetcher:
         self._local_reads = 0
 
     @staticmethod
-    def is_local(location: str) -> bool:
-        """Read by :meth:`fetch` as a local file (every URL but ``file://`` is remote)."""
-        return local_path(location) is not None
+    def is_local(location: ImageInput) -> bool:
+        """Read by :meth:`fetch` as a local file (every URL but ``file://`` is remote), or bytes
+        the input holds (no I/O at all)."""
+        return isinstance(location, InlineImage) or local_path(location) is not None
 
     @staticmethod
-    def is_http(location: str) -> bool:
-        return location.startswith(("http://", "https://"))
+    def is_http(location: ImageInput) -> bool:
+        return not isinstance(location, InlineImage) and location.startswith(("http://", "https://"))
 
     @property
     def inline_local_reads(self) -> bool:
         """Whether local files have been small and quick to read so far (assumed until measured)."""
         return self._local_read_bytes < INLINE_LOCAL_READ_BYTES and self._local_read_seconds < SLOW_LOCAL_READ_SECONDS
 
-    def fetch(self, location: str) -> bytes | FetchFailure:
+    def fetch(self, location: ImageInput) -> bytes | FetchFailure:
         return self.fetch_with_stat(location)[0]
 
-    def fetch_with_stat(self, location: str) -> tuple[bytes | FetchFailure, os.stat_result | None]:
+    def fetch_with_stat(self, location: ImageInput) -> tuple[bytes | FetchFailure, os.stat_result | None]:
         """The bytes and, for a local file, the status of the open file they were read from
-        (taken before the read: a file rewritten meanwhile shows a newer mtime later)."""
+        (taken before the read: a file rewritten meanwhile shows a newer mtime later). An
+        InlineImage's bytes pass through as they are (its size is checked like a file's)."""
+        if isinstance(location, InlineImage):
+            data = location.data
+            return (self._too_big(len(data)) if len(data) > self._max_bytes else data), None
         if self.is_http(location):
             fetched = self.submit(location).result()
             fetched.release()
@@ -129,9 +135,13 @@ class Fetcher:
         except Exception as exc:  # noqa: BLE001 - any I/O problem is this row's failure
             return FetchFailure(f"{type(exc).__name__}: {exc}"), None
 
-    def submit(self, location: str) -> Future:
+    def submit(self, location: ImageInput) -> Future:
         """Start fetching (or take over a speculative fetch of the same URL); the future's result
         is a :class:`Fetched`."""
+        if isinstance(location, InlineImage):  # nothing to wait for
+            done: Future = Future()
+            done.set_result(Fetched(self.fetch_with_stat(location)[0]))
+            return done
         if self.is_http(location):
             with self._http_lock:
                 found = self._speculative.pop(location, None)

@@ -9,6 +9,7 @@ outputs, and the ``--add`` manifest's lines after it.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import difflib
 import json
@@ -41,7 +42,6 @@ from engine.records import META_FIXED, Reject, order_meta_keys
 from engine.runners import make_runner
 from engine.sinks.shards import write_shard
 from engine.sinks.store import WORK_DIR, Finisher, Store
-from engine.sources.manifest import parse_row, plan_manifest, read_unit_lines
 from engine.update.commit import Staging, crash_point
 from engine.update.dataset import Dataset, convert_options, open_dataset
 from engine.update.ids import ROW_IDS, ROW_IDS_SCHEMA, part_row_ids, write_row_ids
@@ -354,19 +354,19 @@ def _run_add(ds: Dataset, opts: UpdateOptions, copts, task, next_store: Store, s
     in_dataset: dict[int, str] = {}
     with make_runner(copts) as runner:
         ctx = unit_context(copts, task, next_store, runner.embedded)
-        plan = plan_manifest(copts.manifest, UNIT_GRAIN)
+        plan = ctx.source.plan(UNIT_GRAIN)
         plan = plan.coalesce(unit_rows_for(plan.num_rows, runner.num_workers))
+        scanning = copy.copy(ctx.source)  # reading here must not count as the units starting (look-ahead)
         units = []
         for unit in plan.units:
             seen = set(unit.duplicate_lines)
             extra = []
-            for line, raw in read_unit_lines(unit):
-                row = parse_row(line, raw, base=ctx.base, default_split=ctx.default_split)
-                if isinstance(row, Reject) or line in seen or row.image_id not in existing:
+            for row in scanning.read(unit, base=ctx.base, default_split=ctx.default_split):
+                if isinstance(row, Reject) or row.line in seen or row.image_id not in existing:
                     continue
                 if not opts.replace:
-                    extra.append(line)
-                    in_dataset[line] = row.image_id
+                    extra.append(row.line)
+                    in_dataset[row.line] = row.image_id
             units.append(replace(unit, duplicate_lines=tuple(sorted(seen | set(extra)))))
         results = sorted(runner.map_unordered(process_unit, [(u, ctx) for u in units]), key=lambda r: r.index)
     report.images = merge_image_changes(r.images for r in results)

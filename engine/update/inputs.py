@@ -12,8 +12,8 @@ import orjson
 
 from engine.errors import UsageError
 from engine.sources import location
+from engine.sources.jsonl import BOM
 
-BOM = b"\xef\xbb\xbf"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,7 +33,7 @@ from engine.records import order_meta_keys
 from engine.runners import make_runner
 from engine.sinks.store import WORK_DIR, Store
 from engine.sources import location
-from engine.sources.manifest import BOM, parse_row, plan_manifest
+from engine.sources.jsonl import BOM, parse_row
 from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
 from engine.update.core import Report, commit_staged, scan, write_shards
@@ -108,7 +108,7 @@ def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, 
         next_store.write_bytes(SPARSE, sparse)
         with make_runner(copts) as runner:
             ctx = unit_context(copts, ds.task, next_store, runner.embedded)
-            plan = plan_manifest(copts.manifest, UNIT_GRAIN)
+            plan = ctx.source.plan(UNIT_GRAIN)
             plan = plan.coalesce(unit_rows_for(plan.num_rows, runner.num_workers))
             progress.start(plan.num_rows, "retrying")
             for r in runner.map_unordered(process_unit, [(u, ctx) for u in plan.units]):
