@@ -34,7 +34,7 @@ def source_for(opts: ConvertOptions) -> Source:
         if cls is None:
             raise UsageError(f"--input-format must be one of {', '.join(SOURCES)}, not {kind!r}")
         return cls.from_options(opts)
-    for cls in sorted(SOURCES.values(), key=lambda c: c.detect_last):  # stable: registration order otherwise
+    for cls in in_detection_order():
         if cls.detect(where):
             return cls.from_options(opts)
     expected = "; ".join(f"{c.expects or c.kind} ({c.kind})" for c in SOURCES.values())
@@ -42,17 +42,26 @@ def source_for(opts: ConvertOptions) -> Source:
                      "(or name it with --input-format)")
 
 
+# Detection tries these first, in this order (a dataset folder may also hold a few images; an
+# image folder holds no tars); other sources follow in registration order, detect_last (JSONL) last.
+DETECTION_ORDER = ("parquet", "imagefolder", "webdataset", "llava")
+
+
+def in_detection_order() -> list[type[Source]]:
+    rank = {kind: i for i, kind in enumerate(DETECTION_ORDER)}
+    return sorted(SOURCES.values(), key=lambda c: (c.detect_last, rank.get(c.kind, len(rank))))
+
+
 def source_kinds() -> list[str]:
     """The registry keys (the --input-format choices), in detection order."""
     _load_builtin()
-    return list(SOURCES)
+    return [c.kind for c in in_detection_order()]
 
 
 def _load_builtin() -> None:
     """Import the modules that register the built-in sources (not at package import: the
-    fetch/http modules live here too and must stay cheap to import). Registration order is
-    detection order: an existing dataset, an image folder, then the rest; JSONL (detect_last)
-    takes any file no other source claims."""
+    fetch/http modules live here too and must stay cheap to import). Detection order is
+    DETECTION_ORDER, not this order."""
     import engine.sources.dataset  # noqa: F401
     import engine.sources.imagefolder  # noqa: F401
     import engine.sources.jsonl  # noqa: F401

@@ -128,3 +128,30 @@ def test_fsspec_folder_ids_are_paths_in_the_folder():
     rows = rows_of(ImageFolderSource("memory://imgfold"))
     assert [r.image_id for r in rows] == ["train/0.jpg", "train/1.jpg", "train/2.jpg"]
     assert rows[0].locations[0].endswith("/imgfold/train/0.jpg") and rows[0].locations[0].startswith("memory://")
+
+
+def test_detection_order(tmp_path):
+    import types
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from engine.sources import source_for, source_kinds
+
+    def kind(where) -> str:
+        return source_for(types.SimpleNamespace(manifest=str(where))).kind
+
+    put(tmp_path / "pics", "train/a.jpg")
+    assert kind(tmp_path / "pics") == "imagefolder"
+    both = tmp_path / "both"  # a dataset folder with a sample image in it is still a dataset
+    put(both, "sample.jpg")
+    pq.write_table(pa.table({"image": [{"bytes": imagegen.jpeg((8, 8)), "path": None}]}), both / "train.parquet")
+    assert kind(both) == "parquet"
+    (tmp_path / "m.jsonl").write_text("{}\n")
+    assert kind(tmp_path / "m.jsonl") == "jsonl"
+    manifest_folder = tmp_path / "in"  # images beside a manifest: the manifest's folder, not an image folder
+    put(manifest_folder, "img/a.jpg")
+    (manifest_folder / "manifest.jsonl").write_text("{}\n")
+    assert kind(manifest_folder) == "jsonl"
+    kinds = source_kinds()
+    assert kinds.index("parquet") < kinds.index("imagefolder") < kinds.index("jsonl") == len(kinds) - 1
