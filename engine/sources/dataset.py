@@ -86,7 +86,7 @@ class Columns:
     id: str | None
     output: str | None
     text: str | None  # trainer: conversations | text
-    extra: tuple[str, ...]  # other columns: copied into meta (the ``meta`` struct's fields too)
+    extra: tuple[str, ...]  # other columns but bytes: copied into meta (the ``meta`` struct's fields too)
     names: tuple[str, ...]  # every column, for the error naming them
 
 
@@ -107,6 +107,13 @@ def _is_image_struct(t: pa.DataType) -> bool:
     return pa.types.is_struct(t) and {"bytes", "path"} <= {t.field(i).name for i in range(t.num_fields)}
 
 
+def _is_binary(t: pa.DataType) -> bool:
+    """Bytes (another image column, say): never text in meta."""
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return _is_binary(t.value_type)
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_image_struct(t)
+
+
 def columns_of(schema: pa.Schema, image_column: str | None = None, id_column: str | None = None,
                output_column: str | None = None) -> Columns:
     names = tuple(schema.names)
@@ -120,7 +127,7 @@ def columns_of(schema: pa.Schema, image_column: str | None = None, id_column: st
         image = found[0] if found else None
     output = output_column or "output"
     output = output if output in names else None
-    extra = tuple(c for c in names if c not in (image, ident, output))
+    extra = tuple(f.name for f in schema if f.name not in (image, ident, output) and not _is_binary(f.type))
     return Columns("labelr", image, ident, output, None, extra, names)
 
 

@@ -152,7 +152,7 @@ def test_a_file_without_image_column_among_others_rejects_its_rows(tmp_path):
 
 def test_named_columns_binary_image_and_duplicates(tmp_path):
     table = pa.table({"key": ["a", "b", "a"], "picture": [imagegen.jpeg((8, 8))] * 3, "answer": ["1", "2", "3"],
-                      "lang": ["fr", "de", "it"]})
+                      "lang": ["fr", "de", "it"], "thumb": [b"\xff\xd8"] * 3})
     pq.write_table(table, tmp_path / "t.parquet")
     source = DatasetSource(str(tmp_path / "t.parquet"), image_column="picture", id_column="key", output_column="answer")
     plan = source.plan(16)
@@ -160,6 +160,7 @@ def test_named_columns_binary_image_and_duplicates(tmp_path):
     rows = rows_of(source)
     assert [r.image_id for r in rows] == ["a", "b", "a"]
     assert rows[1].output == "2" and rows[1].meta["lang"] == "de"
+    assert "thumb" not in rows[1].meta  # bytes are never meta text
     assert isinstance(rows[0].locations[0], InlineImage)
 
 
