@@ -230,27 +230,84 @@ def _save_to_disk_files(where: str, dataset_dict: bytes | None, state: bytes | N
 def _parquet_files(where: str) -> tuple[list[DataFile], bytes]:
     """As ``datasets.load_dataset(where)`` resolves a folder: the default config of the card's
     ``configs``, else its default split patterns."""
-    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
-
     card = _read(where, "README.md") or b""
-    patterns = _card_patterns(card)
     base = where if location.is_url(where) else location.resolve(where, ".")
-    unsplit = False
-    if patterns is None:
+    patterns = _card_patterns(card)
+    if patterns is not None:  # every labelr and engine dataset: resolved without importing datasets (1 s)
+        files = [DataFile(f, split, PARQUET) for split, found in _resolve(base, patterns).items() for f in found]
+    else:
+        from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
+
         try:
             patterns = get_data_patterns(base)
+            resolved = DataFilesDict.from_patterns(sanitize_patterns(patterns), base_path=base,
+                                                   allowed_extensions=[".parquet"])
         except EmptyDatasetError:
             raise UsageError(f"{where} holds no dataset: no .parquet files, no state.json or dataset_dict.json") from None
+        except FileNotFoundError as exc:
+            raise UsageError(f"{where}: {exc}") from None
         unsplit = patterns == {"train": ["**"]}  # no split in any name: the run's --split names it
-    try:
-        resolved = DataFilesDict.from_patterns(sanitize_patterns(patterns), base_path=base, allowed_extensions=[".parquet"])
-    except FileNotFoundError as exc:
-        raise UsageError(f"{where}: {exc}") from None
-    files = [DataFile(_with_protocol(f, where), None if unsplit else str(split), PARQUET)
-             for split, found in resolved.items() for f in found]
+        files = [DataFile(_with_protocol(f, where), None if unsplit else str(split), PARQUET)
+                 for split, found in resolved.items() for f in found]
     if not files:
         raise UsageError(f"{where} holds no .parquet files (and no state.json or dataset_dict.json)")
     return files, card
+
+
+def _card_patterns(card: bytes) -> dict[str, list[str]] | None:
+    """The ``data_files`` of the card's default config (``default: true``, else the one named
+    ``default``, else the first) as split -> patterns, the way ``datasets`` normalises them; None
+    when the card has no ``configs``."""
+    import yaml
+
+    text = card.decode("utf-8", "replace")
+    end = text.find("\n---", 3)
+    if not text.startswith("---") or end < 0:
+        return None
+    try:
+        doc = yaml.load(text[3:end], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    configs = [c for c in (doc.get("configs") if isinstance(doc, dict) else None) or [] if isinstance(c, dict)]
+    if not configs:
+        return None
+    chosen = next((c for c in configs if c.get("default")), None) or \
+        next((c for c in configs if c.get("config_name", "default") == "default"), configs[0])
+    files = chosen.get("data_files")
+    if isinstance(files, str):
+        return {"train": [files]}
+    if isinstance(files, dict):
+        return {str(k): v if isinstance(v, list) else [v] for k, v in files.items()}
+    if isinstance(files, list) and files and all(isinstance(f, dict) for f in files):
+        out: dict[str, list[str]] = {}
+        for f in files:
+            paths = f.get("path")
+            out.setdefault(str(f.get("split", "train")), []).extend(paths if isinstance(paths, list) else [paths])
+        return out
+    return {"train": files} if isinstance(files, list) and files else None
+
+
+def _resolve(base: str, patterns: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Each split's .parquet files, as ``datasets.data_files.resolve_pattern`` finds them: a
+    glob under ``base``, files only, no hidden or ``__special__`` folder the pattern does not name."""
+    fs, root = _fs(base)
+    root = root.rstrip("/")
+    protocol = base.split("://", 1)[0] + "://" if location.is_url(base) else ""
+    out: dict[str, list[str]] = {}
+    for split, split_patterns in patterns.items():
+        found: list[str] = []
+        for pattern in split_patterns:
+            if not isinstance(pattern, str):
+                continue
+            asked = {p for p in pattern.split("/") if p.startswith((".", "__"))}
+            matched = [p for p, info in sorted(fs.glob(posixpath.join(root, pattern), detail=True).items())
+                       if info.get("type") == "file" and p.endswith(".parquet")
+                       and not {q for q in p[len(root) + 1:].split("/")[:-1] if q.startswith((".", "__"))} - asked]
+            if not matched:
+                raise UsageError(f"{base}: the card's data_files pattern {pattern!r} ({split}) matches no .parquet file")
+            found += [protocol + p if protocol and "://" not in p else p for p in matched]
+        out[split] = found
+    return out
 
 
 def _with_protocol(found: str, where: str) -> str:
@@ -258,24 +315,6 @@ def _with_protocol(found: str, where: str) -> str:
     if "://" in where and "://" not in found:
         return where.split("://", 1)[0] + "://" + found
     return found
-
-
-def _card_patterns(card: bytes) -> dict | None:
-    """The ``data_files`` of the card's default config (``default: true``, else the one named
-    ``default``, else the first), or None when the card has no ``configs``."""
-    if not card.startswith(b"---"):
-        return None
-    from datasets.utils.metadata import MetadataConfigs
-    from huggingface_hub import DatasetCard
-
-    try:
-        configs = MetadataConfigs.from_dataset_card_data(DatasetCard(card.decode("utf-8", "replace")).data)
-    except Exception:  # noqa: BLE001 - a card datasets cannot read: fall back to the folder's layout
-        return None
-    if not configs:
-        return None
-    name = next((n for n, c in configs.items() if c.get("default")), "default" if "default" in configs else next(iter(configs)))
-    return configs[name].get("data_files")
 
 
 # --- reading row groups and record batches ------------------------------------------------

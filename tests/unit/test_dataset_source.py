@@ -199,3 +199,24 @@ def test_fsspec_folder(tmp_path):
     rows = rows_of(source)
     assert [r.image_id for r in rows] == ["id-0", "id-1", "id-2"]
     assert rows[0].split == "train"
+
+
+@pytest.mark.parametrize("data_files", [
+    "  data_files: data/*.parquet\n",
+    "  data_files:\n  - a/*.parquet\n  - data/train-*.parquet\n",
+    "  data_files:\n  - split: train\n    path: [data/*, a/*]\n  - split: test\n    path: a/x.parquet\n",
+])
+def test_card_data_files_resolve_as_datasets_resolves_them(tmp_path, data_files):
+    import datasets
+
+    root = tmp_path / "ds"
+    write(extraction_table(1), root / "data" / "train-00000-of-00001.parquet")
+    write(extraction_table(1, 1), root / "data" / "other.parquet")
+    write(extraction_table(1, 2), root / "a" / "x.parquet")
+    write(extraction_table(1, 3), root / "data" / ".hidden" / "y.parquet")
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: other\n  data_files: a/*\n"
+                                    "- config_name: default\n  default: true\n" + data_files + "---\n# card\n")
+    files, _ = discover(str(root))
+    expected = datasets.load_dataset_builder(str(root)).config.data_files
+    assert {s: [f.location for f in files if f.split == s] for s in expected} == \
+        {s: [str(p) for p in found] for s, found in expected.items()}
