@@ -42,9 +42,10 @@ def source_for(opts: ConvertOptions) -> Source:
                      "(or name it with --input-format)")
 
 
-# Detection tries these first, in this order (a dataset folder may also hold a few images; an
-# image folder holds no tars); other sources follow in registration order, detect_last (JSONL) last.
-DETECTION_ORDER = ("parquet", "imagefolder", "webdataset", "llava")
+# Detection tries these first, in this order: tars first (img2dataset's folders also hold .parquet
+# side files), then a dataset (its folder may hold a few images), an image folder, LLaVA JSON; other
+# sources follow in registration order, detect_last (JSONL, any file) last.
+DETECTION_ORDER = ("webdataset", "parquet", "imagefolder", "llava")
 
 
 def in_detection_order() -> list[type[Source]]:
