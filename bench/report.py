@@ -392,13 +392,11 @@ def write_results_md(results_dir: Path) -> Path:
     http = [r for r in results if r.get("kind") == "http"]
     if http:
         lines += _http_section(http[-1])
-    sources = {r["source"]: r for r in results if r.get("kind") == "source"}  # the newest per source
-    if sources:
+    dataset_sources = [r for r in results if r.get("kind") == "source" and r.get("source") == "dataset"]
+    if dataset_sources:
         from bench.source_dataset import source_section
 
-        lines += ["## Sources: pass-through from each input kind against JSONL + files", ""]
-        for doc in sources.values():
-            lines += source_section(doc)
+        lines += source_section(dataset_sources[-1])
     gap = Path(__file__).with_name("GAP.md")
     if gap.exists():
         lines += [gap.read_text().strip(), ""]

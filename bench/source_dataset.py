@@ -131,9 +131,10 @@ def run_source_dataset(*, n: int, repeats: int, base_images: int, workdir: Path,
 
 
 def source_section(doc: dict) -> list[str]:
-    """RESULTS.md's rows for one source benchmark (any ``kind: source`` result of this shape)."""
+    """RESULTS.md's section for the newest ``python -m bench dataset`` result."""
     jsonl = doc["median_seconds"].get("jsonl")
-    lines = [f"### Sources: {doc['source']} (n={doc['num_rows']}, pass-through, median of {doc['repeats']})", "",
+    lines = [f"## Sources: existing datasets and image folders against JSONL + files (n={doc['num_rows']}, "
+             f"pass-through, median of {doc['repeats']}, `{doc['command']}`)", "",
              "| input | seconds | images/s | vs JSONL + files |", "|---|---:|---:|---:|"]
     for case, seconds in doc["median_seconds"].items():
         ratio = f"{jsonl / seconds:.2f}×" if jsonl else "–"
