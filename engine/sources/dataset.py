@@ -35,6 +35,7 @@ HASH_TAIL = 64 * 1024  # bytes of each file's end hashed into the plan's digest 
 TRAINER_TEXT = ("conversations", "text")  # the packed trainer's text columns (FORMATS.md §4)
 ID_COLUMNS = ("image_id", "id")  # tried in this order when --id-column is not given
 READ_BATCH_ROWS = 64  # rows turned into Python objects at a time
+UNIT_BYTES = 16 * 2**20  # units are merged up to about this much data (a row group may be more)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,10 +62,20 @@ class DatasetUnit:
     num_rows: int
     duplicate_lines: tuple[int, ...]
     pieces: tuple[Piece, ...]
+    num_bytes: int = 0  # uncompressed, from the row groups' metadata (or the batches' buffers)
 
 
 @dataclass(frozen=True)
 class DatasetPlan(SourcePlan):
+    def coalesce(self, rows_per_unit: int) -> DatasetPlan:
+        """As SourcePlan's, and at most about UNIT_BYTES a unit: a unit's rows hold their image
+        bytes from the moment they are read, so memory follows the unit's bytes, not its rows."""
+        biggest = max((u.num_bytes for u in self.units), default=0)
+        if biggest:
+            grain = max(u.num_rows for u in self.units)
+            rows_per_unit = min(rows_per_unit, max(1, UNIT_BYTES // biggest) * grain)
+        return super().coalesce(rows_per_unit)
+
     def merge(self, index: int, group: Sequence[DatasetUnit]) -> DatasetUnit:
         pieces: list[Piece] = []
         for p in (p for u in group for p in u.pieces):
@@ -74,7 +85,8 @@ class DatasetPlan(SourcePlan):
             else:
                 pieces.append(p)
         return DatasetUnit(index=index, num_rows=sum(u.num_rows for u in group),
-                           duplicate_lines=tuple(d for u in group for d in u.duplicate_lines), pieces=tuple(pieces))
+                           duplicate_lines=tuple(d for u in group for d in u.duplicate_lines), pieces=tuple(pieces),
+                           num_bytes=sum(u.num_bytes for u in group))
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,14 +348,15 @@ def _schema(reader) -> pa.Schema:
     return reader.schema_arrow if hasattr(reader, "schema_arrow") else reader.schema
 
 
-def _group_sizes(reader) -> Iterator[tuple[int, pa.RecordBatch | None]]:
-    """(rows, batch) of each row group (batch None: Parquet, read later) or record batch."""
+def _group_sizes(reader) -> Iterator[tuple[int, int, pa.RecordBatch | None]]:
+    """(rows, bytes, batch) of each row group (batch None: Parquet, read later) or record batch."""
     if hasattr(reader, "num_row_groups"):
         for i in range(reader.num_row_groups):
-            yield reader.metadata.row_group(i).num_rows, None
+            group = reader.metadata.row_group(i)
+            yield group.num_rows, group.total_byte_size, None
     else:
         for batch in reader:
-            yield batch.num_rows, batch
+            yield batch.num_rows, batch.nbytes, batch
 
 
 def _tables(reader, start: int, stop: int, columns: list[str]) -> Iterator[pa.Table | pa.RecordBatch]:
@@ -439,9 +452,9 @@ class DatasetSource(Source):
             _digest_file(digest, f)
             with _open(f) as reader:
                 cols = self.columns(_schema(reader))
-                start = rows = num_groups = 0
+                start = rows = num_groups = nbytes = 0
                 first = line
-                for i, (n, batch) in enumerate(_group_sizes(reader)):
+                for i, (n, size, batch) in enumerate(_group_sizes(reader)):
                     if cols.id is not None and n:
                         ids = (batch.column(cols.id) if batch is not None else
                                reader.read_row_group(i, columns=[cols.id]).column(0))
@@ -449,12 +462,13 @@ class DatasetSource(Source):
                                                     "id": pl.Series(ids.cast(pa.string()).to_pylist(), dtype=pl.String)}))
                     line += n
                     rows += n
+                    nbytes += size
                     num_groups = i + 1
-                    if rows >= grain:
-                        units.append(DatasetUnit(len(units), rows, (), (Piece(f, start, num_groups, first, rows),)))
-                        start, rows, first = num_groups, 0, line
+                    if rows >= grain or nbytes >= UNIT_BYTES:
+                        units.append(DatasetUnit(len(units), rows, (), (Piece(f, start, num_groups, first, rows),), nbytes))
+                        start, rows, first, nbytes = num_groups, 0, line, 0
                 if rows:
-                    units.append(DatasetUnit(len(units), rows, (), (Piece(f, start, num_groups, first, rows),)))
+                    units.append(DatasetUnit(len(units), rows, (), (Piece(f, start, num_groups, first, rows),), nbytes))
         duplicates = _duplicate_lines(frames)
         import numpy as np
 
@@ -462,7 +476,7 @@ class DatasetSource(Source):
         for u in units:
             p = u.pieces[0]
             lo, hi = np.searchsorted(duplicates, [p.first_line, p.first_line + p.num_rows])
-            out.append(DatasetUnit(u.index, u.num_rows, tuple(int(x) for x in duplicates[lo:hi]), u.pieces))
+            out.append(DatasetUnit(u.index, u.num_rows, tuple(int(x) for x in duplicates[lo:hi]), u.pieces, u.num_bytes))
         if not out:
             raise UsageError(f"{self.where} holds no rows")
         return DatasetPlan(units=out, num_rows=line - 1, num_duplicates=len(duplicates), sha256=digest.hexdigest())

@@ -220,3 +220,21 @@ def test_card_data_files_resolve_as_datasets_resolves_them(tmp_path, data_files)
     expected = datasets.load_dataset_builder(str(root)).config.data_files
     assert {s: [f.location for f in files if f.split == s] for s in expected} == \
         {s: [str(p) for p in found] for s, found in expected.items()}
+
+
+def test_units_are_merged_up_to_a_byte_budget_not_only_rows(tmp_path):
+    import os
+
+    from engine.sources.dataset import UNIT_BYTES
+
+    size = UNIT_BYTES // 4  # a row group of 3 such images is over half the budget
+    table = pa.Table.from_pydict({"image_id": [f"b{i}" for i in range(12)],
+                                  "image": [{"bytes": os.urandom(size), "path": None} for _ in range(12)]}, schema=pa.schema(
+        [("image_id", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]))
+    pq.write_table(table, tmp_path / "big.parquet", row_group_size=3, compression="none", use_dictionary=False)
+    small = extraction_table(12)
+    pq.write_table(small, tmp_path / "small.parquet", row_group_size=3)
+    big_plan = DatasetSource(str(tmp_path / "big.parquet")).plan(3).coalesce(1000)
+    assert [u.num_rows for u in big_plan.units] == [3, 3, 3, 3]  # one row group a unit: each is 3/4 of the budget
+    small_plan = DatasetSource(str(tmp_path / "small.parquet")).plan(3).coalesce(1000)
+    assert [u.num_rows for u in small_plan.units] == [3, 9]  # small rows: merged by rows as before
