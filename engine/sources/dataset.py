@@ -510,6 +510,19 @@ def _ids(table, cols: Columns, line: int) -> list[str | None]:
     return [None if v is None else str(v) for v in table.column(cols.id).to_pylist()]
 
 
+def _cells(column: pa.Array) -> list[Any]:
+    """An image column's cells; a struct<bytes, path> one as ``{bytes, path}`` dicts built from its
+    two fields (three times faster than ``to_pylist`` of the structs)."""
+    if not _is_image_struct(column.type):
+        return column.to_pylist()
+    import pyarrow.compute as pc
+
+    data, paths = pc.struct_field(column, "bytes").to_pylist(), pc.struct_field(column, "path").to_pylist()
+    valid = column.is_valid().to_pylist() if column.null_count else None
+    return [None if valid is not None and not valid[i] else {"bytes": d, "path": p}
+            for i, (d, p) in enumerate(zip(data, paths))]
+
+
 def _image_input(cell: Any, base: str) -> InlineImage | str | None:
     """An image cell: struct<bytes, path>, bytes, or a path string."""
     if isinstance(cell, dict):
@@ -532,7 +545,7 @@ def _bad_id(image_id: str | None, line: int, column: str | None) -> Reject | Non
 
 def _labelr_rows(table, cols: Columns, line: int, split: str, base: str) -> Iterator[Row | Reject]:
     ids = _ids(table, cols, line)
-    images = table.column(cols.image).to_pylist()
+    images = _cells(table.column(cols.image))
     outputs = table.column(cols.output).to_pylist() if cols.output else [None] * table.num_rows
     extras = {c: table.column(c).to_pylist() for c in cols.extra}
     for i, (image_id, cell, output) in enumerate(zip(ids, images, outputs)):
