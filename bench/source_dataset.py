@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from bench.corpora import build_corpus, repeated_manifest
 from bench.measure import run_measured
+from bench.report import machine_info
 from bench.tools import PYTHON, REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ def run_source_dataset(*, n: int, repeats: int, base_images: int, workdir: Path,
     doc = {
         "kind": "source", "source": "dataset", "command": command, "num_rows": n, "repeats": repeats,
         "workers": workers, "base_images": base_images, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": {"cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": machine_info(),
         "runs": runs, "median_seconds": medians,
         "ratios": {c: medians["jsonl"] / medians[c] for c in ("dataset", "imagefolder") if c in medians and "jsonl" in medians},
         "memory": memory,
