@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from engine.errors import UsageError
 from engine.records import META_FIXED, Reject
-from engine.sources import location, register
+from engine.sources import location, register, splits
 from engine.sources.base import InlineImage, Row, Source, SourcePlan
 from engine.sources.identity import duplicate_lines
 
@@ -245,22 +245,21 @@ def _parquet_files(where: str) -> tuple[list[DataFile], bytes]:
     card = _read(where, "README.md") or b""
     base = where if location.is_url(where) else location.resolve(where, ".")
     patterns = _card_patterns(card)
-    if patterns is not None:  # every labelr and engine dataset: resolved without importing datasets (1 s)
+    if patterns is not None:  # every labelr and engine dataset
         files = [DataFile(f, split, PARQUET) for split, found in _resolve(base, patterns).items() for f in found]
-    else:
-        from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns, sanitize_patterns
-
+    else:  # the folder's layout, as datasets' default split patterns read it
+        fs, root = _fs(base)
+        root = root.rstrip("/") or "/"
         try:
-            patterns = get_data_patterns(base)
-            resolved = DataFilesDict.from_patterns(sanitize_patterns(patterns), base_path=base,
-                                                   allowed_extensions=[".parquet"])
-        except EmptyDatasetError:
+            tree = splits.Tree(fs, root)
+            patterns = splits.data_patterns(tree)
+            resolved = splits.data_files(tree, patterns)
+        except FileNotFoundError:
             raise UsageError(f"{where} holds no dataset: no .parquet files, no state.json or dataset_dict.json") from None
-        except FileNotFoundError as exc:
-            raise UsageError(f"{where}: {exc}") from None
-        unsplit = patterns == {"train": ["**"]}  # no split in any name: the run's --split names it
-        files = [DataFile(_with_protocol(f, where), None if unsplit else str(split), PARQUET)
-                 for split, found in resolved.items() for f in found]
+        unsplit = patterns == splits.UNSPLIT  # no split in any name: the run's --split names it
+        files = [DataFile(_with_protocol(f, where), None if unsplit else split, PARQUET)
+                 for split, found in resolved.items() for f in found
+                 if ".parquet" in ["." + x for x in posixpath.basename(f).split(".")[1:]]]
     if not files:
         raise UsageError(f"{where} holds no .parquet files (and no state.json or dataset_dict.json)")
     return files, card

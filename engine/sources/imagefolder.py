@@ -23,7 +23,7 @@ import orjson
 
 from engine.errors import UsageError
 from engine.records import Reject
-from engine.sources import location, register
+from engine.sources import location, register, splits
 from engine.sources.base import Row, Source, SourcePlan
 from engine.sources.identity import duplicate_lines
 
@@ -68,10 +68,16 @@ class FolderPlan(SourcePlan):
                           pieces=tuple(p for u in group for p in u.pieces))
 
 
-def _image_extensions() -> frozenset[str]:
-    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+# datasets' ImageFolder.EXTENSIONS (a test checks they are still equal), kept here so that
+# detecting and planning a folder need not import datasets
+IMAGE_EXTENSIONS = frozenset(
+    ".blp .bmp .dib .bufr .cur .pcx .dcx .dds .ps .eps .fit .fits .fli .flc .ftc .ftu .gbr .gif .grib .png .apng "
+    ".jp2 .j2k .jpc .jpf .jpx .j2c .icns .ico .im .iim .tif .tiff .jfif .jpe .jpg .jpeg .mpg .mpeg .msp .pcd .pxr "
+    ".pbm .pgm .ppm .pnm .psd .bw .rgb .rgba .sgi .ras .tga .icb .vda .vst .webp .wmf .emf .xbm .xpm".split())
 
-    return frozenset(ImageFolder.EXTENSIONS)
+
+def _image_extensions() -> frozenset[str]:
+    return IMAGE_EXTENSIONS
 
 
 def _is_image(path: str, extensions: frozenset[str]) -> bool:
@@ -108,33 +114,35 @@ class Layout:
 
 
 def scan_folder(where: str) -> Layout:
-    from datasets.data_files import DataFilesDict, EmptyDatasetError, get_data_patterns
+    import fsspec
 
-    root = _root(where)
     if not location.exists(where):
         raise UsageError(f"input not found: {where}")
+    fs, root = fsspec.core.url_to_fs(_root(where))
+    root = root.rstrip("/") or "/"
     try:
-        patterns = get_data_patterns(root)
-        resolved = DataFilesDict.from_patterns(patterns, base_path=root)
-    except (EmptyDatasetError, FileNotFoundError):
+        tree = splits.Tree(fs, root)
+        patterns = splits.data_patterns(tree)
+        resolved = splits.data_files(tree, patterns)
+    except FileNotFoundError:
         raise UsageError(f"{where} holds no image files and no {' or '.join(METADATA_FILES)}") from None
-    unsplit = patterns == {"train": ["**"]}
+    unsplit = patterns == splits.UNSPLIT
     extensions = _image_extensions()
-    splits = []
+    layout = []
     for split, found in resolved.items():
         found = [_with_protocol(f, where) for f in found]
         images = [f for f in found if _is_image(f, extensions)]
         metadata = sorted(f for f in found if posixpath.basename(f.replace(os.sep, "/")) in METADATA_FILES)
-        splits.append((None if unsplit else str(split), images, metadata))
-    if any(m for _, _, m in splits):
-        kinds = {posixpath.splitext(m)[1] for _, _, ms in splits for m in ms}
+        layout.append((None if unsplit else str(split), images, metadata))
+    if any(m for _, _, m in layout):
+        kinds = {posixpath.splitext(m)[1] for _, _, ms in layout for m in ms}
         if len(kinds) > 1:
             raise UsageError(f"{where} mixes metadata.jsonl and metadata.csv files; datasets reads only one kind")
-        return Layout(splits, labels=False)
-    images = [f for _, fs, _ in splits for f in fs]
+        return Layout(layout, labels=False)
+    images = [f for _, files, _ in layout for f in files]
     names = {posixpath.basename(posixpath.dirname(f.replace(os.sep, "/"))) for f in images}
     depths = {f.replace(os.sep, "/").count("/") for f in images}
-    return Layout(splits, labels=len(names) > 1 and len(depths) == 1)
+    return Layout(layout, labels=len(names) > 1 and len(depths) == 1)
 
 
 def looks_like_image_folder(where: str) -> bool:
