@@ -10,14 +10,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import imagegen
 import pytest
 from conftest import Output, convert, decode, row, write_input
 
-import imagegen
 from engine.errors import UsageError
 from engine.records import Reject
-from engine.sources import SOURCES, InlineImage, Row, Source, SourcePlan, register, source_for
-from engine.sources import jsonl
+from engine.sources import SOURCES, InlineImage, Row, Source, SourcePlan, jsonl, register, source_for
 from engine.sources.identity import duplicate_lines, row_id
 from engine.sources.jsonl import JsonlSource
 
@@ -118,7 +117,7 @@ def test_inline_images_convert_like_the_files_they_came_from(tmp_path, inline_so
 
 def test_the_fetcher_passes_inline_bytes_through_and_checks_their_size():
     from engine.config import FetchOptions
-    from engine.sources.fetch import FetchFailure, Fetcher
+    from engine.sources.fetch import Fetcher, FetchFailure
 
     fetcher = Fetcher(FetchOptions(), max_bytes=4)
     image = InlineImage(b"1234", "a.jpg")
