@@ -170,6 +170,9 @@ def test_unrecognised_input_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, (extra, err)
     assert "holds no" in err
+    code = engine("--input", str(tmp_path / "empty"), "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "out"))
+    err = capsys.readouterr().err.strip()  # detected as nothing: one line naming what was expected
+    assert code == 2 and len(err.splitlines()) == 1 and "expected one of" in err and "a JSONL manifest" in err, err
     assert not (tmp_path / "out").exists()
 
 
@@ -254,3 +257,12 @@ def test_out_is_never_the_input_folder(source_dataset, capsys):
     assert engine("--input", str(src), "--config", str(inp.config), "--out", str(src), "--overwrite") == 2
     assert "must not be the input folder" in capsys.readouterr().err
     assert (src / "stats.json").exists()
+
+
+def test_update_add_to_a_dataset_made_from_a_named_input_kind(source_dataset, tmp_path):
+    inp, src = source_dataset
+    out = tmp_path / "out"
+    assert engine("--input", str(src), "--input-format", "parquet", "--config", str(inp.config), "--out", str(out)) == 0
+    extra = write_input(tmp_path / "extra", [row("new-1", "img/n.jpg")], {"img/n.jpg": imagegen.jpeg((20, 20))})
+    assert run_main(["update", str(out), "--add", str(extra.manifest), "--runner", "local", "--quiet"]) == 0
+    assert "new-1" in Output(out).by_id("train") and stats(out)["num_written"] == 9

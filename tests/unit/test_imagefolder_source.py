@@ -152,6 +152,7 @@ def test_detection_order(tmp_path):
     manifest_folder = tmp_path / "in"  # images beside a manifest: the manifest's folder, not an image folder
     put(manifest_folder, "img/a.jpg")
     (manifest_folder / "manifest.jsonl").write_text("{}\n")
-    assert kind(manifest_folder) == "jsonl"
+    with pytest.raises(UsageError, match="cannot tell what kind of input .* expected one of: .*a JSONL manifest"):
+        kind(manifest_folder)
     kinds = source_kinds()
     assert kinds.index("parquet") < kinds.index("imagefolder") < kinds.index("jsonl") == len(kinds) - 1
