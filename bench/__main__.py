@@ -1,4 +1,4 @@
-"""``python -m bench run | memory | scaling | inspect | report``."""
+"""``python -m bench run | memory | scaling | inspect | dataset | report``."""
 
 from __future__ import annotations
 
@@ -106,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
         src.add_argument("--base-images", type=int, default=300)
         src.add_argument("--workers", type=int, default=os.cpu_count() or 1)
         common(src)
+    dsrc = sub.add_parser("dataset", help="pass-through from an existing dataset and from an image folder against "
+                          "JSONL + files (same images, same batch), and the dataset input's peak RSS at N and 10 N")
+    dsrc.add_argument("--n", type=int, default=1000, help="rows of the measured inputs")
+    dsrc.add_argument("--repeats", type=int, default=3)
+    dsrc.add_argument("--base-images", type=int, default=300)
+    dsrc.add_argument("--memory-factor", type=int, default=10, help="the larger input for peak RSS has this many times --n rows")
+    dsrc.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    common(dsrc)
 
     rep = sub.add_parser("report", help="regenerate the plot and RESULTS.md from the JSON files")
     common(rep)
@@ -161,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
 
         run_source_bench(args.command, n=args.n, workdir=workdir, results_dir=args.results, workers=args.workers,
                          command=command, repeats=args.repeats, base_images=args.base_images, timeout=args.timeout)
+    elif args.command == "dataset":
+        from bench.source_dataset import run_source_dataset
+
+        run_source_dataset(n=args.n, repeats=args.repeats, base_images=args.base_images, workdir=workdir,
+                           results_dir=args.results, workers=args.workers, command=command, timeout=args.timeout,
+                           memory_factor=args.memory_factor)
     else:
         report.plot_throughput(args.results)
         report.write_results_md(args.results)

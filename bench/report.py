@@ -397,6 +397,11 @@ def write_results_md(results_dir: Path) -> Path:
         from bench.source_tars_llava import source_section
 
         lines += source_section(sources)
+    dataset_sources = [r for r in results if r.get("kind") == "source" and r.get("source") == "dataset"]
+    if dataset_sources:
+        from bench.source_dataset import source_section
+
+        lines += source_section(dataset_sources[-1])
     gap = Path(__file__).with_name("GAP.md")
     if gap.exists():
         lines += [gap.read_text().strip(), ""]

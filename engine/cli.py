@@ -37,6 +37,19 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+class _InputFormats:
+    """The --input-format choices, the registered sources: looked up only when used, so the CLI
+    imports no source module (nor pyarrow) to print a usage error."""
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in list(self)
+
+    def __iter__(self):
+        from engine.sources import source_kinds
+
+        return iter(source_kinds())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Convert images + JSON annotations into training datasets: "
                      "Hugging Face LLM image-extraction Parquet or packed Arrow (datasets.save_to_disk).")
@@ -48,9 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "folder. Every input row ends up written or in OUT/rejects.jsonl with its stage and reason.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     io = c.add_argument_group("input and output")
-    io.add_argument("--manifest", required=True, metavar="PATH",
-                    help="JSONL manifest: one object per line with image_id, image_path or image_url, output "
-                    "(relative paths resolve against the manifest's folder)")
+    io.add_argument("--input", "--manifest", dest="manifest", required=True, metavar="PATH",
+                    help="the input: a JSONL manifest (one object per line with image_id, image_path or image_url, "
+                    "output; relative paths resolve against its folder), an existing dataset (a folder or file of "
+                    "HF Parquet, a save_to_disk folder), an image folder, ...: its kind is detected, or named "
+                    "with --input-format (--manifest is the same option)")
+    io.add_argument("--input-format", choices=_InputFormats(), metavar="KIND",
+                    help="the kind of --input, when detection should not decide: %(choices)s")
+    io.add_argument("--image-column", metavar="NAME", help="dataset input: the image column (default: the Image "
+                    "feature of the Parquet metadata, else the first struct<bytes, path> column)")
+    io.add_argument("--id-column", metavar="NAME", help="dataset or image-folder input: the id column (default: "
+                    "image_id, then id; else each row's number, or for an image folder the file's path)")
+    io.add_argument("--output-column", metavar="NAME", help="dataset or image-folder input: the column holding "
+                    "the expected output (default: output)")
     io.add_argument("--config", metavar="PATH", help="config.json with 'instructions' and 'json_schema'; copied into the output "
                     "(required for manifests with 'output'; not for trainer-style JSONL)")
     io.add_argument("--out", required=True, metavar="DIR", help="output dataset folder")
@@ -214,10 +237,12 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         images_as_paths=args.images_as_paths, system_prompt=args.system_prompt,
         attachment_token=args.attachment_token, prompt_template=args.prompt_template, base_path=args.base_path,
         modality_feature=args.modality_feature, attachment_position=args.attachment_position,
-        absolute_paths=args.absolute_paths, paths_relative_to=args.paths_relative_to)
+        absolute_paths=args.absolute_paths, paths_relative_to=args.paths_relative_to,
+        input_format=args.input_format, image_column=args.image_column, id_column=args.id_column,
+        output_column=args.output_column)
 
 
-PATH_OPTIONS = frozenset({"--manifest", "--config", "--out", "--base-path", "--paths-relative-to", "--outputs",
+PATH_OPTIONS = frozenset({"--manifest", "--input", "--config", "--out", "--base-path", "--paths-relative-to", "--outputs",
                           "--delete", "--add", "--download-cache"})
 
 

@@ -182,6 +182,12 @@ class ConvertOptions:
     attachment_position: str = "after"  # the attachment token(s) after the prompt text (labelr), or before
     absolute_paths: bool = False  # fs-image: absolute image paths instead of paths relative to OUT
     paths_relative_to: str | None = None  # fs-image: image paths relative to this folder instead of OUT
+    # the input (--input/--manifest): its kind (a Source registry key; None: detected) and, for
+    # datasets and image folders, the columns that hold the image, the id and the output
+    input_format: str | None = None
+    image_column: str | None = None
+    id_column: str | None = None
+    output_column: str | None = None
 
     def __post_init__(self) -> None:
         check = _check_options(self)
@@ -198,8 +204,14 @@ class ConvertOptions:
         for key in ("overwrite", "resume", "quiet", "workers", "runner", "ray_address", "unit_rows", "max_reject_ratio"):
             doc.pop(key)
         doc.pop("fetch")  # timeouts and retries: a resume after network trouble may raise them
+        for key in INPUT_OPTIONS:  # unset: as before these options existed, so older runs still match
+            if doc[key] is None:
+                doc.pop(key)
         doc["image"].pop("timeout")
         return doc
+
+
+INPUT_OPTIONS = ("input_format", "image_column", "id_column", "output_column")
 
 
 def _check_options(o: ConvertOptions) -> str | None:
@@ -266,6 +278,12 @@ def _check_options(o: ConvertOptions) -> str | None:
         return "--absolute-paths and --paths-relative-to exclude each other"
     if (o.absolute_paths or o.paths_relative_to) and "://" in o.out:
         return "--absolute-paths and --paths-relative-to need a local --out (the trainer opens the files by path)"
+    for name, value in (("--image-column", o.image_column), ("--id-column", o.id_column),
+                        ("--output-column", o.output_column)):
+        if value is not None and not value.strip():
+            return f"{name} must name a column"
+    if "://" not in o.out and os.path.abspath(o.out) == os.path.abspath(o.manifest):  # --overwrite would delete it
+        return "--out must not be the input folder itself"
     if os.path.abspath(o.out) == os.path.abspath(os.path.dirname(os.path.abspath(o.manifest))):
         return "--out must not be the manifest's own folder"
     return None

@@ -34,7 +34,7 @@ def source_for(opts: ConvertOptions) -> Source:
         if cls is None:
             raise UsageError(f"--input-format must be one of {', '.join(SOURCES)}, not {kind!r}")
         return cls.from_options(opts)
-    for cls in sorted(SOURCES.values(), key=lambda c: c.detect_last):  # stable: registration order otherwise
+    for cls in in_detection_order():
         if cls.detect(where):
             return cls.from_options(opts)
     expected = "; ".join(f"{c.expects or c.kind} ({c.kind})" for c in SOURCES.values())
@@ -42,10 +42,29 @@ def source_for(opts: ConvertOptions) -> Source:
                      "(or name it with --input-format)")
 
 
+# Detection tries these first, in this order: tars first (img2dataset's folders also hold .parquet
+# side files), then a dataset (its folder may hold a few images), an image folder, LLaVA JSON; other
+# sources follow in registration order, detect_last (JSONL, any file) last.
+DETECTION_ORDER = ("webdataset", "parquet", "imagefolder", "llava")
+
+
+def in_detection_order() -> list[type[Source]]:
+    rank = {kind: i for i, kind in enumerate(DETECTION_ORDER)}
+    return sorted(SOURCES.values(), key=lambda c: (c.detect_last, rank.get(c.kind, len(rank))))
+
+
+def source_kinds() -> list[str]:
+    """The registry keys (the --input-format choices), in detection order."""
+    _load_builtin()
+    return [c.kind for c in in_detection_order()]
+
+
 def _load_builtin() -> None:
     """Import the modules that register the built-in sources (not at package import: the
-    fetch/http modules live here too and must stay cheap to import)."""
-    # tars first: img2dataset's folders also hold .parquet side files, which are not a dataset
+    fetch/http modules live here too and must stay cheap to import). Detection order is
+    DETECTION_ORDER, not this order."""
+    import engine.sources.dataset  # noqa: F401
+    import engine.sources.imagefolder  # noqa: F401
     import engine.sources.webdataset  # noqa: F401
     import engine.sources.llava  # noqa: F401
     import engine.sources.jsonl  # noqa: F401

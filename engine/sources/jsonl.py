@@ -9,6 +9,7 @@ never fail its neighbours.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import weakref
 from collections import deque
@@ -265,7 +266,10 @@ class JsonlSource(Source):
 
     @classmethod
     def detect(cls, where: str) -> bool:
-        return True  # any file: its lines are checked row by row, as they always were
+        # any file: its lines are checked row by row, as they always were; a local folder no
+        # other source claims is not a manifest (source_for then names what it expected)
+        path = location.local_path(where)
+        return path is None or not os.path.isdir(path)
 
     def check(self) -> None:
         check_has_rows(self.where)

@@ -164,7 +164,8 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     copts = convert_options(ds, out=next_store.root, quiet=True, overwrite=False, resume=False,
                             workers=opts.workers, runner=opts.runner,
                             config=config_path,
-                            **({"manifest": opts.add, "base_path": None} if opts.add else {}),
+                            # the --add input's own kind (detected), not the one the dataset was made from
+                            **({"manifest": opts.add, "base_path": None, "input_format": None} if opts.add else {}),
                             **({"split": opts.split} if opts.split else {}))
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
     images = _place_images(ds, scans, next_store) if ds.fs_image else None

@@ -106,7 +106,7 @@ def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, 
     results = []
     config_path = store.path("config.json") if ds.task else None
     copts = convert_options(ds, out=next_store.root, quiet=True, overwrite=False, resume=False, workers=opts.workers,
-                            runner=opts.runner, config=config_path, manifest=next_store.path(SPARSE),
+                            runner=opts.runner, config=config_path, manifest=next_store.path(SPARSE), input_format="jsonl",
                             base_path=ds.options.get("base_path") or location.parent(manifest))
     if sparse.strip():
         next_store.write_bytes(SPARSE, sparse)
