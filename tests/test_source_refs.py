@@ -347,7 +347,7 @@ def test_a_tar_changed_before_the_shards_stops_the_run(tars, tmp_path, monkeypat
     assert not (tmp_path / "out" / "stats.json").exists()
 
 
-def test_only_local_tars_name_where_their_members_lie(tars):
+def test_only_local_tars_name_where_their_members_lie(tars, request):
     """A local tar's images carry their range in the tar (the bytes read are exactly those);
     a tar read through fsspec carries none, so its parts embed the bytes."""
     import fsspec
@@ -356,7 +356,9 @@ def test_only_local_tars_name_where_their_members_lie(tars):
     from engine.sources.webdataset import WebDatasetSource
 
     local = str(tars.root / "00000.tar")
-    fsspec.filesystem("memory").pipe("/tars-refs/00000.tar", (tars.root / "00000.tar").read_bytes())
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/tars-refs/00000.tar", (tars.root / "00000.tar").read_bytes())
+    request.addfinalizer(lambda: memory.rm("/tars-refs", recursive=True))
     for where, has_origin in ((local, True), ("memory://tars-refs/00000.tar", False)):
         source = WebDatasetSource(where)
         plan = source.plan(4)
