@@ -27,7 +27,7 @@ from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
 from engine.sources.fetch import FetchFailure, Fetcher, FetchTally
-from engine.sources.base import ManifestRow, Source, Unit
+from engine.sources.base import ImageInput, InlineImage, ManifestRow, Source, Unit
 from engine.sources.location import local_path
 from engine.stats import ImageTally
 from engine.workdir import UnitResult, unit_paths
@@ -174,11 +174,17 @@ def _store_images(row: ManifestRow, images: list[EncodedImage], stats: list[os.s
     return tuple(StoredImage(None, name) for name in names)
 
 
-def _source_or_bytes(image: EncodedImage, location: str, st: os.stat_result | None, ctx: UnitContext) -> bytes | SourceRef:
+def _source_or_bytes(image: EncodedImage, location: ImageInput, st: os.stat_result | None,
+                     ctx: UnitContext) -> bytes | SourceRef:
     """A pass-through image of a local file is referenced, not copied (see ``engine.sinks.parts``),
     as long as the bytes read have the size the open file had. ``st`` is the file's status taken
     by the fetcher before it read the bytes, so a file rewritten since shows a newer mtime when
-    its shard is written, and stops the run instead of writing bytes that were never checked."""
+    its shard is written, and stops the run instead of writing bytes that were never checked.
+    Inline bytes that name their place in a local file (a tar member) are referenced there."""
+    if isinstance(location, InlineImage):
+        origin = location.origin
+        keep = ctx.reference_sources and image.passthrough and origin is not None and origin.size == len(image.data)
+        return origin if keep else image.data
     path = local_path(location) if ctx.reference_sources and image.passthrough and st is not None else None
     if path is None or st.st_size != len(image.data):
         return image.data

@@ -40,11 +40,14 @@ class SourceRef:
     """An image kept as it is, stored in a part file as a reference to its local source file
     instead of a copy: the shard writer reads it from there (see ``engine.sinks.parts``).
     ``size`` and ``mtime_ns`` are the file's when it was converted; a file that no longer
-    matches them stops the run rather than write other bytes than were checked."""
+    matches them stops the run rather than write other bytes than were checked. With an
+    ``offset`` the image is ``size`` bytes inside the file from there (a tar member), and the
+    file's mtime must match and still hold the range."""
 
     path: str
     size: int
     mtime_ns: int
+    offset: int | None = None  # None: the whole file
 
 
 class StoredImage(NamedTuple):
@@ -84,7 +87,8 @@ class Sample:
 
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SOURCE_STRUCT = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64())])
+SOURCE_STRUCT = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
+                           ("offset", pa.int64())])
 TURNS_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # as datasets' List({role, content})
 META_TYPE = pa.map_(pa.string(), pa.string())
 
@@ -162,7 +166,8 @@ def _meta_array(rows: list[dict[str, str | None]]) -> pa.Array:
 def _source_entries(images: tuple[StoredImage, ...]) -> list[dict | None] | None:
     if not any(isinstance(b, SourceRef) for b, _ in images):
         return None
-    return [{"path": b.path, "size": b.size, "mtime_ns": b.mtime_ns} if isinstance(b, SourceRef) else None
+    return [{"path": b.path, "size": b.size, "mtime_ns": b.mtime_ns, "offset": b.offset}
+            if isinstance(b, SourceRef) else None
             for b, _ in images]
 
 

@@ -260,3 +260,117 @@ def test_arrow_record_batches_bound_the_copy_of_a_group(tmp_path, monkeypatch, b
     last = ds.with_format("arrow")[-1:]["modalities"].to_pylist()[0]
     assert [m["value"]["bytes"] for m in last] == [images["n3.jpg"]]
     assert Image.open(io.BytesIO(ds[-1]["modalities"][0]["value"]["bytes"])).size == (400, 300)
+
+
+# ---------------------------------------------------------------------------------------------
+# Members of local tars: referenced at their offset in the tar, like files
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tars(tmp_path):
+    """Two WebDataset tars of labelr rows: kept JPEGs and a PNG, and a large JPEG to resize."""
+    wds = pytest.importorskip("webdataset")
+    from conftest import CONFIG_BYTES, GOOD_OUTPUT, InputSet
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    images = list({**KEPT, **RESIZED}.items())
+    for t in range(2):
+        with wds.TarWriter(str(folder / f"{t:05d}.tar")) as w:
+            for i in range(10):
+                name, data = images[(t * 10 + i) % len(images)]
+                w.write({"__key__": f"t{t}_{i:02d}", name.rsplit(".", 1)[1]: data, "json": {"output": GOOD_OUTPUT}})
+    (tmp_path / "config.json").write_bytes(CONFIG_BYTES)
+    return InputSet(root=folder, manifest=folder, config=tmp_path / "config.json", lines=[])
+
+
+def output_hashes(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.suffix in (".parquet", ".arrow")}
+
+
+@pytest.mark.parametrize("layout", ["parquet", "arrow", "messages"])
+def test_tar_members_are_referenced_and_the_shards_match_embedded_ones(tars, tmp_path, monkeypatch, part_bytes,
+                                                                       layout):
+    args = ("--layout", layout, "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7")
+    assert convert(tars, tmp_path / "ref", *args) == 0
+    monkeypatch.setattr(LocalRunner, "embedded", False)  # as on a cluster: parts embed every image
+    assert convert(tars, tmp_path / "emb", *args) == 0
+    referenced, embedded = part_bytes
+    images = list({**KEPT, **RESIZED}.items())
+    kept_total = sum(len(images[k % len(images)][1]) for k in range(20) if images[k % len(images)][0] in KEPT)
+    assert embedded > referenced + 0.9 * kept_total  # every kept member was copied into the parts
+    a, b = output_hashes(tmp_path / "ref"), output_hashes(tmp_path / "emb")
+    assert len(a) >= 3 and a == b  # three shards (and the packed layout's row_ids.parquet)
+    if layout == "parquet":
+        rows = Output(tmp_path / "ref").by_id()
+        assert len(rows) == 20
+        for k in range(20):
+            name, data = images[k % len(images)]
+            stored = rows[f"t{k // 10}_{k % 10:02d}"]["image"]["bytes"]
+            assert stored == data if name in KEPT else max(decode({"bytes": stored}).size) <= 1024, name
+        resized = sum(len(rows[f"t{k // 10}_{k % 10:02d}"]["image"]["bytes"]) for k in range(20)
+                      if images[k % len(images)][0] in RESIZED)
+        assert referenced < resized + kept_total / 10, (referenced, resized, kept_total)  # references only
+
+
+@pytest.mark.parametrize("change", ["rewritten", "touched", "removed"])
+def test_a_tar_changed_before_the_shards_stops_the_run(tars, tmp_path, monkeypatch, capsys, change):
+    tar = tars.root / "00001.tar"
+    plan = engine.driver.plan_shards
+
+    def then_change(results, opts, store):
+        if change == "rewritten":  # same size, one byte of a member's image changed
+            import tarfile
+
+            with tarfile.open(tar) as t:
+                where = [m for m in t.getmembers() if m.name.endswith(".jpg")][-1].offset_data + 100
+            data = bytearray(tar.read_bytes())
+            data[where] ^= 1
+            tar.write_bytes(bytes(data))
+        elif change == "touched":
+            st = tar.stat()
+            os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        else:
+            tar.unlink()
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", then_change)
+    code = convert(tars, tmp_path / "out", "--image-format", "keep")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    assert str(tar) in err[0]
+    assert ("cannot be read back" if change == "removed" else "changed while the dataset was being written") in err[0]
+    assert not list((tmp_path / "out").rglob("*.parquet")), "no shard may appear under its final name"
+    assert not (tmp_path / "out" / "stats.json").exists()
+
+
+def test_only_local_tars_name_where_their_members_lie(tars, request):
+    """A local tar's images carry their range in the tar (the bytes read are exactly those);
+    a tar read through fsspec carries none, so its parts embed the bytes."""
+    import fsspec
+
+    from engine.sources.base import InlineImage
+    from engine.sources.webdataset import WebDatasetSource
+
+    local = str(tars.root / "00000.tar")
+    memory = fsspec.filesystem("memory")
+    memory.pipe("/tars-refs/00000.tar", (tars.root / "00000.tar").read_bytes())
+    request.addfinalizer(lambda: memory.rm("/tars-refs", recursive=True))
+    for where, has_origin in ((local, True), ("memory://tars-refs/00000.tar", False)):
+        source = WebDatasetSource(where)
+        plan = source.plan(4)
+        images = [im for unit in plan.units for r in source.read(unit, base="", default_split="train")
+                  for im in r.locations]
+        assert len(images) == 10 and all(isinstance(im, InlineImage) for im in images)
+        if not has_origin:
+            assert all(im.origin is None for im in images)
+            continue
+        blob = (tars.root / "00000.tar").read_bytes()
+        st = os.stat(local)
+        for im in images:
+            ref = im.origin
+            assert (ref.path, ref.mtime_ns) == (os.path.abspath(local), st.st_mtime_ns)
+            assert blob[ref.offset:ref.offset + ref.size] == im.data

@@ -4,15 +4,17 @@ Every layout's final shards are assembled from parts, cut by row sizes alone, so
 files are the same whatever the number of workers or units.
 
 An image kept exactly as its local source file is stored as a reference to that file (see
-``SourceRef``), not as a copy, and read back from the source when the shard is written. A
-pass-through job otherwise wrote every image twice, into its part and into its shard: at
-50k rows of 150 KB that was 13.8 GB, more than the page cache absorbs, so the disk set the pace.
+``SourceRef``), not as a copy, and read back from the source when the shard is written; so
+is a kept member of a local tar (its offset and size in the tar). A pass-through job otherwise
+wrote every image twice, into its part and into its shard: at 50k rows of 150 KB that was
+13.8 GB, more than the page cache absorbs, so the disk set the pace.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -112,12 +114,17 @@ def with_source_bytes(batch: pa.RecordBatch) -> pa.RecordBatch:
     np.cumsum(sizes, out=offsets[1:])
     buffer = pa.allocate_buffer(int(offsets[-1]))
     view = memoryview(buffer)
-    for i, ref in enumerate(refs):
-        start, stop = int(offsets[i]), int(offsets[i + 1])
-        if ref:
-            _read_source(ref, view[start:stop])
-        elif stop > start:
-            view[start:stop] = memoryview(data[i].as_buffer())
+    opened: dict[str, Any] = {}  # one open per file and batch: a tar's members share it
+    try:
+        for i, ref in enumerate(refs):
+            start, stop = int(offsets[i]), int(offsets[i + 1])
+            if ref:
+                _read_source(ref, view[start:stop], opened)
+            elif stop > start:
+                view[start:stop] = memoryview(data[i].as_buffer())
+    finally:
+        for f in opened.values():
+            f.close()
     valid = [bool(ref) or ok for ref, ok in zip(refs, data.is_valid().to_pylist())]
     validity = None if all(valid) else pa.array(valid).buffers()[1]
     new_data = pa.Array.from_buffers(pa.binary(), len(refs), [validity, pa.py_buffer(offsets), buffer])
@@ -135,22 +142,32 @@ def _aligned_refs(images: pa.ListArray, sources: pa.ListArray) -> list[dict | No
     return refs
 
 
-def _read_source(ref: dict, into: memoryview) -> None:
-    path = ref["path"]
+def _read_source(ref: dict, into: memoryview, opened: dict[str, Any]) -> None:
+    """Read one reference's bytes into ``into``: the whole file, or (``offset`` set) the range
+    of a tar member, after checking the file is as it was when its row was converted."""
+    path, offset = ref["path"], ref["offset"]
     try:
-        with open(path, "rb", buffering=0) as f:
-            st = os.fstat(f.fileno())
-            if st.st_size == ref["size"] and st.st_mtime_ns == ref["mtime_ns"]:
-                got = 0
-                while got < len(into):
-                    n = f.readinto(into[got:])
-                    if not n:
-                        break
-                    got += n
-                if got == ref["size"]:
-                    return
+        f = opened.get(path)
+        if f is None:
+            f = opened[path] = open(path, "rb", buffering=0)
+        st = os.fstat(f.fileno())
+        fits = st.st_size == ref["size"] if offset is None else st.st_size >= offset + ref["size"]
+        if fits and st.st_mtime_ns == ref["mtime_ns"]:
+            f.seek(offset or 0)
+            got = 0
+            while got < len(into):
+                n = f.readinto(into[got:])
+                if not n:
+                    break
+                got += n
+            if got == ref["size"]:
+                return
     except OSError as exc:
-        raise SourceChanged(f"source image {path} cannot be read back ({exc.strerror or exc}); it was converted "
-                            "earlier in this run and must stay in place until the run ends") from None
-    raise SourceChanged(f"source image {path} changed while the dataset was being written (its size or "
+        raise SourceChanged(f"source {_what(offset)} {path} cannot be read back ({exc.strerror or exc}); it was "
+                            "converted earlier in this run and must stay in place until the run ends") from None
+    raise SourceChanged(f"source {_what(offset)} {path} changed while the dataset was being written (its size or "
                         "modification time differs); run the conversion again with --overwrite")
+
+
+def _what(offset: int | None) -> str:
+    return "image" if offset is None else "file"  # a file holding images at offsets: a tar

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeAlias
 
 if TYPE_CHECKING:
     from engine.config import ConvertOptions
-    from engine.records import Reject
+    from engine.records import Reject, SourceRef
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +22,8 @@ class InlineImage:
 
     data: bytes
     name: str = ""  # its file name in the input, if any
+    # where these bytes lie in a local file (a local tar's member), so a part file may reference them
+    origin: SourceRef | None = None
 
     def __repr__(self) -> str:  # rows are logged and compared in tests: never print the bytes
         return f"InlineImage({self.name!r}, {len(self.data)} bytes)"

@@ -31,7 +31,7 @@ import orjson
 from engine.config import DEFAULT_ATTACHMENT_TOKEN, SPLIT_NAME
 from engine.conversation import user_content
 from engine.errors import UsageError
-from engine.records import META_FIXED, RESERVED_KEYS, Reject
+from engine.records import META_FIXED, RESERVED_KEYS, Reject, SourceRef
 from engine.sources import identity, location, register, sharegpt
 from engine.sources.base import InlineImage, Row, Source, SourcePlan
 
@@ -269,10 +269,15 @@ class WebDatasetSource(Source):
         line = piece.first_line
         end = piece.first_line + piece.num_samples
         name = os.path.basename(piece.tar)
+        local = location.local_path(piece.tar)
         with location.open_binary(piece.tar) as f:
             file_size = f.seek(0, os.SEEK_END)
             f.seek(piece.offset)
+            # a local tar's kept members may be referenced by the part files, like files (SourceRef)
+            st = os.fstat(f.fileno()) if local is not None else None
+            tar_path = os.path.abspath(local) if local is not None else ""
             members: dict[str, tuple[str, bytes]] = {}
+            origins: dict[str, SourceRef] = {}
             key: str | None = None
             member = ""
             walk = _quick_members(f, file_size, piece.offset) if piece.quick else _tarfile_members(f)
@@ -285,9 +290,9 @@ class WebDatasetSource(Source):
                         continue
                     if prefix != key:
                         if key is not None:
-                            yield self._row(line, key, members, name, default_split)
+                            yield self._row(line, key, members, name, default_split, origins)
                             line += 1
-                            members = {}
+                            members, origins = {}, {}
                         if line == end:
                             break
                         key = prefix
@@ -297,9 +302,11 @@ class WebDatasetSource(Source):
                         if len(blob) != size:
                             raise tarfile.ReadError("unexpected end of data")
                         members[ext] = (member, blob)
+                        if st is not None:
+                            origins[ext] = SourceRef(tar_path, size, st.st_mtime_ns, data)
                 else:
                     if key is not None and line < end:
-                        yield self._row(line, key, members, name, default_split)
+                        yield self._row(line, key, members, name, default_split, origins)
                         line += 1
             except (tarfile.TarError, OSError, EOFError) as exc:
                 why = piece.damage or f"the tar could not be read on ({exc})"
@@ -311,9 +318,10 @@ class WebDatasetSource(Source):
             line += 1
 
     def _row(self, line: int, key: str, members: dict[str, tuple[str, bytes]], tar: str,
-             default_split: str) -> Row | Reject:
+             default_split: str, origins: dict[str, SourceRef]) -> Row | Reject:
         return sample_row(line, key, members, tar, default_split=default_split,
-                          attachment_token=self.attachment_token, attachment_position=self.attachment_position)
+                          attachment_token=self.attachment_token, attachment_position=self.attachment_position,
+                          origins=origins)
 
 
 class _Unsupported(Exception):
@@ -469,8 +477,10 @@ def _side_rows(piece: Piece) -> Iterator[Reject]:
 
 
 def sample_row(line: int, key: str, members: dict[str, tuple[str, bytes]], tar: str, *, default_split: str,
-               attachment_token: str = DEFAULT_ATTACHMENT_TOKEN, attachment_position: str = "after") -> Row | Reject:
+               attachment_token: str = DEFAULT_ATTACHMENT_TOKEN, attachment_position: str = "after",
+               origins: dict[str, SourceRef] | None = None) -> Row | Reject:
     """One sample (extension -> (member name, bytes)) -> a row, or a reject naming why.
+    ``origins`` (extension -> where its bytes lie in a local tar) become the images' origins.
 
     The ``.json`` holds the row: ``output`` (a labelr row), or ``conversations``/``messages``
     (LLaVA/ShareGPT or trainer turns) or ``text``, plus ``split``, ``image_id`` and the rest
@@ -496,7 +506,8 @@ def sample_row(line: int, key: str, members: dict[str, tuple[str, bytes]], tar: 
     if isinstance(status, str) and status != "success":  # an img2dataset sample that failed
         return reject(f"img2dataset: {status}: {obj.get('error_message') or 'no error message'}",
                       _STATUS_STAGES.get(status, "manifest"))
-    images = [InlineImage(data, os.path.basename(name)) for ext, (name, data) in members.items()
+    origins = origins or {}
+    images = [InlineImage(data, os.path.basename(name), origins.get(ext)) for ext, (name, data) in members.items()
               if ext in IMAGE_EXTENSIONS]
     if not images:
         return reject(f"sample {key!r} of {tar} has no image member (.{', .'.join(IMAGE_EXTENSIONS[:4])}, ...)")
