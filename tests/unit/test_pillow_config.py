@@ -55,8 +55,12 @@ _FRESH = textwrap.dedent("""
 
 
 def _fresh() -> tuple[dict, str]:
-    proc = subprocess.run([sys.executable, "-c", _FRESH, str(imagegen.__file__.rsplit("/", 1)[0])],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(imagegen.__file__.rsplit("/", 1)[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), proc.stderr
 
@@ -71,7 +75,9 @@ def test_importing_the_engine_leaves_pillow_alone_and_configure_pillow_sets_it_o
     assert configured["load_truncated"] is False
     assert configured["max_pixels"] == 500_000_000
     assert configured["tiff_warnings"] == "_ThreadWarnings"
-    assert configured["pil_level"] == 50  # logging.CRITICAL: Pillow's per-file errors repeat the reject reason
+    assert (
+        configured["pil_level"] == 50
+    )  # logging.CRITICAL: Pillow's per-file errors repeat the reject reason
     assert configured["showwarning"] == "engine.libwarnings"
     added = [f for f in configured["filters"] if f not in doc["engine_imported"]["filters"]]
     assert any("DecompressionBombWarning" in f for f in added)
