@@ -49,7 +49,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from engine.inspect.scan import analyse_image, perceptual_hash
 path = sorted(glob.glob(sys.argv[1] + "/data/*.parquet"))[0]
-blobs = pq.ParquetFile(path).read_row_group(0, columns=["image"]).column("image").combine_chunks().field("bytes")
+blobs = pq.ParquetFile(path).read_row_group(0, columns=["image"])\
+.column("image").combine_chunks().field("bytes")
 blobs = [b.as_py() for b in blobs][:40]
 decoded = [Image.open(io.BytesIO(b)) for b in blobs]
 for im in decoded:
@@ -205,10 +206,11 @@ def inspect_section(result: dict) -> list[str]:
     lines = [
         f"## Inspect: `engine inspect` against reading the Parquet files with pyarrow ({result['_file']})",
         "",
-        f"Command: `{result['command']}`. Pass-through Parquet of the `small` corpus ({result['base_images']} "
-        "1024 px JPEGs cycled to N rows). Seconds are the scan inside the process (median of the repeats), "
-        "start-up excluded; wall includes the interpreter and imports. pyarrow and `inspect-no-decode` "
-        "alternate run after run, and their ratio is the median of the pairs' ratios. Load average before/after: "
+        f"Command: `{result['command']}`. Pass-through Parquet of the `small` corpus "
+        f"({result['base_images']} 1024 px JPEGs cycled to N rows). Seconds are the scan inside the process "
+        "(median of the repeats), start-up excluded; wall includes the interpreter and imports. pyarrow and "
+        "`inspect-no-decode` alternate run after run, and their ratio is the median of the pairs' ratios. "
+        "Load average before/after: "
         f"{' '.join(result['loadavg_before'])} / {' '.join(result['loadavg_after'])} (a shared machine).",
         "",
         "| rows | dataset | mode | scan s | rows/s | speed vs pyarrow read | wall s | peak RSS |",
@@ -238,8 +240,8 @@ def inspect_section(result: dict) -> list[str]:
         "",
         "`inspect-no-decode` reads sizes from the image headers and hashes the stored bytes; "
         "`inspect-no-phash` decodes every image and hashes its pixels; `inspect-full` (the default) adds "
-        "the perceptual hash; on a loaded machine the gap between those two whole runs is noise, the per-image "
-        "costs above are what it costs.",
+        "the perceptual hash; on a loaded machine the gap between those two whole runs is noise, the "
+        "per-image costs above are what it costs.",
         "",
     ]
     return lines

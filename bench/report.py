@@ -407,7 +407,8 @@ def _http_section(result: dict) -> list[str]:
         lines += [
             "",
             f"Memory over URLs of tiny images at {memory['latency_seconds']:g} s latency "
-            f"(engine pass-through, distinct URLs, Ray started {memory.get('ray_start', 'lazily')}ly at every size):",
+            f"(engine pass-through, distinct URLs, Ray started {memory.get('ray_start', 'lazily')}ly "
+            "at every size):",
             "",
             "| rows | images/s | peak RSS (MB) | in flight at the server |",
             "|---:|---:|---:|---:|",

@@ -190,7 +190,8 @@ def source_section(results: list[dict]) -> list[str]:
     lines = [
         "## Sources: pass-through from a source against JSONL + files, same images, same batch",
         "",
-        "| source | rows | source (s) | JSONL + files (s) | speed vs JSONL | peak RSS source / JSONL | file |",
+        "| source | rows | source (s) | JSONL + files (s) | speed vs JSONL | peak RSS source / JSONL "
+        "| file |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for (name, _), r in sorted(newest.items()):

@@ -134,7 +134,10 @@ def tool_command(
             workers=workers,
         )
         if tool == REF_TOOL:  # the same command line, with the reference checkout's engine first on sys.path
-            run = "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); runpy.run_module('engine', run_name='__main__')"
+            run = (
+                "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); "
+                "runpy.run_module('engine', run_name='__main__')"
+            )
             command = [PYTHON, "-c", run, str(ref_dir)] + command[3:]
         return command
     if tool not in _PEER_MODULES:

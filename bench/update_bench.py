@@ -250,8 +250,8 @@ def update_section(result: dict) -> list[str]:
         "`rewrite` is that writer alone), and fsyncs what it writes. On 2 shared cores the CPU it "
         "needs for this sets its pace, and other jobs' load moves every column.",
         "",
-        "| rows | dataset | cp -r (s) | cp -r; sync (s) | rewrite (s) | update (s) | vs cp -r | vs cp -r; sync "
-        "| vs rewrite | update peak RSS | load (uptime) |",
+        "| rows | dataset | cp -r (s) | cp -r; sync (s) | rewrite (s) | update (s) | vs cp -r "
+        "| vs cp -r; sync | vs rewrite | update peak RSS | load (uptime) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for p in result["points"]:

@@ -286,7 +286,10 @@ def _check_options(o: ConvertOptions) -> str | None:
     if o.fetch.max_per_host < 0:
         return f"--max-connections-per-host must be at least 1 (or 0 for no cap), not {o.fetch.max_per_host}"
     if o.fetch.max_rps_per_host < 0:
-        return f"--max-requests-per-second-per-host must be positive (or 0 for no limit), not {o.fetch.max_rps_per_host:g}"
+        return (
+            "--max-requests-per-second-per-host must be positive (or 0 for no limit), "
+            f"not {o.fetch.max_rps_per_host:g}"
+        )
     if not o.fetch.user_agent.strip() or any(c in o.fetch.user_agent for c in "\r\n"):
         return "--user-agent must be one non-empty line"
     if o.fetch.cache is not None and not o.fetch.cache.strip():
@@ -304,15 +307,24 @@ def _check_options(o: ConvertOptions) -> str | None:
     if o.modality_feature not in MODALITY_FEATURES:
         return f"--modality-feature must be one of {', '.join(MODALITY_FEATURES)}, not {o.modality_feature!r}"
     if o.attachment_position not in ATTACHMENT_POSITIONS:
-        return f"--attachment-position must be one of {', '.join(ATTACHMENT_POSITIONS)}, not {o.attachment_position!r}"
+        return (
+            f"--attachment-position must be one of {', '.join(ATTACHMENT_POSITIONS)}, "
+            f"not {o.attachment_position!r}"
+        )
     if o.modality_feature != "recipe" and (o.layout != "arrow" or o.images_as_paths):
-        return "--modality-feature applies to the packed raw-image layout only (--layout arrow, no --images-as-paths)"
+        return (
+            "--modality-feature applies to the packed raw-image layout only "
+            "(--layout arrow, no --images-as-paths)"
+        )
     if (o.absolute_paths or o.paths_relative_to) and not o.images_as_paths:
         return "--absolute-paths and --paths-relative-to apply to --images-as-paths only"
     if o.absolute_paths and o.paths_relative_to:
         return "--absolute-paths and --paths-relative-to exclude each other"
     if (o.absolute_paths or o.paths_relative_to) and "://" in o.out:
-        return "--absolute-paths and --paths-relative-to need a local --out (the trainer opens the files by path)"
+        return (
+            "--absolute-paths and --paths-relative-to need a local --out "
+            "(the trainer opens the files by path)"
+        )
     for name, value in (
         ("--image-column", o.image_column),
         ("--id-column", o.id_column),

@@ -212,7 +212,8 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     if stats.reject_ratio > opts.max_reject_ratio:
         raise RejectRatioExceeded(
             f"{stats.num_rejected:,} of {stats.num_input_rows:,} rows rejected ({stats.reject_ratio:.1%}), "
-            f"over --max-reject-ratio {opts.max_reject_ratio:g}; see {os.path.join(opts.out, 'rejects.jsonl')}"
+            f"over --max-reject-ratio {opts.max_reject_ratio:g}; "
+            f"see {os.path.join(opts.out, 'rejects.jsonl')}"
         )
     return ConvertResult(out=opts.out, stats=summary)
 

@@ -46,7 +46,8 @@ class Browser:
             "--hide-scrollbars",
             "about:blank",
         ]
-        # the browser reads fd 3 and writes fd 4: bash's redirections put the pipes there (dash takes one-digit fds only)
+        # the browser reads fd 3 and writes fd 4: bash's redirections put the pipes there
+        # (dash takes one-digit fds only)
         command = " ".join(shlex.quote(a) for a in args) + f" 3<&{to_browser_r} 4>&{from_browser_w}"
         self.proc = subprocess.Popen(
             ["bash", "-c", "exec " + command],

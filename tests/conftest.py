@@ -364,6 +364,17 @@ def moto_s3(bucket: str):
         s3fs.S3FileSystem.clear_instance_cache()
 
 
+@pytest.fixture
+def online(monkeypatch):
+    """This machine may run with HF_HUB_OFFLINE=1, which makes datasets refuse every remote URL,
+    even our own server on 127.0.0.1: allow them for the read-back only."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False, raising=False)
+
+
 # --- Ray -------------------------------------------------------------------------------------
 
 

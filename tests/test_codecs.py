@@ -78,7 +78,8 @@ def _in_a_build_without(module: str, code: str) -> str:
 def test_a_missing_codec_gives_a_reason_naming_the_format_and_library():
     code = (
         f"from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
-        f"print(transform_image(open({str(DATA / 'hopper.Lab.tif')!r}, 'rb').read(), ImageOptions()).reason)\n"
+        f"print(transform_image(open({str(DATA / 'hopper.Lab.tif')!r}, 'rb').read(), "
+        "ImageOptions()).reason)\n"
     )
     reason = _in_a_build_without("PIL._imagingcms", code)
     assert reason == "LAB colour image: this Pillow build has no LittleCMS, which converts it to RGB"
@@ -101,7 +102,8 @@ def test_avif_support_is_loaded_only_for_avif():
         "from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
         f"assert transform_image({imagegen.jpeg()!r}, ImageOptions()).format == 'jpeg'\n"
         "print('pillow_avif' in sys.modules)\n"
-        f"assert transform_image(open({str(DATA / 'hopper.avif')!r}, 'rb').read(), ImageOptions()).format == 'jpeg'\n"
+        f"assert transform_image(open({str(DATA / 'hopper.avif')!r}, 'rb').read(), "
+        "ImageOptions()).format == 'jpeg'\n"
     )
     if "avif" not in codecs()[0]:
         pytest.skip("no AVIF codec installed")

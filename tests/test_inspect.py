@@ -93,15 +93,12 @@ def test_inspect_engine_parquet_counts_outputs_and_leakage(leaky_parquet):
 
 
 def test_samples_are_seeded(leaky_parquet):
-    keys = lambda seed: [
-        x.key
-        for x in inspect_dataset(
-            str(leaky_parquet),
-            samples=4,
-            seed=seed,  # noqa: E731
-            phash=False,
-        ).result.samples
-    ]
+    def keys(seed):
+        return [
+            x.key
+            for x in inspect_dataset(str(leaky_parquet), samples=4, seed=seed, phash=False).result.samples
+        ]
+
     assert keys(7) == keys(7)
     assert keys(7) != keys(8)
 

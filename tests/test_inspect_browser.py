@@ -25,9 +25,11 @@ pytestmark = pytest.mark.skipif(
 BAR_BLUE = (0x3B, 0x6F, 0xB6)  # report_html's histogram bars
 RECTS = """JSON.stringify({
   grid: (e => e ? [e.getBoundingClientRect().x, e.getBoundingClientRect().y + scrollY,
-                   e.getBoundingClientRect().width, e.getBoundingClientRect().height] : null)(document.querySelector('#samples .grid')),
+                   e.getBoundingClientRect().width, e.getBoundingClientRect().height] : null)\
+(document.querySelector('#samples .grid')),
   plots: [...document.querySelectorAll('#images .plot')].map(e => { const r = e.getBoundingClientRect();
-                                                                    return [r.x, r.y + scrollY, r.width, r.height]; })
+                                                                    return [r.x, r.y + scrollY,\
+ r.width, r.height]; })
 })"""
 
 

@@ -198,7 +198,7 @@ def test_a_jpeg_pillow_cannot_open_is_not_kept():
     exif = _exif_block([(0x011A, 2, 1, bytes(4)), (0x0128, 3, 1, b"\x00\x02\x00\x00")])
     data = imagegen.encode(imagegen.quadrant_image(), "JPEG", exif=exif)
     assert read_jpeg_header(data) is not None
-    with pytest.raises(Exception):
+    with pytest.raises(Image.UnidentifiedImageError):
         Image.open(io.BytesIO(data))
     result = transform_image(data, KEEP)
     assert isinstance(result, ImageFailure)

@@ -233,7 +233,8 @@ def test_rows_render_through_a_chat_template(labelr, tmp_path):
     assert _convert(inp, out) == 0
     template = (
         "{% for m in messages %}{{ m['role'] | upper }}: {% for p in m['content'] %}"
-        "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}"
+        "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+        "{{ '\\n' }}{% endfor %}"
     )
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template

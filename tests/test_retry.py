@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO, Output, convert, row, run_main, write_input
 
 try:  # object storage through the moto server the update tests use, where s3fs and moto are installed
-    from test_update_s3 import online, s3  # noqa: F401  (fixtures)
+    from test_update_s3 import s3  # noqa: F401  (a fixture)
 except pytest.skip.Exception:
     s3 = None
 
@@ -345,7 +345,7 @@ def bucket(s3):  # noqa: F811
 
 
 @pytest.mark.skipif(s3 is None, reason="needs s3fs and moto")
-def test_retry_on_s3(bucket, server, tmp_path, online):  # noqa: F811
+def test_retry_on_s3(bucket, server, tmp_path, online):
     s3 = bucket
     from conftest import parquet_hashes
     from test_s3 import _s3_hashes

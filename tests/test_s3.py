@@ -13,17 +13,6 @@ pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
 
-@pytest.fixture
-def online(monkeypatch):
-    """This machine may run with HF_HUB_OFFLINE=1, which makes datasets refuse every remote URL,
-    even our own server on 127.0.0.1: allow them for the read-back only."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False, raising=False)
-
-
 @pytest.fixture(scope="module")
 def s3():
     yield from moto_s3("bucket")

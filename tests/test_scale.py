@@ -20,7 +20,10 @@ print(json.dumps({"rows": plan.num_rows, "units": len(plan.units), "dups": plan.
 
 
 def _manifest(path: Path, rows: int) -> Path:
-    line = '{{"image_id": "{i:013d}_1", "image_path": "img/{m}.jpg", "output": {{"price": 1.5}}, "barcode": "{i:013d}"}}\n'
+    line = (
+        '{{"image_id": "{i:013d}_1", "image_path": "img/{m}.jpg", '
+        '"output": {{"price": 1.5}}, "barcode": "{i:013d}"}}\n'
+    )
     with open(path, "w") as f:
         for start in range(0, rows, 100_000):
             f.write(

@@ -16,7 +16,7 @@ from conftest import REPO, convert, moto_s3, parquet_hashes, row, run_main, writ
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
-from test_s3 import _s3_hashes, online  # noqa: E402,F401  (online: a fixture)
+from test_s3 import _s3_hashes  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,12 @@ th{background:#eef1f5}td.num,th.num{text-align:right}
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(280px,1fr));gap:10px}
 .card{display:flex;gap:8px;background:#fff;border:1px solid #d6dae1;padding:6px;overflow:hidden}
 .card img{width:120px;height:120px;object-fit:contain;background:#e9ecf1;flex:none}
-.card .none{width:120px;height:120px;background:#e9ecf1;flex:none;display:flex;align-items:center;justify-content:center}
-.card pre{margin:0;font-size:11px;white-space:pre-wrap;word-break:break-all;max-height:160px;overflow:auto;flex:1}
-.card .id{font-weight:600;font-size:12px;word-break:break-all}.ok{color:#1f7a3a}.bad{color:#b3261e}.warn{color:#8a5a00}
+.card .none{width:120px;height:120px;background:#e9ecf1;flex:none;\
+display:flex;align-items:center;justify-content:center}
+.card pre{margin:0;font-size:11px;white-space:pre-wrap;word-break:break-all;\
+max-height:160px;overflow:auto;flex:1}
+.card .id{font-weight:600;font-size:12px;word-break:break-all}\
+.ok{color:#1f7a3a}.bad{color:#b3261e}.warn{color:#8a5a00}
 .muted{color:#667}
 """
 
@@ -93,7 +96,8 @@ def render_html(result: ScanResult, summary: Summary) -> str:
         f"<title>engine inspect: {_e(ds.root)}</title><style>{CSS}</style></head><body><main>",
         f"<h1>Dataset report: {_e(ds.root)}</h1>",
         f'<p class="muted">layout {_e(summary.layout)}; {summary.num_rows:,} rows, '
-        f"{summary.num_images:,} images; images {'decoded' if result.decoded else 'not decoded (--no-decode)'}.</p>",
+        f"{summary.num_images:,} images; "
+        f"images {'decoded' if result.decoded else 'not decoded (--no-decode)'}.</p>",
     ]
     parts += _counts(result, summary)
     parts += _images(result)
@@ -229,8 +233,11 @@ def _outputs(result: ScanResult) -> list[str]:
         if result.invalid_outputs:
             out.append(_table(["row", "reason"], [list(x) for x in result.invalid_outputs]))
     rows = []
+
+    def pct(k):
+        return f"{k / n:.1%}" if n else "n/a"
+
     for name, p in result.properties.items():
-        pct = lambda k: f"{k / n:.1%}" if n else "n/a"
         top = ", ".join(f"{v} ({c:,})" for v, c in p.values.most_common(5))
         rows.append([name, pct(p.present), pct(p.null), pct(p.empty), ", ".join(p.kinds), top])
     if rows:
@@ -326,7 +333,8 @@ def _leakage(result: ScanResult) -> list[str]:
         out.append('<h3 class="muted">Ids in two splits: the dataset has no image_id column</h3>')
     else:
         out.append(
-            f'<h3 class="{"bad" if leak.shared_ids else "ok"}">Ids in two splits: {len(leak.shared_ids):,}</h3>'
+            f'<h3 class="{"bad" if leak.shared_ids else "ok"}">'
+            f"Ids in two splits: {len(leak.shared_ids):,}</h3>"
         )
         if leak.shared_ids:
             out.append(

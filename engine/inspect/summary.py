@@ -129,7 +129,7 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
         lines.append(
             "  images at convert: " + ", ".join(f"{kind} {count:,}" for kind, count, _, _ in changes)
         )
-        for kind, count, ids, more in changes:
+        for kind, _count, ids, more in changes:
             if ids:
                 lines.append(f"    {kind}: {', '.join(ids)}{f' and {more:,} more' if more else ''}")
     if result.num_undecodable:

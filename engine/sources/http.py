@@ -243,7 +243,10 @@ class HttpClient:
             if attempt:
                 if loop.time() + pause >= deadline:
                     if isinstance(outcome, _Retry) and outcome.after is not None:
-                        last += f"; it asked to retry after {outcome.after:g} s, past the {opts.total_timeout:g} s bound"
+                        last += (
+                            f"; it asked to retry after {outcome.after:g} s, "
+                            f"past the {opts.total_timeout:g} s bound"
+                        )
                     break
                 await asyncio.sleep(pause)
             await self._pace(host)

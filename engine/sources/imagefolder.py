@@ -74,8 +74,9 @@ class FolderPlan(SourcePlan):
 # datasets' ImageFolder.EXTENSIONS (a test checks they are still equal), kept here so that
 # detecting and planning a folder need not import datasets
 IMAGE_EXTENSIONS = frozenset(
-    ".blp .bmp .dib .bufr .cur .pcx .dcx .dds .ps .eps .fit .fits .fli .flc .ftc .ftu .gbr .gif .grib .png .apng "
-    ".jp2 .j2k .jpc .jpf .jpx .j2c .icns .ico .im .iim .tif .tiff .jfif .jpe .jpg .jpeg .mpg .mpeg .msp .pcd .pxr "
+    ".blp .bmp .dib .bufr .cur .pcx .dcx .dds .ps .eps .fit .fits .fli .flc .ftc .ftu .gbr .gif .grib "
+    ".png .apng .jp2 .j2k .jpc .jpf .jpx .j2c .icns .ico .im .iim .tif .tiff .jfif .jpe .jpg .jpeg "
+    ".mpg .mpeg .msp .pcd .pxr "
     ".pbm .pgm .ppm .pnm .psd .bw .rgb .rgba .sgi .ras .tga .icb .vda .vst .webp .wmf .emf .xbm .xpm".split()
 )
 

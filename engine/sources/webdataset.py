@@ -289,7 +289,10 @@ class WebDatasetSource(Source):
         """How many samples a damaged tar lost, as far as its side files tell."""
         if table is not None:
             n = sum(1 for i in extra if table["status"][i] == "success")
-            return f"{n} later sample(s) that img2dataset's .parquet lists are lost (rejected after this tar's rows)"
+            return (
+                f"{n} later sample(s) that img2dataset's .parquet lists are lost "
+                "(rejected after this tar's rows)"
+            )
         stats = _side_file(tar, "_stats.json")
         if stats:
             try:

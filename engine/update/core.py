@@ -561,7 +561,8 @@ def commit_staged(staging: Staging, ds: Dataset, store: Store, next_store: Store
 
 
 def write_shards(specs: list, progress: Progress) -> list:
-    """Write the planned shards through convert's writers, one after another (a crash point after the first)."""
+    """Write the planned shards through convert's writers, one after another
+    (a crash point after the first)."""
     if specs:
         specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
@@ -793,7 +794,10 @@ def _summary(report: Report) -> str:
     text = ", ".join(parts)
     unknown = report.unknown_outputs + report.unknown_delete
     if unknown:
-        text += f"; unknown ids: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (all in stats.json)"
+        text += (
+            f"; unknown ids: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} "
+            "(all in stats.json)"
+        )
     return text
 
 

@@ -31,7 +31,8 @@ def text_chars(batch: pa.RecordBatch | pa.Table) -> pa.Array:
 
 def part_row_ids(store: Store, part: str, split: str, with_line: bool = False) -> pa.Table:
     """The ids, sizes and text sizes of one split's rows in a part file (and their manifest lines,
-    ``with_line``). Locally the file is memory-mapped, so only these columns' pages are read, not the images."""
+    ``with_line``). Locally the file is memory-mapped, so only these columns' pages are read, not the
+    images."""
     schema = pa.schema([("line", pa.int64()), *ROW_IDS_SCHEMA]) if with_line else ROW_IDS_SCHEMA
     source = store.open_arrow(part) if store.remote else pa.memory_map(store.path(part), "r")
     tables = []

@@ -84,7 +84,8 @@ def retry(opts: UpdateOptions, progress: Progress | None = None, command: str = 
 def _retry(
     opts: UpdateOptions, progress: Progress, command: str, store: Store, staging: Staging, started: float
 ) -> dict[str, Any]:
-    # the retry's identity: the dataset it starts from and the stages (a crashed commit of it is only finished)
+    # the retry's identity: the dataset it starts from and the stages
+    # (a crashed commit of it is only finished)
     before = store.read_bytes("stats.json") if store.is_file("stats.json") else b""
     digest = hashlib.sha256(b"retry:" + ",".join(opts.stages).encode() + b"\n" + before).hexdigest()
     done = staging.recover()

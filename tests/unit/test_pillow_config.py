@@ -21,8 +21,10 @@ _FRESH = textwrap.dedent("""
 
     def state():
         return {"load_truncated": ImageFile.LOAD_TRUNCATED_IMAGES, "max_pixels": Image.MAX_IMAGE_PIXELS,
-                "tiff_warnings": type(TiffImagePlugin.warnings).__name__, "pil_level": logging.getLogger("PIL").level,
-                "showwarning": warnings.showwarning.__module__, "filters": [repr(f) for f in warnings.filters]}
+                "tiff_warnings": type(TiffImagePlugin.warnings).__name__, \
+"pil_level": logging.getLogger("PIL").level,
+                "showwarning": warnings.showwarning.__module__, \
+"filters": [repr(f) for f in warnings.filters]}
 
     ImageFile.LOAD_TRUNCATED_IMAGES = True  # a library user's own choice, which the import must keep
     pristine = state()

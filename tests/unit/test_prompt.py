@@ -19,7 +19,10 @@ INSTRUCTIONS = "Extract the price tag — prix en €.\nAnswer {json_schema} lit
 
 def labelr_full_instructions(instructions: str, json_schema: dict) -> str:
     """labelr's train-unsloth `get_full_instructions`, as FORMATS.md §4b quotes it."""
-    return f"{instructions}\n\nResponse must be formatted as JSON, and follow this JSON schema:\n{orjson.dumps(json_schema).decode()}"
+    return (
+        f"{instructions}\n\nResponse must be formatted as JSON, and follow this JSON schema:\n"
+        f"{orjson.dumps(json_schema).decode()}"
+    )
 
 
 def test_json_schema_template_is_labelrs_byte_for_byte():
