@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.errors import UsageError
-from engine.records import Reject, extraction_features
+from engine.layouts.parquet import extraction_features
+from engine.records import Reject
 from engine.sources.base import InlineImage, Row
 from engine.sources.dataset import DatasetSource, discover
 
