@@ -35,8 +35,7 @@ CORPUS_NAMES = ("photos", "small", "mixed", "tiny")
 ORIENTATION_TAG = 0x0112
 PLACEHOLDER = "<|reserved_special_token_0|>"
 INSTRUCTIONS = (
-    "Extract the product name, the price and the currency from this price tag. "
-    "Answer with a JSON object."
+    "Extract the product name, the price and the currency from this price tag. Answer with a JSON object."
 )
 JSON_SCHEMA = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -49,8 +48,26 @@ JSON_SCHEMA = {
     "required": ["product_name", "price", "currency"],
     "additionalProperties": False,
 }
-_WORDS = ("organic", "milk", "dark", "chocolate", "olive", "oil", "pasta", "rice", "coffee",
-          "tea", "honey", "butter", "yogurt", "bread", "apple", "juice", "salted", "crackers")
+_WORDS = (
+    "organic",
+    "milk",
+    "dark",
+    "chocolate",
+    "olive",
+    "oil",
+    "pasta",
+    "rice",
+    "coffee",
+    "tea",
+    "honey",
+    "butter",
+    "yogurt",
+    "bread",
+    "apple",
+    "juice",
+    "salted",
+    "crackers",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,22 +94,29 @@ class Corpus:
         return self.root / "trainer.jsonl"
 
     def summary(self) -> dict:
-        return {"name": self.name, "root": str(self.root), "num_rows": self.num_rows,
-                "num_valid": self.num_valid, "input_bytes": self.input_bytes}
+        return {
+            "name": self.name,
+            "root": str(self.root),
+            "num_rows": self.num_rows,
+            "num_valid": self.num_valid,
+            "input_bytes": self.input_bytes,
+        }
 
 
 # --------------------------------------------------------------------------- drawing
 
-def draw_scene(rng: np.random.Generator, width: int, height: int, *,
-               noise_sigma: float, flat: bool = False) -> Image.Image:
+
+def draw_scene(
+    rng: np.random.Generator, width: int, height: int, *, noise_sigma: float, flat: bool = False
+) -> Image.Image:
     """A price-tag-like scene: soft gradient, shapes, text lines and mild sensor noise."""
     c0, c1 = rng.integers(30, 226, size=(2, 3))
     gx, gy = rng.uniform(-1, 1, size=2)
     lw, lh = max(2, width // 16), max(2, height // 16)
     yy, xx = np.mgrid[0:lh, 0:lw].astype(np.float32)
-    t = (gx * xx / lw + gy * yy / lh)
+    t = gx * xx / lw + gy * yy / lh
     t = (t - t.min()) / max(float(np.ptp(t)), 1e-6)
-    small = (c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None])
+    small = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
     img = Image.fromarray(small.astype(np.uint8), "RGB").resize((width, height), Image.BICUBIC)
 
     draw = ImageDraw.Draw(img)
@@ -113,15 +137,24 @@ def draw_scene(rng: np.random.Generator, width: int, height: int, *,
     # A "price tag" with several lines of text.
     tag_w, tag_h = int(width * 0.6), int(height * 0.35)
     tx, ty = int(rng.integers(0, width - tag_w)), int(rng.integers(0, height - tag_h))
-    draw.rounded_rectangle([tx, ty, tx + tag_w, ty + tag_h], radius=scale // 80,
-                           fill=(250, 250, 245), outline=(200, 20, 20), width=max(2, scale // 400))
+    draw.rounded_rectangle(
+        [tx, ty, tx + tag_w, ty + tag_h],
+        radius=scale // 80,
+        fill=(250, 250, 245),
+        outline=(200, 20, 20),
+        width=max(2, scale // 400),
+    )
     font_size = max(10, tag_h // 7)
     font = ImageFont.load_default(size=font_size)
     for line in range(5):
         words = " ".join(str(w) for w in rng.choice(_WORDS, size=3))
         text = f"{words.upper()}  {rng.integers(1, 99)},{rng.integers(0, 99):02d} EUR"
-        draw.text((tx + font_size // 2, ty + font_size // 2 + line * int(font_size * 1.25)),
-                  text, fill=(20, 20, 20), font=font)
+        draw.text(
+            (tx + font_size // 2, ty + font_size // 2 + line * int(font_size * 1.25)),
+            text,
+            fill=(20, 20, 20),
+            font=font,
+        )
     if not flat:
         img = img.filter(ImageFilter.GaussianBlur(radius=max(1, scale // 1500)))
     if noise_sigma > 0:
@@ -135,7 +168,7 @@ def encode(img: Image.Image, fmt: str, *, orientation: int = 1, quality: int = 9
     buf = io.BytesIO()
     if fmt == "JPEG":
         exif = Image.Exif()
-        exif[0x010F] = "BenchCam"          # Make: every photo carries some EXIF
+        exif[0x010F] = "BenchCam"  # Make: every photo carries some EXIF
         if orientation != 1:
             exif[ORIENTATION_TAG] = orientation
         img.save(buf, "JPEG", quality=quality, exif=exif.tobytes())
@@ -152,8 +185,12 @@ def tag_unique(data: bytes, tag: str) -> bytes:
     if data[:8] == b"\x89PNG\r\n\x1a\n":  # PNG: tEXt chunk right after IHDR
         ihdr_end = 8 + 8 + struct.unpack(">I", data[8:12])[0] + 4
         body = b"Comment\x00" + payload
-        chunk = (struct.pack(">I", len(body)) + b"tEXt" + body
-                 + struct.pack(">I", zlib.crc32(b"tEXt" + body) & 0xFFFFFFFF))
+        chunk = (
+            struct.pack(">I", len(body))
+            + b"tEXt"
+            + body
+            + struct.pack(">I", zlib.crc32(b"tEXt" + body) & 0xFFFFFFFF)
+        )
         return data[:ihdr_end] + chunk + data[ihdr_end:]
     return data + b"\n" + payload
 
@@ -164,6 +201,7 @@ def upright_size(size: tuple[int, int], orientation: int) -> list[int]:
 
 
 # --------------------------------------------------------------------------- corpora
+
 
 def _photo_bases(rng: np.random.Generator, count: int) -> list[tuple[Image.Image, int]]:
     bases = []
@@ -184,14 +222,19 @@ def _build_photos(n: int, rng: np.random.Generator):
         key = (b, orientation)
         if key not in encoded:
             encoded[key] = encode(bases[b], "JPEG", orientation=orientation)
-        yield f"img{i:06d}.jpg", tag_unique(encoded[key], f"photos-{i}"), \
-            upright_size(bases[b].size, orientation)
+        yield (
+            f"img{i:06d}.jpg",
+            tag_unique(encoded[key], f"photos-{i}"),
+            upright_size(bases[b].size, orientation),
+        )
 
 
 def _build_small(n: int, rng: np.random.Generator):
     """Upright 1024 px JPEG q90 (~150 KB), no orientation tag: the pass-through case."""
-    bases = [draw_scene(rng, *((1024, 768) if i % 2 == 0 else (768, 1024)), noise_sigma=2.5)
-             for i in range(min(64, n))]
+    bases = [
+        draw_scene(rng, *((1024, 768) if i % 2 == 0 else (768, 1024)), noise_sigma=2.5)
+        for i in range(min(64, n))
+    ]
     encoded = [encode(b, "JPEG") for b in bases]
     for i in range(n):
         b = i % len(bases)
@@ -221,11 +264,11 @@ def _build_mixed(n: int, rng: np.random.Generator):
         ext = "jpg" if kind.startswith("jpeg") else "png"
         if i % 12 == 11:
             broken = i // 12 % 3
-            if broken == 0:      # JPEG cut inside its headers: no decoder gets any pixels
+            if broken == 0:  # JPEG cut inside its headers: no decoder gets any pixels
                 yield f"bad{i:06d}.jpg", encode(draw_scene(rng, 64, 64, noise_sigma=0), "JPEG")[:200], None
-            elif broken == 1:    # PNG cut in the middle of its pixel data
+            elif broken == 1:  # PNG cut in the middle of its pixel data
                 yield f"bad{i:06d}.png", data[: len(data) // 2], None
-            else:                # not an image at all
+            else:  # not an image at all
                 yield f"bad{i:06d}.jpg", b"this is not an image\n" * 10, None
             continue
         yield f"img{i:06d}.{ext}", tag_unique(data, f"mixed-{i}"), upright
@@ -252,8 +295,7 @@ def _output_for(rng: np.random.Generator) -> dict:
 
 
 def write_config(path: Path) -> None:
-    path.write_text(json.dumps({"instructions": INSTRUCTIONS, "json_schema": JSON_SCHEMA},
-                               indent=2) + "\n")
+    path.write_text(json.dumps({"instructions": INSTRUCTIONS, "json_schema": JSON_SCHEMA}, indent=2) + "\n")
 
 
 def _trainer_row(rel_path: str, output: dict) -> dict:
@@ -291,15 +333,24 @@ def build_corpus(name: str, n: int, workdir: Path, *, seed: int = 1234) -> Corpu
             image_id = f"{barcode}_{i % 9 + 1}"
             output = _output_for(label_rng)
             upright[image_id] = size
-            manifest.write(json.dumps({"image_id": image_id, "image_path": rel, "output": output,
-                                       "barcode": barcode}) + "\n")
+            manifest.write(
+                json.dumps({"image_id": image_id, "image_path": rel, "output": output, "barcode": barcode})
+                + "\n"
+            )
             trainer.write(json.dumps(_trainer_row(rel, output)) + "\n")
     write_config(tmp / "config.json")
-    meta = {"name": name, "num_rows": n, "num_valid": sum(v is not None for v in upright.values()),
-            "input_bytes": input_bytes, "seed": seed, "upright_sizes": upright}
+    meta = {
+        "name": name,
+        "num_rows": n,
+        "num_valid": sum(v is not None for v in upright.values()),
+        "input_bytes": input_bytes,
+        "seed": seed,
+        "upright_sizes": upright,
+    }
     (tmp / "corpus.json").write_text(json.dumps(meta))
     if root.exists():
         import shutil
+
         shutil.rmtree(root)
     tmp.rename(root)
     log.info("corpus %s-%d: %d files, %.1f MB", name, n, n, input_bytes / 1e6)
@@ -308,9 +359,14 @@ def build_corpus(name: str, n: int, workdir: Path, *, seed: int = 1234) -> Corpu
 
 def _load(meta_path: Path) -> Corpus:
     meta = json.loads(meta_path.read_text())
-    return Corpus(name=meta["name"], root=meta_path.parent, num_rows=meta["num_rows"],
-                  num_valid=meta["num_valid"], input_bytes=meta["input_bytes"],
-                  upright_sizes=meta["upright_sizes"])
+    return Corpus(
+        name=meta["name"],
+        root=meta_path.parent,
+        num_rows=meta["num_rows"],
+        num_valid=meta["num_valid"],
+        input_bytes=meta["input_bytes"],
+        upright_sizes=meta["upright_sizes"],
+    )
 
 
 def cycled(corpus: Corpus, num_rows: int, out_dir: Path) -> Corpus:
@@ -318,24 +374,32 @@ def cycled(corpus: Corpus, num_rows: int, out_dir: Path) -> Corpus:
     longer job over the same files (and the same page cache), for runs where the fixed start-up
     cost should be spread over more rows than the corpus has. Only corpora without bad files."""
     if corpus.num_valid != corpus.num_rows:
-        raise SystemExit(f"--rows needs a corpus without bad files; {corpus.name} has "
-                         f"{corpus.num_rows - corpus.num_valid}")
+        raise SystemExit(
+            f"--rows needs a corpus without bad files; {corpus.name} has {corpus.num_rows - corpus.num_valid}"
+        )
     rows = _manifest_rows(corpus)
     repeated_manifest(corpus, num_rows, out_dir, name="manifest.jsonl", rows=rows)
     ids = [r["image_id"] for r in rows]
     file_bytes = [(corpus.root / r["image_path"]).stat().st_size for r in rows]
-    return Corpus(name=corpus.name, root=out_dir, num_rows=num_rows, num_valid=num_rows,
-                  input_bytes=sum(file_bytes[i % len(rows)] for i in range(num_rows)),
-                  upright_sizes={f"{ids[i % len(ids)]}-r{i}": corpus.upright_sizes.get(ids[i % len(ids)])
-                                 for i in range(num_rows)})
+    return Corpus(
+        name=corpus.name,
+        root=out_dir,
+        num_rows=num_rows,
+        num_valid=num_rows,
+        input_bytes=sum(file_bytes[i % len(rows)] for i in range(num_rows)),
+        upright_sizes={
+            f"{ids[i % len(ids)]}-r{i}": corpus.upright_sizes.get(ids[i % len(ids)]) for i in range(num_rows)
+        },
+    )
 
 
 def _manifest_rows(corpus: Corpus) -> list[dict]:
     return [json.loads(line) for line in corpus.manifest.read_text().splitlines() if line]
 
 
-def repeated_manifest(corpus: Corpus, num_rows: int, out_dir: Path, name: str | None = None,
-                      rows: list[dict] | None = None) -> Path:
+def repeated_manifest(
+    corpus: Corpus, num_rows: int, out_dir: Path, name: str | None = None, rows: list[dict] | None = None
+) -> Path:
     """A manifest of ``num_rows`` rows cycling over ``corpus``'s images with distinct ids."""
     rows = rows if rows is not None else _manifest_rows(corpus)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -46,9 +46,11 @@ def _aiohttp(urls: list[str], concurrency: int) -> int:
     async def run() -> int:
         connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0)
         async with aiohttp.ClientSession(connector=connector) as session:
+
             async def get(url: str) -> int:
                 async with session.get(url) as resp:
                     return len(await resp.read())
+
             return sum(await asyncio.gather(*(get(u) for u in urls)))
 
     return asyncio.run(run())
@@ -80,9 +82,17 @@ def main() -> None:
                     fn(urls, concurrency)
                     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
                     reached = server_stats(base)["max_in_flight"]
-                    row = {"mechanism": name, "concurrency": concurrency, "n": args.n, "latency": args.latency,
-                           "size": args.size, "wall_seconds": round(wall, 3), "requests_per_second": round(args.n / wall, 1),
-                           "client_cpu_ms_per_request": round(1000 * cpu / args.n, 3), "max_in_flight": reached}
+                    row = {
+                        "mechanism": name,
+                        "concurrency": concurrency,
+                        "n": args.n,
+                        "latency": args.latency,
+                        "size": args.size,
+                        "wall_seconds": round(wall, 3),
+                        "requests_per_second": round(args.n / wall, 1),
+                        "client_cpu_ms_per_request": round(1000 * cpu / args.n, 3),
+                        "max_in_flight": reached,
+                    }
                     results.append(row)
                     print(json.dumps(row), flush=True)
     if args.json:

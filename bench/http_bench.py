@@ -53,15 +53,42 @@ def url_manifest(corpus: Corpus, base_url: str, out_dir: Path, *, num_rows: int 
     return path
 
 
-def _command(tool: str, corpus: Corpus, manifest: Path, out: Path, mode: str, workers: int, cache: Path,
-             base_url: str) -> list[str]:
+def _command(
+    tool: str, corpus: Corpus, manifest: Path, out: Path, mode: str, workers: int, cache: Path, base_url: str
+) -> list[str]:
     if tool == "img2dataset-http":
-        return [PYTHON, "-m", "bench.peers.img2dataset", "--manifest", str(corpus.manifest), "--config",
-                str(corpus.config), "--out", str(out), "--layout", "parquet", "--mode", mode, "--max-size", "1024",
-                "--quality", "90", "--workers", str(workers), "--url-base", base_url]
+        return [
+            PYTHON,
+            "-m",
+            "bench.peers.img2dataset",
+            "--manifest",
+            str(corpus.manifest),
+            "--config",
+            str(corpus.config),
+            "--out",
+            str(out),
+            "--layout",
+            "parquet",
+            "--mode",
+            mode,
+            "--max-size",
+            "1024",
+            "--quality",
+            "90",
+            "--workers",
+            str(workers),
+            "--url-base",
+            base_url,
+        ]
     local = tool == "engine-local"
-    command = engine_command(manifest=corpus.manifest if local else manifest, config=corpus.config, out=out,
-                             layout="parquet", mode=mode, workers=workers)
+    command = engine_command(
+        manifest=corpus.manifest if local else manifest,
+        config=corpus.config,
+        out=out,
+        layout="parquet",
+        mode=mode,
+        workers=workers,
+    )
     if tool in ("engine-cache-fill", "engine-cached"):
         command += ["--download-cache", str(cache)]
     return command
@@ -74,30 +101,45 @@ def _summary(runs: list[dict]) -> dict:
     if len(ok) != len(runs):
         bad = next(r for r in runs if r not in ok)
         return {"status": f"failed: {bad.get('error', 'invalid output')}", "runs": runs}
-    return {"status": "ok", "runs": runs,
-            "median_images_per_second": statistics.median(r["images_per_second"] for r in ok),
-            "median_wall_seconds": statistics.median(r["wall_seconds"] for r in ok),
-            "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),
-            "max_peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
-            "median_cpu_util": statistics.median(r["cpu_util"] for r in ok),
-            "max_in_flight": max(r.get("server_max_in_flight", 0) for r in ok),
-            "server_requests": [r.get("server_requests") for r in ok]}
+    return {
+        "status": "ok",
+        "runs": runs,
+        "median_images_per_second": statistics.median(r["images_per_second"] for r in ok),
+        "median_wall_seconds": statistics.median(r["wall_seconds"] for r in ok),
+        "median_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ok),
+        "max_peak_rss_mb": max(r["peak_rss_mb"] for r in ok),
+        "median_cpu_util": statistics.median(r["cpu_util"] for r in ok),
+        "max_in_flight": max(r.get("server_max_in_flight", 0) for r in ok),
+        "server_requests": [r.get("server_requests") for r in ok],
+    }
 
 
 def _ratios(tools: dict[str, dict]) -> dict[str, float]:
     def speed(name: str) -> float | None:
         return tools.get(name, {}).get("median_images_per_second")
 
-    pairs = {"engine-http/engine-local": ("engine-http", "engine-local"),
-             "engine-http/img2dataset-http": ("engine-http", "img2dataset-http"),
-             "engine-cached/engine-local": ("engine-cached", "engine-local"),
-             "engine-cache-fill/engine-http": ("engine-cache-fill", "engine-http")}
+    pairs = {
+        "engine-http/engine-local": ("engine-http", "engine-local"),
+        "engine-http/img2dataset-http": ("engine-http", "img2dataset-http"),
+        "engine-cached/engine-local": ("engine-cached", "engine-local"),
+        "engine-cache-fill/engine-http": ("engine-cache-fill", "engine-http"),
+    }
     return {k: speed(a) / speed(b) for k, (a, b) in pairs.items() if speed(a) and speed(b)}
 
 
-def run_http(*, corpora: dict[str, int], latencies: list[float], repeats: int, workdir: Path, results_dir: Path,
-             workers: int, command: str, memory_sizes: list[int], timeout: float = 1800,
-             tools: tuple[str, ...] = TOOLS) -> Path:
+def run_http(
+    *,
+    corpora: dict[str, int],
+    latencies: list[float],
+    repeats: int,
+    workdir: Path,
+    results_dir: Path,
+    workers: int,
+    command: str,
+    memory_sizes: list[int],
+    timeout: float = 1800,
+    tools: tuple[str, ...] = TOOLS,
+) -> Path:
     load_before = os.getloadavg()
     reason = engine_available()
     if reason:
@@ -113,8 +155,14 @@ def run_http(*, corpora: dict[str, int], latencies: list[float], repeats: int, w
         corpus = build_corpus(name, n, workdir)
         for latency in latencies:
             label = f"{name}-{n}-{int(latency * 1000)}ms"
-            log.info("HTTP scenario %s: %s, %d rows, %.0f MB, %g s latency", label, description, corpus.num_rows,
-                     corpus.input_bytes / MB, latency)
+            log.info(
+                "HTTP scenario %s: %s, %d rows, %.0f MB, %g s latency",
+                label,
+                description,
+                corpus.num_rows,
+                corpus.input_bytes / MB,
+                latency,
+            )
             runs: dict[str, list[dict]] = {t: [] for t in tools}
             scratch = workdir / "http" / label
             with serving(corpus.root, latency, scratch) as base:
@@ -128,26 +176,56 @@ def run_http(*, corpora: dict[str, int], latencies: list[float], repeats: int, w
                         run_dir = workdir / "runs" / "http" / label / f"{tool}-{repeat}"
                         cmd = _command(tool, corpus, manifest, run_dir / "out", mode, workers, cache, base)
                         server_stats(base, reset=True)
-                        record = measure_tool(tool, cmd, corpus, run_dir, workdir=workdir, workers=workers,
-                                              timeout=timeout)
+                        record = measure_tool(
+                            tool, cmd, corpus, run_dir, workdir=workdir, workers=workers, timeout=timeout
+                        )
                         served = server_stats(base)
-                        record.update(repeat=repeat, server_requests=served["requests"],
-                                      server_max_in_flight=served["max_in_flight"])
+                        record.update(
+                            repeat=repeat,
+                            server_requests=served["requests"],
+                            server_max_in_flight=served["max_in_flight"],
+                        )
                         if tool == "engine-cached" and served["requests"]:
                             record["valid"] = False
-                            record["error"] = f"{served['requests']} request(s) reached the server from the cache run"
+                            record["error"] = (
+                                f"{served['requests']} request(s) reached the server from the cache run"
+                            )
                         record.pop("engine_stats", None) if tool == "img2dataset-http" else None
                         runs[tool].append(record)
                     shutil.rmtree(cache, ignore_errors=True)
-            summaries = {t: ({"status": skipped[t], "runs": []} if t in skipped else _summary(runs[t])) for t in tools}
-            scenarios.append({"scenario": label, "corpus_name": name, "mode": mode, "description": description,
-                              "latency_seconds": latency, "rows": corpus.num_rows, "input_mb": corpus.input_bytes / MB,
-                              "tools": summaries, "ratios": _ratios(summaries)})
-    memory = _memory(sizes=memory_sizes, latency=latencies[-1], workdir=workdir, workers=workers,
-                     timeout=timeout) if memory_sizes else None
-    result = {"kind": "http", "date": report.today(), "command": command, "repeats": repeats, "workers": workers,
-              "machine": report.machine_info(), "load_before": load_before, "load_after": os.getloadavg(),
-              "scenarios": scenarios, "memory": memory}
+            summaries = {
+                t: ({"status": skipped[t], "runs": []} if t in skipped else _summary(runs[t])) for t in tools
+            }
+            scenarios.append(
+                {
+                    "scenario": label,
+                    "corpus_name": name,
+                    "mode": mode,
+                    "description": description,
+                    "latency_seconds": latency,
+                    "rows": corpus.num_rows,
+                    "input_mb": corpus.input_bytes / MB,
+                    "tools": summaries,
+                    "ratios": _ratios(summaries),
+                }
+            )
+    memory = (
+        _memory(sizes=memory_sizes, latency=latencies[-1], workdir=workdir, workers=workers, timeout=timeout)
+        if memory_sizes
+        else None
+    )
+    result = {
+        "kind": "http",
+        "date": report.today(),
+        "command": command,
+        "repeats": repeats,
+        "workers": workers,
+        "machine": report.machine_info(),
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "scenarios": scenarios,
+        "memory": memory,
+    }
     path = report.write_json(results_dir, f"{report.today()}-http", result)
     report.write_results_md(results_dir)
     return path
@@ -161,17 +239,41 @@ def _memory(*, sizes: list[int], latency: float, workdir: Path, workers: int, ti
         for size in sizes:
             manifest = url_manifest(corpus, base, scratch / str(size), num_rows=size)
             run_dir = workdir / "runs" / "http" / "memory" / str(size)
-            cmd = engine_command(manifest=manifest, config=corpus.config, out=run_dir / "out", layout="parquet",
-                                 mode="passthrough", workers=workers)
+            cmd = engine_command(
+                manifest=manifest,
+                config=corpus.config,
+                out=run_dir / "out",
+                layout="parquet",
+                mode="passthrough",
+                workers=workers,
+            )
             server_stats(base, reset=True)
             # Ray from the start at every size, so every point has the same processes (lazily, Ray
             # starts only for the longer jobs, and its own processes would be most of the difference)
-            record = measure_tool("engine-http", cmd, corpus, run_dir, workdir=workdir, workers=workers,
-                                  timeout=timeout, expected_rows=size, extra_env={"ENGINE_RAY_START": "eager"})
+            record = measure_tool(
+                "engine-http",
+                cmd,
+                corpus,
+                run_dir,
+                workdir=workdir,
+                workers=workers,
+                timeout=timeout,
+                expected_rows=size,
+                extra_env={"ENGINE_RAY_START": "eager"},
+            )
             served = server_stats(base)
-            record.update(num_rows=size, server_requests=served["requests"], server_max_in_flight=served["max_in_flight"])
+            record.update(
+                num_rows=size,
+                server_requests=served["requests"],
+                server_max_in_flight=served["max_in_flight"],
+            )
             record.pop("engine_stats", None)
             points.append(record)
     peaks = [p["peak_rss_mb"] for p in points if p.get("valid")]
-    return {"corpus": corpus.summary(), "latency_seconds": latency, "ray_start": "eager", "points": points,
-            "peak_ratio_last_to_first": peaks[-1] / peaks[0] if len(peaks) == len(points) and peaks else None}
+    return {
+        "corpus": corpus.summary(),
+        "latency_seconds": latency,
+        "ray_start": "eager",
+        "points": points,
+        "peak_ratio_last_to_first": peaks[-1] / peaks[0] if len(peaks) == len(points) and peaks else None,
+    }

@@ -91,9 +91,20 @@ def serving(root: Path, latency: float, workdir: Path):
     """Start the server in a child process; yield its base URL; stop it."""
     workdir.mkdir(parents=True, exist_ok=True)
     port_file = workdir / f"http-port-{os.getpid()}-{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, "-m", "bench.http_server", "--root", str(root),
-                             "--latency", str(latency), "--port-file", str(port_file)],
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.http_server",
+            "--root",
+            str(root),
+            "--latency",
+            str(latency),
+            "--port-file",
+            str(port_file),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         deadline = time.monotonic() + 60
         while not port_file.exists():
@@ -110,7 +121,9 @@ def serving(root: Path, latency: float, workdir: Path):
 def server_stats(base_url: str, reset: bool = False) -> dict:
     import urllib.request
 
-    req = urllib.request.Request(f"{base_url}/__{'reset' if reset else 'stats'}", method="POST" if reset else "GET")
+    req = urllib.request.Request(
+        f"{base_url}/__{'reset' if reset else 'stats'}", method="POST" if reset else "GET"
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 

@@ -49,7 +49,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 from engine.inspect.scan import analyse_image, perceptual_hash
 path = sorted(glob.glob(sys.argv[1] + "/data/*.parquet"))[0]
-blobs = pq.ParquetFile(path).read_row_group(0, columns=["image"]).column("image").combine_chunks().field("bytes")
+blobs = pq.ParquetFile(path).read_row_group(0, columns=["image"])\
+.column("image").combine_chunks().field("bytes")
 blobs = [b.as_py() for b in blobs][:40]
 decoded = [Image.open(io.BytesIO(b)) for b in blobs]
 for im in decoded:
@@ -66,8 +67,12 @@ for _ in range(7):
         best[label] = min(best[label], (time.perf_counter() - t) / len(blobs) * 1e3)
 print(json.dumps({"seconds": 0, "rows": len(blobs), "ms_per_image": best}))
 """
-MODES = {"pyarrow-read": (PYARROW_READ, None), "inspect-no-decode": (INSPECT, "no-decode"),
-         "inspect-no-phash": (INSPECT, "no-phash"), "inspect-full": (INSPECT, "full")}
+MODES = {
+    "pyarrow-read": (PYARROW_READ, None),
+    "inspect-no-decode": (INSPECT, "no-decode"),
+    "inspect-no-phash": (INSPECT, "no-phash"),
+    "inspect-full": (INSPECT, "full"),
+}
 
 
 def _dataset(workdir: Path, base_images: int, rows: int, workers: int) -> Path:
@@ -78,8 +83,14 @@ def _dataset(workdir: Path, base_images: int, rows: int, workers: int) -> Path:
         return out
     manifest = repeated_manifest(corpus, rows, folder)
     warm_page_cache(corpus)
-    cmd = engine_command(manifest=manifest, config=folder / "config.json", out=out, layout="parquet",
-                         mode="passthrough", workers=workers)
+    cmd = engine_command(
+        manifest=manifest,
+        config=folder / "config.json",
+        out=out,
+        layout="parquet",
+        mode="passthrough",
+        workers=workers,
+    )
     subprocess.run(cmd, check=True)
     return out
 
@@ -92,12 +103,20 @@ def _warm(out: Path) -> None:
 def _run_once(mode: str, out: Path, log_path: Path, timeout: float) -> dict:
     script, arg = MODES[mode]
     _warm(out)
-    m = run_measured([PYTHON, "-c", script, str(out)] + ([arg] if arg else []), log_path=log_path, timeout=timeout)
+    m = run_measured(
+        [PYTHON, "-c", script, str(out)] + ([arg] if arg else []), log_path=log_path, timeout=timeout
+    )
     if m.returncode != 0:
         return {"status": f"failed: {m.stderr_tail[-300:]}"}
     inner = json.loads(log_path.read_text().strip().splitlines()[-1])
-    return {"status": "ok", "seconds": inner["seconds"], "rows": inner["rows"], "wall_seconds": m.wall_seconds,
-            "peak_rss_bytes": m.peak_rss_bytes, "cpu_seconds": m.cpu_seconds}
+    return {
+        "status": "ok",
+        "seconds": inner["seconds"],
+        "rows": inner["rows"],
+        "wall_seconds": m.wall_seconds,
+        "peak_rss_bytes": m.peak_rss_bytes,
+        "cpu_seconds": m.cpu_seconds,
+    }
 
 
 def _summary(runs: list[dict]) -> dict:
@@ -105,20 +124,39 @@ def _summary(runs: list[dict]) -> dict:
     if failed:
         return failed
     med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
-    return {"status": "ok", "runs": runs, "seconds": med("seconds"), "wall_seconds": med("wall_seconds"),
-            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "rows": runs[0]["rows"],
-            "rows_per_second": runs[0]["rows"] / med("seconds")}
+    return {
+        "status": "ok",
+        "runs": runs,
+        "seconds": med("seconds"),
+        "wall_seconds": med("wall_seconds"),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+        "rows": runs[0]["rows"],
+        "rows_per_second": runs[0]["rows"] / med("seconds"),
+    }
 
 
-def run_inspect(*, sizes: list[int], decode_rows: int, base_images: int, workdir: Path, results_dir: Path,
-                repeats: int, workers: int, command: str, timeout: float = 3600) -> Path:
+def run_inspect(
+    *,
+    sizes: list[int],
+    decode_rows: int,
+    base_images: int,
+    workdir: Path,
+    results_dir: Path,
+    repeats: int,
+    workers: int,
+    command: str,
+    timeout: float = 3600,
+) -> Path:
     load_before = Path("/proc/loadavg").read_text().split()[:3]
     points = []
     for size in sizes:
         out = _dataset(workdir, base_images, size, workers)
         run_dir = workdir / "runs" / "inspect" / f"rows{size}"
-        point = {"num_rows": size, "dataset_bytes": sum(p.stat().st_size for p in (out / "data").glob("*.parquet")),
-                 "modes": {}}
+        point = {
+            "num_rows": size,
+            "dataset_bytes": sum(p.stat().st_size for p in (out / "data").glob("*.parquet")),
+            "modes": {},
+        }
         # the two fast modes alternate, run after run, so both see the same load; each ratio is
         # taken within one pair, and the median pair ratio is reported
         pairs: dict[str, list[dict]] = {"pyarrow-read": [], "inspect-no-decode": []}
@@ -129,7 +167,8 @@ def run_inspect(*, sizes: list[int], decode_rows: int, base_images: int, workdir
         point["modes"] = {mode: _summary(runs) for mode, runs in pairs.items()}
         if all(r["status"] == "ok" for runs in pairs.values() for r in runs):
             point["modes"]["inspect-no-decode"]["speed_vs_pyarrow_read"] = statistics.median(
-                a["seconds"] / b["seconds"] for a, b in zip(pairs["pyarrow-read"], pairs["inspect-no-decode"]))
+                a["seconds"] / b["seconds"] for a, b in zip(pairs["pyarrow-read"], pairs["inspect-no-decode"])
+            )
         if size <= decode_rows:
             for mode in ("inspect-no-phash", "inspect-full"):
                 log.info("inspect bench: %s on %d rows", mode, size)
@@ -137,8 +176,9 @@ def run_inspect(*, sizes: list[int], decode_rows: int, base_images: int, workdir
         if size <= decode_rows:
             m = run_measured([PYTHON, "-c", COSTS, str(out)], log_path=run_dir / "costs.log", timeout=timeout)
             if m.returncode == 0:
-                point["ms_per_image"] = json.loads((run_dir / "costs.log").read_text().strip().splitlines()[-1])[
-                    "ms_per_image"]
+                point["ms_per_image"] = json.loads(
+                    (run_dir / "costs.log").read_text().strip().splitlines()[-1]
+                )["ms_per_image"]
         read = point["modes"]["pyarrow-read"].get("seconds")
         point["modes"]["pyarrow-read"]["speed_vs_pyarrow_read"] = 1.0
         for mode in ("inspect-no-phash", "inspect-full"):
@@ -146,9 +186,16 @@ def run_inspect(*, sizes: list[int], decode_rows: int, base_images: int, workdir
             if read and m.get("seconds"):
                 m["speed_vs_pyarrow_read"] = read / m["seconds"]
         points.append(point)
-    result = {"kind": "inspect", "date": report.today(), "command": command, "base_images": base_images,
-              "machine": report.machine_info(), "loadavg_before": load_before,
-              "loadavg_after": Path("/proc/loadavg").read_text().split()[:3], "points": points}
+    result = {
+        "kind": "inspect",
+        "date": report.today(),
+        "command": command,
+        "base_images": base_images,
+        "machine": report.machine_info(),
+        "loadavg_before": load_before,
+        "loadavg_after": Path("/proc/loadavg").read_text().split()[:3],
+        "points": points,
+    }
     path = report.write_json(results_dir, f"{report.today()}-inspect", result)
     report.write_results_md(results_dir)
     return path
@@ -156,33 +203,47 @@ def run_inspect(*, sizes: list[int], decode_rows: int, base_images: int, workdir
 
 def inspect_section(result: dict) -> list[str]:
     """RESULTS.md's section for the newest ``inspect`` result."""
-    lines = [f"## Inspect: `engine inspect` against reading the Parquet files with pyarrow ({result['_file']})", "",
-             f"Command: `{result['command']}`. Pass-through Parquet of the `small` corpus ({result['base_images']} "
-             "1024 px JPEGs cycled to N rows). Seconds are the scan inside the process (median of the repeats), "
-             "start-up excluded; wall includes the interpreter and imports. pyarrow and `inspect-no-decode` "
-             "alternate run after run, and their ratio is the median of the pairs' ratios. Load average before/after: "
-             f"{' '.join(result['loadavg_before'])} / {' '.join(result['loadavg_after'])} (a shared machine).", "",
-             "| rows | dataset | mode | scan s | rows/s | speed vs pyarrow read | wall s | peak RSS |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"## Inspect: `engine inspect` against reading the Parquet files with pyarrow ({result['_file']})",
+        "",
+        f"Command: `{result['command']}`. Pass-through Parquet of the `small` corpus "
+        f"({result['base_images']} 1024 px JPEGs cycled to N rows). Seconds are the scan inside the process "
+        "(median of the repeats), start-up excluded; wall includes the interpreter and imports. pyarrow and "
+        "`inspect-no-decode` alternate run after run, and their ratio is the median of the pairs' ratios. "
+        "Load average before/after: "
+        f"{' '.join(result['loadavg_before'])} / {' '.join(result['loadavg_after'])} (a shared machine).",
+        "",
+        "| rows | dataset | mode | scan s | rows/s | speed vs pyarrow read | wall s | peak RSS |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for p in result["points"]:
         for mode, m in p["modes"].items():
             if m.get("status") != "ok":
                 lines.append(f"| {p['num_rows']:,} | | {mode} | {m.get('status')} | | | | |")
                 continue
             ratio = m.get("speed_vs_pyarrow_read")
-            lines.append(f"| {p['num_rows']:,} | {p['dataset_bytes'] / 1e6:,.0f} MB | {mode} | {m['seconds']:.2f} | "
-                         f"{m['rows_per_second']:,.0f} | {'' if ratio is None else f'{ratio:.2f}×'} | "
-                         f"{m['wall_seconds']:.2f} | {m['peak_rss_bytes'] / 1e6:,.0f} MB |")
+            lines.append(
+                f"| {p['num_rows']:,} | {p['dataset_bytes'] / 1e6:,.0f} MB | {mode} | {m['seconds']:.2f} | "
+                f"{m['rows_per_second']:,.0f} | {'' if ratio is None else f'{ratio:.2f}×'} | "
+                f"{m['wall_seconds']:.2f} | {m['peak_rss_bytes'] / 1e6:,.0f} MB |"
+            )
     costs = next((p["ms_per_image"] for p in reversed(result["points"]) if p.get("ms_per_image")), None)
     if costs:
-        lines += ["", "Per image, one thread, best of 7 interleaved passes over 40 images: header and byte hash "
-                  f"{costs['header']:.3f} ms; decode and pixel hash {costs['decode-pixel-hash']:.2f} ms; "
-                  f"**the perceptual hash {costs['phash']:.2f} ms** on the decoded image it shares with the pixel "
-                  "hash."]
-    lines += ["", "`inspect-no-decode` reads sizes from the image headers and hashes the stored bytes; "
-              "`inspect-no-phash` decodes every image and hashes its pixels; `inspect-full` (the default) adds "
-              "the perceptual hash; on a loaded machine the gap between those two whole runs is noise, the per-image "
-              "costs above are what it costs.", ""]
+        lines += [
+            "",
+            "Per image, one thread, best of 7 interleaved passes over 40 images: header and byte hash "
+            f"{costs['header']:.3f} ms; decode and pixel hash {costs['decode-pixel-hash']:.2f} ms; "
+            f"**the perceptual hash {costs['phash']:.2f} ms** on the decoded image it shares with the pixel "
+            "hash.",
+        ]
+    lines += [
+        "",
+        "`inspect-no-decode` reads sizes from the image headers and hashes the stored bytes; "
+        "`inspect-no-phash` decodes every image and hashes its pixels; `inspect-full` (the default) adds "
+        "the perceptual hash; on a loaded machine the gap between those two whole runs is noise, the "
+        "per-image costs above are what it costs.",
+        "",
+    ]
     return lines
 
 

@@ -29,14 +29,14 @@ POLL_SECONDS = 0.05
 class Measurement:
     returncode: int
     wall_seconds: float
-    peak_rss_bytes: int      # the whole process tree (shared pages counted once per process)
+    peak_rss_bytes: int  # the whole process tree (shared pages counted once per process)
     cpu_seconds: float
-    cpu_util: float          # cpu_seconds / wall / cores
+    cpu_util: float  # cpu_seconds / wall / cores
     max_processes: int
     timed_out: bool
     stderr_tail: str
-    peak_rss_driver_bytes: int = 0   # the command's own process (for the engine: the Ray driver)
-    peak_rss_raylet_bytes: int = 0   # Ray's raylet, which holds the plasma object store
+    peak_rss_driver_bytes: int = 0  # the command's own process (for the engine: the Ray driver)
+    peak_rss_raylet_bytes: int = 0  # Ray's raylet, which holds the plasma object store
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,9 +56,15 @@ def _tree(root: psutil.Process, known: dict[tuple[int, float], psutil.Process]) 
     return [p for p in known.values() if p.is_running()]
 
 
-def run_measured(command: list[str], *, cwd: Path | None = None, env: dict | None = None,
-                 timeout: float = 3600, log_path: Path | None = None,
-                 cores: int | None = None) -> Measurement:
+def run_measured(
+    command: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    timeout: float = 3600,
+    log_path: Path | None = None,
+    cores: int | None = None,
+) -> Measurement:
     cores = cores or os.cpu_count() or 1
     log.debug("running %s", " ".join(command))
     rusage_before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -71,8 +77,9 @@ def run_measured(command: list[str], *, cwd: Path | None = None, env: dict | Non
     timed_out = False
     with open(log_path, "wb") as log_file:
         start = time.perf_counter()
-        popen = subprocess.Popen(command, cwd=cwd, env=env, stdout=log_file, stderr=log_file,
-                                 start_new_session=True)
+        popen = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=log_file, stderr=log_file, start_new_session=True
+        )
         root = psutil.Process(popen.pid)
         while popen.poll() is None:
             rss = raylet = 0
@@ -102,16 +109,25 @@ def run_measured(command: list[str], *, cwd: Path | None = None, env: dict | Non
         wall = time.perf_counter() - start
     _kill_tree(popen, known)  # leftovers (daemons) of this command only
     rusage_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    rusage_cpu = (rusage_after.ru_utime - rusage_before.ru_utime
-                  + rusage_after.ru_stime - rusage_before.ru_stime)
+    rusage_cpu = (
+        rusage_after.ru_utime - rusage_before.ru_utime + rusage_after.ru_stime - rusage_before.ru_stime
+    )
     cpu = max(rusage_cpu, sum(cpu_seen.values()))
     tail = ""
     if log_path != Path(os.devnull):
         tail = log_path.read_bytes()[-3000:].decode(errors="replace")
-    return Measurement(returncode=popen.returncode, wall_seconds=wall, peak_rss_bytes=peak_rss,
-                       cpu_seconds=cpu, cpu_util=cpu / wall / cores if wall else 0.0,
-                       max_processes=max_procs, timed_out=timed_out, stderr_tail=tail,
-                       peak_rss_driver_bytes=peak_driver, peak_rss_raylet_bytes=peak_raylet)
+    return Measurement(
+        returncode=popen.returncode,
+        wall_seconds=wall,
+        peak_rss_bytes=peak_rss,
+        cpu_seconds=cpu,
+        cpu_util=cpu / wall / cores if wall else 0.0,
+        max_processes=max_procs,
+        timed_out=timed_out,
+        stderr_tail=tail,
+        peak_rss_driver_bytes=peak_driver,
+        peak_rss_raylet_bytes=peak_raylet,
+    )
 
 
 def _kill_tree(popen: subprocess.Popen, known: dict[tuple[int, float], psutil.Process]) -> None:

@@ -29,8 +29,26 @@ CASES = ("jsonl", "dataset", "imagefolder")
 
 
 def _convert(input_path: Path, out: Path, workers: int, config: Path) -> list[str]:
-    return [PYTHON, "-m", "engine", "convert", "--input", str(input_path), "--config", str(config), "--out", str(out),
-            "--image-format", "keep", "--max-size", "1024", "--workers", str(workers), "--overwrite", "--quiet"]
+    return [
+        PYTHON,
+        "-m",
+        "engine",
+        "convert",
+        "--input",
+        str(input_path),
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--image-format",
+        "keep",
+        "--max-size",
+        "1024",
+        "--workers",
+        str(workers),
+        "--overwrite",
+        "--quiet",
+    ]
 
 
 def _image_folder(manifest: Path, folder: Path) -> Path:
@@ -47,8 +65,16 @@ def _image_folder(manifest: Path, folder: Path) -> Path:
                     os.link(source, target)
                 except OSError:
                     shutil.copyfile(source, target)
-            dst.write(json.dumps({"file_name": f"images/{source.name}", "image_id": row["image_id"],
-                                  "output": row["output"]}) + "\n")
+            dst.write(
+                json.dumps(
+                    {
+                        "file_name": f"images/{source.name}",
+                        "image_id": row["image_id"],
+                        "output": row["output"],
+                    }
+                )
+                + "\n"
+            )
     return folder
 
 
@@ -61,22 +87,44 @@ def _warm(path: Path) -> None:
 
 
 def _dataset(manifest: Path, config: Path, out: Path, workers: int, env: dict, timeout: float) -> Path:
-    made = subprocess.run(_convert(manifest, out, workers, config), cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    made = subprocess.run(
+        _convert(manifest, out, workers, config),
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if made.returncode != 0:
         raise RuntimeError(f"making the input dataset failed: {made.stderr[-500:]}")
     return out
 
 
-def _measure(case: str, inp: Path, out: Path, config: Path, workers: int, env: dict, timeout: float,
-             log_path: Path, warm: list[Path]) -> dict:
+def _measure(
+    case: str,
+    inp: Path,
+    out: Path,
+    config: Path,
+    workers: int,
+    env: dict,
+    timeout: float,
+    log_path: Path,
+    warm: list[Path],
+) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     subprocess.run(["sync"], check=False)
     for p in warm:
         _warm(p)
-    m = run_measured(_convert(inp, out, workers, config), cwd=REPO_ROOT, env=env, timeout=timeout, log_path=log_path)
-    point = {"case": case, "seconds": m.wall_seconds, "peak_rss_mb": m.peak_rss_bytes / MB, "cpu_util": m.cpu_util,
-             "returncode": m.returncode}
+    m = run_measured(
+        _convert(inp, out, workers, config), cwd=REPO_ROOT, env=env, timeout=timeout, log_path=log_path
+    )
+    point = {
+        "case": case,
+        "seconds": m.wall_seconds,
+        "peak_rss_mb": m.peak_rss_bytes / MB,
+        "cpu_util": m.cpu_util,
+        "returncode": m.returncode,
+    }
     if m.returncode:
         point["stderr_tail"] = m.stderr_tail[-500:]
     else:
@@ -86,8 +134,18 @@ def _measure(case: str, inp: Path, out: Path, config: Path, workers: int, env: d
     return point
 
 
-def run_source_dataset(*, n: int, repeats: int, base_images: int, workdir: Path, results_dir: Path, workers: int,
-                       command: str, timeout: float = 3600, memory_factor: int = 10) -> Path:
+def run_source_dataset(
+    *,
+    n: int,
+    repeats: int,
+    base_images: int,
+    workdir: Path,
+    results_dir: Path,
+    workers: int,
+    command: str,
+    timeout: float = 3600,
+    memory_factor: int = 10,
+) -> Path:
     corpus = build_corpus("small", base_images, workdir)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     run_dir = workdir / "runs" / "source-dataset"
@@ -96,31 +154,69 @@ def run_source_dataset(*, n: int, repeats: int, base_images: int, workdir: Path,
     for size in sorted({n, n * memory_factor}):
         manifest = repeated_manifest(corpus, size, run_dir / f"input-{size}")
         config = run_dir / f"input-{size}" / "config.json"
-        inputs[size] = {"jsonl": manifest, "config": config,
-                        "dataset": _dataset(manifest, config, run_dir / f"input-{size}" / "dataset", workers, env, timeout),
-                        "imagefolder": _image_folder(manifest, run_dir / f"input-{size}" / "folder")}
+        inputs[size] = {
+            "jsonl": manifest,
+            "config": config,
+            "dataset": _dataset(
+                manifest, config, run_dir / f"input-{size}" / "dataset", workers, env, timeout
+            ),
+            "imagefolder": _image_folder(manifest, run_dir / f"input-{size}" / "folder"),
+        }
     warm = {"jsonl": [corpus.root / "images"], "dataset": [], "imagefolder": [corpus.root / "images"]}
     runs: dict[str, list[dict]] = {c: [] for c in CASES}
     small = inputs[n]
     for repeat in range(repeats):
         for case in CASES:
-            point = _measure(case, small[case], run_dir / "out" / case, small["config"], workers, env, timeout,
-                             run_dir / f"{case}-{repeat}.log", warm[case] + [small[case]])
+            point = _measure(
+                case,
+                small[case],
+                run_dir / "out" / case,
+                small["config"],
+                workers,
+                env,
+                timeout,
+                run_dir / f"{case}-{repeat}.log",
+                warm[case] + [small[case]],
+            )
             point["images_per_second"] = n / point["seconds"] if not point["returncode"] else None
             runs[case].append(point)
             log.info("%s repeat %d: %.2f s", case, repeat, point["seconds"])
     memory = []
     for size, paths in inputs.items():
-        point = _measure("dataset", paths["dataset"], run_dir / "out" / f"memory-{size}", paths["config"], workers,
-                         env, timeout, run_dir / f"memory-{size}.log", [paths["dataset"]])
+        point = _measure(
+            "dataset",
+            paths["dataset"],
+            run_dir / "out" / f"memory-{size}",
+            paths["config"],
+            workers,
+            env,
+            timeout,
+            run_dir / f"memory-{size}.log",
+            [paths["dataset"]],
+        )
         memory.append({"num_rows": size, **point})
-    medians = {c: statistics.median(p["seconds"] for p in runs[c]) for c in CASES if all(not p["returncode"] for p in runs[c])}
+    medians = {
+        c: statistics.median(p["seconds"] for p in runs[c])
+        for c in CASES
+        if all(not p["returncode"] for p in runs[c])
+    }
     doc = {
-        "kind": "source", "source": "dataset", "command": command, "num_rows": n, "repeats": repeats,
-        "workers": workers, "base_images": base_images, "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "kind": "source",
+        "source": "dataset",
+        "command": command,
+        "num_rows": n,
+        "repeats": repeats,
+        "workers": workers,
+        "base_images": base_images,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": machine_info(),
-        "runs": runs, "median_seconds": medians,
-        "ratios": {c: medians["jsonl"] / medians[c] for c in ("dataset", "imagefolder") if c in medians and "jsonl" in medians},
+        "runs": runs,
+        "median_seconds": medians,
+        "ratios": {
+            c: medians["jsonl"] / medians[c]
+            for c in ("dataset", "imagefolder")
+            if c in medians and "jsonl" in medians
+        },
         "memory": memory,
     }
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -133,12 +229,22 @@ def run_source_dataset(*, n: int, repeats: int, base_images: int, workdir: Path,
 def source_section(doc: dict) -> list[str]:
     """RESULTS.md's section for the newest ``python -m bench dataset`` result."""
     jsonl = doc["median_seconds"].get("jsonl")
-    lines = [f"## Sources: existing datasets and image folders against JSONL + files (n={doc['num_rows']}, "
-             f"pass-through, median of {doc['repeats']}, `{doc['command']}`)", "",
-             "| input | seconds | images/s | vs JSONL + files |", "|---|---:|---:|---:|"]
+    lines = [
+        f"## Sources: existing datasets and image folders against JSONL + files (n={doc['num_rows']}, "
+        f"pass-through, median of {doc['repeats']}, `{doc['command']}`)",
+        "",
+        "| input | seconds | images/s | vs JSONL + files |",
+        "|---|---:|---:|---:|",
+    ]
     for case, seconds in doc["median_seconds"].items():
         ratio = f"{jsonl / seconds:.2f}×" if jsonl else "–"
         lines.append(f"| {case} | {seconds:.2f} | {doc['num_rows'] / seconds:.0f} | {ratio} |")
-    lines += ["", "Peak RSS of the " + doc["source"] + " input (whole process tree): " + ", ".join(
-        f"{m['num_rows']} rows {m['peak_rss_mb']:.0f} MB" for m in doc.get("memory", [])), ""]
+    lines += [
+        "",
+        "Peak RSS of the "
+        + doc["source"]
+        + " input (whole process tree): "
+        + ", ".join(f"{m['num_rows']} rows {m['peak_rss_mb']:.0f} MB" for m in doc.get("memory", [])),
+        "",
+    ]
     return lines

@@ -30,8 +30,26 @@ MB = 2**20
 
 
 def _engine(input_path: Path, out: Path, *, layout: str, config: Path | None, workers: int) -> list[str]:
-    cmd = [PYTHON, "-m", "engine", "convert", "--manifest", str(input_path), "--out", str(out), "--layout", layout,
-           "--max-size", "1024", "--image-format", "keep", "--workers", str(workers), "--overwrite", "--quiet"]
+    cmd = [
+        PYTHON,
+        "-m",
+        "engine",
+        "convert",
+        "--manifest",
+        str(input_path),
+        "--out",
+        str(out),
+        "--layout",
+        layout,
+        "--max-size",
+        "1024",
+        "--image-format",
+        "keep",
+        "--workers",
+        str(workers),
+        "--overwrite",
+        "--quiet",
+    ]
     return cmd + (["--config", str(config)] if config else [])
 
 
@@ -43,7 +61,7 @@ def write_tars(manifest: Path, folder: Path, rows_per_tar: int) -> Path:
     rows = [json.loads(line) for line in manifest.read_text().splitlines() if line]
     for start in range(0, len(rows), rows_per_tar):
         with wds.TarWriter(str(folder / f"{start // rows_per_tar:05d}.tar")) as w:
-            for i, row in enumerate(rows[start:start + rows_per_tar], start):
+            for i, row in enumerate(rows[start : start + rows_per_tar], start):
                 meta = {k: v for k, v in row.items() if k not in ("image_path",)}
                 w.write({"__key__": f"{i:09d}", "jpg": Path(row["image_path"]).read_bytes(), "json": meta})
     return folder
@@ -57,20 +75,49 @@ def write_llava(manifest: Path, path: Path) -> tuple[Path, Path]:
         arr.write("[")
         for i, row in enumerate(rows):
             answer = json.dumps(row["output"], separators=(",", ":"))
-            arr.write(("," if i else "") + json.dumps({"id": row["image_id"], "image": row["image_path"],
-                      "conversations": [{"from": "human", "value": "<image>\nRead the price tag."},
-                                        {"from": "gpt", "value": answer}]}))
-            jl.write(json.dumps({"id": row["image_id"], "conversations": [
-                {"role": "user", "content": PLACEHOLDER + "\nRead the price tag."},
-                {"role": "assistant", "content": answer}],
-                "modalities": [{"type": "image", "value": row["image_path"]}]}) + "\n")
+            arr.write(
+                ("," if i else "")
+                + json.dumps(
+                    {
+                        "id": row["image_id"],
+                        "image": row["image_path"],
+                        "conversations": [
+                            {"from": "human", "value": "<image>\nRead the price tag."},
+                            {"from": "gpt", "value": answer},
+                        ],
+                    }
+                )
+            )
+            jl.write(
+                json.dumps(
+                    {
+                        "id": row["image_id"],
+                        "conversations": [
+                            {"role": "user", "content": PLACEHOLDER + "\nRead the price tag."},
+                            {"role": "assistant", "content": answer},
+                        ],
+                        "modalities": [{"type": "image", "value": row["image_path"]}],
+                    }
+                )
+                + "\n"
+            )
         arr.write("]")
     return path, trainer
 
 
-def run_source_bench(source: str, *, n: int, workdir: Path, results_dir: Path, workers: int, command: str,
-                     repeats: int = 3, base_images: int = 300, rows_per_tar: int = 250,
-                     timeout: float = 3600) -> Path:
+def run_source_bench(
+    source: str,
+    *,
+    n: int,
+    workdir: Path,
+    results_dir: Path,
+    workers: int,
+    command: str,
+    repeats: int = 3,
+    base_images: int = 300,
+    rows_per_tar: int = 250,
+    timeout: float = 3600,
+) -> Path:
     corpus = build_corpus("small", base_images, workdir)
     root = workdir / f"source-{source}" / str(n)
     shutil.rmtree(root, ignore_errors=True)
@@ -78,7 +125,10 @@ def run_source_bench(source: str, *, n: int, workdir: Path, results_dir: Path, w
     config = root / "config.json"
     if source == "webdataset":
         candidate = write_tars(manifest, root / "tars", rows_per_tar)
-        commands = {"jsonl+files": (manifest, "parquet", config), "webdataset": (candidate, "parquet", config)}
+        commands = {
+            "jsonl+files": (manifest, "parquet", config),
+            "webdataset": (candidate, "parquet", config),
+        }
     else:
         array, trainer = write_llava(manifest, root / "llava.json")
         commands = {"jsonl+files": (trainer, "arrow", None), "llava": (array, "arrow", None)}
@@ -88,19 +138,46 @@ def run_source_bench(source: str, *, n: int, workdir: Path, results_dir: Path, w
         for name, (inp, layout, cfg) in commands.items():
             out = root / f"out-{name}"
             warm_page_cache(corpus)
-            m = run_measured(_engine(inp, out, layout=layout, config=cfg, workers=workers), cwd=REPO_ROOT, env=env,
-                             timeout=timeout, log_path=root / f"{name}-{repeat}.log")
+            m = run_measured(
+                _engine(inp, out, layout=layout, config=cfg, workers=workers),
+                cwd=REPO_ROOT,
+                env=env,
+                timeout=timeout,
+                log_path=root / f"{name}-{repeat}.log",
+            )
             stats = json.loads((out / "stats.json").read_text()) if m.returncode == 0 else {}
-            runs[name].append({"seconds": m.wall_seconds, "peak_rss_mb": m.peak_rss_bytes / MB,
-                               "returncode": m.returncode, "num_written": stats.get("num_written"),
-                               "stderr_tail": m.stderr_tail[-500:] if m.returncode else ""})
-            log.info("%s %s: %.2f s, %d written, rss %.0f MB", source, name, m.wall_seconds,
-                     stats.get("num_written", -1), m.peak_rss_bytes / MB)
+            runs[name].append(
+                {
+                    "seconds": m.wall_seconds,
+                    "peak_rss_mb": m.peak_rss_bytes / MB,
+                    "returncode": m.returncode,
+                    "num_written": stats.get("num_written"),
+                    "stderr_tail": m.stderr_tail[-500:] if m.returncode else "",
+                }
+            )
+            log.info(
+                "%s %s: %.2f s, %d written, rss %.0f MB",
+                source,
+                name,
+                m.wall_seconds,
+                stats.get("num_written", -1),
+                m.peak_rss_bytes / MB,
+            )
     medians = {name: statistics.median(r["seconds"] for r in rs) for name, rs in runs.items()}
-    result = {"kind": "source", "source": source, "date": report.today(), "command": command, "n": n,
-              "workers": workers, "repeats": repeats, "machine": report.machine_info(), "runs": runs,
-              "median_seconds": medians, "speed_vs_jsonl": medians["jsonl+files"] / medians[source],
-              "max_peak_rss_mb": {name: max(r["peak_rss_mb"] for r in rs) for name, rs in runs.items()}}
+    result = {
+        "kind": "source",
+        "source": source,
+        "date": report.today(),
+        "command": command,
+        "n": n,
+        "workers": workers,
+        "repeats": repeats,
+        "machine": report.machine_info(),
+        "runs": runs,
+        "median_seconds": medians,
+        "speed_vs_jsonl": medians["jsonl+files"] / medians[source],
+        "max_peak_rss_mb": {name: max(r["peak_rss_mb"] for r in rs) for name, rs in runs.items()},
+    }
     path = report.write_json(results_dir, f"{report.today()}-source-{source}-{n}", result)
     report.write_results_md(results_dir)
     shutil.rmtree(root, ignore_errors=True)
@@ -110,12 +187,18 @@ def run_source_bench(source: str, *, n: int, workdir: Path, results_dir: Path, w
 def source_section(results: list[dict]) -> list[str]:
     """The RESULTS.md section: the newest result of each source and size."""
     newest = {(r["source"], r["n"]): r for r in results}
-    lines = ["## Sources: pass-through from a source against JSONL + files, same images, same batch", "",
-             "| source | rows | source (s) | JSONL + files (s) | speed vs JSONL | peak RSS source / JSONL | file |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "## Sources: pass-through from a source against JSONL + files, same images, same batch",
+        "",
+        "| source | rows | source (s) | JSONL + files (s) | speed vs JSONL | peak RSS source / JSONL "
+        "| file |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for (name, _), r in sorted(newest.items()):
         rss = r["max_peak_rss_mb"]
-        lines.append(f"| {name} | {r['n']:,} | {r['median_seconds'][name]:.2f} | "
-                     f"{r['median_seconds']['jsonl+files']:.2f} | {r['speed_vs_jsonl']:.2f}x | "
-                     f"{rss[name]:.0f} / {rss['jsonl+files']:.0f} MB | {r['_file']} |")
+        lines.append(
+            f"| {name} | {r['n']:,} | {r['median_seconds'][name]:.2f} | "
+            f"{r['median_seconds']['jsonl+files']:.2f} | {r['speed_vs_jsonl']:.2f}x | "
+            f"{rss[name]:.0f} / {rss['jsonl+files']:.0f} MB | {r['_file']} |"
+        )
     return lines + [""]

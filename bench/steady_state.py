@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "bench" / ".cache")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "bench" / "results")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
@@ -51,26 +53,47 @@ def main() -> None:
 
     def engine_run(manifest: Path) -> float:
         started = time.perf_counter()
-        convert(ConvertOptions(manifest=str(manifest), config=str(corpus.config), out=str(scratch / "out"),
-                               overwrite=True, quiet=True))
+        convert(
+            ConvertOptions(
+                manifest=str(manifest),
+                config=str(corpus.config),
+                out=str(scratch / "out"),
+                overwrite=True,
+                quiet=True,
+            )
+        )
         return time.perf_counter() - started
 
     engine_run(warm_manifest)  # starts and warms the workers
     engine_s, limit_s = [], []
     for repeat in range(args.repeats):
         engine_s.append(engine_run(corpus.manifest))
-        m = run_measured(tool_command("limit", scenario, corpus, scratch / "limit", workers=cores), cwd=REPO_ROOT)
+        m = run_measured(
+            tool_command("limit", scenario, corpus, scratch / "limit", workers=cores), cwd=REPO_ROOT
+        )
         limit_s.append(m.wall_seconds)
         log.info("repeat %d: engine (Ray warm) %.2f s, limit %.2f s", repeat + 1, engine_s[-1], limit_s[-1])
     ray.shutdown()
     engine_ips, limit_ips = args.n / statistics.median(engine_s), args.n / statistics.median(limit_s)
-    payload = {"kind": "steady-state", "n": args.n, "repeats": args.repeats, "machine": machine_info(),
-               "command": f"python -m bench.steady_state --n {args.n} --repeats {args.repeats}",
-               "engine_warm_seconds": engine_s, "limit_seconds": limit_s,
-               "engine_warm_images_per_second": engine_ips, "limit_images_per_second": limit_ips,
-               "ratio_engine_warm_vs_limit": engine_ips / limit_ips}
+    payload = {
+        "kind": "steady-state",
+        "n": args.n,
+        "repeats": args.repeats,
+        "machine": machine_info(),
+        "command": f"python -m bench.steady_state --n {args.n} --repeats {args.repeats}",
+        "engine_warm_seconds": engine_s,
+        "limit_seconds": limit_s,
+        "engine_warm_images_per_second": engine_ips,
+        "limit_images_per_second": limit_ips,
+        "ratio_engine_warm_vs_limit": engine_ips / limit_ips,
+    }
     write_json(args.results, f"{today()}-steady-state", payload)
-    log.info("engine with Ray warm: %.1f img/s, limit %.1f img/s, ratio %.2f", engine_ips, limit_ips, engine_ips / limit_ips)
+    log.info(
+        "engine with Ray warm: %.1f img/s, limit %.1f img/s, ratio %.2f",
+        engine_ips,
+        limit_ips,
+        engine_ips / limit_ips,
+    )
 
 
 if __name__ == "__main__":

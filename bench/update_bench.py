@@ -17,9 +17,8 @@ import os
 import shutil
 import statistics
 import subprocess
-from pathlib import Path
-
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 
@@ -48,8 +47,12 @@ def _outputs_file(manifest: Path, path: Path, repeat: int) -> Path:
         for i, line in enumerate(src):
             if i % 10 == 0:
                 image_id = json.loads(line)["image_id"]
-                dst.write(json.dumps({"image_id": image_id, "output": {"price": repeat + i / 100,
-                                                                        "currency": "EUR"}}) + "\n")
+                dst.write(
+                    json.dumps(
+                        {"image_id": image_id, "output": {"price": repeat + i / 100, "currency": "EUR"}}
+                    )
+                    + "\n"
+                )
     return path
 
 
@@ -63,17 +66,32 @@ def rewrite(src: Path, dst: Path) -> None:
         meta = [c for c in names if c.startswith("meta.")]
         target = dst / "data" / shard.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        with pq.ParquetWriter(target, f.schema_arrow, compression=compression, use_dictionary=meta,
-                              write_statistics=[c for c in names if c not in ("image.bytes", "image.path")],
-                              write_page_index=True, use_content_defined_chunking=True) as writer:
+        with pq.ParquetWriter(
+            target,
+            f.schema_arrow,
+            compression=compression,
+            use_dictionary=meta,
+            write_statistics=[c for c in names if c not in ("image.bytes", "image.path")],
+            write_page_index=True,
+            use_content_defined_chunking=True,
+        ) as writer:
             for g in range(f.num_row_groups):
                 writer.write_table(f.read_row_group(g))
         with open(target, "rb") as done:
             os.fsync(done.fileno())
 
 
-def run_update_bench(*, sizes: list[int], workdir: Path, results_dir: Path, workers: int, command: str,
-                     base_images: int = 300, repeats: int = 2, timeout: float = 3600) -> Path:
+def run_update_bench(
+    *,
+    sizes: list[int],
+    workdir: Path,
+    results_dir: Path,
+    workers: int,
+    command: str,
+    base_images: int = 300,
+    repeats: int = 2,
+    timeout: float = 3600,
+) -> Path:
     corpus = build_corpus("small", base_images, workdir)
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     points = []
@@ -84,42 +102,98 @@ def run_update_bench(*, sizes: list[int], workdir: Path, results_dir: Path, work
         dataset, copy = run_dir / "dataset", run_dir / "copy"
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
-        made = subprocess.run(engine_command(manifest=manifest, config=manifest_dir / "config.json", out=dataset,
-                                             layout="parquet", mode="passthrough", workers=workers),
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        made = subprocess.run(
+            engine_command(
+                manifest=manifest,
+                config=manifest_dir / "config.json",
+                out=dataset,
+                layout="parquet",
+                mode="passthrough",
+                workers=workers,
+            ),
+            cwd=REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         if made.returncode != 0:
             points.append({"num_rows": size, "status": f"convert failed: {made.stderr[-500:]}"})
             continue
-        point: dict = {"num_rows": size, "dataset_bytes": _folder_bytes(dataset), "cp": [], "update": [],
-                       "uptime_before": _uptime()}
+        point: dict = {
+            "num_rows": size,
+            "dataset_bytes": _folder_bytes(dataset),
+            "cp": [],
+            "update": [],
+            "uptime_before": _uptime(),
+        }
         for repeat in range(repeats):
             shutil.rmtree(copy, ignore_errors=True)
             subprocess.run(["sync"], check=False)
-            cp = run_measured(["cp", "-r", str(dataset), str(copy)], timeout=timeout, log_path=run_dir / "cp.log")
-            point["cp"].append({"seconds": cp.wall_seconds, "peak_rss_mb": cp.peak_rss_bytes / MB,
-                                "returncode": cp.returncode})
+            cp = run_measured(
+                ["cp", "-r", str(dataset), str(copy)], timeout=timeout, log_path=run_dir / "cp.log"
+            )
+            point["cp"].append(
+                {
+                    "seconds": cp.wall_seconds,
+                    "peak_rss_mb": cp.peak_rss_bytes / MB,
+                    "returncode": cp.returncode,
+                }
+            )
             shutil.rmtree(copy, ignore_errors=True)
             subprocess.run(["sync"], check=False)
             # the copy on disk, as the update leaves its files (fsynced)
-            cps = run_measured(["sh", "-c", f"cp -r '{dataset}' '{copy}' && sync"], timeout=timeout,
-                               log_path=run_dir / "cp-sync.log")
-            point.setdefault("cp_sync", []).append({"seconds": cps.wall_seconds, "returncode": cps.returncode})
+            cps = run_measured(
+                ["sh", "-c", f"cp -r '{dataset}' '{copy}' && sync"],
+                timeout=timeout,
+                log_path=run_dir / "cp-sync.log",
+            )
+            point.setdefault("cp_sync", []).append(
+                {"seconds": cps.wall_seconds, "returncode": cps.returncode}
+            )
             shutil.rmtree(copy, ignore_errors=True)
             subprocess.run(["sync"], check=False)
-            rw = run_measured([PYTHON, "-m", "bench.update_bench", "rewrite", str(dataset), str(copy)], cwd=REPO_ROOT,
-                              env=env, timeout=timeout, log_path=run_dir / "rewrite.log")
-            point.setdefault("rewrite", []).append({"seconds": rw.wall_seconds, "peak_rss_mb": rw.peak_rss_bytes / MB,
-                                                    "returncode": rw.returncode})
+            rw = run_measured(
+                [PYTHON, "-m", "bench.update_bench", "rewrite", str(dataset), str(copy)],
+                cwd=REPO_ROOT,
+                env=env,
+                timeout=timeout,
+                log_path=run_dir / "rewrite.log",
+            )
+            point.setdefault("rewrite", []).append(
+                {
+                    "seconds": rw.wall_seconds,
+                    "peak_rss_mb": rw.peak_rss_bytes / MB,
+                    "returncode": rw.returncode,
+                }
+            )
             shutil.rmtree(copy, ignore_errors=True)
             updates = _outputs_file(manifest, run_dir / f"outputs-{repeat}.jsonl", repeat)
             subprocess.run(["sync"], check=False)
-            m = run_measured([PYTHON, "-m", "engine", "update", str(dataset), "--outputs", str(updates), "--quiet"],
-                             cwd=REPO_ROOT, env=env, timeout=timeout, log_path=run_dir / f"update-{repeat}.log")
-            point["update"].append({"seconds": m.wall_seconds, "peak_rss_mb": m.peak_rss_bytes / MB,
-                                    "cpu_util": m.cpu_util, "returncode": m.returncode,
-                                    "stderr_tail": m.stderr_tail[-500:] if m.returncode else ""})
-            log.info("%d rows: cp -r %.2f s, rewrite %.2f s, update %.2f s (rss %.0f MB)", size, cp.wall_seconds,
-                     rw.wall_seconds, m.wall_seconds, m.peak_rss_bytes / MB)
+            m = run_measured(
+                [PYTHON, "-m", "engine", "update", str(dataset), "--outputs", str(updates), "--quiet"],
+                cwd=REPO_ROOT,
+                env=env,
+                timeout=timeout,
+                log_path=run_dir / f"update-{repeat}.log",
+            )
+            point["update"].append(
+                {
+                    "seconds": m.wall_seconds,
+                    "peak_rss_mb": m.peak_rss_bytes / MB,
+                    "cpu_util": m.cpu_util,
+                    "returncode": m.returncode,
+                    "stderr_tail": m.stderr_tail[-500:] if m.returncode else "",
+                }
+            )
+            log.info(
+                "%d rows: cp -r %.2f s, rewrite %.2f s, update %.2f s (rss %.0f MB)",
+                size,
+                cp.wall_seconds,
+                rw.wall_seconds,
+                m.wall_seconds,
+                m.peak_rss_bytes / MB,
+            )
         ok = [u for u in point["update"] if u["returncode"] == 0]
         point["status"] = "ok" if len(ok) == repeats else "failed"
         if ok:
@@ -128,15 +202,30 @@ def run_update_bench(*, sizes: list[int], workdir: Path, results_dir: Path, work
             rw_s = statistics.median(r["seconds"] for r in point["rewrite"])
             point["median_cp_sync_seconds"] = statistics.median(r["seconds"] for r in point["cp_sync"])
             point["speed_vs_cp_sync"] = point["median_cp_sync_seconds"] / up_s
-            point.update({"median_cp_seconds": cp_s, "median_update_seconds": up_s, "median_rewrite_seconds": rw_s,
-                          "speed_vs_cp": cp_s / up_s, "speed_vs_rewrite": rw_s / up_s,
-                          "max_peak_rss_mb": max(u["peak_rss_mb"] for u in ok)})
+            point.update(
+                {
+                    "median_cp_seconds": cp_s,
+                    "median_update_seconds": up_s,
+                    "median_rewrite_seconds": rw_s,
+                    "speed_vs_cp": cp_s / up_s,
+                    "speed_vs_rewrite": rw_s / up_s,
+                    "max_peak_rss_mb": max(u["peak_rss_mb"] for u in ok),
+                }
+            )
         point["uptime_after"] = _uptime()
         points.append(point)
         shutil.rmtree(run_dir, ignore_errors=True)  # the next size needs the disk
-    result = {"kind": "update", "date": report.today(), "command": command, "workers": workers,
-              "base_images": base_images, "repeats": repeats, "machine": report.machine_info(),
-              "corpus": corpus.summary(), "points": points}
+    result = {
+        "kind": "update",
+        "date": report.today(),
+        "command": command,
+        "workers": workers,
+        "base_images": base_images,
+        "repeats": repeats,
+        "machine": report.machine_info(),
+        "corpus": corpus.summary(),
+        "points": points,
+    }
     path = report.write_json(results_dir, f"{report.today()}-update", result)
     report.write_results_md(results_dir)
     return path
@@ -144,32 +233,38 @@ def run_update_bench(*, sizes: list[int], workdir: Path, results_dir: Path, work
 
 def update_section(result: dict) -> list[str]:
     """The RESULTS.md section of the newest ``update`` result."""
-    lines = ["## Update: an outputs-only `engine update` against `cp -r` of the dataset "
-             f"({result['_file']})", "",
-             f"Command: `{result['command']}`. A pass-through Parquet dataset of repeated `small` images "
-             f"(1024 px JPEGs, bytes kept); every 10th row gets a new output; median of {result['repeats']} "
-             "runs, alternating with `cp -r` of the same folder on the same disk, and with `rewrite`: "
-             "pyarrow reading every shard and writing it again with the engine's Parquet settings "
-             "(content-defined chunking, page index), fsynced, the floor of any update that rewrites the "
-             "shards. `cp -r; sync` is the copy on disk, as the update leaves its files. `vs X` is X's time "
-             "over the update's (1.0: as fast as X).", "",
-             "What the update does that a copy does not: it reads the dataset twice (once for the rows' "
-             "byte sizes, which cut the shards exactly as `convert` would, once to write them), encodes "
-             "every page again through the Parquet writer (content-defined chunking hashes every byte: "
-             "`rewrite` is that writer alone), and fsyncs what it writes. On 2 shared cores the CPU it "
-             "needs for this sets its pace, and other jobs' load moves every column.", "",
-             "| rows | dataset | cp -r (s) | cp -r; sync (s) | rewrite (s) | update (s) | vs cp -r | vs cp -r; sync "
-             "| vs rewrite | update peak RSS | load (uptime) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"## Update: an outputs-only `engine update` against `cp -r` of the dataset ({result['_file']})",
+        "",
+        f"Command: `{result['command']}`. A pass-through Parquet dataset of repeated `small` images "
+        f"(1024 px JPEGs, bytes kept); every 10th row gets a new output; median of {result['repeats']} "
+        "runs, alternating with `cp -r` of the same folder on the same disk, and with `rewrite`: "
+        "pyarrow reading every shard and writing it again with the engine's Parquet settings "
+        "(content-defined chunking, page index), fsynced, the floor of any update that rewrites the "
+        "shards. `cp -r; sync` is the copy on disk, as the update leaves its files. `vs X` is X's time "
+        "over the update's (1.0: as fast as X).",
+        "",
+        "What the update does that a copy does not: it reads the dataset twice (once for the rows' "
+        "byte sizes, which cut the shards exactly as `convert` would, once to write them), encodes "
+        "every page again through the Parquet writer (content-defined chunking hashes every byte: "
+        "`rewrite` is that writer alone), and fsyncs what it writes. On 2 shared cores the CPU it "
+        "needs for this sets its pace, and other jobs' load moves every column.",
+        "",
+        "| rows | dataset | cp -r (s) | cp -r; sync (s) | rewrite (s) | update (s) | vs cp -r "
+        "| vs cp -r; sync | vs rewrite | update peak RSS | load (uptime) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for p in result["points"]:
         if p.get("status") != "ok":
             lines.append(f"| {p['num_rows']:,} | | | | | | {p.get('status')} | | | | |")
             continue
         load = p.get("uptime_before", "").split("load average:")[-1].strip()
-        lines.append(f"| {p['num_rows']:,} | {p['dataset_bytes'] / 1e9:.2f} GB | {p['median_cp_seconds']:.2f} | "
-                     f"{p['median_cp_sync_seconds']:.2f} | {p['median_rewrite_seconds']:.2f} | "
-                     f"{p['median_update_seconds']:.2f} | {p['speed_vs_cp']:.2f}x | {p['speed_vs_cp_sync']:.2f}x | "
-                     f"{p['speed_vs_rewrite']:.2f}x | {p['max_peak_rss_mb']:.0f} MB | {load} |")
+        lines.append(
+            f"| {p['num_rows']:,} | {p['dataset_bytes'] / 1e9:.2f} GB | {p['median_cp_seconds']:.2f} | "
+            f"{p['median_cp_sync_seconds']:.2f} | {p['median_rewrite_seconds']:.2f} | "
+            f"{p['median_update_seconds']:.2f} | {p['speed_vs_cp']:.2f}x | {p['speed_vs_cp_sync']:.2f}x | "
+            f"{p['speed_vs_rewrite']:.2f}x | {p['max_peak_rss_mb']:.0f} MB | {load} |"
+        )
     return lines + [""]
 
 

@@ -73,8 +73,10 @@ def _image_bytes(table: pa.Table) -> tuple[list[bytes | None], list[str | None]]
     if "jpg" in names:  # img2dataset: failed rows are kept with status != success
         images = table.column("jpg").to_pylist()
         if "status" in names:
-            images = [img if status == "success" else None
-                      for img, status in zip(images, table.column("status").to_pylist())]
+            images = [
+                img if status == "success" else None
+                for img, status in zip(images, table.column("status").to_pylist())
+            ]
         return images, ids
     column = table.column("image")
     if pa.types.is_struct(column.type):
@@ -106,7 +108,9 @@ def _collect(out: Path, manifest: Path | None = None) -> tuple[int, list[tuple[s
         if "num_bytes_written" in doc:  # limit-write: what it says it wrote is on disk
             on_disk = sum(p.stat().st_size for p in (out / "written").iterdir())
             if on_disk != doc["num_bytes_written"] or (num_rows and not on_disk):
-                raise ValueError(f"written/ holds {on_disk:,} bytes, the tool reports {doc['num_bytes_written']:,}")
+                raise ValueError(
+                    f"written/ holds {on_disk:,} bytes, the tool reports {doc['num_bytes_written']:,}"
+                )
         samples = [(p.stem, p.read_bytes()) for p in sorted((out / "samples").iterdir())]
         return num_rows, samples[:NUM_SAMPLES]
     tables = _arrow_tables(out) if any(out.rglob("state.json")) else _parquet_tables(out)
@@ -123,8 +127,9 @@ def _collect(out: Path, manifest: Path | None = None) -> tuple[int, list[tuple[s
     return len(present), present[::step][:NUM_SAMPLES]
 
 
-def check_output(out: Path, corpus: Corpus, *, max_size: int = 1024,
-                 expected_rows: int | None = None) -> CheckResult:
+def check_output(
+    out: Path, corpus: Corpus, *, max_size: int = 1024, expected_rows: int | None = None
+) -> CheckResult:
     expected = corpus.num_valid if expected_rows is None else expected_rows
     try:
         num_rows, samples = _collect(out, corpus.manifest)

@@ -3,8 +3,16 @@
 from engine.config import ConvertOptions, FetchOptions, ImageOptions, TaskConfig
 from engine.errors import ConfigError, EngineError, UsageError
 
-__all__ = ["ConfigError", "ConvertOptions", "EngineError", "FetchOptions", "ImageOptions", "TaskConfig", "UsageError",
-           "convert"]
+__all__ = [
+    "ConfigError",
+    "ConvertOptions",
+    "EngineError",
+    "FetchOptions",
+    "ImageOptions",
+    "TaskConfig",
+    "UsageError",
+    "convert",
+]
 
 
 def convert(opts: ConvertOptions):

@@ -212,8 +212,12 @@ def transform_isolated(data: bytes, opts: ImageOptions) -> EncodedImage | ImageF
     memory = ISOLATED_BASE_BYTES + ISOLATED_BYTES_PER_PIXEL * opts.max_pixels
     wall = 10 + 4 * seconds  # only a machine stalled for minutes gets here
     try:
-        proc = subprocess.run([sys.executable, "-m", "engine.bounds", str(seconds), str(memory)],
-                              input=pickle.dumps((data, opts)), capture_output=True, timeout=wall)
+        proc = subprocess.run(
+            [sys.executable, "-m", "engine.bounds", str(seconds), str(memory)],
+            input=pickle.dumps((data, opts)),
+            capture_output=True,
+            timeout=wall,
+        )
     except subprocess.TimeoutExpired:
         return ImageFailure(timeout_reason(seconds))
     if proc.returncode == 0:
@@ -229,7 +233,9 @@ def _isolated_main(seconds: float, memory: int) -> int:
     configure_pillow(opts.max_pixels)
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     cpu = resource.getrusage(resource.RUSAGE_SELF)
-    hard = math.ceil(cpu.ru_utime + cpu.ru_stime + seconds) + 2  # the kernel's stop, if a C call never returns
+    hard = (
+        math.ceil(cpu.ru_utime + cpu.ru_stime + seconds) + 2
+    )  # the kernel's stop, if a C call never returns
     resource.setrlimit(resource.RLIMIT_CPU, (hard, hard + 1))
 
     def on_profile(signum, frame):

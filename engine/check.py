@@ -32,7 +32,9 @@ class CheckResult:
         return not self.problems
 
 
-def check_dataset(root: str, *, allow_near_duplicates: bool = False, progress: Progress | None = None) -> CheckResult:
+def check_dataset(
+    root: str, *, allow_near_duplicates: bool = False, progress: Progress | None = None
+) -> CheckResult:
     progress = progress or NullProgress()
     ds, fs = open_dataset(root)
     out = CheckResult()
@@ -41,16 +43,22 @@ def check_dataset(root: str, *, allow_near_duplicates: bool = False, progress: P
         check_repository(fs, out)
         check_card(ds, fs, out)
     check_config(ds, out, required=ds.layout == "parquet")
-    result = scan(ds, fs, decode=True, phash=True, samples=0,
-                  start=lambda total: progress.start(total or 0, "checking", unit="row"),
-                  progress=lambda n: progress.advance(n, 0))
+    result = scan(
+        ds,
+        fs,
+        decode=True,
+        phash=True,
+        samples=0,
+        start=lambda total: progress.start(total or 0, "checking", unit="row"),
+        progress=lambda n: progress.advance(n, 0),
+    )
     progress.close()
     check_training(result, out, allow_near_duplicates)
     return out
 
 
 def _rel(location: str, fs: FS) -> str:
-    return location[len(fs.root) + 1:] if location.startswith(fs.root + "/") else location
+    return location[len(fs.root) + 1 :] if location.startswith(fs.root + "/") else location
 
 
 def check_parquet_files(ds: Dataset, fs: FS, out: CheckResult) -> None:
@@ -61,27 +69,41 @@ def check_parquet_files(ds: Dataset, fs: FS, out: CheckResult) -> None:
         for i in range(meta.num_row_groups):
             rg = meta.row_group(i)
             if rg.total_byte_size > VIEWER_ROW_GROUP_BYTES:
-                out.problems.append(f"{name}: row group {i} is {rg.total_byte_size:,} bytes uncompressed, over "
-                                    f"the Hub viewer's limit of {VIEWER_ROW_GROUP_BYTES:,} (TooBigContentError)")
-            missing = [rg.column(j).path_in_schema for j in range(rg.num_columns) if not rg.column(j).has_offset_index]
+                out.problems.append(
+                    f"{name}: row group {i} is {rg.total_byte_size:,} bytes uncompressed, over "
+                    f"the Hub viewer's limit of {VIEWER_ROW_GROUP_BYTES:,} (TooBigContentError)"
+                )
+            missing = [
+                rg.column(j).path_in_schema
+                for j in range(rg.num_columns)
+                if not rg.column(j).has_offset_index
+            ]
             if missing:
-                out.problems.append(f"{name}: row group {i} has no page index for column(s) {', '.join(missing)} "
-                                    "(the Hub viewer's scans are limited without one)")
+                out.problems.append(
+                    f"{name}: row group {i} has no page index for column(s) {', '.join(missing)} "
+                    "(the Hub viewer's scans are limited without one)"
+                )
                 break
         size = fs.size(f.location)
         if size > HUB_FILE_BYTES:
-            out.problems.append(f"{name}: {size:,} bytes, over the Hub's recommended {HUB_FILE_BYTES:,} per file")
+            out.problems.append(
+                f"{name}: {size:,} bytes, over the Hub's recommended {HUB_FILE_BYTES:,} per file"
+            )
 
 
 def check_repository(fs: FS, out: CheckResult) -> None:
     files = [p for p in fs.find("") if not p.startswith(".")]
     if len(files) > HUB_REPO_FILES:
-        out.problems.append(f"{fs.root}: {len(files):,} files, over the Hub's recommended {HUB_REPO_FILES:,} per repository")
+        out.problems.append(
+            f"{fs.root}: {len(files):,} files, over the Hub's recommended {HUB_REPO_FILES:,} per repository"
+        )
     per_folder = Counter(posixpath.dirname(p) for p in files)
     for folder, count in sorted(per_folder.items()):
         if count > HUB_FOLDER_ENTRIES:
-            out.problems.append(f"{folder or '.'}/: {count:,} files, over the Hub's recommended "
-                                f"{HUB_FOLDER_ENTRIES:,} entries per folder")
+            out.problems.append(
+                f"{folder or '.'}/: {count:,} files, over the Hub's recommended "
+                f"{HUB_FOLDER_ENTRIES:,} entries per folder"
+            )
 
 
 def check_card(ds: Dataset, fs: FS, out: CheckResult) -> None:
@@ -97,7 +119,9 @@ def check_card(ds: Dataset, fs: FS, out: CheckResult) -> None:
         return
     configs = card.data.to_dict().get("configs")
     if not configs:
-        out.warnings.append("README.md: the card's YAML has no 'configs'; the Hub will guess the splits from the file names")
+        out.warnings.append(
+            "README.md: the card's YAML has no 'configs'; the Hub will guess the splits from the file names"
+        )
         return
     files = {_rel(f.location, fs): f.split for f in ds.files}
     covered: set[str] = set()
@@ -106,26 +130,35 @@ def check_card(ds: Dataset, fs: FS, out: CheckResult) -> None:
         if isinstance(entries, (str, dict)):
             entries = [entries]
         for entry in entries:
-            split, patterns = ("train", entry) if isinstance(entry, str) else (entry.get("split", "train"), entry.get("path"))
+            split, patterns = (
+                ("train", entry)
+                if isinstance(entry, str)
+                else (entry.get("split", "train"), entry.get("path"))
+            )
             for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
                 matched = [p for p in files if fnmatch.fnmatch(p, pattern)]
                 if not matched:
-                    out.problems.append(f"README.md: config {config.get('config_name')!r} split {split!r}: "
-                                        f"{pattern!r} matches no data file")
+                    out.problems.append(
+                        f"README.md: config {config.get('config_name')!r} split {split!r}: "
+                        f"{pattern!r} matches no data file"
+                    )
                 covered.update(matched)
     for path in sorted(set(files) - covered):
         out.problems.append(f"{path}: not named by any config in README.md, so the Hub ignores it")
 
 
 def check_config(ds: Dataset, out: CheckResult, required: bool) -> None:
-    from engine.config import parse_task_config
     import orjson
+
+    from engine.config import parse_task_config
 
     if ds.config is None:
         if ds.config_error:
             out.problems.append(ds.config_error)
         elif required:
-            out.problems.append("config.json: missing (trainers read the instructions and json_schema from it)")
+            out.problems.append(
+                "config.json: missing (trainers read the instructions and json_schema from it)"
+            )
         return
     try:
         parse_task_config(orjson.dumps(ds.config))
@@ -145,33 +178,51 @@ def _members(groups, limit: int = LISTED) -> str:
 
 def check_training(result: ScanResult, out: CheckResult, allow_near_duplicates: bool) -> None:
     if result.num_invalid_outputs:
-        out.problems.append(f"{result.num_invalid_outputs:,} outputs do not validate against the schema: "
-                            + _rows(result.invalid_outputs, result.num_invalid_outputs))
+        out.problems.append(
+            f"{result.num_invalid_outputs:,} outputs do not validate against the schema: "
+            + _rows(result.invalid_outputs, result.num_invalid_outputs)
+        )
     if result.num_undecodable:
-        out.problems.append(f"{result.num_undecodable:,} images do not decode: "
-                            + _rows(result.undecodable, result.num_undecodable))
+        out.problems.append(
+            f"{result.num_undecodable:,} images do not decode: "
+            + _rows(result.undecodable, result.num_undecodable)
+        )
     if result.num_rotated:  # datasets' Image feature applies it on decode, other readers may not
-        out.warnings.append(f"{result.num_rotated:,} images still carry an EXIF orientation (readers rotate them "
-                            f"again): {', '.join(result.rotated[:LISTED])}")
+        out.warnings.append(
+            f"{result.num_rotated:,} images still carry an EXIF orientation (readers rotate them "
+            f"again): {', '.join(result.rotated[:LISTED])}"
+        )
     if result.num_token_mismatches:
-        out.problems.append(f"{result.num_token_mismatches:,} rows' attachment tokens do not match their images: "
-                            + _rows(result.token_mismatches, result.num_token_mismatches))
+        out.problems.append(
+            f"{result.num_token_mismatches:,} rows' attachment tokens do not match their images: "
+            + _rows(result.token_mismatches, result.num_token_mismatches)
+        )
     leak = result.leakage
     if leak.exact_cross:
-        out.problems.append(f"{len(leak.exact_cross):,} images are in more than one split (identical pixels): "
-                            + _members(leak.exact_cross))
+        out.problems.append(
+            f"{len(leak.exact_cross):,} images are in more than one split (identical pixels): "
+            + _members(leak.exact_cross)
+        )
     if leak.shared_ids:
         ids = list(leak.shared_ids.items())
         shown = ", ".join(f"{i} ({'+'.join(s)})" for i, s in ids[:LISTED])
-        out.problems.append(f"{len(ids):,} image_ids are in more than one split: {shown}"
-                            + (f", … ({len(ids) - LISTED:,} more)" if len(ids) > LISTED else ""))
+        out.problems.append(
+            f"{len(ids):,} image_ids are in more than one split: {shown}"
+            + (f", … ({len(ids) - LISTED:,} more)" if len(ids) > LISTED else "")
+        )
     if leak.near_cross:
-        line = (f"{len(leak.near_cross):,} groups of near-duplicate images span more than one split: "
-                + _members(leak.near_cross))
+        line = (
+            f"{len(leak.near_cross):,} groups of near-duplicate images span more than one split: "
+            + _members(leak.near_cross)
+        )
         (out.warnings if allow_near_duplicates else out.problems).append(line)
     if leak.exact_within:
-        out.warnings.append(f"{len(leak.exact_within):,} groups of identical images within a split: "
-                            + _members(leak.exact_within))
+        out.warnings.append(
+            f"{len(leak.exact_within):,} groups of identical images within a split: "
+            + _members(leak.exact_within)
+        )
     if leak.repeated_ids:
-        out.warnings.append(f"{len(leak.repeated_ids):,} image_ids repeated within a split: "
-                            + ", ".join(list(leak.repeated_ids)[:LISTED]))
+        out.warnings.append(
+            f"{len(leak.repeated_ids):,} image_ids repeated within a split: "
+            + ", ".join(list(leak.repeated_ids)[:LISTED])
+        )

@@ -24,8 +24,17 @@ ATTACHMENT_POSITIONS = ("after", "before")
 # The formats decoded by default: what users really send. Every other Pillow plugin stays off,
 # which keeps the fuzz-found decoder bugs of rarer formats (DDS, BLP, PSD, ...) out of reach.
 DEFAULT_FORMATS = ("jpeg", "png", "webp", "gif", "tiff", "bmp", "heif", "avif", "jpeg2000")
-_FORMAT_ALIASES = {"jpg": "jpeg", "jpe": "jpeg", "mpo": "jpeg", "tif": "tiff", "heic": "heif", "jp2": "jpeg2000",
-                   "j2k": "jpeg2000", "jpx": "jpeg2000", "j2c": "jpeg2000"}
+_FORMAT_ALIASES = {
+    "jpg": "jpeg",
+    "jpe": "jpeg",
+    "mpo": "jpeg",
+    "tif": "tiff",
+    "heic": "heif",
+    "jp2": "jpeg2000",
+    "j2k": "jpeg2000",
+    "jpx": "jpeg2000",
+    "j2c": "jpeg2000",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,9 +75,26 @@ def parse_task_config(raw: bytes, source: str = "config.json") -> TaskConfig:
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "ki": 2**10, "mib": 2**20, "mi": 2**20,
-          "gib": 2**30, "gi": 2**30, "tib": 2**40, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "ki": 2**10,
+    "mib": 2**20,
+    "mi": 2**20,
+    "gib": 2**30,
+    "gi": 2**30,
+    "tib": 2**40,
+    "ti": 2**40,
+}
 
 
 def parse_size(text: str) -> int:
@@ -201,7 +227,16 @@ class ConvertOptions:
         """The options that decide the output's content (not how fast or where it runs): a run
         may only be resumed with the same ones."""
         doc = self.to_dict()
-        for key in ("overwrite", "resume", "quiet", "workers", "runner", "ray_address", "unit_rows", "max_reject_ratio"):
+        for key in (
+            "overwrite",
+            "resume",
+            "quiet",
+            "workers",
+            "runner",
+            "ray_address",
+            "unit_rows",
+            "max_reject_ratio",
+        ):
             doc.pop(key)
         doc.pop("fetch")  # timeouts and retries: a resume after network trouble may raise them
         for key in INPUT_OPTIONS:  # unset: as before these options existed, so older runs still match
@@ -251,7 +286,10 @@ def _check_options(o: ConvertOptions) -> str | None:
     if o.fetch.max_per_host < 0:
         return f"--max-connections-per-host must be at least 1 (or 0 for no cap), not {o.fetch.max_per_host}"
     if o.fetch.max_rps_per_host < 0:
-        return f"--max-requests-per-second-per-host must be positive (or 0 for no limit), not {o.fetch.max_rps_per_host:g}"
+        return (
+            "--max-requests-per-second-per-host must be positive (or 0 for no limit), "
+            f"not {o.fetch.max_rps_per_host:g}"
+        )
     if not o.fetch.user_agent.strip() or any(c in o.fetch.user_agent for c in "\r\n"):
         return "--user-agent must be one non-empty line"
     if o.fetch.cache is not None and not o.fetch.cache.strip():
@@ -269,20 +307,34 @@ def _check_options(o: ConvertOptions) -> str | None:
     if o.modality_feature not in MODALITY_FEATURES:
         return f"--modality-feature must be one of {', '.join(MODALITY_FEATURES)}, not {o.modality_feature!r}"
     if o.attachment_position not in ATTACHMENT_POSITIONS:
-        return f"--attachment-position must be one of {', '.join(ATTACHMENT_POSITIONS)}, not {o.attachment_position!r}"
+        return (
+            f"--attachment-position must be one of {', '.join(ATTACHMENT_POSITIONS)}, "
+            f"not {o.attachment_position!r}"
+        )
     if o.modality_feature != "recipe" and (o.layout != "arrow" or o.images_as_paths):
-        return "--modality-feature applies to the packed raw-image layout only (--layout arrow, no --images-as-paths)"
+        return (
+            "--modality-feature applies to the packed raw-image layout only "
+            "(--layout arrow, no --images-as-paths)"
+        )
     if (o.absolute_paths or o.paths_relative_to) and not o.images_as_paths:
         return "--absolute-paths and --paths-relative-to apply to --images-as-paths only"
     if o.absolute_paths and o.paths_relative_to:
         return "--absolute-paths and --paths-relative-to exclude each other"
     if (o.absolute_paths or o.paths_relative_to) and "://" in o.out:
-        return "--absolute-paths and --paths-relative-to need a local --out (the trainer opens the files by path)"
-    for name, value in (("--image-column", o.image_column), ("--id-column", o.id_column),
-                        ("--output-column", o.output_column)):
+        return (
+            "--absolute-paths and --paths-relative-to need a local --out "
+            "(the trainer opens the files by path)"
+        )
+    for name, value in (
+        ("--image-column", o.image_column),
+        ("--id-column", o.id_column),
+        ("--output-column", o.output_column),
+    ):
         if value is not None and not value.strip():
             return f"{name} must name a column"
-    if "://" not in o.out and os.path.abspath(o.out) == os.path.abspath(o.manifest):  # --overwrite would delete it
+    if "://" not in o.out and os.path.abspath(o.out) == os.path.abspath(
+        o.manifest
+    ):  # --overwrite would delete it
         return "--out must not be the input folder itself"
     if os.path.abspath(o.out) == os.path.abspath(os.path.dirname(os.path.abspath(o.manifest))):
         return "--out must not be the manifest's own folder"

@@ -19,8 +19,10 @@ PROMPT_TEMPLATES = {
 def render_prompt(template: str, instructions: str, json_schema: dict[str, Any]) -> str:
     """``template`` is a preset name (``plain``, ``json-schema``) or a string with ``{instructions}``
     and/or ``{json_schema}`` placeholders."""
-    values = {"instructions": instructions,
-              "json_schema": orjson.dumps(json_schema).decode()}  # compact, the config's key order, as labelr's
+    values = {
+        "instructions": instructions,
+        "json_schema": orjson.dumps(json_schema).decode(),
+    }  # compact, the config's key order, as labelr's
     # one pass, so a placeholder written inside the instructions stays text
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], PROMPT_TEMPLATES.get(template, template))
 

@@ -17,21 +17,28 @@ from engine import workdir
 from engine.config import ConvertOptions, TaskConfig, parse_task_config
 from engine.errors import ConfigError, RejectRatioExceeded, UsageError
 from engine.imaging import configure_pillow
-from engine.pipeline import UnitContext, process_unit
-from engine.progress import NullProgress, Progress
 from engine.layouts import layout_for, write_shard
 from engine.layouts.base import SeenColumns
 from engine.layouts.plan import cut_shards
+from engine.pipeline import UnitContext, process_unit
+from engine.progress import NullProgress, Progress
 from engine.runners import make_runner
 from engine.runners.base import Runner, run_item
-from engine.sinks.store import Finisher, Store
 from engine.sinks.shards import ShardResult, ShardSpec
+from engine.sinks.store import Finisher, Store
 from engine.sources import Source, location, source_for
 from engine.stats import RunStats, merge_image_changes
 from engine.update.ids import row_ids_from_parts, write_row_ids
 from engine.versions import versions
-from engine.workdir import (UnitResult, check_finished_matches, is_finished, load_unit_result, prepare_out,
-                            run_fingerprint, run_state)
+from engine.workdir import (
+    UnitResult,
+    check_finished_matches,
+    is_finished,
+    load_unit_result,
+    prepare_out,
+    run_fingerprint,
+    run_state,
+)
 
 log = logging.getLogger(__name__)
 SPLIT_ORDER = {"train": 0, "validation": 1, "test": 2}
@@ -68,8 +75,12 @@ def check_filesystems(opts: ConvertOptions) -> None:
     naming the package and how to install it, before anything is read or written."""
     from fsspec.registry import get_filesystem_class, known_implementations
 
-    for option, where in (("--manifest", opts.manifest), ("--config", opts.config), ("--out", opts.out),
-                          ("--base-path", opts.base_path)):
+    for option, where in (
+        ("--manifest", opts.manifest),
+        ("--config", opts.config),
+        ("--out", opts.out),
+        ("--base-path", opts.base_path),
+    ):
         if not where or not location.is_url(where) or where.startswith("file://"):
             continue
         protocol = where.split("://", 1)[0].lower()
@@ -82,20 +93,36 @@ def check_filesystems(opts: ConvertOptions) -> None:
             if package == "fsspec":  # built into fsspec (http, ...): its own message names what it lacks
                 raise UsageError(f"{option} {where}: {exc}") from None
             extra = EXTRAS.get(protocol)
-            how = f"pip install 'engine[{extra}]' (or pip install {package})" if extra else f"pip install {package}"
-            raise UsageError(f"{option} {where} needs the {package} package, which is not installed: {how}") from None
+            how = (
+                f"pip install 'engine[{extra}]' (or pip install {package})"
+                if extra
+                else f"pip install {package}"
+            )
+            raise UsageError(
+                f"{option} {where} needs the {package} package, which is not installed: {how}"
+            ) from None
 
 
-def unit_context(opts: ConvertOptions, task: TaskConfig | None, store: Store, embedded: bool,
-                 source: Source | None = None) -> UnitContext:
+def unit_context(
+    opts: ConvertOptions, task: TaskConfig | None, store: Store, embedded: bool, source: Source | None = None
+) -> UnitContext:
     source = source or source_for(opts)
     layout = layout_for(opts)
     base = opts.base_path or source.default_base()
-    return UnitContext(source=source, layout=layout, schema_json=task.schema_json if task else None, image=opts.image,
-                       fetch=opts.fetch, default_split=opts.split, base=base, store=store,
-                       user_content=layout.user_content(task), system_prompt=opts.system_prompt,
-                       # on a cluster, another node writes the shard and may not see the same files
-                       reference_sources=embedded)
+    return UnitContext(
+        source=source,
+        layout=layout,
+        schema_json=task.schema_json if task else None,
+        image=opts.image,
+        fetch=opts.fetch,
+        default_split=opts.split,
+        base=base,
+        store=store,
+        user_content=layout.user_content(task),
+        system_prompt=opts.system_prompt,
+        # on a cluster, another node writes the shard and may not see the same files
+        reference_sources=embedded,
+    )
 
 
 def convert(opts: ConvertOptions, progress: Progress | None = None, command: str = "") -> ConvertResult:
@@ -114,15 +141,24 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     prepare_out(store, opts.overwrite, opts.resume)
     stats = RunStats()
     results: list[UnitResult] = []
-    with make_runner(opts) as runner, _closing(source):  # an embedded Ray starts only when the work is worth it
+    with (
+        make_runner(opts) as runner,
+        _closing(source),
+    ):  # an embedded Ray starts only when the work is worth it
         ctx = unit_context(opts, task, store, runner.embedded, source)
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
         plan = source.plan(grain)
-        unit_rows = run_state(store, opts, task, plan.sha256,
-                              opts.unit_rows or unit_rows_for(plan.num_rows, runner.num_workers))
+        unit_rows = run_state(
+            store, opts, task, plan.sha256, opts.unit_rows or unit_rows_for(plan.num_rows, runner.num_workers)
+        )
         plan = plan.coalesce(unit_rows)
-        log.debug("planned %d rows into %d units (%d duplicates) at %.2f s", plan.num_rows, len(plan.units),
-                  plan.num_duplicates, time.perf_counter() - started)
+        log.debug(
+            "planned %d rows into %d units (%d duplicates) at %.2f s",
+            plan.num_rows,
+            len(plan.units),
+            plan.num_duplicates,
+            time.perf_counter() - started,
+        )
         _prewarm_datasets()  # after planning, which it would slow down
         progress.start(plan.num_rows, "converting")
         todo = []
@@ -135,7 +171,9 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             stats.add_unit(done)
             progress.advance(done.num_rows, sum(done.rejected.values()))
         if opts.resume:
-            log.info("resuming: %d of %d units already complete", len(plan.units) - len(todo), len(plan.units))
+            log.info(
+                "resuming: %d of %d units already complete", len(plan.units) - len(todo), len(plan.units)
+            )
         for result in runner.map_unordered(process_unit, [(unit, ctx) for unit in todo]):
             results.append(result)
             stats.add_unit(result)
@@ -156,15 +194,27 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     log.debug("shards done at %.2f s", time.perf_counter() - started)
     stats.check()
     stats.seconds = time.perf_counter() - started
-    summary = finish(store, opts, task, results, shards, features, stats, command, workers=runner.num_workers,
-                     fingerprint=run_fingerprint(opts, task, plan.sha256))
+    summary = finish(
+        store,
+        opts,
+        task,
+        results,
+        shards,
+        features,
+        stats,
+        command,
+        workers=runner.num_workers,
+        fingerprint=run_fingerprint(opts, task, plan.sha256),
+    )
     log.debug("finished at %.2f s", time.perf_counter() - started)
     workdir.remove(store)
     progress.message(f"engine: {stats.summary()} -> {opts.out}")
     if stats.reject_ratio > opts.max_reject_ratio:
         raise RejectRatioExceeded(
             f"{stats.num_rejected:,} of {stats.num_input_rows:,} rows rejected ({stats.reject_ratio:.1%}), "
-            f"over --max-reject-ratio {opts.max_reject_ratio:g}; see {os.path.join(opts.out, 'rejects.jsonl')}")
+            f"over --max-reject-ratio {opts.max_reject_ratio:g}; "
+            f"see {os.path.join(opts.out, 'rejects.jsonl')}"
+        )
     return ConvertResult(out=opts.out, stats=summary)
 
 
@@ -199,6 +249,7 @@ def _prewarm_datasets() -> None:
     import threading
 
     if "datasets" not in sys.modules:
+
         def load() -> None:
             t = time.perf_counter()
             __import__("datasets")
@@ -220,12 +271,23 @@ def plan_shards(results: list[UnitResult], opts: ConvertOptions, store: Store) -
     features = layout.features(SeenColumns.of(results))
     splits = ordered_splits([s for r in results for s in r.sizes]) or [opts.split]
     segments = {split: [(r.part, r.sizes[split]) for r in results if split in r.sizes] for split in splits}
-    return cut_shards(segments, opts, store, layout, features, path_prefix=layout.path_prefix(store)), features
+    return cut_shards(
+        segments, opts, store, layout, features, path_prefix=layout.path_prefix(store)
+    ), features
 
 
-def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results: list[UnitResult],
-           shards: list[ShardResult], features, stats: RunStats, command: str, workers: int,
-           fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+def finish(
+    store: Store,
+    opts: ConvertOptions,
+    task: TaskConfig | None,
+    results: list[UnitResult],
+    shards: list[ShardResult],
+    features,
+    stats: RunStats,
+    command: str,
+    workers: int,
+    fingerprint: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write what sits beside the data: config.json, rejects.jsonl, the layout's metadata, and
     last stats.json, so a folder with stats.json is a finished dataset."""
     if task is not None:
@@ -243,11 +305,22 @@ def finish(store: Store, opts: ConvertOptions, task: TaskConfig | None, results:
     doc = stats.to_dict()
     doc["images"] = merge_image_changes(r.images for r in results)  # results in line order: ids too
     layout = layout_for(opts)
-    layout.on_write_complete(store, splits, shards, features, doc, command, task.instructions if task else None)
+    layout.on_write_complete(
+        store, splits, shards, features, doc, command, task.instructions if task else None
+    )
     if layout.keeps_row_ids:  # how `engine update` finds a row of a layout without an id column
         write_row_ids(store, row_ids_from_parts(store, results, list(splits)))
-    doc.update({"splits": splits, "num_units": len(results), "workers": workers, "options": opts.to_dict(),
-                "command": command, "versions": versions(), "fingerprint": fingerprint})
+    doc.update(
+        {
+            "splits": splits,
+            "num_units": len(results),
+            "workers": workers,
+            "options": opts.to_dict(),
+            "command": command,
+            "versions": versions(),
+            "fingerprint": fingerprint,
+        }
+    )
     store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last: the commit marker
     return doc
 
@@ -256,7 +329,9 @@ def split_summary(shards: list[ShardResult], num_bytes: dict[str, int]) -> dict[
     """Rows, shards, data and file bytes, and files of each split (in split order)."""
     splits: dict[str, dict[str, Any]] = {}
     for shard in sorted(shards, key=lambda s: s.path):
-        s = splits.setdefault(shard.split, {"num_rows": 0, "num_shards": 0, "num_bytes": 0, "file_bytes": 0, "files": []})
+        s = splits.setdefault(
+            shard.split, {"num_rows": 0, "num_shards": 0, "num_bytes": 0, "file_bytes": 0, "files": []}
+        )
         s["num_rows"] += shard.num_rows
         s["num_shards"] += 1
         s["file_bytes"] += shard.num_bytes

@@ -80,13 +80,18 @@ def configure_pillow(max_pixels: int | None = None) -> None:
             # The pixel limit is enforced by transform_image from the header; Pillow's own warning is noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             # "... because AVIF support not installed": the reject reason says so (sniff_non_image).
-            warnings.filterwarnings("ignore", message="image file could not be identified", category=UserWarning)
-            if TiffImagePlugin.warnings is not _TIFF_WARNINGS:  # EXIF warnings, per thread (see _ThreadWarnings)
+            warnings.filterwarnings(
+                "ignore", message="image file could not be identified", category=UserWarning
+            )
+            if (
+                TiffImagePlugin.warnings is not _TIFF_WARNINGS
+            ):  # EXIF warnings, per thread (see _ThreadWarnings)
                 _TIFF_WARNINGS._real = TiffImagePlugin.warnings
                 TiffImagePlugin.warnings = _TIFF_WARNINGS
             _configured = True
         if max_pixels is not None and max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
             Image.MAX_IMAGE_PIXELS = max_pixels
+
 
 ORIENTATION_TAG = 0x0112
 # EXIF orientation -> the transpose that makes the pixels upright (as ImageOps.exif_transpose).
@@ -210,8 +215,16 @@ def _transform(data: bytes, opts: ImageOptions) -> EncodedImage | ImageFailure:
     if orientation.value != 1:
         im = im.transpose(_TRANSPOSE[orientation.value])
     im = _mode_for_format(im, out_format)
-    return EncodedImage(_encode(im, out_format, opts.quality), out_format, im.width, im.height, False,
-                        orientation.warnings, resized=target != (width, height), rotated=orientation.value != 1)
+    return EncodedImage(
+        _encode(im, out_format, opts.quality),
+        out_format,
+        im.width,
+        im.height,
+        False,
+        orientation.warnings,
+        resized=target != (width, height),
+        rotated=orientation.value != 1,
+    )
 
 
 def _proven_whole(data: bytes, source: str, im: Image.Image, png: PngFacts | None) -> bool:
@@ -254,8 +267,10 @@ def _open(data: bytes, formats: tuple[str, ...] = DEFAULT_FORMATS) -> Image.Imag
     if kind == "HEIF" and "heif" in formats and not _heif_opener():
         return ImageFailure("HEIF/HEIC image, which needs pillow-heif (pip install pillow-heif)")
     if kind == "AVIF" and "avif" in formats and not _avif_opener():
-        return ImageFailure("AVIF image: this Pillow build has no libavif and pillow-avif-plugin is not "
-                            "installed (pip install pillow-avif-plugin)")
+        return ImageFailure(
+            "AVIF image: this Pillow build has no libavif and pillow-avif-plugin is not "
+            "installed (pip install pillow-avif-plugin)"
+        )
     try:
         im = Image.open(io.BytesIO(data), formats=_pillow_ids(formats))
     except Image.UnidentifiedImageError:
@@ -318,7 +333,7 @@ def sniff_non_image(data: bytes) -> str | None:
     HTML, SVG, or None."""
     if data[4:8] == b"ftyp":
         major = data[8:12]
-        brands = {major} | {data[i:i + 4] for i in range(16, min(len(data), 64), 4)}
+        brands = {major} | {data[i : i + 4] for i in range(16, min(len(data), 64), 4)}
         if major in (b"avif", b"avis"):
             return "AVIF"
         if brands & _HEIF_BRANDS:
@@ -379,7 +394,9 @@ def _keep_plain_jpeg(data: bytes, opts: ImageOptions) -> EncodedImage | None:
         return None
     if jpeg_end(data) is None:
         return None
-    return EncodedImage(data, "jpeg", header.width, header.height, passthrough=True, warnings=orientation.warnings)
+    return EncodedImage(
+        data, "jpeg", header.width, header.height, passthrough=True, warnings=orientation.warnings
+    )
 
 
 def target_size(width: int, height: int, max_size: int | None) -> tuple[int, int]:
@@ -527,20 +544,22 @@ def png_facts(data: bytes) -> PngFacts:
         if pos + 12 > end:
             whole = False
             break
-        length = int.from_bytes(view[pos:pos + 4], "big")
-        kind = bytes(view[pos + 4:pos + 8])
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
         stop = pos + 12 + length
         if length > 0x7FFFFFFF or stop > end or (first and (kind != b"IHDR" or length != 13)):
             whole = False
             break
-        if zlib.crc32(view[pos + 4:stop - 4]) != int.from_bytes(view[stop - 4:stop], "big"):
+        if zlib.crc32(view[pos + 4 : stop - 4]) != int.from_bytes(view[stop - 4 : stop], "big"):
             whole = False
         if kind == b"IDAT":
             whole = whole and idat != 2
             idat = 1
         elif idat == 1:
             idat = 2
-        if kind == b"eXIf" or (kind in _PNG_TEXT and bytes(view[pos + 8:pos + 8 + 22]).startswith(_PNG_ORIENTATION_KEYWORDS)):
+        if kind == b"eXIf" or (
+            kind in _PNG_TEXT and bytes(view[pos + 8 : pos + 8 + 22]).startswith(_PNG_ORIENTATION_KEYWORDS)
+        ):
             late = late or idat > 0
         elif kind == b"acTL":
             whole = False

@@ -89,11 +89,14 @@ def read_jpeg_header(data: bytes) -> JpegHeader | None:
             exif = segment
         elif marker == 0xE1 and segment.startswith(_XMP):
             xmp = segment.split(b"\x00", 1)[1]
-        elif marker == 0xE2 and (segment.startswith(b"MPF\x00")  # may be a multi-picture file
-                                 or (segment.startswith(b"ICC_PROFILE\x00") and len(segment) < 14)):
+        elif marker == 0xE2 and (
+            segment.startswith(b"MPF\x00")  # may be a multi-picture file
+            or (segment.startswith(b"ICC_PROFILE\x00") and len(segment) < 14)
+        ):
             return None
         elif (marker == 0xED and segment.startswith(b"Photoshop 3.0\x00")) or (
-                marker == 0xEE and segment.startswith(b"Adobe") and len(segment) < 7):
+            marker == 0xEE and segment.startswith(b"Adobe") and len(segment) < 7
+        ):
             return None
         elif marker not in _SKIPPED:
             return None
@@ -214,11 +217,11 @@ def _huffman_tables(data: bytes, at: int, stop: int, defined: set[tuple[int, int
         if at + 17 > stop:
             return False
         kind, index = data[at] >> 4, data[at] & 15
-        counts = data[at + 1:at + 17]
+        counts = data[at + 1 : at + 17]
         total = sum(counts)
         if kind > 1 or index > 3 or total > 256 or at + 17 + total > stop:
             return False
-        symbols = data[at + 17:at + 17 + total]
+        symbols = data[at + 17 : at + 17 + total]
         code = 0
         for bits, count in enumerate(counts, 1):
             code += count
@@ -244,8 +247,15 @@ def _quant_tables(data: bytes, at: int, stop: int, defined: set[int]) -> bool:
     return True
 
 
-def _scan(data: bytes, body: int, stop: int, frame: dict[int, tuple[int, int, int]], quant: set[int],
-          huffman: set[tuple[int, int]], progressive: bool) -> int | None:
+def _scan(
+    data: bytes,
+    body: int,
+    stop: int,
+    frame: dict[int, tuple[int, int, int]],
+    quant: set[int],
+    huffman: set[tuple[int, int]],
+    progressive: bool,
+) -> int | None:
     """The number of components of a start-of-scan header libjpeg accepts, or None."""
     count = data[body] if body < stop else 0
     if not 1 <= count <= 4 or stop - body != 4 + 2 * count:
@@ -253,7 +263,12 @@ def _scan(data: bytes, body: int, stop: int, frame: dict[int, tuple[int, int, in
     ss, se, ah, al = data[stop - 3], data[stop - 2], data[stop - 1] >> 4, data[stop - 1] & 15
     if progressive:
         dc = ss == 0
-        if (dc and se != 0) or (not dc and (ss > se or se > 63 or count != 1)) or (ah and al != ah - 1) or al > 13:
+        if (
+            (dc and se != 0)
+            or (not dc and (ss > se or se > 63 or count != 1))
+            or (ah and al != ah - 1)
+            or al > 13
+        ):
             return None
     seen = set()
     blocks = 0

@@ -75,7 +75,9 @@ def _route_libtiff() -> None:
                 text = (fmt or b"").decode("utf-8", "replace")
                 if can_format and fmt:
                     buf = ctypes.create_string_buffer(1024)
-                    libc.vsnprintf(buf, ctypes.c_size_t(len(buf)), ctypes.c_char_p(fmt), ctypes.c_void_p(args))
+                    libc.vsnprintf(
+                        buf, ctypes.c_size_t(len(buf)), ctypes.c_char_p(fmt), ctypes.c_void_p(args)
+                    )
                     text = buf.value.decode("utf-8", "replace")
                 LIBTIFF_LOG.debug("%s %s: %s", kind, (module or b"").decode("utf-8", "replace"), text)
             except Exception:  # noqa: BLE001 - ctypes would print it to stderr; a message is not worth that
@@ -83,8 +85,9 @@ def _route_libtiff() -> None:
             except BaseException as exc:
                 # an exception can't cross C: an image's timeout (or ^C) that landed here is raised
                 # again once the decoder is back in Python
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(threading.get_ident()),
-                                                           ctypes.py_object(type(exc)))
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(threading.get_ident()), ctypes.py_object(type(exc))
+                )
 
         return handler_type(handler)
 

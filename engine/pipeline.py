@@ -26,8 +26,8 @@ from engine.layouts.base import MAX_OUTPUT_BYTES, Checked, Layout  # noqa: F401 
 from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
-from engine.sources.fetch import FetchFailure, Fetcher, FetchTally
 from engine.sources.base import ImageInput, InlineImage, ManifestRow, Source, Unit
+from engine.sources.fetch import Fetcher, FetchFailure, FetchTally
 from engine.sources.location import local_path
 from engine.stats import ImageTally
 from engine.workdir import UnitResult, unit_paths
@@ -79,8 +79,14 @@ def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
         if isinstance(row, Reject):
             rejects.append(row)
         elif row.line in duplicates:
-            rejects.append(Reject(row.line, row.image_id, "duplicate",
-                                  f"image_id {row.image_id!r} already seen on an earlier line"))
+            rejects.append(
+                Reject(
+                    row.line,
+                    row.image_id,
+                    "duplicate",
+                    f"image_id {row.image_id!r} already seen on an earlier line",
+                )
+            )
         else:
             checked = check_row(row, ctx)
             (rejects if isinstance(checked, Reject) else ready).append(checked)
@@ -96,18 +102,28 @@ def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
     fetcher = _fetcher(ctx.fetch, ctx.image.max_image_bytes)
     tally = FetchTally()
     try:
-        lookahead = functools.partial(source.urls_after, unit, ctx.fetch.concurrency, base=ctx.base,
-                                      default_split=ctx.default_split)
-        for checked, payloads in _prefetched(fetcher, ready, ctx.fetch.io_threads, tally, lookahead,
-                                             ctx.fetch.concurrency):
+        lookahead = functools.partial(
+            source.urls_after, unit, ctx.fetch.concurrency, base=ctx.base, default_split=ctx.default_split
+        )
+        for checked, payloads in _prefetched(
+            fetcher, ready, ctx.fetch.io_threads, tally, lookahead, ctx.fetch.concurrency
+        ):
             row = checked.row
             images = _transform_all(row, [data for data, _ in payloads], ctx)
             if isinstance(images, Reject):
                 rejects.append(images)
                 continue
             stored = _store_images(row, images, [st for _, st in payloads], ctx)
-            sample = Sample(line=row.line, split=row.split, image_id=row.image_id, images=stored, meta=row.meta,
-                            output=checked.output, conversations=checked.conversations, text=checked.text)
+            sample = Sample(
+                line=row.line,
+                split=row.split,
+                image_id=row.image_id,
+                images=stored,
+                meta=row.meta,
+                output=checked.output,
+                conversations=checked.conversations,
+                text=checked.text,
+            )
             sizes.setdefault(row.split, []).append(writer.write(sample))
             extra_keys.update(k for k in row.meta if k not in META_FIXED)
             text_columns.add("text" if checked.text is not None else "conversations")
@@ -125,7 +141,9 @@ def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
         ctx.store.write_bytes(rejects_path, rejects_data, durable=False)
     num_written = sum(len(v) for v in sizes.values())
     if num_written + len(rejects) != num_rows:  # an invariant, not an input problem
-        raise AssertionError(f"unit {unit.index}: {num_rows} rows but {num_written} written + {len(rejects)} rejected")
+        raise AssertionError(
+            f"unit {unit.index}: {num_rows} rows but {num_written} written + {len(rejects)} rejected"
+        )
     result = UnitResult(
         index=unit.index,
         num_rows=num_rows,
@@ -142,13 +160,17 @@ def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
         rejects_bytes=len(rejects_data) if rejects else None,
         warnings=dict(sorted(warnings.items())),
         images=tally_images.to_dict(),
-        fetch={**tally.to_dict(), "max_in_flight": fetcher.max_in_flight} if tally.num_requests or tally.num_cache_hits else None,
+        fetch={**tally.to_dict(), "max_in_flight": fetcher.max_in_flight}
+        if tally.num_requests or tally.num_cache_hits
+        else None,
     )
     ctx.store.write_bytes(result_path, result.to_json(), durable=False)  # last: marks the unit complete
     return result
 
 
-def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext) -> list[EncodedImage] | Reject:
+def _transform_all(
+    row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: UnitContext
+) -> list[EncodedImage] | Reject:
     images = []
     for i, data in enumerate(payloads):
         which = f"image {i + 1} of {len(payloads)}: " if len(payloads) > 1 else ""
@@ -161,21 +183,25 @@ def _transform_all(row: ManifestRow, payloads: list[bytes | FetchFailure], ctx: 
     return images
 
 
-def _store_images(row: ManifestRow, images: list[EncodedImage], stats: list[os.stat_result | None],
-                  ctx: UnitContext) -> tuple[StoredImage, ...]:
+def _store_images(
+    row: ManifestRow, images: list[EncodedImage], stats: list[os.stat_result | None], ctx: UnitContext
+) -> tuple[StoredImage, ...]:
     """The images to embed under the names the layout gives (bytes, or a reference to the local
     source), or, for a layout of image files, each file written at its path under OUT (no bytes kept)."""
     names = ctx.layout.image_names(row, [im.extension for im in images])
     if not ctx.layout.image_files:
-        return tuple(StoredImage(_source_or_bytes(im, loc, st, ctx), name)
-                     for im, loc, st, name in zip(images, row.locations, stats, names))
+        return tuple(
+            StoredImage(_source_or_bytes(im, loc, st, ctx), name)
+            for im, loc, st, name in zip(images, row.locations, stats, names)
+        )
     for im, name in zip(images, names):
         ctx.store.write_bytes(name, im.data)
     return tuple(StoredImage(None, name) for name in names)
 
 
-def _source_or_bytes(image: EncodedImage, location: ImageInput, st: os.stat_result | None,
-                     ctx: UnitContext) -> bytes | SourceRef:
+def _source_or_bytes(
+    image: EncodedImage, location: ImageInput, st: os.stat_result | None, ctx: UnitContext
+) -> bytes | SourceRef:
     """A pass-through image of a local file is referenced, not copied (see ``engine.sinks.parts``),
     as long as the bytes read have the size the open file had. ``st`` is the file's status taken
     by the fetcher before it read the bytes, so a file rewritten since shows a newer mtime when
@@ -183,7 +209,12 @@ def _source_or_bytes(image: EncodedImage, location: ImageInput, st: os.stat_resu
     Inline bytes that name their place in a local file (a tar member) are referenced there."""
     if isinstance(location, InlineImage):
         origin = location.origin
-        keep = ctx.reference_sources and image.passthrough and origin is not None and origin.size == len(image.data)
+        keep = (
+            ctx.reference_sources
+            and image.passthrough
+            and origin is not None
+            and origin.size == len(image.data)
+        )
         return origin if keep else image.data
     path = local_path(location) if ctx.reference_sources and image.passthrough and st is not None else None
     if path is None or st.st_size != len(image.data):
@@ -191,7 +222,9 @@ def _source_or_bytes(image: EncodedImage, location: ImageInput, st: os.stat_resu
     return SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns)
 
 
-def _fetch_all(fetcher: Fetcher, row: ManifestRow) -> list[tuple[bytes | FetchFailure, os.stat_result | None]]:
+def _fetch_all(
+    fetcher: Fetcher, row: ManifestRow
+) -> list[tuple[bytes | FetchFailure, os.stat_result | None]]:
     return [fetcher.fetch_with_stat(loc) for loc in row.locations]
 
 
@@ -202,8 +235,14 @@ def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, os.s
     return fetched.data, fetched.stat
 
 
-def _prefetched(fetcher: Fetcher, rows: list[Checked], threads: int, tally: FetchTally | None = None,
-                lookahead: Callable[[], Iterator[str]] | None = None, concurrency: int | None = None):
+def _prefetched(
+    fetcher: Fetcher,
+    rows: list[Checked],
+    threads: int,
+    tally: FetchTally | None = None,
+    lookahead: Callable[[], Iterator[str]] | None = None,
+    concurrency: int | None = None,
+):
     """Yield (row, [(bytes | FetchFailure, local file status or None) per image]) in order,
     fetching a bounded window ahead, so file and network I/O overlap with decoding: up to
     ``concurrency`` rows ahead when some are URLs (their requests share the process's event

@@ -49,8 +49,15 @@ class BarProgress:
         self.close()
         self._rejected = 0
         self._started, self._bytes_at_start = time.perf_counter(), _downloaded_bytes()
-        self._bar = tqdm(total=total, desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                         smoothing=0.1, mininterval=0.5)
+        self._bar = tqdm(
+            total=total,
+            desc=description,
+            unit=unit,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            smoothing=0.1,
+            mininterval=0.5,
+        )
 
     def postfix(self) -> str:
         parts = [f"rejected={self._rejected:,}"] if self._rejected else []

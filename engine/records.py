@@ -14,8 +14,9 @@ import pyarrow as pa
 # follow, sorted by name.
 META_FIXED = ("barcode", "off_image_id", "image_url")
 # Manifest keys that are the record itself, never copied into meta.
-RESERVED_KEYS = frozenset({"image_id", "image_url", "image_path", "output", "split", "conversations", "text",
-                           "modalities", "id"})
+RESERVED_KEYS = frozenset(
+    {"image_id", "image_url", "image_path", "output", "split", "conversations", "text", "modalities", "id"}
+)
 
 STAGES = ("manifest", "duplicate", "validate", "fetch", "decode", "write")
 
@@ -53,7 +54,9 @@ class SourceRef:
 class StoredImage(NamedTuple):
     """One image of a sample as its part file keeps it."""
 
-    data: bytes | SourceRef | None  # encoded bytes, a reference to the unchanged local source, or None (fs-image)
+    data: (
+        bytes | SourceRef | None
+    )  # encoded bytes, a reference to the unchanged local source, or None (fs-image)
     name: str  # embedded file name, or the path relative to OUT (fs-image)
 
 
@@ -78,7 +81,9 @@ class Sample:
         else:
             chars = len(self.text) if self.text else 0
         size = len(self.image_id) + sum(len(v) for v in self.meta.values() if v)
-        size += sum((b.size if isinstance(b, SourceRef) else len(b or b"")) + len(name) for b, name in self.images)
+        size += sum(
+            (b.size if isinstance(b, SourceRef) else len(b or b"")) + len(name) for b, name in self.images
+        )
         return size + (len(self.output) if self.output else 0) + chars, chars
 
     @property
@@ -87,9 +92,12 @@ class Sample:
 
 
 IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-SOURCE_STRUCT = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()),
-                           ("offset", pa.int64())])
-TURNS_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))  # as datasets' List({role, content})
+SOURCE_STRUCT = pa.struct(
+    [("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("offset", pa.int64())]
+)
+TURNS_TYPE = pa.list_(
+    pa.struct([("role", pa.string()), ("content", pa.string())])
+)  # as datasets' List({role, content})
 META_TYPE = pa.map_(pa.string(), pa.string())
 
 # Intermediate per-unit part files (Arrow IPC streams), shared by every output layout.
@@ -119,8 +127,13 @@ def samples_to_part_batch(samples: list[Sample], sizes: list[tuple[int, int]]) -
             pa.array([s.line for s in samples], pa.int64()),
             pa.array([s.split for s in samples], pa.string()),
             pa.array([s.image_id for s in samples], pa.string()),
-            pa.array([[{"bytes": None if isinstance(b, SourceRef) else b, "path": p} for b, p in s.images]
-                      for s in samples], pa.list_(IMAGE_STRUCT)),
+            pa.array(
+                [
+                    [{"bytes": None if isinstance(b, SourceRef) else b, "path": p} for b, p in s.images]
+                    for s in samples
+                ],
+                pa.list_(IMAGE_STRUCT),
+            ),
             pa.array([_source_entries(s.images) for s in samples], pa.list_(SOURCE_STRUCT)),
             pa.array([s.output for s in samples], pa.string()),
             _turns_array([s.conversations for s in samples]),
@@ -145,30 +158,42 @@ def _turns_array(rows: list[list[dict[str, str]] | None]) -> pa.Array:
             contents += [t["content"] for t in turns]
         offsets.append(len(roles))
     mask = pa.array([t is None for t in rows]) if None in rows else None
-    values = pa.StructArray.from_arrays([pa.array(roles, pa.string()), pa.array(contents, pa.string())],
-                                        fields=list(TURNS_TYPE.value_type))
+    values = pa.StructArray.from_arrays(
+        [pa.array(roles, pa.string()), pa.array(contents, pa.string())], fields=list(TURNS_TYPE.value_type)
+    )
     return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values, type=TURNS_TYPE, mask=mask)
 
 
 def _meta_array(rows: list[dict[str, str | None]]) -> pa.Array:
     if not any(rows):  # the packed layout's rows keep no meta
-        return pa.MapArray.from_arrays(pa.array([0] * (len(rows) + 1), pa.int32()), pa.array([], pa.string()),
-                                       pa.array([], pa.string()), type=META_TYPE)
+        return pa.MapArray.from_arrays(
+            pa.array([0] * (len(rows) + 1), pa.int32()),
+            pa.array([], pa.string()),
+            pa.array([], pa.string()),
+            type=META_TYPE,
+        )
     offsets, keys, items = [0], [], []
     for meta in rows:
         keys += meta.keys()
         items += meta.values()
         offsets.append(len(keys))
-    return pa.MapArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(keys, pa.string()),
-                                   pa.array(items, pa.string()), type=META_TYPE)
+    return pa.MapArray.from_arrays(
+        pa.array(offsets, pa.int32()),
+        pa.array(keys, pa.string()),
+        pa.array(items, pa.string()),
+        type=META_TYPE,
+    )
 
 
 def _source_entries(images: tuple[StoredImage, ...]) -> list[dict | None] | None:
     if not any(isinstance(b, SourceRef) for b, _ in images):
         return None
-    return [{"path": b.path, "size": b.size, "mtime_ns": b.mtime_ns, "offset": b.offset}
-            if isinstance(b, SourceRef) else None
-            for b, _ in images]
+    return [
+        {"path": b.path, "size": b.size, "mtime_ns": b.mtime_ns, "offset": b.offset}
+        if isinstance(b, SourceRef)
+        else None
+        for b, _ in images
+    ]
 
 
 def order_meta_keys(keys: set[str] | frozenset[str]) -> list[str]:

@@ -50,8 +50,10 @@ class RunStats:
 
     def check(self) -> None:
         if self.num_input_rows != self.num_written + self.num_rejected:
-            raise AssertionError(f"accounting broken: {self.num_input_rows} rows != "
-                                 f"{self.num_written} written + {self.num_rejected} rejected")
+            raise AssertionError(
+                f"accounting broken: {self.num_input_rows} rows != "
+                f"{self.num_written} written + {self.num_rejected} rejected"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         order = {s: i for i, s in enumerate(STAGES)}
@@ -59,7 +61,9 @@ class RunStats:
             "num_input_rows": self.num_input_rows,
             "num_written": self.num_written,
             "num_rejected": self.num_rejected,
-            "rejected_by_reason": dict(sorted(self.rejected_by_reason.items(), key=lambda kv: order.get(kv[0], 99))),
+            "rejected_by_reason": dict(
+                sorted(self.rejected_by_reason.items(), key=lambda kv: order.get(kv[0], 99))
+            ),
             "num_passthrough": self.num_passthrough,
             "warnings": dict(sorted(self.warnings.items())),
             "seconds": round(self.seconds, 3),
@@ -77,7 +81,11 @@ class RunStats:
         parts.append(f"{self.seconds:.1f} s, {self.images_per_second:.1f} img/s")
         if self.fetch.get("num_requests") or self.fetch.get("num_cache_hits"):
             mb = self.fetch.get("num_bytes_downloaded", 0) / 1e6
-            hits = f", {self.fetch['num_cache_hits']:,} from the download cache" if self.fetch.get("num_cache_hits") else ""
+            hits = (
+                f", {self.fetch['num_cache_hits']:,} from the download cache"
+                if self.fetch.get("num_cache_hits")
+                else ""
+            )
             parts.append(f"{mb:,.1f} MB downloaded in {self.fetch.get('num_requests', 0):,} requests{hits}")
         return "; ".join(parts)
 

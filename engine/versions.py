@@ -6,9 +6,14 @@ import importlib.metadata as md
 import importlib.util
 
 # PIL.features name -> (what users call the format, the library it needs).
-_BUILT_IN = {"jpg": ("jpeg", "libjpeg"), "zlib": ("png", "zlib"), "webp": ("webp", "libwebp"),
-             "libtiff": ("tiff", "libtiff"), "jpg_2000": ("jpeg2000", "OpenJPEG"),
-             "littlecms2": ("lcms2", "LittleCMS: LAB TIFFs")}
+_BUILT_IN = {
+    "jpg": ("jpeg", "libjpeg"),
+    "zlib": ("png", "zlib"),
+    "webp": ("webp", "libwebp"),
+    "libtiff": ("tiff", "libtiff"),
+    "jpg_2000": ("jpeg2000", "OpenJPEG"),
+    "littlecms2": ("lcms2", "LittleCMS: LAB TIFFs"),
+}
 
 
 def _version(name: str) -> str | None:
@@ -47,9 +52,15 @@ def versions() -> dict[str, str | bool | list[str] | None]:
     Pillow-SIMD's build is installed, ``codecs`` what it decodes."""
     import PIL  # the package only, not Image
 
-    return {"engine": _version("engine"), "pillow": PIL.__version__,
-            "pillow_simd": _version("pillow-simd") is not None, "codecs": codecs()[0],
-            "pyarrow": _version("pyarrow"), "datasets": _version("datasets"), "ray": _version("ray")}
+    return {
+        "engine": _version("engine"),
+        "pillow": PIL.__version__,
+        "pillow_simd": _version("pillow-simd") is not None,
+        "codecs": codecs()[0],
+        "pyarrow": _version("pyarrow"),
+        "datasets": _version("datasets"),
+        "ray": _version("ray"),
+    }
 
 
 def version_line() -> str:
@@ -57,5 +68,7 @@ def version_line() -> str:
     _, missing = codecs()
     pillow = f"{'Pillow-SIMD' if v['pillow_simd'] else 'Pillow'} {v['pillow']}"
     lacks = "; ".join(f"{name}: {why}" for name, why in missing.items()) or "none"
-    return (f"engine {v['engine']} ({pillow}, pyarrow {v['pyarrow']}, datasets {v['datasets']}, ray {v['ray']}; "
-            f"codecs: {' '.join(v['codecs'])}; missing: {lacks})")
+    return (
+        f"engine {v['engine']} ({pillow}, pyarrow {v['pyarrow']}, datasets {v['datasets']}, ray {v['ray']}; "
+        f"codecs: {' '.join(v['codecs'])}; missing: {lacks})"
+    )

@@ -55,7 +55,6 @@ class UnitResult:
     fetch: dict[str, int] | None = None  # what fetching cost over HTTP (FetchTally), when it was used
     images: dict | None = None  # stats.json "images" of this unit (engine.stats.image_changes)
 
-
     def to_json(self) -> bytes:
         doc = {k: getattr(self, k) for k in self.__slots__}
         doc["sizes"] = {k: v.tolist() for k, v in self.sizes.items()}
@@ -123,10 +122,14 @@ def prepare_out(store: Store, overwrite: bool, resume: bool) -> None:
     if entries:
         if resume:
             if WORK_DIR not in entries:
-                raise UsageError(f"cannot resume: {store.root} holds no interrupted run (no {WORK_DIR}/ folder)")
+                raise UsageError(
+                    f"cannot resume: {store.root} holds no interrupted run (no {WORK_DIR}/ folder)"
+                )
         elif not overwrite:
-            raise UsageError(f"output folder {store.root} is not empty; pass --overwrite to replace its contents, "
-                             "or --resume to finish an interrupted run")
+            raise UsageError(
+                f"output folder {store.root} is not empty; pass --overwrite to replace its contents, "
+                "or --resume to finish an interrupted run"
+            )
         else:
             for entry in entries:
                 store.remove(entry)
@@ -138,8 +141,9 @@ def is_finished(store: Store) -> bool:
     return store.is_file("stats.json") and not store.exists(WORK_DIR)
 
 
-def run_state(store: Store, opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str,
-              unit_rows: int) -> int:
+def run_state(
+    store: Store, opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str, unit_rows: int
+) -> int:
     """Record (or, when resuming, check) what this run produces; returns the unit size to use.
 
     A resumed run must produce the same dataset: same output-defining options, same manifest
@@ -150,23 +154,31 @@ def run_state(store: Store, opts: ConvertOptions, task: TaskConfig | None, manif
         previous = orjson.loads(store.read_bytes(RUN_FILE))
         if previous["fingerprint"] != fingerprint:
             changed = sorted(_differences(previous["fingerprint"], fingerprint))
-            raise UsageError(f"cannot resume: this run differs from the interrupted one in {', '.join(changed)}; "
-                             "resuming would mix two datasets (use --overwrite to start again)")
+            raise UsageError(
+                f"cannot resume: this run differs from the interrupted one in {', '.join(changed)}; "
+                "resuming would mix two datasets (use --overwrite to start again)"
+            )
         return int(previous["unit_rows"])
-    store.write_bytes(RUN_FILE, orjson.dumps({"fingerprint": fingerprint, "unit_rows": unit_rows},
-                                             option=orjson.OPT_INDENT_2))
+    store.write_bytes(
+        RUN_FILE,
+        orjson.dumps({"fingerprint": fingerprint, "unit_rows": unit_rows}, option=orjson.OPT_INDENT_2),
+    )
     return unit_rows
 
 
 def run_fingerprint(opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str) -> dict[str, Any]:
     """What decides the dataset's content: the output-defining options and the inputs' bytes."""
-    fingerprint = {"options": opts.output_defining(), "manifest_sha256": manifest_sha256,
-                   "config_sha256": hashlib.sha256(task.raw).hexdigest() if task else None}
+    fingerprint = {
+        "options": opts.output_defining(),
+        "manifest_sha256": manifest_sha256,
+        "config_sha256": hashlib.sha256(task.raw).hexdigest() if task else None,
+    }
     return orjson.loads(orjson.dumps(fingerprint))
 
 
-def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig | None,
-                           manifest_sha256: str | None = None) -> dict[str, Any]:
+def check_finished_matches(
+    store: Store, opts: ConvertOptions, task: TaskConfig | None, manifest_sha256: str | None = None
+) -> dict[str, Any]:
     """``--resume`` on a finished output: its stats, if it is the dataset this run would make;
     otherwise a usage error naming what differs, so the user never takes the old dataset for
     the one they asked for. ``manifest_sha256``: the input's (``Source.sha256``), else the
@@ -180,13 +192,18 @@ def check_finished_matches(store: Store, opts: ConvertOptions, task: TaskConfig 
         manifest_sha256 = digest.hexdigest()
     fingerprint = run_fingerprint(opts, task, manifest_sha256)
     # an output from before fingerprints were kept in stats.json: compare its resolved options
-    previous = stats.get("fingerprint") or {**fingerprint, "options": _output_defining(stats.get("options", {}))}
+    previous = stats.get("fingerprint") or {
+        **fingerprint,
+        "options": _output_defining(stats.get("options", {})),
+    }
     for doc in (previous, fingerprint):  # a finished dataset may have been moved: still the same one
         doc["options"].pop("out", None)
     changed = sorted(_differences(previous, fingerprint))
     if changed:
-        raise UsageError(f"cannot resume: {opts.out} is a finished dataset made with a different {', '.join(changed)}; "
-                         "use --overwrite to replace it")
+        raise UsageError(
+            f"cannot resume: {opts.out} is a finished dataset made with a different {', '.join(changed)}; "
+            "use --overwrite to replace it"
+        )
     return stats
 
 
@@ -194,8 +211,13 @@ def _output_defining(options: dict[str, Any]) -> dict[str, Any]:
     """The output-defining part of a stats.json's resolved options. An option the older engine
     did not have is None, so it shows as a difference: that engine wrote without it."""
     try:
-        doc = ConvertOptions(**{**options, "image": ImageOptions(**options["image"]),
-                                "fetch": FetchOptions(**options["fetch"])}).output_defining()
+        doc = ConvertOptions(
+            **{
+                **options,
+                "image": ImageOptions(**options["image"]),
+                "fetch": FetchOptions(**options["fetch"]),
+            }
+        ).output_defining()
     except (TypeError, KeyError, UsageError):  # options this engine cannot read
         return options
     for key, value in doc.items():

@@ -34,7 +34,9 @@ def price_tag(rng: np.random.Generator, product: str, price: float, size=(2000, 
     arr = base * (0.7 + 0.3 * x) * (0.8 + 0.2 * y) + rng.normal(0, 6, (h, w, 3))
     im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(im)
-    draw.rectangle([w * 0.15, h * 0.3, w * 0.85, h * 0.7], fill=(250, 250, 240), outline=(20, 20, 20), width=8)
+    draw.rectangle(
+        [w * 0.15, h * 0.3, w * 0.85, h * 0.7], fill=(250, 250, 240), outline=(20, 20, 20), width=8
+    )
     draw.text((w * 0.2, h * 0.36), product, fill=(0, 0, 0), font_size=int(h * 0.08))
     draw.text((w * 0.2, h * 0.5), f"{price:.2f} EUR", fill=(200, 0, 0), font_size=int(h * 0.12))
     return im
@@ -54,16 +56,43 @@ def main(folder: str, n: int = 40) -> None:
         path = f"images/{i:03d}.jpg"
         stored.save(os.path.join(folder, path), quality=90, exif=exif.tobytes())
         barcode = f"{3000000000000 + i}"
-        rows.append({"image_id": f"{barcode}_1", "image_path": path, "barcode": barcode, "off_image_id": "1",
-                     "output": {"product": product, "price": price, "currency": "EUR"}})
+        rows.append(
+            {
+                "image_id": f"{barcode}_1",
+                "image_path": path,
+                "barcode": barcode,
+                "off_image_id": "1",
+                "output": {"product": product, "price": price, "currency": "EUR"},
+            }
+        )
     with open(os.path.join(folder, "images", "broken.jpg"), "wb") as f:
         f.write(b"\xff\xd8\xff\xe0 this is not really a JPEG")
     rows += [
-        {"image_id": "dup", "image_path": "images/000.jpg", "output": {"product": "a", "price": 1, "currency": "EUR"}},
-        {"image_id": "dup", "image_path": "images/001.jpg", "output": {"product": "b", "price": 2, "currency": "EUR"}},
-        {"image_id": "broken", "image_path": "images/broken.jpg", "output": {"product": "c", "price": 3, "currency": "EUR"}},
-        {"image_id": "missing", "image_path": "images/missing.jpg", "output": {"product": "d", "price": 4, "currency": "EUR"}},
-        {"image_id": "bad-output", "image_path": "images/002.jpg", "output": {"product": "e", "price": -1, "currency": "EUR"}},
+        {
+            "image_id": "dup",
+            "image_path": "images/000.jpg",
+            "output": {"product": "a", "price": 1, "currency": "EUR"},
+        },
+        {
+            "image_id": "dup",
+            "image_path": "images/001.jpg",
+            "output": {"product": "b", "price": 2, "currency": "EUR"},
+        },
+        {
+            "image_id": "broken",
+            "image_path": "images/broken.jpg",
+            "output": {"product": "c", "price": 3, "currency": "EUR"},
+        },
+        {
+            "image_id": "missing",
+            "image_path": "images/missing.jpg",
+            "output": {"product": "d", "price": 4, "currency": "EUR"},
+        },
+        {
+            "image_id": "bad-output",
+            "image_path": "images/002.jpg",
+            "output": {"product": "e", "price": -1, "currency": "EUR"},
+        },
     ]
     with open(os.path.join(folder, "annotations.jsonl"), "w") as f:
         for row in rows:

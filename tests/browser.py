@@ -32,22 +32,40 @@ class Browser:
         # numbered 10 and above, so that the redirections to 3 and 4 below clobber neither
         to_browser_r, from_browser_w = _high(to_browser_r), _high(from_browser_w)
         self._profile = tempfile.mkdtemp(prefix="engine-chromium-")
-        args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--remote-debugging-pipe", "--no-first-run", "--no-default-browser-check",
-                f"--user-data-dir={self._profile}", f"--window-size={self.width},{self.height}",
-                "--hide-scrollbars", "about:blank"]
-        # the browser reads fd 3 and writes fd 4: bash's redirections put the pipes there (dash takes one-digit fds only)
+        args = [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--remote-debugging-pipe",
+            "--no-first-run",
+            "--no-default-browser-check",
+            f"--user-data-dir={self._profile}",
+            f"--window-size={self.width},{self.height}",
+            "--hide-scrollbars",
+            "about:blank",
+        ]
+        # the browser reads fd 3 and writes fd 4: bash's redirections put the pipes there
+        # (dash takes one-digit fds only)
         command = " ".join(shlex.quote(a) for a in args) + f" 3<&{to_browser_r} 4>&{from_browser_w}"
-        self.proc = subprocess.Popen(["bash", "-c", "exec " + command], pass_fds=(to_browser_r, from_browser_w),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["bash", "-c", "exec " + command],
+            pass_fds=(to_browser_r, from_browser_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for fd in (to_browser_r, from_browser_w):
             os.close(fd)
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
         for domain in ("Page", "Runtime", "Log"):
             self.call(f"{domain}.enable", session=True)
-        self.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": self.height,
-                                                          "deviceScaleFactor": 1, "mobile": False}, session=True)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": self.width, "height": self.height, "deviceScaleFactor": 1, "mobile": False},
+            session=True,
+        )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -80,7 +98,9 @@ class Browser:
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
 
-    def call(self, method: str, params: dict[str, Any] | None = None, session: bool = False) -> dict[str, Any]:
+    def call(
+        self, method: str, params: dict[str, Any] | None = None, session: bool = False
+    ) -> dict[str, Any]:
         msg_id = self._new_id()
         message: dict[str, Any] = {"id": msg_id, "method": method, "params": params or {}}
         if session:
@@ -111,8 +131,11 @@ class Browser:
         self.wait_for("Page.loadEventFired")
 
     def evaluate(self, expression: str) -> Any:
-        result = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True,
-                                                "awaitPromise": True}, session=True)
+        result = self.call(
+            "Runtime.evaluate",
+            {"expression": expression, "returnByValue": True, "awaitPromise": True},
+            session=True,
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"evaluate failed: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -123,8 +146,12 @@ class Browser:
         for e in self.events:
             p = e.get("params", {})
             if e["method"] == "Runtime.consoleAPICalled" and p.get("type") in ("error", "warning", "assert"):
-                out.append("console." + p["type"] + ": " + " ".join(str(a.get("value", a.get("description")))
-                                                                  for a in p.get("args", [])))
+                out.append(
+                    "console."
+                    + p["type"]
+                    + ": "
+                    + " ".join(str(a.get("value", a.get("description"))) for a in p.get("args", []))
+                )
             elif e["method"] == "Runtime.exceptionThrown":
                 out.append("exception: " + p["exceptionDetails"].get("text", ""))
             elif e["method"] == "Log.entryAdded" and p["entry"].get("level") in ("error", "warning"):
@@ -134,9 +161,14 @@ class Browser:
     def screenshot(self) -> bytes:
         """A PNG of the whole page at the window's width."""
         height = int(self.evaluate("document.documentElement.scrollHeight"))
-        self.call("Emulation.setDeviceMetricsOverride", {"width": self.width, "height": height,
-                                                          "deviceScaleFactor": 1, "mobile": False}, session=True)
-        data = self.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=True)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": self.width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            session=True,
+        )
+        data = self.call(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}, session=True
+        )
         return base64.b64decode(data["data"])
 
 

@@ -34,11 +34,11 @@ for _p in (str(REPO), str(TESTS)):
         sys.path.insert(0, _p)
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
 
+import imagegen  # noqa: E402,F401  (re-exported for tests)
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import imagegen  # noqa: E402,F401  (re-exported for tests)
 from engine.config import ImageOptions  # noqa: E402
 from engine.imaging import configure_pillow  # noqa: E402
 
@@ -194,7 +194,9 @@ class Output:
 
 def parquet_hashes(out: Path) -> dict[str, str]:
     """sha256 of every Parquet shard under ``out/data``, by file name: byte-identity checks."""
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.parquet"))}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "data").glob("*.parquet"))
+    }
 
 
 def decode(image_struct: dict) -> Image.Image:
@@ -254,19 +256,19 @@ class _Handler(SimpleHTTPRequestHandler):
             self.requests.append(self.path)
         if self.path.startswith("/slow/"):
             time.sleep(SLOW_SECONDS)
-            self.path = self.path[len("/slow"):]
+            self.path = self.path[len("/slow") :]
         elif self.path.startswith("/error500/"):
             self.send_error(500, "test server error")
             return
         elif self.path.startswith("/redirect/"):
             self.send_response(302)
-            self.send_header("Location", self.path[len("/redirect"):])
+            self.send_header("Location", self.path[len("/redirect") :])
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
         elif self.path.startswith("/short/"):
             # promises more bytes than it sends, then closes: a transfer cut off mid-body
-            body = (Path(self.directory) / self.path[len("/short/"):]).read_bytes()
+            body = (Path(self.directory) / self.path[len("/short/") :]).read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
             self.send_header("Content-Length", str(len(body) + 5000))
@@ -282,7 +284,7 @@ class _Handler(SimpleHTTPRequestHandler):
             if first:
                 self.send_error(503, "try again")
                 return
-            self.path = self.path[len("/flaky"):]
+            self.path = self.path[len("/flaky") :]
         try:
             super().do_GET()
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
@@ -302,16 +304,16 @@ class HTTPFolder:
 @pytest.fixture(scope="module")
 def http_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("http_root")
-    handler = type(
-        "Handler", (_Handler,), {"flaky_seen": set(), "lock": threading.Lock(), "requests": []}
-    )
+    handler = type("Handler", (_Handler,), {"flaky_seen": set(), "lock": threading.Lock(), "requests": []})
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
     server.daemon_threads = True
     server.block_on_close = False
     thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)
     thread.start()
     try:
-        yield HTTPFolder(root=root, base_url=f"http://127.0.0.1:{server.server_address[1]}", requests=handler.requests)
+        yield HTTPFolder(
+            root=root, base_url=f"http://127.0.0.1:{server.server_address[1]}", requests=handler.requests
+        )
     finally:
         server.shutdown()
         server.server_close()
@@ -335,8 +337,12 @@ def moto_s3(bucket: str):
         port = sock.getsockname()[1]
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     fsspec.config.conf.pop("s3", None)
@@ -356,6 +362,17 @@ def moto_s3(bucket: str):
         for k, v in saved.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """This machine may run with HF_HUB_OFFLINE=1, which makes datasets refuse every remote URL,
+    even our own server on 127.0.0.1: allow them for the read-back only."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False, raising=False)
 
 
 # --- Ray -------------------------------------------------------------------------------------

@@ -127,8 +127,9 @@ def oriented_heic(orientation: int, size: tuple[int, int] = UPRIGHT_SIZE) -> byt
     import pillow_heif
 
     pillow_heif.register_heif_opener()
-    return encode(stored_for_orientation(quadrant_image(size), orientation), "HEIF", orientation=orientation,
-                  quality=90)
+    return encode(
+        stored_for_orientation(quadrant_image(size), orientation), "HEIF", orientation=orientation, quality=90
+    )
 
 
 def jpeg(size: tuple[int, int] = UPRIGHT_SIZE, mode: str = "RGB", quality: int = 95) -> bytes:
@@ -220,7 +221,9 @@ def corrupt_jpeg() -> bytes:
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    return (
+        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    )
 
 
 def bomb_png(side: int = 20000) -> bytes:

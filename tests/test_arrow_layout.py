@@ -15,12 +15,10 @@ import re
 from pathlib import Path
 
 import datasets
+import imagegen
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-from PIL import Image
-
-import imagegen
 from conftest import (
     GOOD_OUTPUT_COMPACT,
     SCHEMA,
@@ -30,6 +28,7 @@ from conftest import (
     run_main,
     write_input,
 )
+from PIL import Image
 
 TOKEN = "<|reserved_special_token_0|>"
 INSTRUCTIONS = "Extract the price tag — prix en €, s'il vous plaît."  # what conftest's CONFIG_BYTES holds
@@ -50,8 +49,16 @@ LABELR_IMAGES = [
     ("rot8.jpg", imagegen.oriented(8), (64, 48)),
     ("plain.jpg", imagegen.jpeg(), (64, 48)),
     ("big_rot6.jpg", imagegen.oriented(6, size=(1600, 1200)), (1024, 768)),
-    ("rot5.webp", imagegen.encode(imagegen.stored_for_orientation(imagegen.quadrant_image(), 5), "WEBP",
-                                   orientation=5, lossless=True), (64, 48)),
+    (
+        "rot5.webp",
+        imagegen.encode(
+            imagegen.stored_for_orientation(imagegen.quadrant_image(), 5),
+            "WEBP",
+            orientation=5,
+            lossless=True,
+        ),
+        (64, 48),
+    ),
 ]
 LABELR_OUTPUTS = {3: '{"price": 2, "currency": "USD"}'}  # index -> output given as a JSON string
 LABELR_ASSISTANT = {3: '{"price":2,"currency":"USD"}'}
@@ -64,8 +71,18 @@ LABELR_ASSISTANT = {3: '{"price":2,"currency":"USD"}'}
 
 def arrow(manifest: Path, out: Path, *extra: str, config: Path | None = None) -> int:
     """Run `convert --layout arrow` with the local runner."""
-    argv = ["convert", "--manifest", str(manifest), "--out", str(out), "--layout", "arrow", "--runner", "local",
-            "--quiet"]
+    argv = [
+        "convert",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--layout",
+        "arrow",
+        "--runner",
+        "local",
+        "--quiet",
+    ]
     if config is not None:
         argv += ["--config", str(config)]
     return run_main(argv + list(extra))
@@ -77,8 +94,10 @@ def convert_arrow(inp: InputSet, out: Path, *extra: str) -> int:
 
 def write_jsonl(path: Path, rows: list) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -136,7 +155,9 @@ def all_files(root: Path) -> set[Path]:
 
 def assert_upright(im: Image.Image, size: tuple[int, int]) -> None:
     assert im.size == size, f"decoded size {im.size}, want {size}"
-    assert im.getexif().get(imagegen.ORIENTATION_TAG) in (None, 1), "a stored image still carries a rotation tag"
+    assert im.getexif().get(imagegen.ORIENTATION_TAG) in (None, 1), (
+        "a stored image still carries a rotation tag"
+    )
     imagegen.assert_quadrants(im)
 
 
@@ -278,7 +299,9 @@ def test_raw_image_bytes_are_what_the_fs_files_hold(labelr):
     raw = raw_image_bytes_view(datasets.load_from_disk(str(labelr["raw"]), keep_in_memory=True))
     fs = datasets.load_from_disk(str(labelr["fs"]))
     for a, b in zip(raw, fs):
-        assert a["modalities"][0]["value"]["bytes"] == (labelr["fs"] / b["modalities"][0]["value"]).read_bytes()
+        assert (
+            a["modalities"][0]["value"]["bytes"] == (labelr["fs"] / b["modalities"][0]["value"]).read_bytes()
+        )
 
 
 # --- reading like the trainer ----------------------------------------------------------------
@@ -320,14 +343,19 @@ def test_trainer_reads_fs_image(labelr):
 @pytest.fixture(scope="module")
 def small_labelr(tmp_path_factory):
     root = tmp_path_factory.mktemp("arrow_prompt")
-    return write_input(root / "in", [row("a", "a.jpg"), row("b", "b.png")],
-                       {"a.jpg": imagegen.oriented(6), "b.png": imagegen.png()})
+    return write_input(
+        root / "in",
+        [row("a", "a.jpg"), row("b", "b.png")],
+        {"a.jpg": imagegen.oriented(6), "b.png": imagegen.png()},
+    )
 
 
 def test_system_prompt_and_json_schema_template(small_labelr, tmp_path):
     system = "You are a careful assistant. Réponds en JSON."
     out = tmp_path / "out"
-    assert convert_arrow(small_labelr, out, "--system-prompt", system, "--prompt-template", "json-schema") == 0
+    assert (
+        convert_arrow(small_labelr, out, "--system-prompt", system, "--prompt-template", "json-schema") == 0
+    )
     ds = datasets.load_from_disk(str(out))
     assert ds.num_rows == 2
     want_user = INSTRUCTIONS + "\n\n" + SCHEMA_SENTENCE + "\n" + COMPACT_SCHEMA + "\n" + TOKEN
@@ -343,8 +371,14 @@ def test_system_prompt_and_json_schema_template(small_labelr, tmp_path):
 
 def test_custom_token_and_template(small_labelr, tmp_path):
     out = tmp_path / "out"
-    code = convert_arrow(small_labelr, out, "--attachment-token", "<image>", "--prompt-template",
-                         "Task: {instructions} | schema={json_schema}")
+    code = convert_arrow(
+        small_labelr,
+        out,
+        "--attachment-token",
+        "<image>",
+        "--prompt-template",
+        "Task: {instructions} | schema={json_schema}",
+    )
     assert code == 0
     ds = datasets.load_from_disk(str(out))
     for sample in ds:
@@ -357,7 +391,12 @@ def test_custom_token_and_template(small_labelr, tmp_path):
 
 def test_attachment_position_before(small_labelr, tmp_path):
     out = tmp_path / "out"
-    assert convert_arrow(small_labelr, out, "--attachment-position", "before", "--prompt-template", "json-schema") == 0
+    assert (
+        convert_arrow(
+            small_labelr, out, "--attachment-position", "before", "--prompt-template", "json-schema"
+        )
+        == 0
+    )
     for sample in datasets.load_from_disk(str(out)):
         user = sample["conversations"][0]["content"]
         assert user == TOKEN + "\n" + INSTRUCTIONS + "\n\n" + SCHEMA_SENTENCE + "\n" + COMPACT_SCHEMA
@@ -378,16 +417,19 @@ MULTI_IMAGES = {
 
 def trainer_rows() -> list:
     return [
-        {   # line 1: two images, tokens in two turns, a system turn
+        {  # line 1: two images, tokens in two turns, a system turn
             "id": "two",
             "conversations": [
                 {"role": "system", "content": "Compare images."},
                 {"role": "user", "content": f"First {TOKEN} then {TOKEN}: which is bigger?"},
                 {"role": "assistant", "content": "The second."},
             ],
-            "modalities": [{"type": "image", "value": "pics/a_rot6.jpg"}, {"type": "image", "value": "pics/b_rot8.png"}],
+            "modalities": [
+                {"type": "image", "value": "pics/a_rot6.jpg"},
+                {"type": "image", "value": "pics/b_rot8.png"},
+            ],
         },
-        {   # line 2: three images, no id -> line-2
+        {  # line 2: three images, no id -> line-2
             "conversations": [
                 {"role": "user", "content": f"{TOKEN}{TOKEN}{TOKEN}\nDescribe."},
                 {"role": "assistant", "content": "Three quadrant pictures."},
@@ -398,25 +440,42 @@ def trainer_rows() -> list:
                 {"type": "image", "value": "pics/a_rot6.jpg"},
             ],
         },
-        {   # line 3: token count 1 != 2 images -> manifest
+        {  # line 3: token count 1 != 2 images -> manifest
             "id": "mismatch",
-            "conversations": [{"role": "user", "content": f"{TOKEN} only one"}, {"role": "assistant", "content": "x"}],
-            "modalities": [{"type": "image", "value": "pics/a_rot6.jpg"}, {"type": "image", "value": "pics/b_rot8.png"}],
+            "conversations": [
+                {"role": "user", "content": f"{TOKEN} only one"},
+                {"role": "assistant", "content": "x"},
+            ],
+            "modalities": [
+                {"type": "image", "value": "pics/a_rot6.jpg"},
+                {"type": "image", "value": "pics/b_rot8.png"},
+            ],
         },
-        {   # line 4: second image missing -> fetch
+        {  # line 4: second image missing -> fetch
             "image_id": "half-missing",
-            "conversations": [{"role": "user", "content": f"{TOKEN}{TOKEN}"}, {"role": "assistant", "content": "x"}],
-            "modalities": [{"type": "image", "value": "pics/a_rot6.jpg"}, {"type": "image", "value": "pics/gone.jpg"}],
+            "conversations": [
+                {"role": "user", "content": f"{TOKEN}{TOKEN}"},
+                {"role": "assistant", "content": "x"},
+            ],
+            "modalities": [
+                {"type": "image", "value": "pics/a_rot6.jpg"},
+                {"type": "image", "value": "pics/gone.jpg"},
+            ],
         },
-        {   # line 5: one image
+        {  # line 5: one image
             "id": "one",
-            "conversations": [{"role": "user", "content": f"{TOKEN}\nWhat colour is top-left?"},
-                              {"role": "assistant", "content": "Red."}],
+            "conversations": [
+                {"role": "user", "content": f"{TOKEN}\nWhat colour is top-left?"},
+                {"role": "assistant", "content": "Red."},
+            ],
             "modalities": [{"type": "image", "value": "pics/d_plain.png"}],
         },
-        {   # line 6: two tokens, zero images -> manifest
+        {  # line 6: two tokens, zero images -> manifest
             "id": "no-images",
-            "conversations": [{"role": "user", "content": f"{TOKEN}{TOKEN}"}, {"role": "assistant", "content": "x"}],
+            "conversations": [
+                {"role": "user", "content": f"{TOKEN}{TOKEN}"},
+                {"role": "assistant", "content": "x"},
+            ],
             "modalities": [],
         },
     ]
@@ -469,7 +528,9 @@ def test_trainer_jsonl_multi_image_round_trip(trainer, variant):
             assert_upright(im, size)
     if variant == "fs":
         referenced = {m["value"] for s in ds for m in s["modalities"]}
-        assert len(referenced) == sum(len(s) for s, _ in TRAINER_EXPECTED), "images of one sample share a file"
+        assert len(referenced) == sum(len(s) for s, _ in TRAINER_EXPECTED), (
+            "images of one sample share a file"
+        )
         assert {f"images/{p.name}" for p in (out / "images").iterdir()} == referenced
 
 
@@ -490,10 +551,16 @@ def test_trainer_jsonl_rejects(trainer, variant):
 def test_trainer_jsonl_base_path_defaults_to_the_manifest_folder(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "p.jpg").write_bytes(imagegen.oriented(6))
-    manifest = write_jsonl(tmp_path / "m.jsonl", [
-        {"id": "x", "conversations": [{"role": "user", "content": TOKEN}, {"role": "assistant", "content": "y"}],
-         "modalities": [{"type": "image", "value": "sub/p.jpg"}]},
-    ])
+    manifest = write_jsonl(
+        tmp_path / "m.jsonl",
+        [
+            {
+                "id": "x",
+                "conversations": [{"role": "user", "content": TOKEN}, {"role": "assistant", "content": "y"}],
+                "modalities": [{"type": "image", "value": "sub/p.jpg"}],
+            },
+        ],
+    )
     out = tmp_path / "out"
     assert arrow(manifest, out) == 0
     ds = datasets.load_from_disk(str(out))
@@ -512,12 +579,21 @@ def test_pretraining_text_rows(tmp_path):
         f"{TOKEN} one picture",
         "no picture at all",
     ]
-    manifest = write_jsonl(base / "pre.jsonl", [
-        {"text": texts[0], "modalities": [{"type": "image", "value": "p/r6.jpg"}, {"type": "image", "value": "p/wide.png"}]},
-        {"text": texts[1], "modalities": [{"type": "image", "value": "p/wide.png"}]},
-        {"text": texts[2], "modalities": []},
-        {"text": f"{TOKEN}", "modalities": []},  # line 4: mismatch
-    ])
+    manifest = write_jsonl(
+        base / "pre.jsonl",
+        [
+            {
+                "text": texts[0],
+                "modalities": [
+                    {"type": "image", "value": "p/r6.jpg"},
+                    {"type": "image", "value": "p/wide.png"},
+                ],
+            },
+            {"text": texts[1], "modalities": [{"type": "image", "value": "p/wide.png"}]},
+            {"text": texts[2], "modalities": []},
+            {"text": f"{TOKEN}", "modalities": []},  # line 4: mismatch
+        ],
+    )
     for variant, extra in (("raw", ()), ("fs", ("--images-as-paths",))):
         out = tmp_path / variant
         assert arrow(manifest, out, *extra) == 0
@@ -552,11 +628,16 @@ def test_path_traversal_ids_stay_inside_out(tmp_path, variant):
     rows = [row(i, "pic.jpg") for i in ids]
     rows.append(row("nul\x00id", "pic.jpg"))  # rejected at manifest
     trainer_rows_ = [  # the same kind of ids through the trainer-style JSONL
-        {"id": "../../t", "conversations": [{"role": "user", "content": TOKEN}, {"role": "assistant", "content": "."}],
-         "modalities": [{"type": "image", "value": "pic.jpg"}]},
-        {"image_id": str(tmp_path / "abs2" / "t"),
-         "conversations": [{"role": "user", "content": TOKEN * 2}, {"role": "assistant", "content": "."}],
-         "modalities": [{"type": "image", "value": "pic.jpg"}, {"type": "image", "value": "pic.jpg"}]},
+        {
+            "id": "../../t",
+            "conversations": [{"role": "user", "content": TOKEN}, {"role": "assistant", "content": "."}],
+            "modalities": [{"type": "image", "value": "pic.jpg"}],
+        },
+        {
+            "image_id": str(tmp_path / "abs2" / "t"),
+            "conversations": [{"role": "user", "content": TOKEN * 2}, {"role": "assistant", "content": "."}],
+            "modalities": [{"type": "image", "value": "pic.jpg"}, {"type": "image", "value": "pic.jpg"}],
+        },
     ]
     # OUT sits a few levels down, so that `../../x` from OUT/images lands inside tmp_path
     inp = write_input(tmp_path / "in", rows, images)
@@ -692,8 +773,11 @@ def determinism_input(tmp_path_factory):
 
 
 def folder_hashes(out: Path) -> dict[str, str]:
-    files = [p for p in all_files(out) if p.suffix == ".arrow" or p.name in ("state.json", "dataset_info.json")
-             or p.parent.name == "images"]
+    files = [
+        p
+        for p in all_files(out)
+        if p.suffix == ".arrow" or p.name in ("state.json", "dataset_info.json") or p.parent.name == "images"
+    ]
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
@@ -705,7 +789,9 @@ def test_local_workers_give_identical_shards(determinism_input, tmp_path, varian
     h1, h2 = folder_hashes(tmp_path / "w1"), folder_hashes(tmp_path / "w2")
     assert len([k for k in h1 if k.endswith(".arrow")]) == 5  # 13 rows, 3 per shard
     assert h1 == h2
-    assert (tmp_path / "w1" / "rejects.jsonl").read_bytes() == (tmp_path / "w2" / "rejects.jsonl").read_bytes()
+    assert (tmp_path / "w1" / "rejects.jsonl").read_bytes() == (
+        tmp_path / "w2" / "rejects.jsonl"
+    ).read_bytes()
 
 
 @pytest.mark.ray
@@ -723,4 +809,6 @@ def test_ray_workers_give_identical_arrow_shards(determinism_input, tmp_path, ra
         assert read_stream(tmp_path / "r2" / name).num_rows in (1, 2, 3)
     ds = datasets.load_from_disk(str(tmp_path / "r2"))
     assert ds.num_rows == 13
-    assert (tmp_path / "r1" / "rejects.jsonl").read_bytes() == (tmp_path / "r2" / "rejects.jsonl").read_bytes()
+    assert (tmp_path / "r1" / "rejects.jsonl").read_bytes() == (
+        tmp_path / "r2" / "rejects.jsonl"
+    ).read_bytes()

@@ -13,11 +13,10 @@ import json
 from pathlib import Path
 
 import datasets
-import pytest
-from PIL import Image
-
 import imagegen
+import pytest
 from conftest import run_main
+from PIL import Image
 
 TOKEN = "<|reserved_special_token_0|>"
 SIZES = {"a.png": (64, 48), "b.png": (80, 40), "c.png": (96, 72), "d.png": (48, 64)}
@@ -26,7 +25,10 @@ SIZES = {"a.png": (64, 48), "b.png": (80, 40), "c.png": (96, 72), "d.png": (48, 
 def sample(n_images: int, images: list[str], **ids) -> dict:
     return {
         **ids,
-        "conversations": [{"role": "user", "content": TOKEN * n_images}, {"role": "assistant", "content": "."}],
+        "conversations": [
+            {"role": "user", "content": TOKEN * n_images},
+            {"role": "assistant", "content": "."},
+        ],
         "modalities": [{"type": "image", "value": v} for v in images],
     }
 
@@ -39,8 +41,18 @@ def convert_fs(tmp_path: Path, rows: list[dict], variant: str = "fs") -> Path:
     manifest = base / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     out = tmp_path / "out"
-    argv = ["convert", "--manifest", str(manifest), "--out", str(out), "--layout", "arrow", "--runner", "local",
-            "--quiet"]
+    argv = [
+        "convert",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(out),
+        "--layout",
+        "arrow",
+        "--runner",
+        "local",
+        "--quiet",
+    ]
     if variant == "fs":
         argv.append("--images-as-paths")
     assert run_main(argv) == 0

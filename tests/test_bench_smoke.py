@@ -17,9 +17,26 @@ from bench.verify import check_output
 
 def test_bench_run_smoke(tmp_path):
     results = tmp_path / "results"
-    argv = [sys.executable, "-m", "bench", "run", "--n", "6", "--rows", "9", "--repeats", "1",
-            "--scenarios", "small-passthrough", "--peers", "limit-write",
-            "--workdir", str(tmp_path / "work"), "--results", str(results)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench",
+        "run",
+        "--n",
+        "6",
+        "--rows",
+        "9",
+        "--repeats",
+        "1",
+        "--scenarios",
+        "small-passthrough",
+        "--peers",
+        "limit-write",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--results",
+        str(results),
+    ]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(p.name for p in results.glob("*.json"))
@@ -73,8 +90,22 @@ def test_engine_packed_output_is_checked_for_upright_images(tmp_path):
 
 def test_bench_update_smoke(tmp_path):
     results = tmp_path / "results"
-    argv = [sys.executable, "-m", "bench", "update", "--sizes", "12", "--base-images", "4", "--repeats", "1",
-            "--workdir", str(tmp_path / "work"), "--results", str(results)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench",
+        "update",
+        "--sizes",
+        "12",
+        "--base-images",
+        "4",
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--results",
+        str(results),
+    ]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = results.glob("*-update.json")

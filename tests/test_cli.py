@@ -14,11 +14,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-from PIL import Image
-
 import imagegen
+import pytest
 from conftest import CONFIG_BYTES, REPO, Output, convert, row, run_main, write_input
+from PIL import Image
 
 CONVERT_OPTIONS = [
     "--manifest",
@@ -117,7 +116,9 @@ def test_convert_help_describes_every_option(capsys):
 
 
 def test_python_dash_m_help():
-    proc = subprocess.run([sys.executable, "-m", "engine", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     assert "convert" in proc.stdout
 
@@ -127,8 +128,9 @@ def test_version_names_the_engine_and_the_pillow_build():
 
     import PIL
 
-    proc = subprocess.run([sys.executable, "-m", "engine", "--version"], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "engine", "--version"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert "\n" not in line, line
@@ -162,7 +164,9 @@ def assert_usage_error(capsys, argv, *must_mention: str, out_dir=None):
     assert "Traceback" not in err
     assert len(lines) == 1, f"expected exactly one line on stderr, got: {err!r}"
     if must_mention:
-        assert any(m.lower() in lines[0].lower() for m in must_mention), f"{lines[0]!r} names none of {must_mention}"
+        assert any(m.lower() in lines[0].lower() for m in must_mention), (
+            f"{lines[0]!r} names none of {must_mention}"
+        )
     if out_dir is not None:
         assert not list(out_dir.glob("data/*.parquet")), "a config error must fail before any data is written"
     return lines[0]
@@ -185,10 +189,14 @@ def _argv(inp, out, config=None, manifest=None):
 
 def test_missing_manifest(capsys, good, tmp_path):
     missing = tmp_path / "no-such-manifest.jsonl"
-    assert_usage_error(capsys, _argv(good, tmp_path / "out", manifest=missing), "no-such-manifest", out_dir=tmp_path / "out")
+    assert_usage_error(
+        capsys, _argv(good, tmp_path / "out", manifest=missing), "no-such-manifest", out_dir=tmp_path / "out"
+    )
 
 
-@pytest.mark.parametrize("content", [b"", b"\n\n   \n", b"\xef\xbb\xbf\r\n"], ids=["empty", "blank", "bom-only"])
+@pytest.mark.parametrize(
+    "content", [b"", b"\n\n   \n", b"\xef\xbb\xbf\r\n"], ids=["empty", "blank", "bom-only"]
+)
 def test_manifest_without_rows_is_a_usage_error_that_keeps_the_output(capsys, good, tmp_path, content):
     """Almost certainly the wrong file: one line, exit 2, and even --overwrite leaves OUT alone."""
     manifest = tmp_path / "in" / "empty.jsonl"
@@ -196,7 +204,9 @@ def test_manifest_without_rows_is_a_usage_error_that_keeps_the_output(capsys, go
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier dataset")
-    assert_usage_error(capsys, _argv(good, out, manifest=manifest) + ["--overwrite"], "empty.jsonl", "no rows")
+    assert_usage_error(
+        capsys, _argv(good, out, manifest=manifest) + ["--overwrite"], "empty.jsonl", "no rows"
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
@@ -208,7 +218,9 @@ def test_manifest_is_a_directory(capsys, good, tmp_path):
 
 def test_missing_config_file(capsys, good, tmp_path):
     missing = tmp_path / "no-such-config.json"
-    assert_usage_error(capsys, _argv(good, tmp_path / "out", config=missing), "no-such-config", out_dir=tmp_path / "out")
+    assert_usage_error(
+        capsys, _argv(good, tmp_path / "out", config=missing), "no-such-config", out_dir=tmp_path / "out"
+    )
 
 
 @pytest.mark.parametrize(
@@ -217,17 +229,32 @@ def test_missing_config_file(capsys, good, tmp_path):
         (b'{"instructions": "x"}', "json_schema"),
         (json.dumps({"json_schema": {"type": "object"}}).encode(), "instructions"),
         (json.dumps({"instructions": "x", "json_schema": {"type": "bogus"}}).encode(), "schema"),
-        (json.dumps({"instructions": "x", "json_schema": {"type": "object", "required": "price"}}).encode(), "schema"),
+        (
+            json.dumps(
+                {"instructions": "x", "json_schema": {"type": "object", "required": "price"}}
+            ).encode(),
+            "schema",
+        ),
         (b'{"instructions": "x", "json_schema": ', "json"),
         (b"\xff\xfe not utf-8 \x00", "config"),
         (b"[]", "config"),
     ],
-    ids=["no-json_schema", "no-instructions", "bogus-type", "required-not-array", "truncated-json", "binary", "not-object"],
+    ids=[
+        "no-json_schema",
+        "no-instructions",
+        "bogus-type",
+        "required-not-array",
+        "truncated-json",
+        "binary",
+        "not-object",
+    ],
 )
 def test_bad_config(capsys, good, tmp_path, content, mention):
     cfg = tmp_path / "bad-config.json"
     cfg.write_bytes(content)
-    assert_usage_error(capsys, _argv(good, tmp_path / "out", config=cfg), mention, "bad-config", out_dir=tmp_path / "out")
+    assert_usage_error(
+        capsys, _argv(good, tmp_path / "out", config=cfg), mention, "bad-config", out_dir=tmp_path / "out"
+    )
 
 
 def test_config_is_a_directory(capsys, good, tmp_path):
@@ -257,7 +284,12 @@ def test_empty_out_dir_is_fine(good, tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--layout", "nonsense"], ["--image-format", "gif"], ["--max-shard-size", "lots"], ["--runner", "spark"]],
+    [
+        ["--layout", "nonsense"],
+        ["--image-format", "gif"],
+        ["--max-shard-size", "lots"],
+        ["--runner", "spark"],
+    ],
     ids=["layout", "image-format", "max-shard-size", "runner"],
 )
 def test_bad_option_values_exit_2(capsys, good, tmp_path, extra):
@@ -305,14 +337,32 @@ def test_console_process_with_embedded_ray_exits_clean(tmp_path):
     stderr holds no Ray noise, and no Ray process outlives the command, although the command
     skips the interpreter's teardown and stops Ray's monitor early."""
     names = [f"p{i}" for i in range(40)]
-    inp = write_input(tmp_path / "in", [row(n, f"{n}.jpg") for n in names],
-                      {f"{n}.jpg": imagegen.oriented(6) if i % 3 == 0 else imagegen.noise_jpeg(seed=i)
-                       for i, n in enumerate(names)})
+    inp = write_input(
+        tmp_path / "in",
+        [row(n, f"{n}.jpg") for n in names],
+        {
+            f"{n}.jpg": imagegen.oriented(6) if i % 3 == 0 else imagegen.noise_jpeg(seed=i)
+            for i, n in enumerate(names)
+        },
+    )
     ray_tmp = Path(tempfile.mkdtemp(prefix="eng-ray-", dir="/tmp"))  # short: Ray's socket paths
     try:
         env = dict(os.environ, ENGINE_RAY_START="eager", RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
-        argv = [sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest), "--config",
-                str(inp.config), "--out", str(tmp_path / "out"), "--workers", "2", "--quiet"]
+        argv = [
+            sys.executable,
+            "-m",
+            "engine",
+            "convert",
+            "--manifest",
+            str(inp.manifest),
+            "--config",
+            str(inp.config),
+            "--out",
+            str(tmp_path / "out"),
+            "--workers",
+            "2",
+            "--quiet",
+        ]
         proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert proc.stderr.strip() == "", proc.stderr
@@ -359,8 +409,14 @@ def test_embedded_ray_starts_without_unused_head_processes(head):
     ray_tmp = Path(tempfile.mkdtemp(prefix="eng-ray-", dir="/tmp"))
     try:
         env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0", ENGINE_RAY_HEAD=head)
-        proc = subprocess.run([sys.executable, "-c", _LIST_RAY_PROCESSES], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", _LIST_RAY_PROCESSES],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         assert report["squares"] == [n * n for n in range(6)]
@@ -376,15 +432,18 @@ def test_embedded_ray_starts_without_unused_head_processes(head):
 
 
 # A fresh interpreter in which s3fs cannot be imported, as on an install without the s3 extra.
-_WITHOUT_S3FS = "import sys; sys.modules['s3fs'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+_WITHOUT_S3FS = (
+    "import sys; sys.modules['s3fs'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+)
 
 
 @pytest.mark.parametrize("where", ["--out", "--manifest", "--config"])
 def test_missing_filesystem_package_is_one_line_naming_the_extra(good, tmp_path, where):
     argv = _argv(good, tmp_path / "out")
     argv[argv.index(where) + 1] = "s3://bucket/some/path"
-    proc = subprocess.run([sys.executable, "-c", _WITHOUT_S3FS, *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_S3FS, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and len(lines) == 1, proc.stderr
@@ -399,21 +458,39 @@ def test_unknown_url_protocol_is_a_usage_error(capsys, good, tmp_path):
 def test_mixed_text_and_conversations_rows_exit_2(capsys, tmp_path):
     (tmp_path / "p.jpg").write_bytes(imagegen.jpeg())
     token = "<|reserved_special_token_0|>"
-    rows = [{"text": f"{token} a caption", "modalities": [{"type": "image", "value": "p.jpg"}]},
-            {"conversations": [{"role": "user", "content": token}, {"role": "assistant", "content": "x"}],
-             "modalities": [{"type": "image", "value": "p.jpg"}]}]
+    rows = [
+        {"text": f"{token} a caption", "modalities": [{"type": "image", "value": "p.jpg"}]},
+        {
+            "conversations": [{"role": "user", "content": token}, {"role": "assistant", "content": "x"}],
+            "modalities": [{"type": "image", "value": "p.jpg"}],
+        },
+    ]
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["convert", "--manifest", str(manifest), "--out", str(tmp_path / "out"), "--layout", "arrow",
-            "--runner", "local", "--quiet"]
+    argv = [
+        "convert",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "out"),
+        "--layout",
+        "arrow",
+        "--runner",
+        "local",
+        "--quiet",
+    ]
     assert_usage_error(capsys, argv, "mixes")
 
 
 def test_missing_package_of_a_filesystem_built_into_fsspec_is_named(good, tmp_path):
     """fsspec's own HTTP filesystem needs aiohttp: its message, not a wrong package name."""
-    code = "import sys; sys.modules['aiohttp'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = (
+        "import sys; sys.modules['aiohttp'] = None; from engine.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     argv = _argv(good, tmp_path / "out", manifest="https://127.0.0.1:9/m.jsonl")
-    proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "--manifest" in lines[0] and "aiohttp" in lines[0], lines[0]
@@ -428,16 +505,42 @@ def test_embedded_ray_ignores_a_cluster_that_ray_start_left_on_the_machine(tmp_p
     env.pop("RAY_ADDRESS", None)
     ray_cli = str(Path(sys.executable).with_name("ray"))
     try:
-        started = subprocess.run([ray_cli, "start", "--head", "--num-cpus", "1", "--include-dashboard", "false"],
-                                 env=env, capture_output=True, text=True, timeout=120)
+        started = subprocess.run(
+            [ray_cli, "start", "--head", "--num-cpus", "1", "--include-dashboard", "false"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert started.returncode == 0, started.stderr
         names = [f"c{i}" for i in range(6)]
-        inp = write_input(tmp_path / "in", [row(n, f"{n}.jpg") for n in names],
-                          {f"{n}.jpg": imagegen.noise_jpeg(seed=i) for i, n in enumerate(names)})
-        proc = subprocess.run([sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest),
-                               "--config", str(inp.config), "--out", str(tmp_path / "out"), "--workers", "2",
-                               "--quiet"], cwd=REPO, env=dict(env, ENGINE_RAY_START="eager"),
-                              capture_output=True, text=True, timeout=300)
+        inp = write_input(
+            tmp_path / "in",
+            [row(n, f"{n}.jpg") for n in names],
+            {f"{n}.jpg": imagegen.noise_jpeg(seed=i) for i, n in enumerate(names)},
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "engine",
+                "convert",
+                "--manifest",
+                str(inp.manifest),
+                "--config",
+                str(inp.config),
+                "--out",
+                str(tmp_path / "out"),
+                "--workers",
+                "2",
+                "--quiet",
+            ],
+            cwd=REPO,
+            env=dict(env, ENGINE_RAY_START="eager"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         assert Output(tmp_path / "out").stats["num_written"] == len(names)
     finally:

@@ -8,14 +8,12 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import Output, convert, parquet_hashes, row, write_input
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 NUM = 48
-
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +38,8 @@ def cluster_input(tmp_path_factory):
     images, rows = {}, []
     for i in range(NUM):
         images[f"img/{i}.jpg"] = imagegen.encode(
-            imagegen.stored_for_orientation(imagegen.quadrant_image((800, 600)), 8), "JPEG", orientation=8)
+            imagegen.stored_for_orientation(imagegen.quadrant_image((800, 600)), 8), "JPEG", orientation=8
+        )
         rows.append(row(f"id{i}", f"img/{i}.jpg"))
     rows.append(row("id3", "img/3.jpg"))
     inp = write_input(root, rows, images)
@@ -53,8 +52,22 @@ def test_conversion_on_a_three_node_cluster(cluster, cluster_input, tmp_path):
     c, _ = cluster
     inp, reference = cluster_input
     out = tmp_path / "out"
-    assert convert(inp, out, "--max-size", "300", "--shard-rows", "10", "--unit-rows", "4",
-                   "--ray-address", c.address, runner="ray") == 0
+    assert (
+        convert(
+            inp,
+            out,
+            "--max-size",
+            "300",
+            "--shard-rows",
+            "10",
+            "--unit-rows",
+            "4",
+            "--ray-address",
+            c.address,
+            runner="ray",
+        )
+        == 0
+    )
     stats = Output(out).stats
     assert len([n for n in stats["units_by_node"] if n != "driver"]) >= 2, stats["units_by_node"]
     assert len([n for n in stats["shards_by_node"] if n != "driver"]) >= 2, stats["shards_by_node"]
@@ -69,8 +82,19 @@ def test_losing_a_worker_node_mid_run_finishes_the_job(cluster, cluster_input, t
     result: dict = {}
 
     def run():
-        result["code"] = convert(inp, out, "--max-size", "300", "--shard-rows", "10", "--unit-rows", "2",
-                                 "--ray-address", c.address, runner="ray")
+        result["code"] = convert(
+            inp,
+            out,
+            "--max-size",
+            "300",
+            "--shard-rows",
+            "10",
+            "--unit-rows",
+            "2",
+            "--ray-address",
+            c.address,
+            runner="ray",
+        )
 
     thread = threading.Thread(target=run)
     thread.start()

@@ -68,31 +68,43 @@ def _in_a_build_without(module: str, code: str) -> str:
     """Run ``code`` where ``module`` cannot be imported, as in a Pillow built without that
     library; return its stdout."""
     script = f"import sys\nsys.modules[{module!r}] = None\n" + code
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
 
 def test_a_missing_codec_gives_a_reason_naming_the_format_and_library():
-    code = (f"from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
-            f"print(transform_image(open({str(DATA / 'hopper.Lab.tif')!r}, 'rb').read(), ImageOptions()).reason)\n")
+    code = (
+        f"from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
+        f"print(transform_image(open({str(DATA / 'hopper.Lab.tif')!r}, 'rb').read(), "
+        "ImageOptions()).reason)\n"
+    )
     reason = _in_a_build_without("PIL._imagingcms", code)
     assert reason == "LAB colour image: this Pillow build has no LittleCMS, which converts it to RGB"
     from PIL import features
 
     if features.check("avif"):
         pytest.skip("this Pillow has AVIF built in")
-    code = (f"from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
-            f"print(transform_image(open({str(DATA / 'hopper.avif')!r}, 'rb').read(), ImageOptions()).reason)\n")
+    code = (
+        f"from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
+        f"print(transform_image(open({str(DATA / 'hopper.avif')!r}, 'rb').read(), ImageOptions()).reason)\n"
+    )
     reason = _in_a_build_without("pillow_avif", code)
-    assert reason.startswith("AVIF image: this Pillow build has no libavif") and "pillow-avif-plugin" in reason
+    assert (
+        reason.startswith("AVIF image: this Pillow build has no libavif") and "pillow-avif-plugin" in reason
+    )
 
 
 def test_avif_support_is_loaded_only_for_avif():
-    code = ("from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
-            f"assert transform_image({imagegen.jpeg()!r}, ImageOptions()).format == 'jpeg'\n"
-            "print('pillow_avif' in sys.modules)\n"
-            f"assert transform_image(open({str(DATA / 'hopper.avif')!r}, 'rb').read(), ImageOptions()).format == 'jpeg'\n")
+    code = (
+        "from engine.imaging import transform_image\nfrom engine.config import ImageOptions\n"
+        f"assert transform_image({imagegen.jpeg()!r}, ImageOptions()).format == 'jpeg'\n"
+        "print('pillow_avif' in sys.modules)\n"
+        f"assert transform_image(open({str(DATA / 'hopper.avif')!r}, 'rb').read(), "
+        "ImageOptions()).format == 'jpeg'\n"
+    )
     if "avif" not in codecs()[0]:
         pytest.skip("no AVIF codec installed")
     assert _in_a_build_without("engine_nothing", code) == "False"
@@ -112,17 +124,23 @@ def test_formats_outside_the_list_are_rejected_naming_the_format(tmp_path):
     assert sorted(out.by_id()) == ["icon.png", "photo.jpg"]
     [reject] = out.rejects
     assert reject["stage"] == "decode" and reject["reason"] == (
-        f"DDS image: not in --formats ({','.join(DEFAULT_FORMATS)}); add it with --formats +dds")
+        f"DDS image: not in --formats ({','.join(DEFAULT_FORMATS)}); add it with --formats +dds"
+    )
 
     assert convert(inp, tmp_path / "wide", "--formats", "+dds") == 0
     wide = Output(tmp_path / "wide")
     assert wide.rejects == [] and sorted(wide.by_id()) == ["icon.png", "photo.jpg", "tex.dds"]
-    imagegen.assert_quadrants(Image.open(io.BytesIO(wide.by_id()["tex.dds"]["image"]["bytes"])).convert("RGB"))
+    imagegen.assert_quadrants(
+        Image.open(io.BytesIO(wide.by_id()["tex.dds"]["image"]["bytes"])).convert("RGB")
+    )
 
     assert convert(inp, tmp_path / "narrow", "--formats", "jpg") == 0
     narrow = Output(tmp_path / "narrow")
     assert list(narrow.by_id()) == ["photo.jpg"]
-    assert narrow.rejects_by_id()["icon.png"]["reason"] == "PNG image: not in --formats (jpeg); add it with --formats +png"
+    assert (
+        narrow.rejects_by_id()["icon.png"]["reason"]
+        == "PNG image: not in --formats (jpeg); add it with --formats +png"
+    )
 
 
 def test_formats_syntax():
@@ -138,8 +156,19 @@ def test_formats_syntax():
 
 def test_formats_usage_error_is_one_line(tmp_path, capsys, convert_help):
     inp = write_input(tmp_path / "in", [row("a", "a.jpg")], {"a.jpg": imagegen.jpeg()})
-    code = run_main(["convert", "--manifest", str(inp.manifest), "--config", str(inp.config),
-                     "--out", str(tmp_path / "out"), "--formats", "jpeg,webb"])
+    code = run_main(
+        [
+            "convert",
+            "--manifest",
+            str(inp.manifest),
+            "--config",
+            str(inp.config),
+            "--out",
+            str(tmp_path / "out"),
+            "--formats",
+            "jpeg,webb",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err and "unknown format 'webb'" in err, err
     assert "--formats" in convert_help and "+NAME" in convert_help

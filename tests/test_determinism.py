@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import hashlib
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import Output, convert, row, write_input
 
 NUM_ROWS = 14
@@ -27,7 +26,10 @@ def inp(tmp_path_factory):
         "big.jpg": imagegen.jpeg((1500, 1000)),
     }
     names = sorted(images)
-    rows = [row(f"id_{i:02d}", names[i % len(names)], barcode=str(1000 + i), note=f"n{i}") for i in range(NUM_ROWS)]
+    rows = [
+        row(f"id_{i:02d}", names[i % len(names)], barcode=str(1000 + i), note=f"n{i}")
+        for i in range(NUM_ROWS)
+    ]
     rows.insert(5, row("missing", "nope.jpg"))  # a reject in the middle shifts nothing
     return write_input(root / "in", rows, images)
 
@@ -82,7 +84,16 @@ def test_embedded_ray_from_the_command_line(inp, tmp_path):
 
     local = run(inp, tmp_path / "local")
     out = tmp_path / "embedded"
-    argv = [sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest), "--config", str(inp.config)]
+    argv = [
+        sys.executable,
+        "-m",
+        "engine",
+        "convert",
+        "--manifest",
+        str(inp.manifest),
+        "--config",
+        str(inp.config),
+    ]
     argv += ["--out", str(out), "--shard-rows", str(SHARD_ROWS), "--workers", "2", "--quiet"]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -111,8 +122,6 @@ def test_ray_duplicates_across_work_units(tmp_path, ray_instance):
     assert shard_hashes(ray2) == shard_hashes(local)
 
 
-
-
 @pytest.fixture(scope="module")
 def big_rows(tmp_path_factory):
     """Noise JPEGs of about 570 KB: two of them fill a 1 MB page, so page cuts could
@@ -129,7 +138,9 @@ def test_unit_size_does_not_change_the_bytes(big_rows, tmp_path, monkeypatch, la
     Arrow record batches are capped small here, so groups are cut into several of them too."""
     import engine.layouts.packed
 
-    monkeypatch.setattr(engine.layouts.packed, "BATCH_BYTES", 2 * len(big_rows.root.joinpath("n0.jpg").read_bytes()))
+    monkeypatch.setattr(
+        engine.layouts.packed, "BATCH_BYTES", 2 * len(big_rows.root.joinpath("n0.jpg").read_bytes())
+    )
     extra = ("--layout", layout, "--image-format", "keep", "--row-group-rows", "5", "--shard-rows", "8")
     a = run_any(big_rows, tmp_path / "u3", *extra, "--unit-rows", "3", runner="local")
     b = run_any(big_rows, tmp_path / "u16", *extra, "--unit-rows", "16", runner="local")

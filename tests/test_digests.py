@@ -13,10 +13,9 @@ import json
 import os
 from pathlib import Path
 
+import imagegen
 import pytest
 from conftest import TESTS, convert, run_main, write_input
-
-import imagegen
 
 DIGESTS = TESTS / "data" / "digests.json"
 UPDATE = os.environ.get("ENGINE_UPDATE_DIGESTS") == "1"
@@ -42,8 +41,12 @@ def _rows(splits: bool) -> list[dict]:
     rows = []
     for i in range(14):
         name = names[i % len(names)]
-        r = {"image_id": f"id-{i:02d}", "image_path": name, "output": {"price": i + 0.5, "currency": "EUR"},
-             "barcode": f"{i:013d}"}
+        r = {
+            "image_id": f"id-{i:02d}",
+            "image_path": name,
+            "output": {"price": i + 0.5, "currency": "EUR"},
+            "barcode": f"{i:013d}",
+        }
         if splits:
             r["split"] = "validation" if i % 3 == 0 else "train"
         rows.append(r)
@@ -55,9 +58,13 @@ def _trainer_rows() -> list[dict]:
     token = "<|reserved_special_token_0|>"
     rows = []
     for i, name in enumerate(["small.jpg", "large.jpg", "rotated.jpg", "alpha.png"]):
-        images = [{"type": "image", "value": name}] + ([{"type": "image", "value": "photo.webp"}] if i == 3 else [])
-        turns = [{"role": "user", "content": token * len(images) + f"\nWhat is in picture {i}?"},
-                 {"role": "assistant", "content": f"Picture {i}."}]
+        images = [{"type": "image", "value": name}] + (
+            [{"type": "image", "value": "photo.webp"}] if i == 3 else []
+        )
+        turns = [
+            {"role": "user", "content": token * len(images) + f"\nWhat is in picture {i}?"},
+            {"role": "assistant", "content": f"Picture {i}."},
+        ]
         rows.append({"conversations": turns, "modalities": images, "id": f"t{i}"})
     return rows
 
@@ -85,8 +92,20 @@ def _produce(tmp_path: Path, case: str) -> dict[str, str]:
     if case == "trainer-jsonl":
         inp = write_input(tmp_path / "in", _trainer_rows(), _images(), manifest_name="trainer.jsonl")
         out = tmp_path / "out"
-        code = run_main(["convert", "--manifest", str(inp.manifest), "--out", str(out), "--layout", "arrow",
-                         "--runner", "local", "--quiet"])
+        code = run_main(
+            [
+                "convert",
+                "--manifest",
+                str(inp.manifest),
+                "--out",
+                str(out),
+                "--layout",
+                "arrow",
+                "--runner",
+                "local",
+                "--quiet",
+            ]
+        )
     else:
         splits, extra = CASES[case]
         inp = write_input(tmp_path / "in", _rows(splits), _images())
@@ -117,4 +136,3 @@ def test_digests_do_not_depend_on_the_runner(tmp_path):
     assert convert(inp, local, "--layout", "arrow") == 0
     assert convert(inp, threads, "--layout", "arrow", runner="ray") == 0
     assert _digests(local) == _digests(threads)
-

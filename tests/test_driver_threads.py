@@ -25,7 +25,9 @@ def _exif_jpeg(truncate: int) -> bytes:
     exif[imagegen.ORIENTATION_TAG] = 6
     exif[0x010F] = "engine-tests-maker-long-string"
     raw = exif.tobytes()
-    return imagegen.encode(imagegen.quadrant_image((64, 48)), "JPEG", exif=raw[:-truncate] if truncate else raw)
+    return imagegen.encode(
+        imagegen.quadrant_image((64, 48)), "JPEG", exif=raw[:-truncate] if truncate else raw
+    )
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -153,8 +155,12 @@ def _rows(paths):
     from engine.layouts.base import Checked
     from engine.sources.manifest import ManifestRow
 
-    return [Checked(ManifestRow(line=i, kind="labelr", image_id=f"r{i}", split="train", locations=(str(p),), meta={}))
-            for i, p in enumerate(paths)]
+    return [
+        Checked(
+            ManifestRow(line=i, kind="labelr", image_id=f"r{i}", split="train", locations=(str(p),), meta={})
+        )
+        for i, p in enumerate(paths)
+    ]
 
 
 @pytest.mark.parametrize("case", ["small", "slow", "large"])
@@ -192,7 +198,9 @@ def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_p
     got = [(checked.row.image_id, [data for data, _ in payloads]) for checked, payloads in first + second]
     assert got == [(f"r{i % 6}", [bytes([i]) * (1000 + i)]) for i in range(12)]
     # each local read comes with the status of the file it was read from
-    assert [st.st_size for _, payloads in first + second for _, st in payloads] == [1000 + i for i in range(12)]
+    assert [st.st_size for _, payloads in first + second for _, st in payloads] == [
+        1000 + i for i in range(12)
+    ]
     me = threading.current_thread().name
     assert readers[:6] == [me] * 6  # nothing measured yet: local reads are assumed fast
     if case == "small":
@@ -206,9 +214,7 @@ def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_p
 def test_remote_locations_are_prefetched_in_threads(monkeypatch):
     from engine.config import FetchOptions
     from engine.pipeline import _prefetched
-    from engine.sources import fetch
-
-    from engine.sources import http
+    from engine.sources import fetch, http
 
     readers: list[str] = []
 

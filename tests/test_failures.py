@@ -5,9 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import Output, convert, parquet_hashes, row, write_input
 
 
@@ -19,14 +18,18 @@ def _images(n: int, size=(480, 360)) -> tuple[list, dict]:
     return rows, images
 
 
-
 @pytest.fixture
 def small_fs(tmp_path):
     """A real 2 MB tmpfs (needs root, as CI has); skipped where mounting is not allowed."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)],
-                                           capture_output=True).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here (not root?); the ENOSPC injection test covers the code path")
     yield mnt
     subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -132,12 +135,16 @@ def test_a_shard_that_cannot_be_finished_is_one_clear_error(tmp_path, capsys, mo
     assert convert(inp, out, "--shard-rows", "4", "--workers", "1") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert failed
-    assert len(err) == 1 and err[0].startswith("engine: error: data/train-00001-of-00003.parquet: Input/output error"), err
+    assert len(err) == 1 and err[0].startswith(
+        "engine: error: data/train-00001-of-00003.parquet: Input/output error"
+    ), err
     assert "--resume" in err[0]
     assert not (out / "data" / "train-00001-of-00003.parquet").exists()
     assert not (out / "stats.json").exists()
     assert list((out / ".engine" / "tmp").glob("*train-00001*")) == []
-    assert list((out / ".engine" / "tmp").glob("*.parquet*")) == []  # the other shards were finished, none dropped
+    assert (
+        list((out / ".engine" / "tmp").glob("*.parquet*")) == []
+    )  # the other shards were finished, none dropped
     monkeypatch.setattr(store.os, "fsync", fsync)
     assert convert(inp, out, "--shard-rows", "4", "--workers", "1", "--resume") == 0
     assert Output(out).stats["num_written"] == 12
@@ -169,7 +176,9 @@ def test_a_failing_row_group_write_stops_the_reader_and_is_one_line(tmp_path, ca
     assert convert(inp, out, "--row-group-rows", "5", "--workers", "1") == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(calls) == 2
-    assert len(err) == 1 and err[0].startswith("engine: error: data/train-00000-of-00001.parquet: No space left"), err
+    assert len(err) == 1 and err[0].startswith(
+        "engine: error: data/train-00000-of-00001.parquet: No space left"
+    ), err
     assert not (out / "data" / "train-00000-of-00001.parquet").exists()
     assert list((out / ".engine" / "tmp").glob("*.parquet*")) == []
     assert not [t for t in threading.enumerate() if t.name == "engine-row-groups"]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import json
 
+import imagegen
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
-import imagegen
 from engine.config import FetchOptions, ImageOptions
 from engine.imaging import EncodedImage, ImageFailure, transform_image
 from engine.layouts.parquet import ParquetLayout
@@ -72,7 +72,7 @@ def mutated(draw, bases=BASES) -> bytes:
         elif kind == "insert":
             data[pos:pos] = draw(st.binary(min_size=1, max_size=64))
         elif kind == "delete":
-            del data[pos:pos + draw(st.integers(1, 256))]
+            del data[pos : pos + draw(st.integers(1, 256))]
         else:  # the header is where sizes, markers and EXIF live
             data[min(pos, 64) % max(len(data), 1)] = draw(st.integers(0, 255))
     return bytes(data)
@@ -113,21 +113,37 @@ def test_every_written_image_decodes_with_plain_pil(data):
         assert result.reason
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-                           max_leaves=8)
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
 line_objects = st.fixed_dictionaries(
     {},
-    optional={"image_id": json_values | st.text(max_size=12), "image_path": json_values | st.text(max_size=12),
-              "image_url": json_values, "output": json_values, "split": json_values | st.sampled_from(["train", "a b"]),
-              "conversations": json_values, "modalities": json_values, "text": json_values, "id": json_values})
+    optional={
+        "image_id": json_values | st.text(max_size=12),
+        "image_path": json_values | st.text(max_size=12),
+        "image_url": json_values,
+        "output": json_values,
+        "split": json_values | st.sampled_from(["train", "a b"]),
+        "conversations": json_values,
+        "modalities": json_values,
+        "text": json_values,
+        "id": json_values,
+    },
+)
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.one_of(line_objects.map(lambda o: json.dumps(o).encode()),
-                 st.binary(max_size=80),
-                 line_objects.map(lambda o: json.dumps(o).encode()).flatmap(
-                     lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda i: b[:i] + b"\xff" + b[i + 1:]))))
+@given(
+    st.one_of(
+        line_objects.map(lambda o: json.dumps(o).encode()),
+        st.binary(max_size=80),
+        line_objects.map(lambda o: json.dumps(o).encode()).flatmap(
+            lambda b: st.integers(0, max(len(b) - 1, 0)).map(lambda i: b[:i] + b"\xff" + b[i + 1 :])
+        ),
+    )
+)
 def test_mutated_manifest_lines_parse_or_reject(raw):
     result = parse_row(7, raw, base="/nonexistent", default_split="train")
     assert isinstance(result, (ManifestRow, Reject))
@@ -136,7 +152,13 @@ def test_mutated_manifest_lines_parse_or_reject(raw):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.lists(st.tuples(mutated(), st.sampled_from(["good", "bad-json", "no-id", "bad-output"])), min_size=1, max_size=8))
+@given(
+    st.lists(
+        st.tuples(mutated(), st.sampled_from(["good", "bad-json", "no-id", "bad-output"])),
+        min_size=1,
+        max_size=8,
+    )
+)
 def test_units_account_for_every_row(tmp_path_factory, cases):
     root = tmp_path_factory.mktemp("fuzz")
     lines = []
@@ -153,9 +175,19 @@ def test_units_account_for_every_row(tmp_path_factory, cases):
         lines.append(json.dumps(rec).encode())
     manifest = root / "m.jsonl"
     manifest.write_bytes(b"\n".join(lines) + b"\n")
-    schema = json.dumps({"type": "object", "properties": {"price": {"type": "number"}}, "required": ["price"]})
-    ctx = UnitContext(layout=ParquetLayout(), schema_json=schema, image=OPTS, fetch=FetchOptions(), default_split="train",
-                      base=str(root), store=Store(str(root / "out")), source=JsonlSource(str(manifest)))
+    schema = json.dumps(
+        {"type": "object", "properties": {"price": {"type": "number"}}, "required": ["price"]}
+    )
+    ctx = UnitContext(
+        layout=ParquetLayout(),
+        schema_json=schema,
+        image=OPTS,
+        fetch=FetchOptions(),
+        default_split="train",
+        base=str(root),
+        store=Store(str(root / "out")),
+        source=JsonlSource(str(manifest)),
+    )
     [unit] = plan_manifest(str(manifest), 64).units
     result = process_unit(unit, ctx)
     assert result.num_rows == len(cases)

@@ -72,8 +72,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024)
     for path in DDS:
         width, height = Image.open(path).size
         declared = 4 * width * height + 8 * height
-        proc = subprocess.run([sys.executable, "-c", code, str(path), str(BOUND)], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-c", code, str(path), str(BOUND)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr
         assert int(proc.stdout) < declared + 100 * 2**20, (path.name, int(proc.stdout), declared)
 
@@ -85,8 +90,12 @@ def test_hostile_dds_in_the_local_runner_gives_the_same_dataset_every_run(tmp_pa
     runs = []
     for i in range(2):
         # the second run shares the machine with processes that keep every core busy
-        burners = [subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 60\nwhile time.time() < end: pass"])
-                   for _ in range(2 * i)]
+        burners = [
+            subprocess.Popen(
+                [sys.executable, "-c", "import time\nend = time.time() + 60\nwhile time.time() < end: pass"]
+            )
+            for _ in range(2 * i)
+        ]
         started = time.monotonic()
         try:
             assert convert(inp, tmp_path / f"out{i}", "--formats", "+dds", "--image-timeout", str(BOUND)) == 0
@@ -98,8 +107,11 @@ def test_hostile_dds_in_the_local_runner_gives_the_same_dataset_every_run(tmp_pa
         out = Output(tmp_path / f"out{i}")
         assert list(out.by_id()) == ["good.jpg"]
         assert {r["image_id"]: (r["stage"], r["reason"]) for r in out.rejects} == {
-            p.name: ("decode", timeout_reason(BOUND)) for p in dds}
-        runs.append((parquet_hashes(tmp_path / f"out{i}"), (tmp_path / f"out{i}" / "rejects.jsonl").read_bytes()))
+            p.name: ("decode", timeout_reason(BOUND)) for p in dds
+        }
+        runs.append(
+            (parquet_hashes(tmp_path / f"out{i}"), (tmp_path / f"out{i}" / "rejects.jsonl").read_bytes())
+        )
     assert runs[0] == runs[1]
 
 
@@ -121,7 +133,12 @@ def test_the_isolated_recheck_decides_as_the_bound_does():
     here = transform_image(photo, ImageOptions(timeout=BOUND))
     there = transform_isolated(photo, ImageOptions(timeout=BOUND))
     assert not here.passthrough
-    assert (there.data, there.width, there.height, there.passthrough) == (here.data, here.width, here.height, False)
+    assert (there.data, there.width, there.height, there.passthrough) == (
+        here.data,
+        here.width,
+        here.height,
+        False,
+    )
 
 
 def test_a_starved_block_is_stopped_in_wall_time_for_the_recheck():
@@ -154,5 +171,7 @@ def test_hostile_dds_in_ray_workers(tmp_path, ray_instance):
     ray_out = Output(tmp_path / "ray")
     on_workers = sum(n for node, n in ray_out.stats["units_by_node"].items() if node != "driver")
     assert on_workers >= len(DDS) - 1, ray_out.stats["units_by_node"]  # one unit may run in the driver first
-    assert (tmp_path / "ray" / "rejects.jsonl").read_bytes() == (tmp_path / "local" / "rejects.jsonl").read_bytes()
+    assert (tmp_path / "ray" / "rejects.jsonl").read_bytes() == (
+        tmp_path / "local" / "rejects.jsonl"
+    ).read_bytes()
     assert parquet_hashes(tmp_path / "ray") == parquet_hashes(tmp_path / "local")

@@ -3,9 +3,8 @@ errors, a non-image answer, a retried transient failure and a timeout."""
 
 from __future__ import annotations
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import GOOD_OUTPUT_COMPACT, Output, convert, decode, row, supports, write_input
 
 
@@ -81,7 +80,9 @@ def test_meta_image_url_and_path(converted, served):
     assert rows["deep"]["meta"]["image_url"] == served.url("sub/dir/cmyk.jpg")
     for r in rows.values():
         path = r["image"]["path"]
-        assert path is None or ("/" not in path and ":" not in path), f"image.path must be a file name: {path!r}"
+        assert path is None or ("/" not in path and ":" not in path), (
+            f"image.path must be a file name: {path!r}"
+        )
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,9 @@ def test_transient_error_is_retried(served, fetch_opts, tmp_path):
 def test_timeout_rejected_as_fetch(served, fetch_opts, convert_help, tmp_path):
     opt = _first_supported(convert_help, "--http-timeout", "--timeout", "--fetch-timeout")
     if opt is None:
-        pytest.skip("convert has no HTTP timeout option; the engine's default timeout is too long for a unit test")
+        pytest.skip(
+            "convert has no HTTP timeout option; the engine's default timeout is too long for a unit test"
+        )
     rows = [
         row("slow", served.url("slow/plain.jpg"), key="image_url"),
         row("fast", served.url("plain.jpg"), key="image_url"),
@@ -142,7 +145,10 @@ def test_redirect_and_encoded_urls(served, fetch_opts, tmp_path):
 
 
 def test_transfer_cut_off_mid_body_is_rejected(served, fetch_opts, tmp_path):
-    rows = [row("short", served.url("short/rot6.jpg"), key="image_url"), row("ok", served.url("plain.jpg"), key="image_url")]
+    rows = [
+        row("short", served.url("short/rot6.jpg"), key="image_url"),
+        row("ok", served.url("plain.jpg"), key="image_url"),
+    ]
     inp = write_input(tmp_path / "in", rows, {})
     assert convert(inp, tmp_path / "out", *fetch_opts) == 0
     out = Output(tmp_path / "out")

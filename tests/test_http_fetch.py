@@ -13,10 +13,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import Output, convert, decode, parquet_hashes, row, write_input
+
 from engine.config import FetchOptions
 from engine.sources.cache import DownloadCache
 from engine.sources.fetch import Fetcher, FetchFailure
@@ -113,7 +113,7 @@ class Handler(BaseHTTPRequestHandler):
             for i in range(len(GOOD)):
                 if STOP.is_set():
                     return
-                self.wfile.write(GOOD[i:i + 1])
+                self.wfile.write(GOOD[i : i + 1])
                 self.wfile.flush()
                 time.sleep(0.05)
         elif kind == "silent":  # accepts, reads the request, never answers
@@ -196,9 +196,11 @@ def test_concurrency_follows_latency_across_units(server, tmp_path):
 
 
 def test_retry_after_and_503_then_success(server, tmp_path):
-    rows = [row("r429", f"{server}/retry-after/429/1/a.jpg", key="image_url"),
-            row("r503", f"{server}/retry-after/503/0/b.jpg", key="image_url"),
-            row("date", f"{server}/retry-after/503/Wed, 21 Oct 2015 07:28:00 GMT/c.jpg", key="image_url")]
+    rows = [
+        row("r429", f"{server}/retry-after/429/1/a.jpg", key="image_url"),
+        row("r503", f"{server}/retry-after/503/0/b.jpg", key="image_url"),
+        row("date", f"{server}/retry-after/503/Wed, 21 Oct 2015 07:28:00 GMT/c.jpg", key="image_url"),
+    ]
     o = _run(tmp_path, rows)
     assert sorted(o.by_id()) == ["date", "r429", "r503"], o.rejects
     assert STATE.hits["/retry-after/429/1/a.jpg"] == 2
@@ -207,8 +209,10 @@ def test_retry_after_and_503_then_success(server, tmp_path):
 
 
 def test_retry_after_past_the_total_bound_is_rejected_at_once(server, tmp_path):
-    rows = [row("later", f"{server}/retry-after/429/3600/a.jpg", key="image_url"),
-            row("ok", f"{server}/plain.jpg", key="image_url")]
+    rows = [
+        row("later", f"{server}/retry-after/429/3600/a.jpg", key="image_url"),
+        row("ok", f"{server}/plain.jpg", key="image_url"),
+    ]
     started = time.monotonic()
     o = _run(tmp_path, rows, "--http-total-timeout", "20")
     assert time.monotonic() - started < 15
@@ -218,9 +222,11 @@ def test_retry_after_past_the_total_bound_is_rejected_at_once(server, tmp_path):
 
 
 def test_redirects_up_to_five_then_refused(server, tmp_path):
-    rows = [row("five", f"{server}/redirect/5/a.jpg", key="image_url"),
-            row("six", f"{server}/redirect/6/b.jpg", key="image_url"),
-            row("loop", f"{server}/loop/c.jpg", key="image_url")]
+    rows = [
+        row("five", f"{server}/redirect/5/a.jpg", key="image_url"),
+        row("six", f"{server}/redirect/6/b.jpg", key="image_url"),
+        row("loop", f"{server}/loop/c.jpg", key="image_url"),
+    ]
     o = _run(tmp_path, rows)
     assert sorted(o.by_id()) == ["five"]
     reasons = {r["image_id"]: r["reason"] for r in o.rejects}
@@ -234,7 +240,8 @@ def test_slow_servers_are_cut_off_at_the_total_bound(server, tmp_path, path):
     """A body sent one byte at a time (each byte well within --http-timeout) and a server that
     never answers are rejected within --http-total-timeout, and the other rows are written."""
     rows = [row("slow", f"{server}/{path}", key="image_url")] + [
-        row(f"ok{i}", f"{server}/img/0/{i}.jpg", key="image_url") for i in range(5)]
+        row(f"ok{i}", f"{server}/img/0/{i}.jpg", key="image_url") for i in range(5)
+    ]
     started = time.monotonic()
     o = _run(tmp_path, rows, "--http-timeout", "30", "--http-total-timeout", "2")
     assert time.monotonic() - started < 20  # the bound is 2 s; generous slack for a busy machine
@@ -244,12 +251,14 @@ def test_slow_servers_are_cut_off_at_the_total_bound(server, tmp_path, path):
 
 
 def test_lying_and_broken_bodies_are_rejected(server, tmp_path):
-    rows = [row("long", f"{server}/cl-long/a.jpg", key="image_url"),
-            row("short", f"{server}/cl-short/b.jpg", key="image_url"),
-            row("cut", f"{server}/chunked-cut/c.jpg", key="image_url"),
-            row("html", f"{server}/html/d.jpg", key="image_url"),
-            row("gone", f"{server}/missing/e.jpg", key="image_url"),
-            row("ok", f"{server}/plain.jpg", key="image_url")]
+    rows = [
+        row("long", f"{server}/cl-long/a.jpg", key="image_url"),
+        row("short", f"{server}/cl-short/b.jpg", key="image_url"),
+        row("cut", f"{server}/chunked-cut/c.jpg", key="image_url"),
+        row("html", f"{server}/html/d.jpg", key="image_url"),
+        row("gone", f"{server}/missing/e.jpg", key="image_url"),
+        row("ok", f"{server}/plain.jpg", key="image_url"),
+    ]
     o = _run(tmp_path, rows)
     assert sorted(o.by_id()) == ["ok"], "no short or foreign body may be stored as an image"
     stages = {r["image_id"]: (r["stage"], r["reason"]) for r in o.rejects}
@@ -275,8 +284,12 @@ def test_per_host_cap_and_rate_are_observed_at_the_server(server, tmp_path):
 
 
 def test_user_agent_is_sent(server, tmp_path):
-    _run(tmp_path, [row("a", f"{server}/plain.jpg", key="image_url")],
-         "--user-agent", "labelr-export/1.0 (contact@example.org)")
+    _run(
+        tmp_path,
+        [row("a", f"{server}/plain.jpg", key="image_url")],
+        "--user-agent",
+        "labelr-export/1.0 (contact@example.org)",
+    )
     assert STATE.agents == ["labelr-export/1.0 (contact@example.org)"]
 
 
@@ -311,6 +324,7 @@ def test_corrupt_cache_entry_is_fetched_again(server, tmp_path):
     cache = tmp_path / "cache"
     rows = [row(f"r{i}", f"{server}/img/0/c{i}.jpg", key="image_url") for i in range(3)]
     _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+
     def entry(url: str) -> Path:
         key = DownloadCache.key(url)
         return cache / key[:2] / key
@@ -378,9 +392,16 @@ def test_dead_host_reason_names_the_connection_error():
     assert isinstance(result, FetchFailure) and "ConnectionError" in result.reason
 
 
-@pytest.mark.parametrize("option,value", [("--fetch-concurrency", "0"), ("--max-connections-per-host", "-1"),
-                                          ("--max-requests-per-second-per-host", "-2"), ("--http-total-timeout", "0"),
-                                          ("--user-agent", " ")])
+@pytest.mark.parametrize(
+    "option,value",
+    [
+        ("--fetch-concurrency", "0"),
+        ("--max-connections-per-host", "-1"),
+        ("--max-requests-per-second-per-host", "-2"),
+        ("--http-total-timeout", "0"),
+        ("--user-agent", " "),
+    ],
+)
 def test_bad_fetch_options_are_usage_errors(tmp_path, option, value, capsys):
     inp = write_input(tmp_path / "in", [row("a", "http://127.0.0.1:9/a.jpg", key="image_url")])
     assert convert(inp, tmp_path / "out", option, value) == 2
@@ -392,11 +413,17 @@ def test_fetch_options_do_not_define_the_output(tmp_path):
     from engine.config import ConvertOptions
 
     a = ConvertOptions(manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "o"), config="c.json")
-    b = ConvertOptions(manifest=str(tmp_path / "m.jsonl"), out=str(tmp_path / "o"), config="c.json",
-                       fetch=FetchOptions(cache=str(tmp_path / "cache"), concurrency=7, user_agent="x"))
+    b = ConvertOptions(
+        manifest=str(tmp_path / "m.jsonl"),
+        out=str(tmp_path / "o"),
+        config="c.json",
+        fetch=FetchOptions(cache=str(tmp_path / "cache"), concurrency=7, user_agent="x"),
+    )
     assert a.output_defining() == b.output_defining()
-    assert hashlib.sha256(repr(a.output_defining()).encode()).digest() == \
-        hashlib.sha256(repr(b.output_defining()).encode()).digest()
+    assert (
+        hashlib.sha256(repr(a.output_defining()).encode()).digest()
+        == hashlib.sha256(repr(b.output_defining()).encode()).digest()
+    )
 
 
 def test_progress_shows_downloaded_megabytes_per_second(server, capsys):
@@ -414,8 +441,10 @@ def test_progress_shows_downloaded_megabytes_per_second(server, capsys):
 def test_cache_folder_is_not_shown_in_the_card_command():
     from engine.cli import public_command
 
-    assert public_command(["convert", "--download-cache", "/home/me/secret/cache", "--out", "s3://b/o"]) == \
-        "engine convert --download-cache cache --out s3://b/o"
+    assert (
+        public_command(["convert", "--download-cache", "/home/me/secret/cache", "--out", "s3://b/o"])
+        == "engine convert --download-cache cache --out s3://b/o"
+    )
 
 
 def test_download_cache_that_cannot_be_created_is_a_usage_error(tmp_path, capsys):
@@ -430,7 +459,10 @@ def test_rows_rejected_after_their_fetch_are_not_downloaded_again(server, tmp_pa
     """What a later retry of rejected rows relies on: a body that arrived whole is cached even
     when its row failed afterwards (here an HTML page with status 200, rejected at decode)."""
     cache = tmp_path / "cache"
-    rows = [row("page", f"{server}/html/p.jpg", key="image_url"), row("ok", f"{server}/plain.jpg", key="image_url")]
+    rows = [
+        row("page", f"{server}/html/p.jpg", key="image_url"),
+        row("ok", f"{server}/plain.jpg", key="image_url"),
+    ]
     first = _run(tmp_path, rows, "--download-cache", str(cache), name="first")
     assert [r["stage"] for r in first.rejects] == ["decode"]
     STATE.reset()

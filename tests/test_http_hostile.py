@@ -8,10 +8,10 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import Output, convert, row, write_input
+
 from engine.config import FetchOptions
 from engine.sources.fetch import Fetcher, FetchFailure
 
@@ -31,7 +31,9 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Location", "/loop")
             self.end_headers()
         elif self.path == "/reset":  # close the connection without any response
-            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            self.connection.setsockopt(
+                socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+            )
             self.connection.close()
         elif self.path == "/always503":
             self.send_response(503)
@@ -86,13 +88,21 @@ def test_dead_host_is_a_failure():
 
 
 def test_hostile_urls_never_stop_the_run(server, tmp_path):
-    rows = [row("loop", f"{server}/loop", key="image_url"), row("reset", f"{server}/reset", key="image_url"),
-            row("dead", _dead_url(), key="image_url"), row("s503", f"{server}/always503", key="image_url"),
-            row("good", f"{server}/good.jpg", key="image_url")]
+    rows = [
+        row("loop", f"{server}/loop", key="image_url"),
+        row("reset", f"{server}/reset", key="image_url"),
+        row("dead", _dead_url(), key="image_url"),
+        row("s503", f"{server}/always503", key="image_url"),
+        row("good", f"{server}/good.jpg", key="image_url"),
+    ]
     inp = write_input(tmp_path / "in", rows)
     out = tmp_path / "out"
     assert convert(inp, out, "--http-timeout", "2", "--http-retries", "1") == 0
     o = Output(out)
     assert list(o.by_id()) == ["good"]
-    assert {r["image_id"]: r["stage"] for r in o.rejects} == {"loop": "fetch", "reset": "fetch", "dead": "fetch",
-                                                             "s503": "fetch"}
+    assert {r["image_id"]: r["stage"] for r in o.rejects} == {
+        "loop": "fetch",
+        "reset": "fetch",
+        "dead": "fetch",
+        "s503": "fetch",
+    }

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 
 import datasets
-import pytest
-
 import imagegen
+import pytest
 from conftest import convert, row, write_input
 
 from engine.inspect.report import inspect_dataset, write_report
@@ -42,15 +41,26 @@ def test_stats_count_each_kind_and_list_resized_and_rotated_ids(changed):
     stats = json.loads((changed / "stats.json").read_text())
     images = stats["images"]
     assert stats["num_passthrough"] == 2
-    assert images == {"passthrough": 2, "resized": 3, "rotated": 2, "reencoded": 2,
-                      "resized_ids": ["big1", "bigrot", "big2"], "rotated_ids": ["rot", "bigrot"]}
+    assert images == {
+        "passthrough": 2,
+        "resized": 3,
+        "rotated": 2,
+        "reencoded": 2,
+        "resized_ids": ["big1", "bigrot", "big2"],
+        "rotated_ids": ["rot", "bigrot"],
+    }
     # the counts describe the pixels written
     table = datasets.load_dataset(str(changed), split="train")
     got = {r["image_id"]: r["image"].size for r in table}
     assert got["big1"] == (100, 75) and got["big2"] == (100, 100) and got["bigrot"] == (100, 50)  # upright
     assert got["rot"] == (64, 48) and got["keep2"] == (96, 64)
-    assert sorted(p.name for p in changed.iterdir()) == ["README.md", "config.json", "data", "rejects.jsonl",
-                                                         "stats.json"]
+    assert sorted(p.name for p in changed.iterdir()) == [
+        "README.md",
+        "config.json",
+        "data",
+        "rejects.jsonl",
+        "stats.json",
+    ]
 
 
 def test_inspect_text_and_html_list_the_changed_images(changed, tmp_path):

@@ -12,8 +12,24 @@ from conftest import REPO
 
 def test_bench_inspect_smoke(tmp_path):
     results = tmp_path / "results"
-    argv = [sys.executable, "-m", "bench", "inspect", "--sizes", "6,12", "--decode-rows", "6", "--base-images", "3",
-            "--repeats", "1", "--workdir", str(tmp_path / "work"), "--results", str(results)]
+    argv = [
+        sys.executable,
+        "-m",
+        "bench",
+        "inspect",
+        "--sizes",
+        "6,12",
+        "--decode-rows",
+        "6",
+        "--base-images",
+        "3",
+        "--repeats",
+        "1",
+        "--workdir",
+        str(tmp_path / "work"),
+        "--results",
+        str(results),
+    ]
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = results.glob("*-inspect.json")

@@ -8,25 +8,28 @@ import io
 import os
 import re
 
-import pytest
-from PIL import Image
-
 import imagegen
+import pytest
 from browser import CHROMIUM, Browser
 from conftest import convert, row, write_input
+from PIL import Image
 
 from engine.inspect.report import inspect_dataset, write_report
 
 # skipped on a machine without chromium, never in CI (where scripts/install.sh installs it)
-pytestmark = pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"),
-                                reason="chromium is not installed (scripts/install.sh installs it)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="chromium is not installed (scripts/install.sh installs it)",
+)
 
 BAR_BLUE = (0x3B, 0x6F, 0xB6)  # report_html's histogram bars
 RECTS = """JSON.stringify({
   grid: (e => e ? [e.getBoundingClientRect().x, e.getBoundingClientRect().y + scrollY,
-                   e.getBoundingClientRect().width, e.getBoundingClientRect().height] : null)(document.querySelector('#samples .grid')),
+                   e.getBoundingClientRect().width, e.getBoundingClientRect().height] : null)\
+(document.querySelector('#samples .grid')),
   plots: [...document.querySelectorAll('#images .plot')].map(e => { const r = e.getBoundingClientRect();
-                                                                    return [r.x, r.y + scrollY, r.width, r.height]; })
+                                                                    return [r.x, r.y + scrollY,\
+ r.width, r.height]; })
 })"""
 
 
@@ -78,15 +81,20 @@ def test_report_renders_every_image_loads_and_console_is_clean(reports):
         assert b.problems() == []
         # readable on a laptop: no horizontal scrolling at 1280 px, and none at 1024 either
         assert b.evaluate("document.documentElement.scrollWidth") <= 1280
-        b.call("Emulation.setDeviceMetricsOverride", {"width": 1024, "height": 768, "deviceScaleFactor": 1,
-                                                      "mobile": False}, session=True)
+        b.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": 1024, "height": 768, "deviceScaleFactor": 1, "mobile": False},
+            session=True,
+        )
         assert b.evaluate("document.documentElement.scrollWidth") <= 1024
 
 
 def test_the_harness_sees_broken_images_and_console_errors(tmp_path):
     page = tmp_path / "broken.html"
-    page.write_text('<!doctype html><html><body><img src="data:image/png;base64,AAAA"><img src="missing.png">'
-                    '<script>console.error("boom")</script></body></html>')
+    page.write_text(
+        '<!doctype html><html><body><img src="data:image/png;base64,AAAA"><img src="missing.png">'
+        '<script>console.error("boom")</script></body></html>'
+    )
     with Browser() as b:
         b.load(page.as_uri())
         assert b.evaluate("[...document.images].map(i => i.naturalWidth)") == [0, 0]

@@ -11,12 +11,12 @@ import io
 from pathlib import Path
 from unittest import mock
 
+import imagegen
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import imagegen
 from engine import imaging
 from engine.config import ImageOptions
 from engine.imaging import EncodedImage, ImageFailure, transform_image
@@ -49,8 +49,17 @@ def _camera_exif() -> bytes:
     """EXIF as cameras write it: resolution tags (Pillow reads its DPI from them, as no JFIF
     segment gives one), make, model, date and an Exif sub-IFD."""
     exif = Image.Exif()
-    exif.update({0x0112: 1, 0x0128: 2, 0x011A: 72.0, 0x011B: 72.0, 0x010F: "Cam", 0x0110: "Model 1",
-                 0x0132: "2026:11:22 12:00:00"})
+    exif.update(
+        {
+            0x0112: 1,
+            0x0128: 2,
+            0x011A: 72.0,
+            0x011B: 72.0,
+            0x010F: "Cam",
+            0x0110: "Model 1",
+            0x0132: "2026:11:22 12:00:00",
+        }
+    )
     exif.get_ifd(0x8769).update({0x9003: "2026:11:22 12:00:00", 0xA002: 64, 0xA003: 48})
     return imagegen.encode(imagegen.quadrant_image(), "JPEG", exif=exif.tobytes())
 
@@ -82,30 +91,41 @@ def test_header_agrees_with_pillow(kind):
     assert (header.width, header.height, header.mode) == (im.width, im.height, im.mode)
     assert header.exif == im.info.get("exif")
     sos = data.index(b"\xff\xda")  # the start-of-scan segment; the scan follows it
-    assert header.scan_start == sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    assert header.scan_start == sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
 
 
-@pytest.mark.parametrize("kind,data", [
-    ("cmyk", imagegen.cmyk_jpeg()),
-    ("mpo", _mpo()),
-    ("png", imagegen.png()),
-    ("truncated header", imagegen.jpeg()[:100]),
-    ("garbage after SOI", imagegen.corrupt_jpeg()),
-    ("empty", b""),
-])
+@pytest.mark.parametrize(
+    "kind,data",
+    [
+        ("cmyk", imagegen.cmyk_jpeg()),
+        ("mpo", _mpo()),
+        ("png", imagegen.png()),
+        ("truncated header", imagegen.jpeg()[:100]),
+        ("garbage after SOI", imagegen.corrupt_jpeg()),
+        ("empty", b""),
+    ],
+)
 def test_unusual_files_are_left_to_pillow(kind, data):
     assert read_jpeg_header(data) is None
 
 
 @pytest.mark.parametrize("kind", sorted(PLAIN))
-@pytest.mark.parametrize("opts", [KEEP, ImageOptions(max_size=48), ImageOptions(max_size=None, max_pixels=100)],
-                         ids=["keep", "shrink", "pixel-limit"])
+@pytest.mark.parametrize(
+    "opts",
+    [KEEP, ImageOptions(max_size=48), ImageOptions(max_size=None, max_pixels=100)],
+    ids=["keep", "shrink", "pixel-limit"],
+)
 def test_transform_decides_as_the_full_path(kind, opts):
     data = PLAIN[kind]()
     fast, full = transform_image(data, opts), _full_path(data, opts)
     assert type(fast) is type(full)
     if isinstance(fast, EncodedImage):
-        assert (fast.passthrough, fast.width, fast.height, fast.format) == (full.passthrough, full.width, full.height, full.format)
+        assert (fast.passthrough, fast.width, fast.height, fast.format) == (
+            full.passthrough,
+            full.width,
+            full.height,
+            full.format,
+        )
         if fast.passthrough:
             assert fast.data == data
         else:  # re-encoded by the same code from the same pixels
@@ -127,7 +147,7 @@ def test_truncated_scan_is_rejected_even_with_an_end_marker_before_it():
     thumbnail's, say) used to satisfy the check; the walk knows where the scan starts."""
     whole = imagegen.noise_jpeg((128, 128), seed=3)
     header = read_jpeg_header(whole)
-    head, scan = whole[:header.scan_start], whole[header.scan_start:]
+    head, scan = whole[: header.scan_start], whole[header.scan_start :]
     # an APP15 segment holding an end-of-image marker, before the scan, then half the scan
     app = b"\xff\xef" + (2 + 4).to_bytes(2, "big") + b"\x00\xff\xd9\x00"
     data = head[:2] + app + head[2:] + scan[: len(scan) // 2]
@@ -137,8 +157,11 @@ def test_truncated_scan_is_rejected_even_with_an_end_marker_before_it():
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(base=st.sampled_from(sorted(PLAIN)), cut=st.integers(0, 4000),
-       flips=st.lists(st.tuples(st.integers(0, 700), st.integers(0, 255)), min_size=1, max_size=4))
+@given(
+    base=st.sampled_from(sorted(PLAIN)),
+    cut=st.integers(0, 4000),
+    flips=st.lists(st.tuples(st.integers(0, 700), st.integers(0, 255)), min_size=1, max_size=4),
+)
 def test_mutated_headers_never_keep_what_pillow_would_not(base, flips, cut):
     """Bytes changed where the markers, tables and EXIF block are (the first 700), and cut."""
     data = bytearray(PLAIN[base]())
@@ -148,7 +171,12 @@ def test_mutated_headers_never_keep_what_pillow_would_not(base, flips, cut):
     fast, full = transform_image(data, KEEP), _full_path(data, KEEP)
     assert type(fast) is type(full), (fast, full)
     if isinstance(fast, EncodedImage):
-        assert (fast.width, fast.height, fast.format, fast.passthrough) == (full.width, full.height, full.format, full.passthrough)
+        assert (fast.width, fast.height, fast.format, fast.passthrough) == (
+            full.width,
+            full.height,
+            full.format,
+            full.passthrough,
+        )
         if fast.passthrough:  # a kept file is one a reader decodes in full
             Image.open(io.BytesIO(fast.data)).load()
     else:
@@ -170,7 +198,7 @@ def test_a_jpeg_pillow_cannot_open_is_not_kept():
     exif = _exif_block([(0x011A, 2, 1, bytes(4)), (0x0128, 3, 1, b"\x00\x02\x00\x00")])
     data = imagegen.encode(imagegen.quadrant_image(), "JPEG", exif=exif)
     assert read_jpeg_header(data) is not None
-    with pytest.raises(Exception):
+    with pytest.raises(Image.UnidentifiedImageError):
         Image.open(io.BytesIO(data))
     result = transform_image(data, KEEP)
     assert isinstance(result, ImageFailure)
@@ -187,7 +215,13 @@ def _exif_with_thumbnail() -> bytes:
 
 
 def test_jpeg_end_is_the_real_end_of_image():
-    for data in (imagegen.jpeg(), _progressive(), _with_icc_and_comment(), _camera_exif(), _exif_with_thumbnail()):
+    for data in (
+        imagegen.jpeg(),
+        _progressive(),
+        _with_icc_and_comment(),
+        _camera_exif(),
+        _exif_with_thumbnail(),
+    ):
         assert jpeg_end(data) == len(data)
     assert jpeg_end(imagegen.jpeg() + b"trailing bytes after the picture") == len(imagegen.jpeg())
 
@@ -196,7 +230,7 @@ def test_jpeg_end_is_never_a_thumbnails_marker():
     data = _exif_with_thumbnail()
     sos = 2
     while data[sos + 1] != 0xDA:  # the real start of scan: segment by segment, past APP1
-        sos += 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+        sos += 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")
     assert data.find(b"\xff\xd9") < sos, "the fixture must hold an end marker before its scan"
     for cut in range(sos, len(data) - 1, max(1, (len(data) - sos) // 40)):
         assert jpeg_end(data[:cut]) is None, cut
@@ -210,13 +244,19 @@ def test_jpeg_end_of_an_mpo_is_its_first_picture():
     Image.open(io.BytesIO(data[:end])).load()
 
 
-@pytest.mark.parametrize("kind,change", [
-    ("no end marker", lambda d: d[:-2]),
-    ("a second frame header", lambda d: d[:-2] + d[d.index(b"\xff\xc0"):d.index(b"\xff\xc4")] + d[-2:]),
-    ("a Huffman table with too many codes", lambda d: d.replace(b"\xff\xc4\x00\x1f\x00\x00\x01", b"\xff\xc4\x00\x1f\x00\x00\xff", 1)),
-    ("12-bit samples", lambda d: d.replace(b"\xff\xc0\x00\x11\x08", b"\xff\xc0\x00\x11\x0c", 1)),
-    ("a marker inside the scan data", lambda d: d[:-40] + b"\xff\xc8" + d[-38:]),
-])
+@pytest.mark.parametrize(
+    "kind,change",
+    [
+        ("no end marker", lambda d: d[:-2]),
+        ("a second frame header", lambda d: d[:-2] + d[d.index(b"\xff\xc0") : d.index(b"\xff\xc4")] + d[-2:]),
+        (
+            "a Huffman table with too many codes",
+            lambda d: d.replace(b"\xff\xc4\x00\x1f\x00\x00\x01", b"\xff\xc4\x00\x1f\x00\x00\xff", 1),
+        ),
+        ("12-bit samples", lambda d: d.replace(b"\xff\xc0\x00\x11\x08", b"\xff\xc0\x00\x11\x0c", 1)),
+        ("a marker inside the scan data", lambda d: d[:-40] + b"\xff\xc8" + d[-38:]),
+    ],
+)
 def test_jpeg_end_refuses_what_libjpeg_refuses(kind, change):
     data = change(imagegen.jpeg(size=(128, 96)))
     assert jpeg_end(data) is None
@@ -226,7 +266,7 @@ def test_jpeg_end_refuses_what_libjpeg_refuses(kind, change):
 
 def test_progressive_cut_between_scans_is_never_kept():
     data = _progressive()
-    for at in [m for m in range(len(data)) if data[m:m + 2] == b"\xff\xda"][1:]:
+    for at in [m for m in range(len(data)) if data[m : m + 2] == b"\xff\xda"][1:]:
         assert jpeg_end(data[:at]) is None
         assert isinstance(transform_image(data[:at], KEEP), ImageFailure)
 

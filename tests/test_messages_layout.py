@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 
+import imagegen
 import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import CONFIG_BYTES, GOOD_OUTPUT, run_main, write_input
-
-import imagegen
 
 TOKEN = "<|reserved_special_token_0|>"
 # The features of HuggingFaceH4/llava-instruct-mix-vsft, as its dataset card on the Hub records them
@@ -34,14 +33,32 @@ LLAVA_INSTRUCT_MIX_VSFT = """
 
 
 def _convert(inp, out, *extra: str) -> int:
-    return run_main(["convert", "--manifest", str(inp.manifest), "--config", str(inp.config), "--out", str(out),
-                     "--layout", "messages", "--runner", "local", "--quiet", *extra])
+    return run_main(
+        [
+            "convert",
+            "--manifest",
+            str(inp.manifest),
+            "--config",
+            str(inp.config),
+            "--out",
+            str(out),
+            "--layout",
+            "messages",
+            "--runner",
+            "local",
+            "--quiet",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture
 def labelr(tmp_path):
     images = {"a.jpg": imagegen.jpeg((64, 48)), "b.png": imagegen.png((40, 30), mode="RGBA")}
-    rows = [{"image_id": f"r{i}", "image_path": ["a.jpg", "b.png"][i % 2], "output": GOOD_OUTPUT} for i in range(5)]
+    rows = [
+        {"image_id": f"r{i}", "image_path": ["a.jpg", "b.png"][i % 2], "output": GOOD_OUTPUT}
+        for i in range(5)
+    ]
     rows.append({"image_id": "bad", "image_path": "a.jpg", "output": {"price": "free"}})
     return write_input(tmp_path / "in", rows, images), images
 
@@ -58,10 +75,19 @@ def test_labelr_rows_load_with_datasets_in_the_llava_instruct_mix_shape(labelr, 
     instructions = json.loads(CONFIG_BYTES)["instructions"]
     row = ds[1]
     assert row["messages"] == [
-        {"role": "user", "content": [{"index": None, "text": instructions, "type": "text"},
-                                     {"index": 0, "text": None, "type": "image"}]},
-        {"role": "assistant", "content": [{"index": None, "text": json.dumps(GOOD_OUTPUT, separators=(",", ":")),
-                                           "type": "text"}]},
+        {
+            "role": "user",
+            "content": [
+                {"index": None, "text": instructions, "type": "text"},
+                {"index": 0, "text": None, "type": "image"},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": [
+                {"index": None, "text": json.dumps(GOOD_OUTPUT, separators=(",", ":")), "type": "text"}
+            ],
+        },
     ]
     (image,) = row["images"]
     assert image.size == (40, 30) and image.mode == "RGBA"
@@ -76,39 +102,85 @@ def test_system_prompt_and_prompt_template(labelr, tmp_path):
 
     inp, _ = labelr
     out = tmp_path / "out"
-    assert _convert(inp, out, "--system-prompt", "Be exact.", "--prompt-template", "Read: {instructions}",
-                    "--attachment-position", "before") == 0
+    assert (
+        _convert(
+            inp,
+            out,
+            "--system-prompt",
+            "Be exact.",
+            "--prompt-template",
+            "Read: {instructions}",
+            "--attachment-position",
+            "before",
+        )
+        == 0
+    )
     messages = load_dataset(str(out), split="train")[0]["messages"]
     instructions = json.loads(CONFIG_BYTES)["instructions"]
-    assert messages[0] == {"role": "system", "content": [{"index": None, "text": "Be exact.", "type": "text"}]}
-    assert messages[1]["content"] == [{"index": 0, "text": None, "type": "image"},
-                                      {"index": None, "text": f"Read: {instructions}", "type": "text"}]
+    assert messages[0] == {
+        "role": "system",
+        "content": [{"index": None, "text": "Be exact.", "type": "text"}],
+    }
+    assert messages[1]["content"] == [
+        {"index": 0, "text": None, "type": "image"},
+        {"index": None, "text": f"Read: {instructions}", "type": "text"},
+    ]
 
 
 def test_trainer_rows_keep_their_turns_with_each_image_where_its_token_stood(tmp_path):
     from datasets import load_dataset
 
     images = {"a.jpg": imagegen.jpeg((64, 48)), "b.png": imagegen.png((40, 30))}
-    turns = [{"role": "user", "content": f"Compare {TOKEN}\nwith {TOKEN}, please."},
-             {"role": "assistant", "content": "Same."}]
-    rows = [{"id": "t0", "conversations": turns, "modalities": [{"type": "image", "value": "a.jpg"},
-                                                                 {"type": "image", "value": "b.png"}]},
-            # bad input: one token, two images; a pretraining text row has no turns
-            {"id": "t1", "conversations": [{"role": "user", "content": f"{TOKEN} one"}],
-             "modalities": [{"type": "image", "value": "a.jpg"}, {"type": "image", "value": "b.png"}]},
-            {"id": "t2", "text": f"{TOKEN} caption", "modalities": [{"type": "image", "value": "a.jpg"}]}]
+    turns = [
+        {"role": "user", "content": f"Compare {TOKEN}\nwith {TOKEN}, please."},
+        {"role": "assistant", "content": "Same."},
+    ]
+    rows = [
+        {
+            "id": "t0",
+            "conversations": turns,
+            "modalities": [{"type": "image", "value": "a.jpg"}, {"type": "image", "value": "b.png"}],
+        },
+        # bad input: one token, two images; a pretraining text row has no turns
+        {
+            "id": "t1",
+            "conversations": [{"role": "user", "content": f"{TOKEN} one"}],
+            "modalities": [{"type": "image", "value": "a.jpg"}, {"type": "image", "value": "b.png"}],
+        },
+        {"id": "t2", "text": f"{TOKEN} caption", "modalities": [{"type": "image", "value": "a.jpg"}]},
+    ]
     inp = write_input(tmp_path / "in", rows, images, manifest_name="trainer.jsonl")
     out = tmp_path / "out"
-    assert run_main(["convert", "--manifest", str(inp.manifest), "--out", str(out), "--layout", "messages",
-                     "--runner", "local", "--quiet"]) == 0
+    assert (
+        run_main(
+            [
+                "convert",
+                "--manifest",
+                str(inp.manifest),
+                "--out",
+                str(out),
+                "--layout",
+                "messages",
+                "--runner",
+                "local",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     ds = load_dataset(str(out), split="train")
     assert ds.num_rows == 1
     assert ds[0]["messages"] == [
-        {"role": "user", "content": [{"index": None, "text": "Compare", "type": "text"},
-                                     {"index": 0, "text": None, "type": "image"},
-                                     {"index": None, "text": "with", "type": "text"},
-                                     {"index": 1, "text": None, "type": "image"},
-                                     {"index": None, "text": ", please.", "type": "text"}]},
+        {
+            "role": "user",
+            "content": [
+                {"index": None, "text": "Compare", "type": "text"},
+                {"index": 0, "text": None, "type": "image"},
+                {"index": None, "text": "with", "type": "text"},
+                {"index": 1, "text": None, "type": "image"},
+                {"index": None, "text": ", please.", "type": "text"},
+            ],
+        },
         {"role": "assistant", "content": [{"index": None, "text": "Same.", "type": "text"}]},
     ]
     assert [im.size for im in ds[0]["images"]] == [(64, 48), (40, 30)]
@@ -131,8 +203,10 @@ def test_parquet_care_row_groups_uncompressed_images_cdc_and_card(labelr, tmp_pa
     f = pq.ParquetFile(files[0])
     assert [f.metadata.row_group(i).num_rows for i in range(f.num_row_groups)] == [2, 2]
     assert b"content_defined_chunking" in f.metadata.metadata
-    columns = {f.metadata.row_group(0).column(i).path_in_schema: f.metadata.row_group(0).column(i)
-               for i in range(f.metadata.num_columns)}
+    columns = {
+        f.metadata.row_group(0).column(i).path_in_schema: f.metadata.row_group(0).column(i)
+        for i in range(f.metadata.num_columns)
+    }
     image_bytes = columns["images.list.element.bytes"]
     assert image_bytes.compression == "UNCOMPRESSED"
     assert not any("DICTIONARY" in e for e in image_bytes.encodings)
@@ -141,7 +215,8 @@ def test_parquet_care_row_groups_uncompressed_images_cdc_and_card(labelr, tmp_pa
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["configs"][0]["data_files"] == [{"split": "train", "path": "data/train-*"}]
     assert Features._from_yaml_list(front["dataset_info"]["features"]) == Features._from_yaml_list(
-        yaml.safe_load(LLAVA_INSTRUCT_MIX_VSFT))
+        yaml.safe_load(LLAVA_INSTRUCT_MIX_VSFT)
+    )
     assert "image-text-to-text" in front["tags"]
 
 
@@ -156,10 +231,14 @@ def test_rows_render_through_a_chat_template(labelr, tmp_path):
     inp, _ = labelr
     out = tmp_path / "out"
     assert _convert(inp, out) == 0
-    template = ("{% for m in messages %}{{ m['role'] | upper }}: {% for p in m['content'] %}"
-                "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}{{ '\\n' }}{% endfor %}")
-    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
-                                                     chat_template=template)
+    template = (
+        "{% for m in messages %}{{ m['role'] | upper }}: {% for p in m['content'] %}"
+        "{% if p['type'] == 'image' %}<image>{% else %}{{ p['text'] }}{% endif %}{% endfor %}"
+        "{{ '\\n' }}{% endfor %}"
+    )
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")), chat_template=template
+    )
     instructions = json.loads(CONFIG_BYTES)["instructions"]
     output = json.dumps(GOOD_OUTPUT, separators=(",", ":"))
     for row in load_dataset(str(out), split="train"):

@@ -3,9 +3,8 @@ are passed through byte for byte."""
 
 from __future__ import annotations
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import Output, convert, decode, orientation_tag, row, write_input
 
 LARGE = (3000, 2000)
@@ -102,7 +101,9 @@ def test_palette_with_transparency(converted):
             f"transparent area shows the palette's hidden colour {hidden}: converted without compositing"
         )
     else:
-        assert im.mode == "RGBA", f"{fmt} can hold alpha: palette+transparency must become RGBA, got {im.mode}"
+        assert im.mode == "RGBA", (
+            f"{fmt} can hold alpha: palette+transparency must become RGBA, got {im.mode}"
+        )
         assert im.getpixel(centres["tl"])[3] <= 5, "the transparent quadrant lost its transparency"
         for name in opaque:
             assert im.getpixel(centres[name])[3] >= 250
@@ -171,8 +172,9 @@ def test_max_size_applies_to_portrait_longest_side(tmp_path):
 
 def test_quality_option_changes_reencoded_size(tmp_path):
     """A re-encoded (rotated) noise image is much smaller at quality 20 than at 95."""
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     noise = Image.open(io.BytesIO(imagegen.noise_jpeg((200, 150), seed=7)))
     data = imagegen.encode(noise, "JPEG", orientation=6, quality=95)

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import io
 
-import pytest
-from PIL import Image, ImageOps
-
 import imagegen
+import pytest
 from conftest import Output, convert, decode, orientation_tag, row, write_input
+from PIL import Image, ImageOps
 
 ORIENTATIONS = range(1, 9)
 LARGE = (3000, 2000)

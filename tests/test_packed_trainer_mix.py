@@ -15,11 +15,10 @@ import os
 from pathlib import Path
 
 import datasets
-import pytest
-from PIL import Image, ImageOps
-
 import imagegen
+import pytest
 from conftest import convert, row, write_input
+from PIL import Image, ImageOps
 
 TOKEN = "<|reserved_special_token_0|>"
 RECIPE_VALUE = {"path": datasets.Value("null"), "bytes": datasets.Value("binary")}
@@ -60,10 +59,13 @@ def fs_image_loader(base_path: str, sample: dict) -> Image.Image:
 
 def recipe_dataset(folder: Path, cache: Path) -> datasets.Dataset:
     """The seed's recipe, verbatim in spirit: PIL images in `modalities`, then save_to_disk."""
+
     def generate_sample(path: Path) -> dict:
         image = Image.open(path).convert("RGB")
-        conversations = [{"role": "user", "content": f"Describe the image: {TOKEN}."},
-                         {"role": "assistant", "content": "This is an image of ..."}]
+        conversations = [
+            {"role": "user", "content": f"Describe the image: {TOKEN}."},
+            {"role": "assistant", "content": "This is an image of ..."},
+        ]
         return {"conversations": conversations, "modalities": [{"type": "image", "value": image}]}
 
     paths = [folder / "wide.jpg", folder / "r6.jpg"]
@@ -163,13 +165,19 @@ def test_two_fs_image_datasets_in_different_folders_share_one_base_path(mix, tmp
     base = tmp_path / "datasets"
     outs = [base / "a" / "prices", base / "b" / "deeper" / "labels"]
     for out in outs:
-        assert convert(mix["inp"], out, "--layout", "arrow", "--images-as-paths", "--paths-relative-to",
-                       str(base)) == 0
+        assert (
+            convert(
+                mix["inp"], out, "--layout", "arrow", "--images-as-paths", "--paths-relative-to", str(base)
+            )
+            == 0
+        )
     both = datasets.concatenate_datasets([datasets.load_from_disk(str(o)) for o in outs])
     assert both.num_rows == 2 * len(PICTURES)
     values = [s["modalities"][0]["value"] for s in both]
     assert all(not os.path.isabs(v) for v in values), values
-    assert values[0].startswith("a/prices/images/") and values[-1].startswith("b/deeper/labels/images/"), values
+    assert values[0].startswith("a/prices/images/") and values[-1].startswith("b/deeper/labels/images/"), (
+        values
+    )
     for sample, size in zip(both, engine_sizes() * 2):
         im = fs_image_loader(str(base), sample["modalities"][0])
         assert im.size == size
@@ -216,8 +224,15 @@ def test_modality_feature_needs_raw_image(mix, tmp_path, extra, capsys):
 
 def test_stats_name_the_packed_path_of_each_split(mix, tmp_path):
     images = {name: data for name, (data, _) in PICTURES.items()}
-    inp = write_input(tmp_path / "in", [row("a", "r6.jpg", split="train"), row("b", "wide.jpg", split="test"),
-                                        row("c", "r3.png", split="train")], images)
+    inp = write_input(
+        tmp_path / "in",
+        [
+            row("a", "r6.jpg", split="train"),
+            row("b", "wide.jpg", split="test"),
+            row("c", "r3.png", split="train"),
+        ],
+        images,
+    )
     out = tmp_path / "out"
     assert convert(inp, out, "--layout", "arrow") == 0
     paths = json.loads((out / "stats.json").read_text())["packed_paths"]

@@ -12,7 +12,6 @@ import importlib.metadata as md
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO
 
 MARKER = REPO / ".venv" / "pillow-build.txt"
@@ -28,7 +27,9 @@ def _check_simd_is_imported() -> None:
     assert dist.version, "pillow-simd has no version"
     pil_init = Path(PIL.__file__).resolve()
     owned = {Path(dist.locate_file(f)).resolve() for f in (dist.files or [])}
-    assert pil_init in owned, f"PIL is imported from {pil_init}, which pillow-simd {dist.version} does not own"
+    assert pil_init in owned, (
+        f"PIL is imported from {pil_init}, which pillow-simd {dist.version} does not own"
+    )
     try:
         stock = md.distribution("pillow")
     except md.PackageNotFoundError:
@@ -42,7 +43,9 @@ def test_pillow_simd_is_the_imported_pil():
     if MARKER.exists():
         status = MARKER.read_text().splitlines()[0].strip()
         if status.startswith("fallback"):
-            pytest.skip(f"install script fell back to stock Pillow: {status.partition(':')[2].strip() or status}")
+            pytest.skip(
+                f"install script fell back to stock Pillow: {status.partition(':')[2].strip() or status}"
+            )
         assert status == "simd", f"unexpected {MARKER.name} content: {status!r}"
     _check_simd_is_imported()
 

@@ -22,13 +22,24 @@ HOSTILE = TESTS / "data" / "hostile"
 def _tiff_with_a_tag_past_its_end() -> bytes:
     """A 1x1 TIFF whose ImageDescription points past the end of the file: Pillow warns
     (``warnings.warn``) while reading its directory."""
-    entries = [(256, 3, 1, 1), (257, 3, 1, 1), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-               (270, 2, 100, 10_000), (273, 4, 1, 0), (278, 3, 1, 1), (279, 4, 1, 1)]
+    entries = [
+        (256, 3, 1, 1),
+        (257, 3, 1, 1),
+        (258, 3, 1, 8),
+        (259, 3, 1, 1),
+        (262, 3, 1, 1),
+        (270, 2, 100, 10_000),
+        (273, 4, 1, 0),
+        (278, 3, 1, 1),
+        (279, 4, 1, 1),
+    ]
     pixels_at = 8 + 2 + 12 * len(entries) + 4
     body = struct.pack("<H", len(entries))
     for tag, kind, count, value in entries:
         value = pixels_at if tag == 273 else value
-        body += struct.pack("<HHII" if kind in (2, 4) else "<HHIHH", tag, kind, count, value, *([] if kind in (2, 4) else [0]))
+        body += struct.pack(
+            "<HHII" if kind in (2, 4) else "<HHIHH", tag, kind, count, value, *([] if kind in (2, 4) else [0])
+        )
     return b"II*\x00" + struct.pack("<I", 8) + body + b"\x00" * 4 + b"\x80"
 
 
@@ -43,8 +54,20 @@ def _input(tmp_path):
 
 
 def _run(inp, out, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest), "--config", str(inp.config),
-            "--out", str(out), "--no-passthrough", *extra]
+    argv = [
+        sys.executable,
+        "-m",
+        "engine",
+        "convert",
+        "--manifest",
+        str(inp.manifest),
+        "--config",
+        str(inp.config),
+        "--out",
+        str(out),
+        "--no-passthrough",
+        *extra,
+    ]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
 
 

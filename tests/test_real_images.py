@@ -13,33 +13,44 @@ import io
 import struct
 from pathlib import Path
 
+import imagegen
 import numpy as np
 import pytest
+from conftest import Output, convert, row, write_input
 from PIL import Image, ImageFile, ImageOps
 
-import imagegen
-from conftest import Output, convert, row, write_input
 from engine.config import ImageOptions
 from engine.imaging import EncodedImage, ImageFailure, transform_image
 
 REAL = Path(__file__).resolve().parent / "data" / "real"
-XMP = ('<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
-       '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
-       'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{}"/></rdf:RDF></x:xmpmeta>'
-       '<?xpacket end="w"?>')
+XMP = (
+    '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+    '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about="" '
+    'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{}"/></rdf:RDF></x:xmpmeta>'
+    '<?xpacket end="w"?>'
+)
 NEVER_DECODE = {"truncated_jpeg.jpg", "apng_syntax_num_frames_zero.png", "ultrahdr.jpg"}
-ORIENTED = ([f"g4_orientation_{o}.tif" for o in range(2, 9)]
-            + [f"hopper_orientation_{o}.{ext}" for o in range(2, 9) for ext in ("jpg", "webp")]
-            + ["exif_imagemagick_orientation.png", "xmp_tags_orientation_exiftool.png", "Landscape_6.jpg",
-               "Portrait_5.jpg", "made/png_exif_after_idat_6.png", "made/jpeg_xmp_6.jpg", "made/webp_xmp_8.webp",
-               "made/flower_progressive_8.jpg"])
+ORIENTED = (
+    [f"g4_orientation_{o}.tif" for o in range(2, 9)]
+    + [f"hopper_orientation_{o}.{ext}" for o in range(2, 9) for ext in ("jpg", "webp")]
+    + [
+        "exif_imagemagick_orientation.png",
+        "xmp_tags_orientation_exiftool.png",
+        "Landscape_6.jpg",
+        "Portrait_5.jpg",
+        "made/png_exif_after_idat_6.png",
+        "made/jpeg_xmp_6.jpg",
+        "made/webp_xmp_8.webp",
+        "made/flower_progressive_8.jpg",
+    ]
+)
 
 
 def _png_chunks(data: bytes) -> list[bytes]:
     chunks, pos = [], 8
     while pos < len(data):
-        length = struct.unpack(">I", data[pos:pos + 4])[0]
-        chunks.append(data[pos:pos + 12 + length])
+        length = struct.unpack(">I", data[pos : pos + 4])[0]
+        chunks.append(data[pos : pos + 12 + length])
         pos += 12 + length
     return chunks
 
@@ -172,8 +183,12 @@ def test_every_written_image_decodes_with_plain_pil_and_datasets(runs, mode):
     _, done = runs
     for image_id, r in done[mode].by_id().items():
         im = _decode(r["image"]["bytes"])
-        shown = HFImage().decode_example({"bytes": r["image"]["bytes"], "path": None})  # applies exif_transpose
-        assert shown.size == im.size, f"{image_id}: datasets shows {shown.size}, the stored pixels are {im.size}"
+        shown = HFImage().decode_example(
+            {"bytes": r["image"]["bytes"], "path": None}
+        )  # applies exif_transpose
+        assert shown.size == im.size, (
+            f"{image_id}: datasets shows {shown.size}, the stored pixels are {im.size}"
+        )
 
 
 @pytest.mark.parametrize("mode", ["default", "keep"])
@@ -196,8 +211,16 @@ def _assert_shows(got: Image.Image, want: Image.Image, tolerance: float) -> None
     right = _mean_difference(got, want)
     assert right < tolerance
     for op in Image.Transpose:
-        if op in (Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-                  Image.Transpose.TRANSVERSE) and want.width != want.height:
+        if (
+            op
+            in (
+                Image.Transpose.ROTATE_90,
+                Image.Transpose.ROTATE_270,
+                Image.Transpose.TRANSPOSE,
+                Image.Transpose.TRANSVERSE,
+            )
+            and want.width != want.height
+        ):
             continue  # another shape: the size check above tells those apart
         other = want.transpose(op)
         if _mean_difference(other, want) > 1.0:
@@ -219,8 +242,16 @@ def test_tiff_orientations_all_equal_orientation_1(runs):
 def test_upright_files_still_pass_through(runs):
     files, done = runs
     rows = done["keep"].by_id()
-    for name in ("hopper.jpg", "hopper.webp", "flower.jpg", "iptc.jpg", "Landscape_0.jpg", "made/orientation_9.jpg",
-                 "hopper_bad_exif.jpg", "rgb_trns.png"):
+    for name in (
+        "hopper.jpg",
+        "hopper.webp",
+        "flower.jpg",
+        "iptc.jpg",
+        "Landscape_0.jpg",
+        "made/orientation_9.jpg",
+        "hopper_bad_exif.jpg",
+        "rgb_trns.png",
+    ):
         assert rows[_id(name)]["image"]["bytes"] == files[name], name
 
 
@@ -231,8 +262,13 @@ def test_invalid_orientations_and_unreadable_exif_are_upright_and_counted(runs):
     for mode in ("default", "keep"):
         out = done[mode]
         rows = out.by_id()
-        for name in ("Landscape_0.jpg", "made/orientation_9.jpg", "hopper_bad_exif.jpg", "invalid-exif.jpg",
-                     "made/jfif_unparsable_exif.jpg"):
+        for name in (
+            "Landscape_0.jpg",
+            "made/orientation_9.jpg",
+            "hopper_bad_exif.jpg",
+            "invalid-exif.jpg",
+            "made/jfif_unparsable_exif.jpg",
+        ):
             original = Image.open(io.BytesIO(files[name]))
             assert _mean_difference(_decode(rows[_id(name)]["image"]["bytes"]), original) < 8.0, name
         warnings = out.stats["warnings"]
@@ -303,7 +339,9 @@ TRUNCATED_SOURCES = {
 
 
 @pytest.mark.parametrize("name", sorted(TRUNCATED_SOURCES))
-@pytest.mark.parametrize("opts", [ImageOptions(max_size=None, format="keep"), ImageOptions()], ids=["keep", "default"])
+@pytest.mark.parametrize(
+    "opts", [ImageOptions(max_size=None, format="keep"), ImageOptions()], ids=["keep", "default"]
+)
 def test_truncated_real_jpegs_are_rejected_or_decodable(name, opts):
     whole = TRUNCATED_SOURCES[name]()
     for percent in range(5, 100, 5):
@@ -355,7 +393,9 @@ def test_tiff_orientation_with_downscaling_keeps_the_upright_shape():
     """The TIFF turns itself in load(), so the target size is taken after it, not before."""
     sizes = set()
     for o in range(1, 9):
-        result = transform_image((REAL / f"g4_orientation_{o}.tif").read_bytes(), ImageOptions(max_size=100, format="png"))
+        result = transform_image(
+            (REAL / f"g4_orientation_{o}.tif").read_bytes(), ImageOptions(max_size=100, format="png")
+        )
         sizes.add(_decode(result.data).size)
     assert sizes == {(100, 15)}
 

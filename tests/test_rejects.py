@@ -7,9 +7,8 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import GOOD_OUTPUT_COMPACT, Output, convert, decode, row, run_main, supports, write_input
 
 GOOD_IDS = {"good_a", "good_b", "good_c", "good_d"}
@@ -260,7 +259,18 @@ def test_unusual_file_names_and_locations(tmp_path, monkeypatch):
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     code = run_main(
-        ["convert", "--manifest", "../in/manifest.jsonl", "--config", "../in/config.json", "--out", "out", "--runner", "local", "--quiet"]
+        [
+            "convert",
+            "--manifest",
+            "../in/manifest.jsonl",
+            "--config",
+            "../in/config.json",
+            "--out",
+            "out",
+            "--runner",
+            "local",
+            "--quiet",
+        ]
     )
     assert code == 0
     out = Output(elsewhere / "out")
@@ -314,8 +324,11 @@ NOT_IMAGES = {
 
 
 def test_files_that_are_not_images_say_what_they_are(tmp_path):
-    inp = write_input(tmp_path / "in", [row(name, name) for name in NOT_IMAGES],
-                      {name: data for name, (data, _) in NOT_IMAGES.items()})
+    inp = write_input(
+        tmp_path / "in",
+        [row(name, name) for name in NOT_IMAGES],
+        {name: data for name, (data, _) in NOT_IMAGES.items()},
+    )
     assert convert(inp, tmp_path / "out") == 0
     out = Output(tmp_path / "out")
     assert out.stats["num_written"] == 0

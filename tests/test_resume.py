@@ -15,9 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import Output, row, run_main, write_input
 
 NUM_IMAGES = 36
@@ -29,7 +28,8 @@ def _input(root: Path):
     for i in range(NUM_IMAGES):
         # big enough to take real decode/encode time, rotated so every image is re-encoded
         images[f"img/{i}.jpg"] = imagegen.encode(
-            imagegen.stored_for_orientation(imagegen.quadrant_image((900, 600)), 6), "JPEG", orientation=6)
+            imagegen.stored_for_orientation(imagegen.quadrant_image((900, 600)), 6), "JPEG", orientation=6
+        )
         rows.append(row(f"id{i}", f"img/{i}.jpg", split="test" if i % 7 == 0 else None))
     rows.insert(5, "not json")
     rows.insert(11, row("id3", "img/3.jpg"))  # duplicate
@@ -42,21 +42,45 @@ def _input(root: Path):
 
 
 def _args(inp, out: Path, layout: str, *extra: str) -> list[str]:
-    return ["convert", "--manifest", str(inp.manifest), "--config", str(inp.config), "--out", str(out),
-            "--layout", layout, "--runner", "local", "--unit-rows", str(UNIT_ROWS), "--quiet", "--max-size", "400",
-            *extra]
+    return [
+        "convert",
+        "--manifest",
+        str(inp.manifest),
+        "--config",
+        str(inp.config),
+        "--out",
+        str(out),
+        "--layout",
+        layout,
+        "--runner",
+        "local",
+        "--unit-rows",
+        str(UNIT_ROWS),
+        "--quiet",
+        "--max-size",
+        "400",
+        *extra,
+    ]
 
 
 def _data_hashes(out: Path) -> dict[str, str]:
     skip = {"stats.json", "README.md"}
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.name not in skip and ".engine" not in p.parts}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.name not in skip and ".engine" not in p.parts
+    }
 
 
 def _engine(argv: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "engine", *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, cwd=Path(__file__).resolve().parents[1])
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def _kill_after_units(argv: list[str], out: Path, units_done: int) -> bool:
@@ -175,19 +199,26 @@ def test_resume_of_a_finished_output_with_other_options_is_refused(crash_input, 
     out = reference["parquet"]
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
     capsys.readouterr()
-    assert run_main(_args(crash_input, out, "parquet", "--resume", "--quality", "50", "--max-size", "300")) == 2
+    assert (
+        run_main(_args(crash_input, out, "parquet", "--resume", "--quality", "50", "--max-size", "300")) == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot resume" in err[0], err
     assert "image.quality" in err[0] and "image.max_size" in err[0], err
-    other = write_input(tmp_path / "in2", [row("x", str(crash_input.root / "img/0.jpg"))],
-                        config={"instructions": "Something else", "json_schema": {"type": "object"}})
+    other = write_input(
+        tmp_path / "in2",
+        [row("x", str(crash_input.root / "img/0.jpg"))],
+        config={"instructions": "Something else", "json_schema": {"type": "object"}},
+    )
     argv = _args(crash_input, out, "parquet", "--resume")
     argv[argv.index("--config") + 1] = str(other.config)
     assert run_main(argv) == 2
     assert "config_sha256" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     # what only changes how the run goes (workers, timeouts) is no difference
-    assert run_main(_args(crash_input, out, "parquet", "--resume", "--workers", "1", "--http-timeout", "5")) == 0
+    assert (
+        run_main(_args(crash_input, out, "parquet", "--resume", "--workers", "1", "--http-timeout", "5")) == 0
+    )
 
 
 def test_resume_of_a_finished_output_from_an_older_engine(crash_input, reference, tmp_path, capsys):

@@ -16,19 +16,28 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import imagegen
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, Output, convert, row, run_main, write_input
 
-import imagegen
-
 try:  # object storage through the moto server the update tests use, where s3fs and moto are installed
-    from test_update_s3 import online, s3  # noqa: F401  (fixtures)
+    from test_update_s3 import s3  # noqa: F401  (a fixture)
 except pytest.skip.Exception:
     s3 = None
 
-OPTS = ["--shard-rows", "4", "--row-group-rows", "2", "--max-size", "64", "--http-retries", "0",
-        "--http-timeout", "5"]
+OPTS = [
+    "--shard-rows",
+    "4",
+    "--row-group-rows",
+    "2",
+    "--max-size",
+    "64",
+    "--http-retries",
+    "0",
+    "--http-timeout",
+    "5",
+]
 DOWN = {"u1.jpg", "u4.jpg", "u7.jpg", "big.jpg"}  # answer 503 in the first run
 GARBAGE = {"u9.jpg"}  # answer bytes that are no image in the first run (rejected at decode)
 
@@ -86,8 +95,13 @@ def layout(request):
 def _rows(url: str) -> list[dict]:
     rows = []
     for i in range(12):
-        r = row(f"id{i}", f"{url}/u{i}.jpg", key="image_url", output={"price": i + 0.5, "currency": "EUR"},
-                barcode=f"{i:013d}")
+        r = row(
+            f"id{i}",
+            f"{url}/u{i}.jpg",
+            key="image_url",
+            output={"price": i + 0.5, "currency": "EUR"},
+            barcode=f"{i:013d}",
+        )
         if i % 3 == 0:
             r["split"] = "test"
         if i == 4:
@@ -100,14 +114,23 @@ def _rows(url: str) -> list[dict]:
 
 
 def _data_files(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.rglob("*"))
-            if p.is_file() and (p.suffix in (".parquet", ".arrow") or p.name in (
-                "state.json", "dataset_info.json", "dataset_dict.json", "config.json"))}
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+        and (
+            p.suffix in (".parquet", ".arrow")
+            or p.name in ("state.json", "dataset_info.json", "dataset_dict.json", "config.json")
+        )
+    }
 
 
 def _folder(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _opts(layout: str) -> list[str]:
@@ -132,8 +155,9 @@ def _fresh(tmp_path: Path, inp, layout: str, server: _Server) -> Path:
 
 
 def _retry(out: Path, *args: str, quiet: bool = True) -> int:
-    return run_main(["update", str(out), "--retry-rejected", "--runner", "local", *(["--quiet"] if quiet else []),
-                     *args])
+    return run_main(
+        ["update", str(out), "--retry-rejected", "--runner", "local", *(["--quiet"] if quiet else []), *args]
+    )
 
 
 def _ids(out: Path, layout: str) -> list[str]:
@@ -172,8 +196,9 @@ def test_retry_puts_rows_at_their_place_equal_to_a_fresh_convert(tmp_path, serve
     assert entry["counts"] == {"retried": 6, "written": 5, "rejected_again": 1}
     # stats.json "images" after the retry counts what a fresh convert counts ("big" resized on retry)
     fresh = Output(tmp_path / "fresh").stats["images"]
-    assert {k: v for k, v in stats["images"].items() if k != "resized_ids"} == \
-        {k: v for k, v in fresh.items() if k != "resized_ids"}
+    assert {k: v for k, v in stats["images"].items() if k != "resized_ids"} == {
+        k: v for k, v in fresh.items() if k != "resized_ids"
+    }
     assert stats["images"]["resized_ids"] == ["big"] and fresh["resized_ids"] == ["big"]
     assert entry["inputs"]["manifest"]["sha256"] == hashlib.sha256(inp.manifest.read_bytes()).hexdigest()
     if layout == "parquet":  # the retried row's extra meta key is in the schema, its row's value in place
@@ -247,9 +272,25 @@ def _retry_subprocess(out: Path, crash_at: str | None) -> subprocess.CompletedPr
     env.pop("ENGINE_CRASH_AT", None)
     if crash_at:
         env["ENGINE_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "engine", "update", str(out), "--retry-rejected", "--stages",
-                           "fetch,decode", "--runner", "local", "--quiet"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine",
+            "update",
+            str(out),
+            "--retry-rejected",
+            "--stages",
+            "fetch,decode",
+            "--runner",
+            "local",
+            "--quiet",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.parametrize("point", ["update-first-shard", "update-committing"])
@@ -274,7 +315,10 @@ def test_retry_after_a_delete_and_an_add(tmp_path, server, layout):
     added = [row("new1", "img/a.jpg", output={"price": 9.0}), row("new2", "img/a.jpg", split="test")]
     add = tmp_path / "in" / "add.jsonl"
     add.write_text("".join(json.dumps(r) + "\n" for r in added))
-    assert run_main(["update", str(out), "--delete", str(tmp_path / "d.txt"), "--runner", "local", "--quiet"]) == 0
+    assert (
+        run_main(["update", str(out), "--delete", str(tmp_path / "d.txt"), "--runner", "local", "--quiet"])
+        == 0
+    )
     assert run_main(["update", str(out), "--add", str(add), "--runner", "local", "--quiet"]) == 0
     assert _retry(out, "--stages", "fetch,decode") == 0
     rows = [r for r in _rows(server.url) if r["image_id"] not in ("id3", "id5")] + added
@@ -301,7 +345,7 @@ def bucket(s3):  # noqa: F811
 
 
 @pytest.mark.skipif(s3 is None, reason="needs s3fs and moto")
-def test_retry_on_s3(bucket, server, tmp_path, online):  # noqa: F811
+def test_retry_on_s3(bucket, server, tmp_path, online):
     s3 = bucket
     from conftest import parquet_hashes
     from test_s3 import _s3_hashes

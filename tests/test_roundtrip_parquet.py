@@ -8,12 +8,10 @@ import io
 import json
 import re
 
+import imagegen
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
-import imagegen
 from conftest import (
     CONFIG_BYTES,
     GOOD_OUTPUT,
@@ -25,6 +23,7 @@ from conftest import (
     row,
     write_input,
 )
+from PIL import Image
 
 IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 EXTRA = {"source": "app", "lang": "fr", "annotator_count": 3}
@@ -94,8 +93,11 @@ def test_stats(out):
     import importlib.metadata as md
 
     import PIL
+
     assert s["versions"]["engine"] == md.version("engine") and s["versions"]["pillow"] == PIL.__version__
-    assert s["versions"]["pyarrow"] == md.version("pyarrow") and isinstance(s["versions"]["pillow_simd"], bool)
+    assert s["versions"]["pyarrow"] == md.version("pyarrow") and isinstance(
+        s["versions"]["pillow_simd"], bool
+    )
 
 
 def test_readme_front_matter(out):
@@ -111,7 +113,7 @@ def test_readme_front_matter(out):
     feats = card["dataset_info"]["features"]
     names = [f["name"] for f in feats] if isinstance(feats, list) else list(feats)
     assert names == ["image_id", "image", "output", "meta"]
-    assert text[m.end():].strip(), "the card needs a human summary after the front matter"
+    assert text[m.end() :].strip(), "the card needs a human summary after the front matter"
 
 
 # --- pyarrow ---------------------------------------------------------------------------------
@@ -184,7 +186,9 @@ def test_rows_and_meta(out):
     assert json.loads(rows["3017620422003_2"]["output"]) == {"price": 2, "currency": "USD"}
     for r in rows.values():
         path = r["image"]["path"]
-        assert path is None or ("/" not in path and "\\" not in path), f"image.path must be a bare file name: {path!r}"
+        assert path is None or ("/" not in path and "\\" not in path), (
+            f"image.path must be a bare file name: {path!r}"
+        )
         assert json.loads(r["output"]) in (GOOD_OUTPUT, {"price": 2, "currency": "USD"})
 
 
@@ -331,7 +335,9 @@ def test_extra_keys_consistent_across_shards(tmp_path, hf_cache):
     by_id = out.by_id()
     assert by_id["a"]["meta"]["colour"] == "red" and by_id["a"]["meta"]["weight"] is None
     assert by_id["c"]["meta"]["weight"] == "1kg"
-    ds = datasets.load_dataset("parquet", data_files=[str(p) for p in out.shard_files], split="train", cache_dir=hf_cache)
+    ds = datasets.load_dataset(
+        "parquet", data_files=[str(p) for p in out.shard_files], split="train", cache_dir=hf_cache
+    )
     assert ds.num_rows == 3
 
 
@@ -365,8 +371,11 @@ def test_image_path_is_a_file_name_even_for_ids_with_slashes(tmp_path):
 @pytest.fixture(scope="module")
 def all_rejected(tmp_path_factory):
     root = tmp_path_factory.mktemp("all_rejected")
-    inp = write_input(root / "in", [row("gone", "nope.jpg"), row("bad", "a.jpg", output={"price": "x"})],
-                      {"a.jpg": imagegen.jpeg()})
+    inp = write_input(
+        root / "in",
+        [row("gone", "nope.jpg"), row("bad", "a.jpg", output={"price": "x"})],
+        {"a.jpg": imagegen.jpeg()},
+    )
     assert convert(inp, root / "out") == 0
     return root
 
@@ -387,9 +396,12 @@ def test_all_rejected_run_is_an_empty_dataset_for_every_reader_that_allows_one(a
     assert isinstance(streamed["train"].features["image"], datasets.Image)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="datasets 5.2 cannot build any split with 0 rows ('corresponds to no data'), whatever "
-                   "the files hold: huggingface/datasets#8401 (open) makes that path reachable")
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="datasets 5.2 cannot build any split with 0 rows ('corresponds to no data'), whatever "
+    "the files hold: huggingface/datasets#8401 (open) makes that path reachable",
+)
 def test_all_rejected_run_loads_with_load_dataset(all_rejected):
     import datasets
 

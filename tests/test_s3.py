@@ -5,24 +5,12 @@ from __future__ import annotations
 
 import hashlib
 
-import pytest
-
 import imagegen
+import pytest
 from conftest import convert, moto_s3, parquet_hashes, row, write_input
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
-
-
-@pytest.fixture
-def online(monkeypatch):
-    """This machine may run with HF_HUB_OFFLINE=1, which makes datasets refuse every remote URL,
-    even our own server on 127.0.0.1: allow them for the read-back only."""
-    import datasets.config
-    import huggingface_hub.constants
-
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False, raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False, raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -52,20 +40,36 @@ def _upload(fs, inp, prefix: str) -> tuple[str, str]:
 
 
 def _s3_hashes(fs, prefix: str) -> dict[str, str]:
-    return {p.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
-            for p in fs.glob(f"{prefix}/data/*.parquet")}
-
+    return {
+        p.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+        for p in fs.glob(f"{prefix}/data/*.parquet")
+    }
 
 
 @pytest.mark.parametrize("runner", ["local", pytest.param("ray", marks=[pytest.mark.ray, pytest.mark.slow])])
 def test_s3_to_s3_round_trip(s3, local_input, tmp_path, runner, online):
     import datasets
+
     from engine.cli import main
 
     manifest, config = _upload(s3, local_input, f"bucket/in-{runner}")
     out = f"s3://bucket/out-{runner}"
-    argv = ["convert", "--manifest", manifest, "--config", config, "--out", out, "--runner", runner, "--quiet",
-            "--shard-rows", "4", "--max-size", "200"]
+    argv = [
+        "convert",
+        "--manifest",
+        manifest,
+        "--config",
+        config,
+        "--out",
+        out,
+        "--runner",
+        runner,
+        "--quiet",
+        "--shard-rows",
+        "4",
+        "--max-size",
+        "200",
+    ]
     assert main(argv) == 0
     keys = {k.split(f"out-{runner}/", 1)[1] for k in s3.find(f"bucket/out-{runner}")}
     assert not [k for k in keys if k.startswith(".engine")], keys  # scratch space removed, commit done
@@ -74,8 +78,9 @@ def test_s3_to_s3_round_trip(s3, local_input, tmp_path, runner, online):
     local_out = tmp_path / "local"
     assert convert(local_input, local_out, "--shard-rows", "4", "--max-size", "200") == 0
     assert _s3_hashes(s3, f"bucket/out-{runner}") == parquet_hashes(local_out)
-    ds = datasets.load_dataset("parquet", data_files={"train": f"{out}/data/train-*.parquet",
-                                                      "test": f"{out}/data/test-*.parquet"})
+    ds = datasets.load_dataset(
+        "parquet", data_files={"train": f"{out}/data/train-*.parquet", "test": f"{out}/data/test-*.parquet"}
+    )
     assert ds.num_rows == {"train": 9, "test": 3}
     assert max(ds["train"][0]["image"].size) <= 200
     stats = __import__("json").loads(s3.cat_file(f"bucket/out-{runner}/stats.json"))
@@ -84,12 +89,32 @@ def test_s3_to_s3_round_trip(s3, local_input, tmp_path, runner, online):
 
 def test_s3_packed_arrow_loads_with_load_from_disk(s3, local_input, online):
     import datasets
+
     from engine.cli import main
 
     manifest, config = _upload(s3, local_input, "bucket/in-arrow")
     out = "s3://bucket/packed"
-    assert main(["convert", "--manifest", manifest, "--config", config, "--out", out, "--layout", "arrow",
-                 "--runner", "local", "--quiet", "--max-size", "200"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                "--manifest",
+                manifest,
+                "--config",
+                config,
+                "--out",
+                out,
+                "--layout",
+                "arrow",
+                "--runner",
+                "local",
+                "--quiet",
+                "--max-size",
+                "200",
+            ]
+        )
+        == 0
+    )
     dd = datasets.load_from_disk(out)
     assert {k: len(v) for k, v in dd.items()} == {"train": 9, "test": 3}
     assert dd["train"][0]["conversations"][-1]["role"] == "assistant"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import re
 
+import imagegen
 import pyarrow.parquet as pq
 import pytest
-
-import imagegen
 from conftest import SHARD_NAME, Output, convert, row, write_input
 
 NUM_ROWS = 10
@@ -61,10 +60,19 @@ def test_max_shard_size(inp, tmp_path):
     assert convert(manifest, tmp_path / "out", "--max-shard-size", f"{limit_kib}KB") == 0
     out = Output(tmp_path / "out")
     counts = check_names(out)
-    assert len(counts) >= 3, f"{sum(len(b) for b in images.values())} bytes of images over {limit_kib}KB shards: {counts}"
+    assert len(counts) >= 3, (
+        f"{sum(len(b) for b in images.values())} bytes of images over {limit_kib}KB shards: {counts}"
+    )
     assert sum(counts) == NUM_ROWS
     for f in out.shard_files:
-        sizes = [len(b) for b in pq.read_table(f, columns=["image"]).column("image").combine_chunks().field("bytes").to_pylist()]
+        sizes = [
+            len(b)
+            for b in pq.read_table(f, columns=["image"])
+            .column("image")
+            .combine_chunks()
+            .field("bytes")
+            .to_pylist()
+        ]
         # rolls over once the limit is reached: all but the last image fit under it
         assert sum(sizes[:-1]) < limit_kib * 1024, (f.name, sizes)
     assert [r["image_id"] for r in out.rows()] == [f"id_{i:02d}" for i in range(NUM_ROWS)]

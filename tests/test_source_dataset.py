@@ -11,13 +11,12 @@ import json
 from pathlib import Path
 
 import datasets
+import imagegen
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
-import imagegen
 from conftest import CONFIG_BYTES, SCHEMA, Output, convert, row, run_main, write_input
+from PIL import Image
 
 TOKEN = "<|reserved_special_token_0|>"
 
@@ -46,8 +45,17 @@ def source_dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("dsrc")
     images = {f"img/{i}.jpg": imagegen.noise_jpeg((40 + i, 30), seed=i) for i in range(7)}
     images["img/rot6.jpg"] = imagegen.oriented(6)
-    rows = [row(f"id-{i}", f"img/{i}.jpg", output={"price": i / 2, "currency": "EUR"}, barcode=str(100 + i),
-                lang="fr", split="test" if i == 5 else None) for i in range(7)]
+    rows = [
+        row(
+            f"id-{i}",
+            f"img/{i}.jpg",
+            output={"price": i / 2, "currency": "EUR"},
+            barcode=str(100 + i),
+            lang="fr",
+            split="test" if i == 5 else None,
+        )
+        for i in range(7)
+    ]
     rows = [{k: v for k, v in r.items() if v is not None} for r in rows]
     rows.append(row("rot", "img/rot6.jpg", off_image_id="9"))
     inp = write_input(root / "in", rows, images)
@@ -59,7 +67,9 @@ def source_dataset(tmp_path_factory):
 def test_parquet_dataset_to_packed_arrow(source_dataset, tmp_path):
     inp, src = source_dataset
     out = tmp_path / "packed"
-    assert engine("--input", str(src), "--config", str(inp.config), "--out", str(out), "--layout", "arrow") == 0
+    assert (
+        engine("--input", str(src), "--config", str(inp.config), "--out", str(out), "--layout", "arrow") == 0
+    )
     s = stats(out)
     assert s["num_input_rows"] == 8 and s["num_written"] == 8 and s["num_rejected"] == 0
     assert s["splits"]["train"]["num_rows"] == 7 and s["splits"]["test"]["num_rows"] == 1
@@ -74,7 +84,9 @@ def test_parquet_dataset_to_packed_arrow(source_dataset, tmp_path):
             assert value["bytes"] == original["image"]["bytes"]  # upright and small already: passed through
             assert pixels(value["bytes"]) == pixels(original["image"]["bytes"])
     row_ids = pq.read_table(out / "row_ids.parquet").to_pylist()
-    assert [r["image_id"] for r in row_ids if r["split"] == "train"] == [r["image_id"] for r in source["train"]]
+    assert [r["image_id"] for r in row_ids if r["split"] == "train"] == [
+        r["image_id"] for r in source["train"]
+    ]
 
 
 def test_parquet_reshard_under_a_new_schema(source_dataset, tmp_path):
@@ -89,8 +101,11 @@ def test_parquet_reshard_under_a_new_schema(source_dataset, tmp_path):
     assert [r["image_id"] for r in train] == ["id-0", "id-1", "id-2", "id-3", "rot"]
     bad = rejects(out)
     # train's files come first in the input, then test's (id-5): lines follow the input's order
-    assert [(r["image_id"], r["stage"], r["line"]) for r in bad] == [("id-4", "validate", 5), ("id-6", "validate", 6),
-                                                                     ("id-5", "validate", 8)]
+    assert [(r["image_id"], r["stage"], r["line"]) for r in bad] == [
+        ("id-4", "validate", 5),
+        ("id-6", "validate", 6),
+        ("id-5", "validate", 8),
+    ]
     assert "maximum" in bad[0]["reason"]
     assert s_ok(stats(out), 8)
     assert len(result.shards("train")) == 3
@@ -109,42 +124,78 @@ def s_ok(s: dict, rows: int) -> bool:
 def test_save_to_disk_input_round_trips(source_dataset, tmp_path):
     inp, src = source_dataset
     packed = tmp_path / "packed"
-    assert engine("--input", str(src), "--config", str(inp.config), "--out", str(packed), "--layout", "arrow") == 0
+    assert (
+        engine("--input", str(src), "--config", str(inp.config), "--out", str(packed), "--layout", "arrow")
+        == 0
+    )
     again = tmp_path / "again"
     assert engine("--input", str(packed), "--out", str(again), "--layout", "arrow") == 0
     for split in ("train", "test"):
         a, b = datasets.load_from_disk(str(packed / split)), datasets.load_from_disk(str(again / split))
         assert a["conversations"] == b["conversations"]
-        assert [m[0]["value"]["bytes"] for m in a["modalities"]] == [m[0]["value"]["bytes"] for m in b["modalities"]]
+        assert [m[0]["value"]["bytes"] for m in a["modalities"]] == [
+            m[0]["value"]["bytes"] for m in b["modalities"]
+        ]
 
 
 def test_fs_image_packed_input_reads_its_image_files(source_dataset, tmp_path):
     inp, src = source_dataset
     fs_image = tmp_path / "fs"
-    assert engine("--input", str(src), "--config", str(inp.config), "--out", str(fs_image), "--layout", "arrow",
-                  "--images-as-paths") == 0
+    assert (
+        engine(
+            "--input",
+            str(src),
+            "--config",
+            str(inp.config),
+            "--out",
+            str(fs_image),
+            "--layout",
+            "arrow",
+            "--images-as-paths",
+        )
+        == 0
+    )
     raw = tmp_path / "raw"
     assert engine("--input", str(fs_image), "--out", str(raw), "--layout", "arrow") == 0
     a, b = datasets.load_from_disk(str(fs_image / "train")), datasets.load_from_disk(str(raw / "train"))
     assert a["conversations"] == b["conversations"]
-    assert [(fs_image / m[0]["value"]).read_bytes() for m in a["modalities"]] == \
-        [m[0]["value"]["bytes"] for m in b["modalities"]]
+    assert [(fs_image / m[0]["value"]).read_bytes() for m in a["modalities"]] == [
+        m[0]["value"]["bytes"] for m in b["modalities"]
+    ]
 
 
 def test_bad_cells_are_rejected_and_accounted_for(tmp_path):
-    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
-                                  "output": datasets.Value("string")})
+    features = datasets.Features(
+        {"image_id": datasets.Value("string"), "image": datasets.Image(), "output": datasets.Value("string")}
+    )
     good = imagegen.jpeg((16, 16))
-    table = pa.Table.from_pydict({
-        "image_id": ["ok", "null", "garbage", "ok2"],
-        "image": [{"bytes": good, "path": None}, None, {"bytes": b"not an image", "path": "x.jpg"},
-                  {"bytes": good, "path": "y.jpg"}],
-        "output": ['{"price": 1}'] * 4}, schema=features.arrow_schema)
+    table = pa.Table.from_pydict(
+        {
+            "image_id": ["ok", "null", "garbage", "ok2"],
+            "image": [
+                {"bytes": good, "path": None},
+                None,
+                {"bytes": b"not an image", "path": "x.jpg"},
+                {"bytes": good, "path": "y.jpg"},
+            ],
+            "output": ['{"price": 1}'] * 4,
+        },
+        schema=features.arrow_schema,
+    )
     pq.write_table(table, tmp_path / "rows.parquet")
     (tmp_path / "config.json").write_bytes(CONFIG_BYTES)
     out = tmp_path / "out"
-    assert engine("--input", str(tmp_path / "rows.parquet"), "--config", str(tmp_path / "config.json"),
-                  "--out", str(out)) == 0
+    assert (
+        engine(
+            "--input",
+            str(tmp_path / "rows.parquet"),
+            "--config",
+            str(tmp_path / "config.json"),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert s_ok(stats(out), 4) and stats(out)["num_written"] == 2
     assert {r["image_id"]: r["stage"] for r in rejects(out)} == {"null": "manifest", "garbage": "decode"}
     assert [r["line"] for r in rejects(out)] == [2, 3]
@@ -153,8 +204,14 @@ def test_bad_cells_are_rejected_and_accounted_for(tmp_path):
 def test_parquet_without_image_column_is_one_line(tmp_path, capsys):
     pq.write_table(pa.table({"image_id": ["a"], "caption": ["x"]}), tmp_path / "plain.parquet")
     (tmp_path / "config.json").write_bytes(CONFIG_BYTES)
-    code = engine("--input", str(tmp_path / "plain.parquet"), "--config", str(tmp_path / "config.json"),
-                  "--out", str(tmp_path / "out"))
+    code = engine(
+        "--input",
+        str(tmp_path / "plain.parquet"),
+        "--config",
+        str(tmp_path / "config.json"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "no image column" in err and "image_id, caption" in err
@@ -165,26 +222,54 @@ def test_unrecognised_input_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "config.json").write_bytes(CONFIG_BYTES)
     for extra in ([], ["--input-format", "imagefolder"], ["--input-format", "parquet"]):
-        code = engine("--input", str(tmp_path / "empty"), "--config", str(tmp_path / "config.json"),
-                      "--out", str(tmp_path / "out"), *extra)
+        code = engine(
+            "--input",
+            str(tmp_path / "empty"),
+            "--config",
+            str(tmp_path / "config.json"),
+            "--out",
+            str(tmp_path / "out"),
+            *extra,
+        )
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, (extra, err)
     assert "holds no" in err
-    code = engine("--input", str(tmp_path / "empty"), "--config", str(tmp_path / "config.json"), "--out", str(tmp_path / "out"))
+    code = engine(
+        "--input",
+        str(tmp_path / "empty"),
+        "--config",
+        str(tmp_path / "config.json"),
+        "--out",
+        str(tmp_path / "out"),
+    )
     err = capsys.readouterr().err.strip()  # detected as nothing: one line naming what was expected
-    assert code == 2 and len(err.splitlines()) == 1 and "expected one of" in err and "a JSONL manifest" in err, err
+    assert (
+        code == 2 and len(err.splitlines()) == 1 and "expected one of" in err and "a JSONL manifest" in err
+    ), err
     assert not (tmp_path / "out").exists()
 
 
 def test_manifest_is_still_accepted_and_input_format_names_the_kind(source_dataset, tmp_path):
     inp, src = source_dataset
     out = tmp_path / "named"
-    assert engine("--manifest", str(src), "--input-format", "parquet", "--config", str(inp.config),
-                  "--out", str(out)) == 0
+    assert (
+        engine(
+            "--manifest",
+            str(src),
+            "--input-format",
+            "parquet",
+            "--config",
+            str(inp.config),
+            "--out",
+            str(out),
+        )
+        == 0
+    )
     assert stats(out)["num_written"] == 8
 
 
 # --- image folders --------------------------------------------------------------------------
+
 
 def image_folder(root: Path, *, with_metadata: bool = True, missing: bool = False) -> Path:
     names = [f"{i}.jpg" for i in range(4)]
@@ -194,12 +279,16 @@ def image_folder(root: Path, *, with_metadata: bool = True, missing: bool = Fals
     (root / "test").mkdir(exist_ok=True)
     (root / "test" / "t.png").write_bytes(imagegen.png((12, 12)))
     if with_metadata:
-        lines = [{"file_name": n, "output": json.dumps({"price": i}), "source": "shelf"} for i, n in enumerate(names)]
+        lines = [
+            {"file_name": n, "output": json.dumps({"price": i}), "source": "shelf"}
+            for i, n in enumerate(names)
+        ]
         if missing:
             lines.insert(1, {"file_name": "gone.jpg", "output": '{"price": 9}', "source": "shelf"})
         (root / "train" / "metadata.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-        (root / "test" / "metadata.jsonl").write_text(json.dumps({"file_name": "t.png", "output": '{"price": 5}',
-                                                                  "source": "bin"}) + "\n")
+        (root / "test" / "metadata.jsonl").write_text(
+            json.dumps({"file_name": "t.png", "output": '{"price": 5}', "source": "bin"}) + "\n"
+        )
     return root
 
 
@@ -214,12 +303,19 @@ def test_image_folder_to_parquet_matches_datasets_imagefolder(tmp_path):
     theirs = datasets.load_dataset("imagefolder", data_dir=str(folder))
     for split in ("train", "test"):
         ours = Output(out).rows(split)
-        expected = [r for r in theirs[split].cast_column("image", datasets.Image(decode=False))
-                    if Path(r["image"]["path"]).exists()]
-        assert [r["image_id"] for r in ours] == [str(Path(r["image"]["path"]).relative_to(folder)) for r in expected]
+        expected = [
+            r
+            for r in theirs[split].cast_column("image", datasets.Image(decode=False))
+            if Path(r["image"]["path"]).exists()
+        ]
+        assert [r["image_id"] for r in ours] == [
+            str(Path(r["image"]["path"]).relative_to(folder)) for r in expected
+        ]
         assert [r["meta"]["source"] for r in ours] == [r["source"] for r in expected]
         assert [json.loads(r["output"]) for r in ours] == [json.loads(r["output"]) for r in expected]
-        assert [pixels(r["image"]["bytes"]) for r in ours] == [pixels(Path(r["image"]["path"]).read_bytes()) for r in expected]
+        assert [pixels(r["image"]["bytes"]) for r in ours] == [
+            pixels(Path(r["image"]["path"]).read_bytes()) for r in expected
+        ]
 
 
 def test_image_folder_without_metadata_needs_an_output_where_the_layout_does(tmp_path):
@@ -235,8 +331,11 @@ def test_image_folder_without_metadata_needs_an_output_where_the_layout_does(tmp
 def data_hashes(out: Path) -> dict[str, str]:
     import hashlib
 
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file() and p.suffix in (".parquet", ".arrow", ".jsonl")}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.suffix in (".parquet", ".arrow", ".jsonl")
+    }
 
 
 @pytest.mark.ray
@@ -246,8 +345,24 @@ def test_ray_workers_read_dataset_and_folder_inputs_identically(source_dataset, 
     for name, where in (("dataset", src), ("folder", folder)):
         common = ("--input", str(where), "--config", str(inp.config), "--shard-rows", "2")
         assert engine(*common, "--out", str(tmp_path / f"{name}-local")) == 0
-        assert run_main(["convert", *common, "--out", str(tmp_path / f"{name}-ray"), "--runner", "ray",
-                         "--workers", "2", "--unit-rows", "2", "--quiet"]) == 0
+        assert (
+            run_main(
+                [
+                    "convert",
+                    *common,
+                    "--out",
+                    str(tmp_path / f"{name}-ray"),
+                    "--runner",
+                    "ray",
+                    "--workers",
+                    "2",
+                    "--unit-rows",
+                    "2",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         local, ray = data_hashes(tmp_path / f"{name}-local"), data_hashes(tmp_path / f"{name}-ray")
         assert local == ray and any(k.endswith(".parquet") for k in local)
 
@@ -262,7 +377,14 @@ def test_out_is_never_the_input_folder(source_dataset, capsys):
 def test_update_add_to_a_dataset_made_from_a_named_input_kind(source_dataset, tmp_path):
     inp, src = source_dataset
     out = tmp_path / "out"
-    assert engine("--input", str(src), "--input-format", "parquet", "--config", str(inp.config), "--out", str(out)) == 0
-    extra = write_input(tmp_path / "extra", [row("new-1", "img/n.jpg")], {"img/n.jpg": imagegen.jpeg((20, 20))})
+    assert (
+        engine(
+            "--input", str(src), "--input-format", "parquet", "--config", str(inp.config), "--out", str(out)
+        )
+        == 0
+    )
+    extra = write_input(
+        tmp_path / "extra", [row("new-1", "img/n.jpg")], {"img/n.jpg": imagegen.jpeg((20, 20))}
+    )
     assert run_main(["update", str(out), "--add", str(extra.manifest), "--runner", "local", "--quiet"]) == 0
     assert "new-1" in Output(out).by_id("train") and stats(out)["num_written"] == 9

@@ -9,15 +9,15 @@ import io
 import os
 
 import datasets
+import imagegen
 import pyarrow.parquet as pq
 import pytest
+from conftest import Output, convert, decode, row, write_input
 from PIL import Image
 
 import engine.driver
 import engine.layouts.packed
 import engine.layouts.parquet
-import imagegen
-from conftest import Output, convert, decode, row, write_input
 from engine.runners.local import LocalRunner
 
 # Upright, small, storable: kept byte for byte. Noise makes them big enough to count.
@@ -66,16 +66,24 @@ def test_parts_reference_kept_images_and_the_output_keeps_their_bytes(inp, tmp_p
             assert stored == KEPT[name], name  # read back from the source, byte for byte
             kept_total += len(stored)
         else:
-            assert max(decode(rows[f"id_{i:02d}"]["image"]).size) <= 1024, name  # resized, so embedded in its part
-    resized_total = sum(len(rows[f"id_{i:02d}"]["image"]["bytes"]) for i in range(20) if names[i % len(names)] in RESIZED)
+            assert max(decode(rows[f"id_{i:02d}"]["image"]).size) <= 1024, (
+                name
+            )  # resized, so embedded in its part
+    resized_total = sum(
+        len(rows[f"id_{i:02d}"]["image"]["bytes"]) for i in range(20) if names[i % len(names)] in RESIZED
+    )
     # the parts hold the resized images, and only references to the kept ones
     assert part_bytes[0] < resized_total + kept_total / 10, (part_bytes, resized_total, kept_total)
 
 
 def test_referenced_and_embedded_parts_give_identical_shards(inp, tmp_path, monkeypatch, part_bytes):
-    assert convert(inp, tmp_path / "ref", "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7") == 0
+    assert (
+        convert(inp, tmp_path / "ref", "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7") == 0
+    )
     monkeypatch.setattr(LocalRunner, "embedded", False)  # as on a cluster: parts embed every image
-    assert convert(inp, tmp_path / "emb", "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7") == 0
+    assert (
+        convert(inp, tmp_path / "emb", "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7") == 0
+    )
     referenced, embedded = part_bytes
     assert embedded > referenced + sum(len(v) for v in KEPT.values())  # every kept image was copied
     a, b = shard_hashes(tmp_path / "ref"), shard_hashes(tmp_path / "emb")
@@ -117,7 +125,9 @@ def test_a_source_changed_before_the_shards_stops_the_run(inp, tmp_path, monkeyp
     assert code == 1
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert str(source) in err[0]
-    assert ("cannot be read back" if change == "removed" else "changed while the dataset was being written") in err[0]
+    assert (
+        "cannot be read back" if change == "removed" else "changed while the dataset was being written"
+    ) in err[0]
     assert not list((tmp_path / "out").rglob("*.parquet")), "no shard may appear under its final name"
     assert not (tmp_path / "out" / "stats.json").exists()
 
@@ -147,7 +157,9 @@ def test_a_source_rewritten_right_after_its_read_stops_the_run(inp, tmp_path, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert rewritten
     assert code == 1
-    assert len(err) == 1 and str(source) in err[0] and "changed while the dataset was being written" in err[0], err
+    assert (
+        len(err) == 1 and str(source) in err[0] and "changed while the dataset was being written" in err[0]
+    ), err
     assert not (tmp_path / "out" / "stats.json").exists()
 
 
@@ -199,8 +211,20 @@ def test_a_shard_writer_holds_at_most_two_row_groups(tmp_path, monkeypatch, layo
     monkeypatch.setattr(engine.sinks.shards, "iter_part_rows", spy)
     module = {"parquet": engine.layouts.parquet, "arrow": engine.layouts.packed}[layout]
     monkeypatch.setattr(module, "write_row_groups", slow)
-    code = convert(inp, tmp_path / "out", "--layout", layout, "--image-format", "keep", "--workers", "1",
-                   "--unit-rows", "16", "--row-group-rows", "32")
+    code = convert(
+        inp,
+        tmp_path / "out",
+        "--layout",
+        layout,
+        "--image-format",
+        "keep",
+        "--workers",
+        "1",
+        "--unit-rows",
+        "16",
+        "--row-group-rows",
+        "32",
+    )
     assert code == 0
     assert len(batch_bytes) == 8, batch_bytes  # 128 rows in part batches of 16, two per group
     group = 2 * min(batch_bytes)
@@ -225,7 +249,10 @@ def test_arrow_record_batches_bound_the_copy_of_a_group(tmp_path, monkeypatch, b
     inp = write_input(tmp_path / "in", rows, images)
     group = 32 * min(len(b) for b in images.values())
     peaks: list[int] = []  # pool bytes once each record batch is built (its copy made)
-    packed_batch, write_row_groups = engine.layouts.packed.packed_batch, engine.layouts.packed.write_row_groups
+    packed_batch, write_row_groups = (
+        engine.layouts.packed.packed_batch,
+        engine.layouts.packed.write_row_groups,
+    )
 
     def measured(*args):
         batch = packed_batch(*args)
@@ -242,8 +269,20 @@ def test_arrow_record_batches_bound_the_copy_of_a_group(tmp_path, monkeypatch, b
     monkeypatch.setattr(engine.layouts.packed, "BATCH_BYTES", batch_bytes)
     monkeypatch.setattr(engine.layouts.packed, "packed_batch", measured)
     monkeypatch.setattr(engine.layouts.packed, "write_row_groups", slow)
-    code = convert(inp, tmp_path / "out", "--layout", "arrow", "--image-format", "keep", "--workers", "1",
-                   "--unit-rows", "16", "--row-group-rows", "32")
+    code = convert(
+        inp,
+        tmp_path / "out",
+        "--layout",
+        "arrow",
+        "--image-format",
+        "keep",
+        "--workers",
+        "1",
+        "--unit-rows",
+        "16",
+        "--row-group-rows",
+        "32",
+    )
     assert code == 0
     (shard,) = sorted((tmp_path / "out").glob("*.arrow"))
     with pa.OSFile(str(shard), "rb") as f:
@@ -280,19 +319,29 @@ def tars(tmp_path):
         with wds.TarWriter(str(folder / f"{t:05d}.tar")) as w:
             for i in range(10):
                 name, data = images[(t * 10 + i) % len(images)]
-                w.write({"__key__": f"t{t}_{i:02d}", name.rsplit(".", 1)[1]: data, "json": {"output": GOOD_OUTPUT}})
+                w.write(
+                    {
+                        "__key__": f"t{t}_{i:02d}",
+                        name.rsplit(".", 1)[1]: data,
+                        "json": {"output": GOOD_OUTPUT},
+                    }
+                )
     (tmp_path / "config.json").write_bytes(CONFIG_BYTES)
     return InputSet(root=folder, manifest=folder, config=tmp_path / "config.json", lines=[])
 
 
 def output_hashes(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
-            if p.suffix in (".parquet", ".arrow")}
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.suffix in (".parquet", ".arrow")
+    }
 
 
 @pytest.mark.parametrize("layout", ["parquet", "arrow", "messages"])
-def test_tar_members_are_referenced_and_the_shards_match_embedded_ones(tars, tmp_path, monkeypatch, part_bytes,
-                                                                       layout):
+def test_tar_members_are_referenced_and_the_shards_match_embedded_ones(
+    tars, tmp_path, monkeypatch, part_bytes, layout
+):
     args = ("--layout", layout, "--image-format", "keep", "--unit-rows", "3", "--shard-rows", "7")
     assert convert(tars, tmp_path / "ref", *args) == 0
     monkeypatch.setattr(LocalRunner, "embedded", False)  # as on a cluster: parts embed every image
@@ -310,8 +359,11 @@ def test_tar_members_are_referenced_and_the_shards_match_embedded_ones(tars, tmp
             name, data = images[k % len(images)]
             stored = rows[f"t{k // 10}_{k % 10:02d}"]["image"]["bytes"]
             assert stored == data if name in KEPT else max(decode({"bytes": stored}).size) <= 1024, name
-        resized = sum(len(rows[f"t{k // 10}_{k % 10:02d}"]["image"]["bytes"]) for k in range(20)
-                      if images[k % len(images)][0] in RESIZED)
+        resized = sum(
+            len(rows[f"t{k // 10}_{k % 10:02d}"]["image"]["bytes"])
+            for k in range(20)
+            if images[k % len(images)][0] in RESIZED
+        )
         assert referenced < resized + kept_total / 10, (referenced, resized, kept_total)  # references only
 
 
@@ -342,7 +394,9 @@ def test_a_tar_changed_before_the_shards_stops_the_run(tars, tmp_path, monkeypat
     assert code == 1
     assert len(err) == 1 and "Traceback" not in err[0], err
     assert str(tar) in err[0]
-    assert ("cannot be read back" if change == "removed" else "changed while the dataset was being written") in err[0]
+    assert (
+        "cannot be read back" if change == "removed" else "changed while the dataset was being written"
+    ) in err[0]
     assert not list((tmp_path / "out").rglob("*.parquet")), "no shard may appear under its final name"
     assert not (tmp_path / "out" / "stats.json").exists()
 
@@ -362,8 +416,12 @@ def test_only_local_tars_name_where_their_members_lie(tars, request):
     for where, has_origin in ((local, True), ("memory://tars-refs/00000.tar", False)):
         source = WebDatasetSource(where)
         plan = source.plan(4)
-        images = [im for unit in plan.units for r in source.read(unit, base="", default_split="train")
-                  for im in r.locations]
+        images = [
+            im
+            for unit in plan.units
+            for r in source.read(unit, base="", default_split="train")
+            for im in r.locations
+        ]
         assert len(images) == 10 and all(isinstance(im, InlineImage) for im in images)
         if not has_origin:
             assert all(im.origin is None for im in images)
@@ -373,4 +431,4 @@ def test_only_local_tars_name_where_their_members_lie(tars, request):
         for im in images:
             ref = im.origin
             assert (ref.path, ref.mtime_ns) == (os.path.abspath(local), st.st_mtime_ns)
-            assert blob[ref.offset:ref.offset + ref.size] == im.data
+            assert blob[ref.offset : ref.offset + ref.size] == im.data

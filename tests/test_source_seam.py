@@ -32,8 +32,12 @@ class _Slice:
 @dataclass(frozen=True)
 class _SlicePlan(SourcePlan):
     def merge(self, index: int, group: Sequence[_Slice]) -> _Slice:
-        return _Slice(index, sum(u.num_rows for u in group), tuple(d for u in group for d in u.duplicate_lines),
-                      group[0].start)
+        return _Slice(
+            index,
+            sum(u.num_rows for u in group),
+            tuple(d for u in group for d in u.duplicate_lines),
+            group[0].start,
+        )
 
 
 @dataclass(frozen=True)
@@ -57,11 +61,19 @@ class InlineTestSource(Source):
         import orjson
 
         lines = self._lines()
-        dups = duplicate_lines(range(1, len(lines) + 1), [row_id(orjson.loads(raw), i + 1) for i, raw in enumerate(lines)])
-        units = [_Slice(k, len(lines[s:s + grain]), tuple(int(d) for d in dups if s < d <= s + grain), s)
-                 for k, s in enumerate(range(0, len(lines), grain))]
-        return _SlicePlan(units=units, num_rows=len(lines), num_duplicates=len(dups),
-                          sha256=hashlib.sha256(Path(self.where).read_bytes()).hexdigest())
+        dups = duplicate_lines(
+            range(1, len(lines) + 1), [row_id(orjson.loads(raw), i + 1) for i, raw in enumerate(lines)]
+        )
+        units = [
+            _Slice(k, len(lines[s : s + grain]), tuple(int(d) for d in dups if s < d <= s + grain), s)
+            for k, s in enumerate(range(0, len(lines), grain))
+        ]
+        return _SlicePlan(
+            units=units,
+            num_rows=len(lines),
+            num_duplicates=len(dups),
+            sha256=hashlib.sha256(Path(self.where).read_bytes()).hexdigest(),
+        )
 
     def read(self, unit: _Slice, *, base: str, default_split: str) -> Iterator[Row | Reject]:
         lines = self._lines()
@@ -81,10 +93,20 @@ def inline_source():
 
 
 def _input(root: Path):
-    rows = [row("a", "a.jpg"), row("b", "b.png", split="validation"), row("c", "bad.jpg"), row("a", "b.png"),
-            row("d", "big.jpg"), {"image_id": "e", "image_path": "a.jpg"}]
-    images = {"a.jpg": imagegen.jpeg(), "b.png": imagegen.png(mode="RGBA"), "bad.jpg": b"not an image",
-              "big.jpg": imagegen.jpeg(size=(300, 200))}
+    rows = [
+        row("a", "a.jpg"),
+        row("b", "b.png", split="validation"),
+        row("c", "bad.jpg"),
+        row("a", "b.png"),
+        row("d", "big.jpg"),
+        {"image_id": "e", "image_path": "a.jpg"},
+    ]
+    images = {
+        "a.jpg": imagegen.jpeg(),
+        "b.png": imagegen.png(mode="RGBA"),
+        "bad.jpg": b"not an image",
+        "big.jpg": imagegen.jpeg(size=(300, 200)),
+    }
     inp = write_input(root, rows, images)
     (root / "blobs").mkdir()
     for i, r in enumerate(rows, start=1):
@@ -101,13 +123,20 @@ def test_inline_images_convert_like_the_files_they_came_from(tmp_path, inline_so
     assert convert(inp, tmp_path / "files", *layout) == 0
     assert convert(dataclasses.replace(inp, manifest=inline), tmp_path / "inline", *layout) == 0
     files, inlined = Output(tmp_path / "files"), Output(tmp_path / "inline")
-    data = sorted(p.relative_to(tmp_path / "files") for p in (tmp_path / "files").rglob("*")
-                  if p.suffix in (".parquet", ".arrow"))
+    data = sorted(
+        p.relative_to(tmp_path / "files")
+        for p in (tmp_path / "files").rglob("*")
+        if p.suffix in (".parquet", ".arrow")
+    )
     assert data
     for rel in data:  # same rows, same image bytes: the data files are byte for byte the same
         assert (tmp_path / "inline" / rel).read_bytes() == (tmp_path / "files" / rel).read_bytes(), rel
     assert inlined.rejects == files.rejects
-    assert [(r["line"], r["stage"]) for r in files.rejects] == [(3, "decode"), (4, "duplicate"), (6, "manifest")]
+    assert [(r["line"], r["stage"]) for r in files.rejects] == [
+        (3, "decode"),
+        (4, "duplicate"),
+        (6, "manifest"),
+    ]
     if layout[0] == "--max-size":
         for split in ("train", "validation"):
             for a, b in zip(files.rows(split), inlined.rows(split)):

@@ -36,8 +36,21 @@ def near(a, b, tol=6) -> bool:
 
 
 def convert(input_path, out, *extra) -> int:
-    return run_main(["convert", "--manifest", str(input_path), "--out", str(out), "--runner", "local", "--quiet",
-                     "--layout", "arrow", *extra])
+    return run_main(
+        [
+            "convert",
+            "--manifest",
+            str(input_path),
+            "--out",
+            str(out),
+            "--runner",
+            "local",
+            "--quiet",
+            "--layout",
+            "arrow",
+            *extra,
+        ]
+    )
 
 
 def load(out):
@@ -45,7 +58,9 @@ def load(out):
     stats = json.loads((out / "stats.json").read_text())
     rejects_file = out / "rejects.jsonl"
     rejects = [json.loads(x) for x in rejects_file.read_text().splitlines()] if rejects_file.exists() else []
-    assert stats["num_input_rows"] == stats["num_written"] + stats["num_rejected"] == ds.num_rows + len(rejects)
+    assert (
+        stats["num_input_rows"] == stats["num_written"] + stats["num_rejected"] == ds.num_rows + len(rejects)
+    )
     return ds, stats, rejects
 
 
@@ -65,16 +80,32 @@ COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200
 def test_tars_to_packed_arrow(tmp_path):
     tars = tmp_path / "tars"
     tars.mkdir()
-    write_tar(tars / "00000.tar", [
-        {"__key__": f"s{i}", "jpg": jpeg(COLOURS[i]),
-         "json": {"conversations": llava_turns("<image>\nWhat colour?", f"colour {i}")}} for i in range(3)]
-        + [{"__key__": "noimage", "json": {"conversations": llava_turns("<image>\nx", "y")}}])
-    write_tar(tars / "00001.tar", [
-        {"__key__": f"s{i}", "png": jpeg(COLOURS[i]), "json": {"conversations": llava_turns("<image> Which?", str(i))}}
-        for i in range(3, 6)])
+    write_tar(
+        tars / "00000.tar",
+        [
+            {
+                "__key__": f"s{i}",
+                "jpg": jpeg(COLOURS[i]),
+                "json": {"conversations": llava_turns("<image>\nWhat colour?", f"colour {i}")},
+            }
+            for i in range(3)
+        ]
+        + [{"__key__": "noimage", "json": {"conversations": llava_turns("<image>\nx", "y")}}],
+    )
+    write_tar(
+        tars / "00001.tar",
+        [
+            {
+                "__key__": f"s{i}",
+                "png": jpeg(COLOURS[i]),
+                "json": {"conversations": llava_turns("<image> Which?", str(i))},
+            }
+            for i in range(3, 6)
+        ],
+    )
     data = (tars / "00001.tar").read_bytes()
     cut = next(m for m in tarfile.open(tars / "00001.tar") if m.name == "s5.png")
-    (tars / "00001.tar").write_bytes(data[:cut.offset_data + 50])  # the last sample is cut short
+    (tars / "00001.tar").write_bytes(data[: cut.offset_data + 50])  # the last sample is cut short
 
     out = tmp_path / "out"
     assert convert(tars, out) == 0
@@ -86,7 +117,10 @@ def test_tars_to_packed_arrow(tmp_path):
     for i, sample in enumerate(ds):
         assert near(colour_of(sample["modalities"][0]["value"]), COLOURS[i])
         user, assistant = sample["conversations"]
-        assert user["role"] == "user" and assistant == {"role": "assistant", "content": f"colour {i}" if i < 3 else str(i)}
+        assert user["role"] == "user" and assistant == {
+            "role": "assistant",
+            "content": f"colour {i}" if i < 3 else str(i),
+        }
         assert user["content"] == (TOKEN + "\nWhat colour?" if i < 3 else TOKEN + " Which?")
 
 
@@ -94,16 +128,23 @@ def test_tars_of_labelr_rows_with_a_config(tmp_path):
     """``key.json`` with an ``output`` is a labelr row: validated, and its user turn built from
     the config as for a manifest."""
     tar = tmp_path / "labelr.tar"
-    write_tar(tar, [{"__key__": "ok", "jpg": jpeg(COLOURS[0]), "json": {"output": GOOD_OUTPUT, "barcode": "1"}},
-                    {"__key__": "bad", "jpg": jpeg(COLOURS[1]), "json": {"output": {"price": "free"}}},
-                    {"__key__": "array", "jpg": jpeg(COLOURS[2]), "json": b"[1]"}])
+    write_tar(
+        tar,
+        [
+            {"__key__": "ok", "jpg": jpeg(COLOURS[0]), "json": {"output": GOOD_OUTPUT, "barcode": "1"}},
+            {"__key__": "bad", "jpg": jpeg(COLOURS[1]), "json": {"output": {"price": "free"}}},
+            {"__key__": "array", "jpg": jpeg(COLOURS[2]), "json": b"[1]"},
+        ],
+    )
     (tmp_path / "config.json").write_bytes(CONFIG_BYTES)
     out = tmp_path / "out"
     assert convert(tar, out, "--config", str(tmp_path / "config.json")) == 0
     ds, _, rejects = load(out)
     assert ds.num_rows == 1
-    assert ds[0]["conversations"] == [{"role": "user", "content": INSTRUCTIONS + "\n" + TOKEN},
-                                      {"role": "assistant", "content": GOOD_OUTPUT_COMPACT}]
+    assert ds[0]["conversations"] == [
+        {"role": "user", "content": INSTRUCTIONS + "\n" + TOKEN},
+        {"role": "assistant", "content": GOOD_OUTPUT_COMPACT},
+    ]
     assert near(colour_of(ds[0]["modalities"][0]["value"]), COLOURS[0])
     assert {r["image_id"]: r["stage"] for r in rejects} == {"bad": "validate", "array": "manifest"}
 
@@ -114,23 +155,50 @@ def test_img2dataset_output_as_it_is(tmp_path):
     folder = tmp_path / "img2dataset"
     folder.mkdir()
     ok, failed = ["000000000", "000000002"], ["000000001"]
-    write_tar(folder / "00000.tar", [
-        {"__key__": k, "jpg": jpeg(COLOURS[n]), "txt": f"a photo {k}",
-         "json": {"key": k, "url": f"http://x/{k}", "caption": f"a photo {k}", "status": "success",
-                  "error_message": None}} for n, k in enumerate(ok)])
+    write_tar(
+        folder / "00000.tar",
+        [
+            {
+                "__key__": k,
+                "jpg": jpeg(COLOURS[n]),
+                "txt": f"a photo {k}",
+                "json": {
+                    "key": k,
+                    "url": f"http://x/{k}",
+                    "caption": f"a photo {k}",
+                    "status": "success",
+                    "error_message": None,
+                },
+            }
+            for n, k in enumerate(ok)
+        ],
+    )
     keys = sorted(ok + failed)
-    pq.write_table(pa.table({"key": keys, "url": [f"http://x/{k}" for k in keys],
-                             "status": ["success" if k in ok else "failed_to_download" for k in keys],
-                             "error_message": [None if k in ok else "timed out" for k in keys]}),
-                   folder / "00000.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "key": keys,
+                "url": [f"http://x/{k}" for k in keys],
+                "status": ["success" if k in ok else "failed_to_download" for k in keys],
+                "error_message": [None if k in ok else "timed out" for k in keys],
+            }
+        ),
+        folder / "00000.parquet",
+    )
     (folder / "00000_stats.json").write_text(json.dumps({"count": 3, "successes": 2}))
     out = tmp_path / "out"
     assert convert(folder, out) == 0
     ds, stats, rejects = load(out)
     assert ds.column_names == ["text", "modalities"]
     assert ds["text"] == [f"a photo {k}\n{TOKEN}" for k in ok]
-    assert rejects == [{"line": 3, "image_id": "000000001", "stage": "fetch",
-                        "reason": "img2dataset: failed_to_download: timed out"}]
+    assert rejects == [
+        {
+            "line": 3,
+            "image_id": "000000001",
+            "stage": "fetch",
+            "reason": "img2dataset: failed_to_download: timed out",
+        }
+    ]
     assert near(colour_of(ds[1]["modalities"][0]["value"]), COLOURS[1])
 
 
@@ -144,9 +212,17 @@ def write_images(root, names_colours):
 def test_llava_array_to_packed_arrow(tmp_path):
     write_images(tmp_path / "imgs", {"a.jpg": COLOURS[0], "b.jpg": COLOURS[1], "c.jpg": COLOURS[2]})
     samples = [
-        {"id": "one", "image": "a.jpg", "conversations": llava_turns("<image>\nWhat is it?", "A red square.")},
-        {"id": "two", "images": ["b.jpg", "c.jpg"], "system": "Be brief.",
-         "conversations": llava_turns("First <image> then <image>: same?", "No.")},
+        {
+            "id": "one",
+            "image": "a.jpg",
+            "conversations": llava_turns("<image>\nWhat is it?", "A red square."),
+        },
+        {
+            "id": "two",
+            "images": ["b.jpg", "c.jpg"],
+            "system": "Be brief.",
+            "conversations": llava_turns("First <image> then <image>: same?", "No."),
+        },
         {"id": "mismatch", "image": "a.jpg", "conversations": llava_turns("<image> <image>", "x")},
         {"id": "text-only", "conversations": llava_turns("Hello?", "Hi.")},
         {"id": "missing", "image": "nope.jpg", "conversations": llava_turns("<image>", "x")},
@@ -162,8 +238,10 @@ def test_llava_array_to_packed_arrow(tmp_path):
     assert by_id["mismatch"]["stage"] == "manifest" and "2 <image> token(s)" in by_id["mismatch"]["reason"]
     assert by_id["missing"]["stage"] == "fetch"
     one, two, text_only = ds
-    assert one["conversations"] == [{"role": "user", "content": "<img>\nWhat is it?"},
-                                    {"role": "assistant", "content": "A red square."}]
+    assert one["conversations"] == [
+        {"role": "user", "content": "<img>\nWhat is it?"},
+        {"role": "assistant", "content": "A red square."},
+    ]
     assert near(colour_of(one["modalities"][0]["value"]), COLOURS[0])
     assert two["conversations"][0] == {"role": "system", "content": "Be brief."}
     assert two["conversations"][1]["content"] == "First <img> then <img>: same?"
@@ -173,24 +251,35 @@ def test_llava_array_to_packed_arrow(tmp_path):
 
 def test_llava_messages_jsonl_to_packed_arrow(tmp_path):
     write_images(tmp_path, {"img/x.png": COLOURS[3]})
-    rows = [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "image"}]},
-                          {"role": "assistant", "content": [{"type": "text", "text": "Yellow."}]}],
-             "images": ["img/x.png"]},
-            {"messages": [{"role": "robot", "content": "?"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "image"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Yellow."}]},
+            ],
+            "images": ["img/x.png"],
+        },
+        {"messages": [{"role": "robot", "content": "?"}]},
+    ]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     assert convert(path, out) == 0
     ds, _, rejects = load(out)
-    assert ds[0]["conversations"] == [{"role": "user", "content": "Describe\n" + TOKEN},
-                                      {"role": "assistant", "content": "Yellow."}]
+    assert ds[0]["conversations"] == [
+        {"role": "user", "content": "Describe\n" + TOKEN},
+        {"role": "assistant", "content": "Yellow."},
+    ]
     assert near(colour_of(ds[0]["modalities"][0]["value"]), COLOURS[3])
     assert rejects[0]["line"] == 2 and "unknown role 'robot'" in rejects[0]["reason"]
 
 
 def test_unusable_inputs_are_one_line_usage_errors(tmp_path, capsys):
     assert convert(tmp_path / "shard-{0..1}.tar", tmp_path / "o1") == 2
-    assert capsys.readouterr().err.strip() == f"engine: error: tar not found: {tmp_path}/shard-0.tar (and 1 more)"
+    assert (
+        capsys.readouterr().err.strip()
+        == f"engine: error: tar not found: {tmp_path}/shard-0.tar (and 1 more)"
+    )
     (tmp_path / "obj.json").write_text("[]")
     assert convert(tmp_path / "obj.json", tmp_path / "o2") == 2
     err = capsys.readouterr().err
@@ -208,8 +297,17 @@ def test_tars_on_object_storage(tmp_path, s3):
     """A brace pattern of tars on S3 (moto): planned and read through fsspec, member by member."""
     for t in range(2):
         local = tmp_path / f"{t}.tar"
-        write_tar(local, [{"__key__": f"t{t}-{i}", "jpg": jpeg(COLOURS[t * 3 + i]),
-                           "json": {"conversations": llava_turns("<image>\nColour?", f"{t}-{i}")}} for i in range(3)])
+        write_tar(
+            local,
+            [
+                {
+                    "__key__": f"t{t}-{i}",
+                    "jpg": jpeg(COLOURS[t * 3 + i]),
+                    "json": {"conversations": llava_turns("<image>\nColour?", f"{t}-{i}")},
+                }
+                for i in range(3)
+            ],
+        )
         s3.put(str(local), f"tars-bucket/shards/{t:05d}.tar")
     out = tmp_path / "out"
     assert convert("s3://tars-bucket/shards/{00000..00001}.tar", out) == 0
@@ -226,18 +324,47 @@ def test_ray_workers_read_tars_and_llava_as_the_local_runner(tmp_path, ray_insta
     tars = tmp_path / "tars"
     tars.mkdir()
     for t in range(3):
-        write_tar(tars / f"{t}.tar", [{"__key__": f"{t}-{i}", "jpg": jpeg(COLOURS[(t + i) % 6]),
-                                       "json": {"conversations": llava_turns("<image>", str(i))}} for i in range(20)])
+        write_tar(
+            tars / f"{t}.tar",
+            [
+                {
+                    "__key__": f"{t}-{i}",
+                    "jpg": jpeg(COLOURS[(t + i) % 6]),
+                    "json": {"conversations": llava_turns("<image>", str(i))},
+                }
+                for i in range(20)
+            ],
+        )
     write_images(tmp_path / "imgs", {f"{i}.jpg": COLOURS[i % 6] for i in range(6)})
     llava = tmp_path / "imgs" / "llava.json"
-    llava.write_text(json.dumps([{"id": str(i), "image": f"{i % 6}.jpg", "conversations": llava_turns("<image>", "x")}
-                                 for i in range(60)]))
+    llava.write_text(
+        json.dumps(
+            [
+                {"id": str(i), "image": f"{i % 6}.jpg", "conversations": llava_turns("<image>", "x")}
+                for i in range(60)
+            ]
+        )
+    )
     for name, inp in (("tars", tars), ("llava", llava)):
         outs = {}
         for runner in ("local", "ray"):
             out = outs[runner] = tmp_path / f"{name}-{runner}"
-            argv = ["convert", "--manifest", str(inp), "--out", str(out), "--runner", runner, "--quiet",
-                    "--layout", "arrow", "--workers", "2", "--unit-rows", "8"]
+            argv = [
+                "convert",
+                "--manifest",
+                str(inp),
+                "--out",
+                str(out),
+                "--runner",
+                runner,
+                "--quiet",
+                "--layout",
+                "arrow",
+                "--workers",
+                "2",
+                "--unit-rows",
+                "8",
+            ]
             assert run_main(argv) == 0
         files = {r: sorted(p.name for p in o.glob("*.arrow")) for r, o in outs.items()}
         assert files["local"] == files["ray"] and files["local"]

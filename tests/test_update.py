@@ -12,12 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import imagegen
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 import pytest
 from conftest import REPO, SCHEMA, Output, convert, row, run_main, write_input
-
-import imagegen
 
 CONVERT_OPTS = ["--shard-rows", "4", "--row-group-rows", "2", "--max-size", "64"]
 
@@ -48,15 +47,20 @@ def _data_files(out: Path) -> dict[str, str]:
     """sha256 of the files that are the dataset's data (not stats.json, the card or rejects)."""
     found = {}
     for p in sorted(out.rglob("*")):
-        if p.is_file() and (p.suffix in (".parquet", ".arrow") or p.name in ("state.json", "dataset_info.json",
-                                                                              "dataset_dict.json", "config.json")):
+        if p.is_file() and (
+            p.suffix in (".parquet", ".arrow")
+            or p.name in ("state.json", "dataset_info.json", "dataset_dict.json", "config.json")
+        ):
             found[p.relative_to(out).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
     return found
 
 
 def _folder(out: Path) -> dict[str, str]:
-    return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(out.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _jsonl(path: Path, rows: list) -> Path:
@@ -85,12 +89,25 @@ def made(tmp_path, layout):
     return inp, out
 
 
-def _fresh(tmp_path: Path, inp, rows: list, layout: str, name: str = "fresh", config: Path | None = None) -> Path:
+def _fresh(
+    tmp_path: Path, inp, rows: list, layout: str, name: str = "fresh", config: Path | None = None
+) -> Path:
     """A fresh convert of ``rows`` (the equivalent final manifest) with the same options."""
     manifest = _jsonl(inp.root / f"{name}.jsonl", rows)
     out = tmp_path / name
-    argv = ["convert", "--manifest", str(manifest), "--config", str(config or inp.config), "--out", str(out),
-            "--runner", "local", "--quiet", *_layout_opts(layout)]
+    argv = [
+        "convert",
+        "--manifest",
+        str(manifest),
+        "--config",
+        str(config or inp.config),
+        "--out",
+        str(out),
+        "--runner",
+        "local",
+        "--quiet",
+        *_layout_opts(layout),
+    ]
     assert run_main(argv) == 0
     return out
 
@@ -98,8 +115,9 @@ def _fresh(tmp_path: Path, inp, rows: list, layout: str, name: str = "fresh", co
 def _images_by_id(out: Path, layout: str) -> dict[str, bytes]:
     """The stored image bytes of every row, by id (packed: ids from row_ids.parquet)."""
     if layout == "parquet":
-        return {r["image_id"]: r["image"]["bytes"] for split in ("train", "test")
-                for r in Output(out).rows(split)}
+        return {
+            r["image_id"]: r["image"]["bytes"] for split in ("train", "test") for r in Output(out).rows(split)
+        }
     ids = pq.read_table(out / "row_ids.parquet").to_pylist()
     found = {}
     k = 0
@@ -146,13 +164,16 @@ def _outputs(out: Path, layout: str) -> dict[str, str]:
 def test_outputs_replace_validate_and_list_unknown_ids(tmp_path, made, layout, capsys):
     inp, out = made
     before = _images_by_id(out, layout)
-    updates = _jsonl(tmp_path / "updates.jsonl", [
-        {"image_id": "id1", "output": {"price": 99.0}},
-        {"image_id": "ghost", "output": {"price": 1.0}},
-        {"image_id": "id2", "output": {"price": "free"}},  # fails the schema: not applied
-        {"image_id": "id1", "output": '{"price": 7.25, "currency": "USD"}'},  # the last line wins
-        {"image_id": "id4", "output": {"price": 4.0}},
-    ])
+    updates = _jsonl(
+        tmp_path / "updates.jsonl",
+        [
+            {"image_id": "id1", "output": {"price": 99.0}},
+            {"image_id": "ghost", "output": {"price": 1.0}},
+            {"image_id": "id2", "output": {"price": "free"}},  # fails the schema: not applied
+            {"image_id": "id1", "output": '{"price": 7.25, "currency": "USD"}'},  # the last line wins
+            {"image_id": "id4", "output": {"price": 4.0}},
+        ],
+    )
     assert _update(out, "--outputs", str(updates)) == 0
     outputs = _outputs(out, layout)
     assert outputs["id1"] == '{"price":7.25,"currency":"USD"}'
@@ -228,23 +249,37 @@ def test_delete_rows(tmp_path, made, layout):
 
 def test_add_rows_rejects_existing_ids(tmp_path, made, layout):
     inp, out = made
-    added = [row("n1", "img/new.png", output={"price": 3.0}), row("id2", "img/1.jpg"),
-             row("n2", "img/rot.jpg", split="test"), row("n3", "img/missing.jpg"), row("n1", "img/2.jpg")]
+    added = [
+        row("n1", "img/new.png", output={"price": 3.0}),
+        row("id2", "img/1.jpg"),
+        row("n2", "img/rot.jpg", split="test"),
+        row("n3", "img/missing.jpg"),
+        row("n1", "img/2.jpg"),
+    ]
     manifest = _jsonl(inp.root / "add.jsonl", added)
     before = Output(out).stats["images"]
     assert before["resized_ids"] == ["big"] and before["rotated_ids"] == []
     assert _update(out, "--add", str(manifest)) == 0
     o = Output(out)
     rejects = [r for r in o.rejects if r.get("update") == 1]
-    assert sorted((r["image_id"], r["stage"]) for r in rejects) == [("id2", "duplicate"), ("n1", "duplicate"),
-                                                                    ("n3", "fetch")]
+    assert sorted((r["image_id"], r["stage"]) for r in rejects) == [
+        ("id2", "duplicate"),
+        ("n1", "duplicate"),
+        ("n3", "fetch"),
+    ]
     assert "already in the dataset" in next(r["reason"] for r in rejects if r["image_id"] == "id2")
     entry = o.stats["updates"][-1]
     assert entry["counts"]["added"] == 2 and entry["counts"]["add_rejected"] == 3
     # stats.json "images" stays the convert's; the added rows' images are counted in their entry
     assert o.stats["images"] == before
-    assert entry["images"] == {"passthrough": 1, "resized": 0, "rotated": 1, "reencoded": 0, "resized_ids": [],
-                               "rotated_ids": ["n2"]}
+    assert entry["images"] == {
+        "passthrough": 1,
+        "resized": 0,
+        "rotated": 1,
+        "reencoded": 0,
+        "resized_ids": [],
+        "rotated_ids": ["n2"],
+    }
     assert o.stats["num_input_rows"] == o.stats["num_written"] + o.stats["num_rejected"] == 17
     # a fresh convert of the old manifest followed by the new lines
     assert _data_files(out) == _data_files(_fresh(tmp_path, inp, _rows() + added, layout))
@@ -335,8 +370,18 @@ def test_history_and_a_second_run_of_the_same_update(tmp_path, made, layout, cap
 # ---- bad input --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["not-a-dataset", "unfinished", "malformed-updates", "no-output",
-                                  "invalid-schema", "nothing-to-do", "missing-file"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "not-a-dataset",
+        "unfinished",
+        "malformed-updates",
+        "no-output",
+        "invalid-schema",
+        "nothing-to-do",
+        "missing-file",
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, made, layout, capsys, case):
     inp, out = made
     updates = _jsonl(tmp_path / "u.jsonl", [{"image_id": "id1", "output": {"price": 8.0}}])
@@ -376,12 +421,18 @@ def _update_subprocess(out: Path, args: list[str], crash_at: str | None) -> subp
     env.pop("ENGINE_CRASH_AT", None)
     if crash_at:
         env["ENGINE_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "-m", "engine", "update", str(out), "--runner", "local", "--quiet", *args],
-                          env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "engine", "update", str(out), "--runner", "local", "--quiet", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("point", ["update-started", "update-first-shard", "update-staged", "update-committing",
-                                   "update-swapped"])
+@pytest.mark.parametrize(
+    "point", ["update-started", "update-first-shard", "update-staged", "update-committing", "update-swapped"]
+)
 def test_sigkill_then_run_again(tmp_path, made, layout, point):
     inp, out = made
     old = _data_files(out)
@@ -410,12 +461,17 @@ def test_sigkill_then_run_again(tmp_path, made, layout, point):
 
 def test_split_limits_outputs_and_delete(tmp_path, made, layout):
     inp, out = made
-    updates = _jsonl(tmp_path / "u.jsonl", [{"image_id": "id0", "output": {"price": 0.0}},
-                                            {"image_id": "id1", "output": {"price": 1.0}}])
+    updates = _jsonl(
+        tmp_path / "u.jsonl",
+        [{"image_id": "id0", "output": {"price": 0.0}}, {"image_id": "id1", "output": {"price": 1.0}}],
+    )
     ids = _jsonl(tmp_path / "d.txt", ["id4", "id5"])
     assert _update(out, "--outputs", str(updates), "--delete", str(ids), "--split", "test") == 0
     entry = Output(out).stats["updates"][-1]
-    assert entry["unknown_ids"] == {"outputs": ["id1"], "delete": ["id5"]}  # train rows are not in --split test
+    assert entry["unknown_ids"] == {
+        "outputs": ["id1"],
+        "delete": ["id5"],
+    }  # train rows are not in --split test
     rows = [r for r in _rows() if r["image_id"] != "id4"]
     rows[0]["output"] = {"price": 0.0}
     assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, layout))
@@ -424,9 +480,17 @@ def test_split_limits_outputs_and_delete(tmp_path, made, layout):
 def test_trainer_style_packed_dataset(tmp_path):
     images = {"a.jpg": imagegen.jpeg((40, 30)), "b.jpg": imagegen.jpeg((50, 30))}
     token = "<|reserved_special_token_0|>"
-    rows = [{"conversations": [{"role": "user", "content": f"{token}\nWhat is {i}?"},
-                               {"role": "assistant", "content": f"It is {i}."}],
-             "modalities": [{"type": "image", "value": "ab"[i % 2] + ".jpg"}], "id": f"t{i}"} for i in range(5)]
+    rows = [
+        {
+            "conversations": [
+                {"role": "user", "content": f"{token}\nWhat is {i}?"},
+                {"role": "assistant", "content": f"It is {i}."},
+            ],
+            "modalities": [{"type": "image", "value": "ab"[i % 2] + ".jpg"}],
+            "id": f"t{i}",
+        }
+        for i in range(5)
+    ]
     inp = write_input(tmp_path / "in", rows, images, manifest_name="trainer.jsonl")
     out = tmp_path / "packed"
     base = ["convert", "--layout", "arrow", "--runner", "local", "--quiet", "--shard-rows", "2"]
@@ -453,8 +517,13 @@ def _fs_rows() -> list[dict]:
 def _fs_files(out: Path) -> dict[str, str]:
     """sha256 of the data files and of every image file under images/."""
     found = _data_files(out)
-    found.update({p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                  for p in sorted((out / "images").glob("*")) if p.is_file()})
+    found.update(
+        {
+            p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((out / "images").glob("*"))
+            if p.is_file()
+        }
+    )
     assert any(k.startswith("images/") for k in found)
     return found
 
@@ -468,7 +537,9 @@ def _fs_images(out: Path, base: Path | None = None) -> dict[str, list[bytes]]:
     mods = _fs_modalities(out)
     assert len(mods) == len(ids)
     for image_id, row_mods in zip(ids, mods):
-        files = [Path(m["value"]) if os.path.isabs(m["value"]) else (base or out) / m["value"] for m in row_mods]
+        files = [
+            Path(m["value"]) if os.path.isabs(m["value"]) else (base or out) / m["value"] for m in row_mods
+        ]
         for f in files:
             with Image.open(f) as im:
                 im.verify()
@@ -484,12 +555,30 @@ def fs_made(tmp_path):
     return inp, out
 
 
-def _fs_fresh(tmp_path: Path, inp, rows: list, config: Path | None = None, out: Path | None = None,
-              extra: tuple[str, ...] = ()) -> Path:
+def _fs_fresh(
+    tmp_path: Path,
+    inp,
+    rows: list,
+    config: Path | None = None,
+    out: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> Path:
     manifest = _jsonl(inp.root / "fresh.jsonl", rows)
     out = out or tmp_path / "fresh"
-    argv = ["convert", "--manifest", str(manifest), "--config", str(config or inp.config), "--out", str(out),
-            "--runner", "local", "--quiet", *FS_OPTS, *extra]
+    argv = [
+        "convert",
+        "--manifest",
+        str(manifest),
+        "--config",
+        str(config or inp.config),
+        "--out",
+        str(out),
+        "--runner",
+        "local",
+        "--quiet",
+        *FS_OPTS,
+        *extra,
+    ]
     assert run_main(argv) == 0
     return out
 
@@ -498,20 +587,30 @@ def _fs_case(tmp_path: Path, inp, case: str) -> tuple[list[str], list[dict], Pat
     """(update arguments, the equivalent final manifest, the config a fresh convert uses)."""
     rows = _fs_rows()
     if case == "outputs":
-        updates = _jsonl(tmp_path / "u.jsonl", [{"image_id": "id2", "output": {"price": 9.0}},
-                                                 {"image_id": "ghost", "output": {"price": 1.0}}])
+        updates = _jsonl(
+            tmp_path / "u.jsonl",
+            [{"image_id": "id2", "output": {"price": 9.0}}, {"image_id": "ghost", "output": {"price": 1.0}}],
+        )
         rows[2]["output"] = {"price": 9.0}
         return ["--outputs", str(updates)], rows, None
     if case == "delete":
         ids = _jsonl(tmp_path / "d.txt", ["id0", "id3", "id7"])
         return ["--delete", str(ids)], [r for r in rows if r["image_id"] not in ("id0", "id3", "id7")], None
     if case in ("add", "replace"):
-        added = [row("n1", "img/new.png", output={"price": 3.0}), row("id2", "img/rot.jpg"),
-                 row("n2", "img/1.jpg", split="test"), row("n3", "img/missing.jpg")]
+        added = [
+            row("n1", "img/new.png", output={"price": 3.0}),
+            row("id2", "img/rot.jpg"),
+            row("n2", "img/1.jpg", split="test"),
+            row("n3", "img/missing.jpg"),
+        ]
         manifest = _jsonl(inp.root / "add.jsonl", added)
         if case == "add":  # id2 is a duplicate, rejected
             return ["--add", str(manifest)], rows + added, None
-        return ["--add", str(manifest), "--replace"], [r for r in rows if r["image_id"] != "id2"] + added, None
+        return (
+            ["--add", str(manifest), "--replace"],
+            [r for r in rows if r["image_id"] != "id2"] + added,
+            None,
+        )
     config = _new_config(tmp_path)  # config: id5..id9 no longer conform and go; they keep their lines
     return ["--config", str(config), "--drop-invalid"], rows, config
 
@@ -528,7 +627,9 @@ def test_fs_image_update_matches_a_fresh_convert(tmp_path, fs_made, case):
     assert all(after[k] == before[k] for k in after if k in before and not (case == "replace" and k == "id2"))
     fresh = _fs_fresh(tmp_path, inp, rows, config)
     assert _fs_files(out) == _fs_files(fresh)
-    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(p.name for p in (fresh / "images").iterdir())
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(
+        p.name for p in (fresh / "images").iterdir()
+    )
     stats = Output(out).stats
     assert stats["num_input_rows"] == stats["num_written"] + stats["num_rejected"] == len(rows)
 
@@ -572,8 +673,13 @@ def test_fs_image_paths_relative_to(tmp_path):
     assert _update(out, "--delete", str(_jsonl(tmp_path / "d.txt", ["id4"]))) == 0
     _fs_images(out, base=tmp_path / "sets")
     rows = [r for r in _fs_rows() if r["image_id"] != "id4"]
-    fresh = _fs_fresh(tmp_path, inp, rows, out=tmp_path / "sets" / "fresh",
-                      extra=("--paths-relative-to", str(tmp_path / "sets")))
+    fresh = _fs_fresh(
+        tmp_path,
+        inp,
+        rows,
+        out=tmp_path / "sets" / "fresh",
+        extra=("--paths-relative-to", str(tmp_path / "sets")),
+    )
     mine = {k: v for k, v in _fs_files(out).items() if k.startswith("images/")}
     assert mine == {k: v for k, v in _fs_files(fresh).items() if k.startswith("images/")}
     paths = [m["value"] for mods in _fs_modalities(out) for m in mods]
@@ -610,13 +716,28 @@ def test_fs_image_trainer_rows_with_two_images(tmp_path):
     token = "<|reserved_special_token_0|>"
 
     def trainer(i: int, n: int) -> dict:
-        return {"conversations": [{"role": "user", "content": f"{token}\n" * n + f"What is {i}?"},
-                                  {"role": "assistant", "content": f"It is {i}."}],
-                "modalities": [{"type": "image", "value": v} for v in ["a.jpg", "b.png"][:n]], "id": f"t{i}"}
+        return {
+            "conversations": [
+                {"role": "user", "content": f"{token}\n" * n + f"What is {i}?"},
+                {"role": "assistant", "content": f"It is {i}."},
+            ],
+            "modalities": [{"type": "image", "value": v} for v in ["a.jpg", "b.png"][:n]],
+            "id": f"t{i}",
+        }
 
     rows = [trainer(i, 1 + i % 2) for i in range(6)]
     inp = write_input(tmp_path / "in", rows, images, manifest_name="trainer.jsonl")
-    base = ["convert", "--layout", "arrow", "--images-as-paths", "--runner", "local", "--quiet", "--shard-rows", "2"]
+    base = [
+        "convert",
+        "--layout",
+        "arrow",
+        "--images-as-paths",
+        "--runner",
+        "local",
+        "--quiet",
+        "--shard-rows",
+        "2",
+    ]
     out = tmp_path / "packed"
     assert run_main(base + ["--manifest", str(inp.manifest), "--out", str(out)]) == 0
     before = _fs_images(out)

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 
+import imagegen
 import pytest
 from conftest import REPO, convert, moto_s3, parquet_hashes, row, run_main, write_input
 
-import imagegen
-
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
-from test_s3 import _s3_hashes, online  # noqa: E402,F401  (online: a fixture)
+from test_s3 import _s3_hashes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +52,24 @@ def _fresh(tmp_path, inp):
     manifest = inp.root / "final.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in _final_rows()))
     out = tmp_path / "fresh"
-    assert run_main(["convert", "--manifest", str(manifest), "--config", str(inp.config), "--out", str(out),
-                     "--runner", "local", "--quiet", *OPTS]) == 0
+    assert (
+        run_main(
+            [
+                "convert",
+                "--manifest",
+                str(manifest),
+                "--config",
+                str(inp.config),
+                "--out",
+                str(out),
+                "--runner",
+                "local",
+                "--quiet",
+                *OPTS,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -103,11 +118,32 @@ def test_packed_update_on_s3(s3, inp, tmp_path, online):
     manifest = inp.root / "final.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in _final_rows()))
     fresh = tmp_path / "fresh-packed"
-    assert run_main(["convert", "--manifest", str(manifest), "--config", str(inp.config), "--out", str(fresh),
-                     "--runner", "local", "--quiet", "--layout", "arrow", *OPTS]) == 0
-    names = ["row_ids.parquet", "state.json", "dataset_info.json"] + sorted(p.name for p in fresh.glob("*.arrow"))
-    assert {n: hashlib.sha256(s3.cat_file(f"bucket/packed-upd/{n}")).hexdigest() for n in names} == \
-        {n: hashlib.sha256((fresh / n).read_bytes()).hexdigest() for n in names}
+    assert (
+        run_main(
+            [
+                "convert",
+                "--manifest",
+                str(manifest),
+                "--config",
+                str(inp.config),
+                "--out",
+                str(fresh),
+                "--runner",
+                "local",
+                "--quiet",
+                "--layout",
+                "arrow",
+                *OPTS,
+            ]
+        )
+        == 0
+    )
+    names = ["row_ids.parquet", "state.json", "dataset_info.json"] + sorted(
+        p.name for p in fresh.glob("*.arrow")
+    )
+    assert {n: hashlib.sha256(s3.cat_file(f"bucket/packed-upd/{n}")).hexdigest() for n in names} == {
+        n: hashlib.sha256((fresh / n).read_bytes()).hexdigest() for n in names
+    }
     ds = datasets.load_from_disk(out)
     assert len(ds) == 7 and ds[0]["conversations"][-1]["content"] == '{"price":42.0}'
 

@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import io
 
+import imagegen
 import numpy as np
 import orjson
-
-import imagegen
 from conftest import Output, convert, row, write_input
+
 from engine.pipeline import UnitResult
 from engine.stats import RunStats
 
 
 def _result(**extra) -> UnitResult:
-    return UnitResult(index=0, num_rows=3, num_written=3, num_passthrough=0, rejected={}, meta_keys=(),
-                      text_columns=(), sizes={"train": np.asarray([1, 2, 3])}, part=None, rejects=None,
-                      seconds=0.1, **extra)
+    return UnitResult(
+        index=0,
+        num_rows=3,
+        num_written=3,
+        num_passthrough=0,
+        rejected={},
+        meta_keys=(),
+        text_columns=(),
+        sizes={"train": np.asarray([1, 2, 3])},
+        part=None,
+        rejects=None,
+        seconds=0.1,
+        **extra,
+    )
 
 
 def test_unit_warnings_survive_the_checkpoint_and_an_older_one_reads_as_none():
@@ -46,8 +57,12 @@ def test_stats_json_counts_warnings_per_kind(tmp_path):
     broken = imagegen.jpeg()
     body = b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0garbage"  # a TIFF header pointing nowhere
     broken = broken[:2] + b"\xff\xe1" + (len(body) + 2).to_bytes(2, "big") + body + broken[2:]
-    images = {"o0.jpg": with_orientation(0), "o9.jpg": with_orientation(9), "bad.jpg": broken,
-              "good.jpg": imagegen.jpeg()}
+    images = {
+        "o0.jpg": with_orientation(0),
+        "o9.jpg": with_orientation(9),
+        "bad.jpg": broken,
+        "good.jpg": imagegen.jpeg(),
+    }
     inp = write_input(tmp_path / "in", [row(n.split(".")[0], n) for n in images], images)
     assert convert(inp, tmp_path / "out") == 0
     out = Output(tmp_path / "out")

@@ -44,7 +44,9 @@ class Row:
     output: str
 
 
-def peer_args(description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+def peer_args(
+    description: str, extra: Callable[[argparse.ArgumentParser], None] | None = None
+) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     if extra is not None:
         extra(parser)
@@ -82,8 +84,10 @@ def read_instructions(config: Path) -> str:
 
 
 def conversation(instructions: str, output: str) -> list[dict]:
-    return [{"role": "user", "content": f"{instructions} <|reserved_special_token_0|>"},
-            {"role": "assistant", "content": output}]
+    return [
+        {"role": "user", "content": f"{instructions} <|reserved_special_token_0|>"},
+        {"role": "assistant", "content": output},
+    ]
 
 
 def shard_path(out: Path, layout_name: str = "train", index: int = 0, total: int = 1) -> Path:
@@ -93,6 +97,7 @@ def shard_path(out: Path, layout_name: str = "train", index: int = 0, total: int
 
 
 # --------------------------------------------------------------------------- images
+
 
 def load_rotate_resize(source: str | bytes, max_size: int) -> Image.Image | None:
     """What scripts do today: full decode, ``exif_transpose``, LANCZOS thumbnail.
@@ -166,22 +171,28 @@ def passthrough_bytes(path: str) -> bytes | None:
 
 def hf_features(layout: str):
     """The ``datasets`` features each peer writes for ``layout``."""
-    from datasets import Features, Image as HFImage, List, Value
+    from datasets import Features, List, Value
+    from datasets import Image as HFImage
 
     if layout == "arrow":
-        return Features({
-            "image_id": Value("string"),
-            "conversations": List({"role": Value("string"), "content": Value("string")}),
-            "modalities": List({"type": Value("string"), "value": HFImage()}),
-        })
+        return Features(
+            {
+                "image_id": Value("string"),
+                "conversations": List({"role": Value("string"), "content": Value("string")}),
+                "modalities": List({"type": Value("string"), "value": HFImage()}),
+            }
+        )
     return Features({"image_id": Value("string"), "image": HFImage(), "output": Value("string")})
 
 
 def hf_record(layout: str, image_id: str, image, output: str, instructions: str) -> dict:
     """One row for :func:`hf_features`; ``image`` is a PIL image or ``{"bytes", "path"}``."""
     if layout == "arrow":
-        return {"image_id": image_id, "conversations": conversation(instructions, output),
-                "modalities": [{"type": "image", "value": image}]}
+        return {
+            "image_id": image_id,
+            "conversations": conversation(instructions, output),
+            "modalities": [{"type": "image", "value": image}],
+        }
     return {"image_id": image_id, "image": image, "output": output}
 
 

@@ -11,8 +11,16 @@ from pathlib import Path
 
 from datasets import Dataset, Features, Value
 
-from bench.peers.common import (hf_features, hf_record, load_rotate_resize, passthrough_bytes,
-                                peer_args, read_instructions, read_manifest, write_hf)
+from bench.peers.common import (
+    hf_features,
+    hf_record,
+    load_rotate_resize,
+    passthrough_bytes,
+    peer_args,
+    read_instructions,
+    read_manifest,
+    write_hf,
+)
 
 
 def main() -> None:
@@ -34,16 +42,20 @@ def main() -> None:
                 image = load_rotate_resize(path, args.max_size)
             if image is None:
                 continue
-            for name, value in hf_record(args.layout, image_id, image, output,
-                                         instructions).items():
+            for name, value in hf_record(args.layout, image_id, image, output, instructions).items():
                 out[name].append(value)
         return out
 
-    plain = Features({"image_id": Value("string"), "path": Value("string"),
-                      "output": Value("string")})
+    plain = Features({"image_id": Value("string"), "path": Value("string"), "output": Value("string")})
     ds = Dataset.from_generator(generate, features=plain)
-    ds = ds.map(load_batch, batched=True, batch_size=16, num_proc=args.workers,
-                remove_columns=ds.column_names, features=hf_features(args.layout))
+    ds = ds.map(
+        load_batch,
+        batched=True,
+        batch_size=16,
+        num_proc=args.workers,
+        remove_columns=ds.column_names,
+        features=hf_features(args.layout),
+    )
     ds = ds.cast(hf_features(args.layout))
     write_hf(ds, args)
 

@@ -25,8 +25,15 @@ from bench.peers.common import Row, fast_resize_encode, header_size, peer_args, 
 NUM_SAMPLES = 20
 
 
-def process_chunk(chunk: list[tuple[int, Row]], *, mode: str, max_size: int, quality: int,
-                  sample_every: int, write_dir: Path | None) -> tuple[int, int, dict[str, bytes]]:
+def process_chunk(
+    chunk: list[tuple[int, Row]],
+    *,
+    mode: str,
+    max_size: int,
+    quality: int,
+    sample_every: int,
+    write_dir: Path | None,
+) -> tuple[int, int, dict[str, bytes]]:
     num_ok = num_written = 0
     samples: dict[str, bytes] = {}
     with open(write_dir / f"{os.getpid()}.bin", "ab") if write_dir else nullcontext() as sink:
@@ -50,8 +57,11 @@ def process_chunk(chunk: list[tuple[int, Row]], *, mode: str, max_size: int, qua
 
 
 def _write_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--write", action="store_true",
-                        help="also write every output to disk (one file per process, fsynced per chunk)")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="also write every output to disk (one file per process, fsynced per chunk)",
+    )
 
 
 def main() -> None:
@@ -59,12 +69,18 @@ def main() -> None:
     rows = read_manifest(args.manifest)
     indexed = list(enumerate(rows))
     chunk_size = max(1, math.ceil(len(rows) / (args.workers * 8)))
-    chunks = [indexed[i:i + chunk_size] for i in range(0, len(indexed), chunk_size)]
+    chunks = [indexed[i : i + chunk_size] for i in range(0, len(indexed), chunk_size)]
     write_dir = args.out / "written" if args.write else None
     if write_dir is not None:
         write_dir.mkdir()
-    work = partial(process_chunk, mode=args.mode, max_size=args.max_size, quality=args.quality,
-                   sample_every=max(1, len(rows) // NUM_SAMPLES), write_dir=write_dir)
+    work = partial(
+        process_chunk,
+        mode=args.mode,
+        max_size=args.max_size,
+        quality=args.quality,
+        sample_every=max(1, len(rows) // NUM_SAMPLES),
+        write_dir=write_dir,
+    )
     num_ok = num_written = 0
     samples_dir = args.out / "samples"
     samples_dir.mkdir(exist_ok=True)

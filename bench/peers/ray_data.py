@@ -12,8 +12,7 @@ import sys
 
 import ray
 
-from bench.peers.common import (encode_jpeg, header_size, load_rotate_resize, peer_args,
-                                read_manifest)
+from bench.peers.common import encode_jpeg, header_size, load_rotate_resize, peer_args, read_manifest
 
 
 def main() -> None:

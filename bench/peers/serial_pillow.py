@@ -9,8 +9,15 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from bench.peers.common import (hf_features, hf_record, load_rotate_resize, peer_args,
-                                read_instructions, read_manifest, write_hf)
+from bench.peers.common import (
+    hf_features,
+    hf_record,
+    load_rotate_resize,
+    peer_args,
+    read_instructions,
+    read_manifest,
+    write_hf,
+)
 
 
 def main() -> None:

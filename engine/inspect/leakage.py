@@ -129,9 +129,20 @@ class LeakIndex:
             for g, leader in enumerate(self._leader):
                 if leader >= 0:
                     clusters[leader].append(g)
-            near = [Group(tuple(m for g in gs for m in self._group(g))) for gs in clusters.values() if len(gs) > 1]
-        shared = {i: [self._splits[b] for b in range(len(self._splits)) if mask >> b & 1]
-                  for i, mask in self._ids.items() if mask & (mask - 1)}
+            near = [
+                Group(tuple(m for g in gs for m in self._group(g))) for gs in clusters.values() if len(gs) > 1
+            ]
+        shared = {
+            i: [self._splits[b] for b in range(len(self._splits)) if mask >> b & 1]
+            for i, mask in self._ids.items()
+            if mask & (mask - 1)
+        }
         repeated = {f"{self._splits[s]}/{i}": c for (s, i), c in self._repeated.items()}
-        return Leakage(exact_by=self.exact_by, exact=exact, near=near, shared_ids=shared, repeated_ids=repeated,
-                       has_ids=bool(self._ids))
+        return Leakage(
+            exact_by=self.exact_by,
+            exact=exact,
+            near=near,
+            shared_ids=shared,
+            repeated_ids=repeated,
+            has_ids=bool(self._ids),
+        )

@@ -21,13 +21,27 @@ class Inspection:
         return text_summary(self.result, self.summary)
 
 
-def inspect_dataset(root: str, *, samples: int = 12, seed: int = 0, decode: bool = True, phash: bool = True,
-                    progress: Progress | None = None) -> Inspection:
+def inspect_dataset(
+    root: str,
+    *,
+    samples: int = 12,
+    seed: int = 0,
+    decode: bool = True,
+    phash: bool = True,
+    progress: Progress | None = None,
+) -> Inspection:
     progress = progress or NullProgress()
     ds, fs = open_dataset(root)
-    result = scan(ds, fs, decode=decode, phash=phash, samples=samples, seed=seed,
-                  start=lambda total: progress.start(total or 0, "inspecting", unit="row"),
-                  progress=lambda n: progress.advance(n, 0))
+    result = scan(
+        ds,
+        fs,
+        decode=decode,
+        phash=phash,
+        samples=samples,
+        seed=seed,
+        start=lambda total: progress.start(total or 0, "inspecting", unit="row"),
+        progress=lambda n: progress.advance(n, 0),
+    )
     progress.close()
     return Inspection(result, summarise(result, fs), fs)
 

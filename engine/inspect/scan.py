@@ -24,7 +24,7 @@ from PIL import Image
 
 from engine.config import DEFAULT_ATTACHMENT_TOKEN
 from engine.imaging import configure_pillow
-from engine.inspect.leakage import LeakIndex, Leakage
+from engine.inspect.leakage import Leakage, LeakIndex
 from engine.inspect.source import FS, Dataset, Rows, iter_rows, load_image_bytes, row_count
 from engine.jpeg_header import JpegHeader, read_jpeg_header
 
@@ -52,13 +52,23 @@ class ImageFacts:
 def analyse_image(data: bytes | None, *, decode: bool, phash: bool) -> ImageFacts:
     """Facts about one encoded image; never raises."""
     if data is None:
-        return ImageFacts(None, 0, 0, 0, b"missing", None, 1, "image bytes missing (or the file is not found)")
+        return ImageFacts(
+            None, 0, 0, 0, b"missing", None, 1, "image bytes missing (or the file is not found)"
+        )
     if not decode:
         header = _jpeg_header(data)
         if header is not None:
             orient = stored_orientation(header.exif, getattr(header, "xmp", None))
-            return ImageFacts("JPEG", header.width, header.height, len(data), xxhash.xxh3_128_digest(data), None,
-                              orient, None)
+            return ImageFacts(
+                "JPEG",
+                header.width,
+                header.height,
+                len(data),
+                xxhash.xxh3_128_digest(data),
+                None,
+                orient,
+                None,
+            )
     try:
         im = Image.open(io.BytesIO(data), formats=FORMATS)
         fmt, (width, height) = im.format, im.size
@@ -69,11 +79,27 @@ def analyse_image(data: bytes | None, *, decode: bool, phash: bool) -> ImageFact
         digest = xxhash.xxh3_128()
         digest.update(f"{im.mode}:{width}x{height}:".encode())
         digest.update(im.tobytes())
-        return ImageFacts(fmt, width, height, len(data), digest.digest(), perceptual_hash(im) if phash else None,
-                          orient, None)
+        return ImageFacts(
+            fmt,
+            width,
+            height,
+            len(data),
+            digest.digest(),
+            perceptual_hash(im) if phash else None,
+            orient,
+            None,
+        )
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a finding, not a crash
-        return ImageFacts(None, 0, 0, len(data), xxhash.xxh3_128_digest(data), None, 1,
-                          f"does not decode: {type(exc).__name__}: {exc}")
+        return ImageFacts(
+            None,
+            0,
+            0,
+            len(data),
+            xxhash.xxh3_128_digest(data),
+            None,
+            1,
+            f"does not decode: {type(exc).__name__}: {exc}",
+        )
 
 
 def perceptual_hash(im: Image.Image) -> int:
@@ -178,12 +204,23 @@ class ScanResult:
 class Scanner:
     """Accumulates one dataset's statistics; feed it ``Rows`` in order, then call ``result``."""
 
-    def __init__(self, ds: Dataset, fs: FS, *, decode: bool = True, phash: bool = True, samples: int = 12,
-                 seed: int = 0, workers: int | None = None):
+    def __init__(
+        self,
+        ds: Dataset,
+        fs: FS,
+        *,
+        decode: bool = True,
+        phash: bool = True,
+        samples: int = 12,
+        seed: int = 0,
+        workers: int | None = None,
+    ):
         self.ds, self.fs, self.decode, self.phash = ds, fs, decode, phash and decode
         self.num_samples = samples
         self.rng = random.Random(seed)
-        self.pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1, thread_name_prefix="inspect")
+        self.pool = ThreadPoolExecutor(
+            max_workers=workers or os.cpu_count() or 1, thread_name_prefix="inspect"
+        )
         self.splits: dict[str, SplitStats] = {}
         self.formats: Counter = Counter()
         self.widths, self.heights, self.sizes = array("I"), array("I"), array("Q")
@@ -252,9 +289,15 @@ class Scanner:
 
     def _key(self, rows: Rows, i: int) -> str:
         image_id = rows.image_ids[i]
-        return image_id if image_id is not None else f"{rows.split}[{posixpath.basename(rows.file)}:{rows.start + i}]"
+        return (
+            image_id
+            if image_id is not None
+            else f"{rows.split}[{posixpath.basename(rows.file)}:{rows.start + i}]"
+        )
 
-    def _add_image(self, split_name: str, key: str, im: ImageFacts, split: SplitStats, f: dict[str, int]) -> None:
+    def _add_image(
+        self, split_name: str, key: str, im: ImageFacts, split: SplitStats, f: dict[str, int]
+    ) -> None:
         split.num_images += 1
         split.image_bytes += im.num_bytes
         f["image_bytes"] += im.num_bytes
@@ -327,7 +370,9 @@ class Scanner:
         if found != num_images:
             self.num_token_mismatches += 1
             if len(self.token_mismatches) < MAX_EXAMPLES:
-                self.token_mismatches.append((key, f"{found} attachment token(s) {self.token!r} for {num_images} image(s)"))
+                self.token_mismatches.append(
+                    (key, f"{found} attachment token(s) {self.token!r} for {num_images} image(s)")
+                )
 
     def _offer_sample(self, rows: Rows, i: int, key: str, images) -> None:
         """Reservoir sampling (algorithm R) with a seeded generator: the same rows every run."""
@@ -340,9 +385,16 @@ class Scanner:
             slot = self.rng.randrange(self.num_seen)
             if slot >= self.num_samples:
                 return
-        blob = bytes(images[0][1]) if images and images[0][1] is not None else None  # a copy: not the row group
-        sample = Sample(rows.split, key, blob, rows.outputs[i],
-                        rows.conversations[i] if rows.conversations is not None else None)
+        blob = (
+            bytes(images[0][1]) if images and images[0][1] is not None else None
+        )  # a copy: not the row group
+        sample = Sample(
+            rows.split,
+            key,
+            blob,
+            rows.outputs[i],
+            rows.conversations[i] if rows.conversations is not None else None,
+        )
         if slot == len(self.samples):
             self.samples.append(sample)
         else:
@@ -354,13 +406,28 @@ class Scanner:
             s.thumbnail = thumbnail(s.image)
             s.image = None
         return ScanResult(
-            dataset=self.ds, decoded=self.decode, splits=self.splits, formats=self.formats, widths=self.widths,
-            heights=self.heights, sizes=self.sizes, num_rotated=self.num_rotated, rotated=self.rotated,
-            undecodable=self.undecodable, num_undecodable=self.num_undecodable, num_outputs=self.num_outputs,
-            invalid_outputs=self.invalid_outputs, num_invalid_outputs=self.num_invalid_outputs,
-            properties=dict(self.properties), token_mismatches=self.token_mismatches,
-            num_token_mismatches=self.num_token_mismatches, samples=self.samples, leakage=self.leaks.result(),
-            schema=self.schema, attachment_token=self.token)
+            dataset=self.ds,
+            decoded=self.decode,
+            splits=self.splits,
+            formats=self.formats,
+            widths=self.widths,
+            heights=self.heights,
+            sizes=self.sizes,
+            num_rotated=self.num_rotated,
+            rotated=self.rotated,
+            undecodable=self.undecodable,
+            num_undecodable=self.num_undecodable,
+            num_outputs=self.num_outputs,
+            invalid_outputs=self.invalid_outputs,
+            num_invalid_outputs=self.num_invalid_outputs,
+            properties=dict(self.properties),
+            token_mismatches=self.token_mismatches,
+            num_token_mismatches=self.num_token_mismatches,
+            samples=self.samples,
+            leakage=self.leaks.result(),
+            schema=self.schema,
+            attachment_token=self.token,
+        )
 
 
 _ABSENT = object()
@@ -381,8 +448,17 @@ def thumbnail(data: bytes | None) -> bytes | None:
         return None
 
 
-def scan(ds: Dataset, fs: FS, *, decode: bool = True, phash: bool = True, samples: int = 12, seed: int = 0,
-         progress: Callable[[int], None] | None = None, start: Callable[[int | None], None] | None = None) -> ScanResult:
+def scan(
+    ds: Dataset,
+    fs: FS,
+    *,
+    decode: bool = True,
+    phash: bool = True,
+    samples: int = 12,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+    start: Callable[[int | None], None] | None = None,
+) -> ScanResult:
     """Read every row once and return the accumulated statistics."""
     configure_pillow()
     scanner = Scanner(ds, fs, decode=decode, phash=phash, samples=samples, seed=seed)

@@ -98,7 +98,11 @@ class FS:
 
 
 def _strip(location: str, fs: FS) -> str:
-    return posixpath.join(fs.path, location[len(fs.root) + 1:]) if location.startswith(fs.root + "/") else location
+    return (
+        posixpath.join(fs.path, location[len(fs.root) + 1 :])
+        if location.startswith(fs.root + "/")
+        else location
+    )
 
 
 def open_dataset(root: str) -> tuple[Dataset, FS]:
@@ -111,8 +115,11 @@ def open_dataset(root: str) -> tuple[Dataset, FS]:
             raise UsageError(f"{root} is a file, not a dataset folder or a .parquet file")
         parent = FS(root.rsplit("/", 1)[0] if "/" in root else ".")
         name = root.rsplit("/", 1)[-1]
-        return Dataset(root=parent.root, layout="parquet",
-                       files=[DataFile(_split_of(name), root, "parquet", parent.root)]), parent
+        return Dataset(
+            root=parent.root,
+            layout="parquet",
+            files=[DataFile(_split_of(name), root, "parquet", parent.root)],
+        ), parent
     ds = Dataset(root=fs.root, layout="parquet", files=[])
     _read_sidecars(ds, fs)
     dataset_dict = fs.read("dataset_dict.json")
@@ -213,9 +220,11 @@ def row_count(ds: Dataset, fs: FS) -> int | None:
         else:
             folders.add(posixpath.dirname(f.location))
     for folder in folders:
-        raw = fs.read(posixpath.join(folder[len(fs.root):].lstrip("/"), "dataset_info.json"))
+        raw = fs.read(posixpath.join(folder[len(fs.root) :].lstrip("/"), "dataset_info.json"))
         try:
-            total += sum(s.get("num_examples", 0) for s in (orjson.loads(raw or b"{}").get("splits") or {}).values())
+            total += sum(
+                s.get("num_examples", 0) for s in (orjson.loads(raw or b"{}").get("splits") or {}).values()
+            )
         except (orjson.JSONDecodeError, AttributeError):
             return None
     return total
@@ -232,7 +241,7 @@ def iter_rows(ds: Dataset, fs: FS, *, with_images: bool = True) -> Iterator[Rows
 
 def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
     local = None if fs.remote else _local_path(f.location)
-    with (contextlib.nullcontext(local) if local else fs.open(f.location)) as source:
+    with contextlib.nullcontext(local) if local else fs.open(f.location) as source:
         pf = pq.ParquetFile(source)  # not memory-mapped: mapped pages would count as resident memory
         schema = pf.schema_arrow
         image = image_column(schema)
@@ -254,7 +263,11 @@ def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
                     blobs = pc.struct_field(chunk, "bytes")
                     data += binary_views(blobs)
                     # a path matters only where there are no bytes (and reading them costs 8 us a row)
-                    paths += pc.struct_field(chunk, "path").to_pylist() if blobs.null_count else [None] * len(chunk)
+                    paths += (
+                        pc.struct_field(chunk, "path").to_pylist()
+                        if blobs.null_count
+                        else [None] * len(chunk)
+                    )
                 images = [[(b, p)] if (b is not None or p is not None) else [] for b, p in zip(data, paths)]
             else:
                 images = [[] for _ in range(n)]
@@ -292,10 +305,12 @@ def binary_views(array: pa.Array) -> list[memoryview | None]:
         array = array.cast(pa.binary()) if array.nbytes < 2**31 else array
     _, offsets_buf, data_buf = array.buffers()[:3]
     dtype = np.int64 if pa.types.is_large_binary(array.type) else np.int32
-    offsets = np.frombuffer(offsets_buf, dtype=dtype)[array.offset:array.offset + len(array) + 1].tolist()
+    offsets = np.frombuffer(offsets_buf, dtype=dtype)[array.offset : array.offset + len(array) + 1].tolist()
     data = memoryview(data_buf) if data_buf is not None else memoryview(b"")
     valid = array.is_valid().to_pylist() if array.null_count else None
-    return [data[offsets[i]:offsets[i + 1]] if valid is None or valid[i] else None for i in range(len(array))]
+    return [
+        data[offsets[i] : offsets[i + 1]] if valid is None or valid[i] else None for i in range(len(array))
+    ]
 
 
 def _arrow_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
@@ -314,7 +329,9 @@ def _arrow_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
             for c in convs:
                 if isinstance(c, list):
                     conversations.append(c)
-                    outputs.append(next((t.get("content") for t in reversed(c) if t.get("role") == "assistant"), None))
+                    outputs.append(
+                        next((t.get("content") for t in reversed(c) if t.get("role") == "assistant"), None)
+                    )
                 else:
                     conversations.append([{"role": "text", "content": c}] if c is not None else None)
                     outputs.append(None)
@@ -337,7 +354,9 @@ def _arrow_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
             start += n
 
 
-def load_image_bytes(data: bytes | None, path: str | None, f_base: str, split_dir: str | None, fs: FS) -> bytes | None:
+def load_image_bytes(
+    data: bytes | None, path: str | None, f_base: str, split_dir: str | None, fs: FS
+) -> bytes | None:
     """The encoded bytes of an image: embedded, or an fs-image path resolved against the split's
     folder, then the dataset's root."""
     if data is not None:
@@ -345,7 +364,7 @@ def load_image_bytes(data: bytes | None, path: str | None, f_base: str, split_di
     if not path:
         return None
     for base in filter(None, (split_dir, f_base)):
-        rel = path if not base.startswith(fs.root) else posixpath.join(base[len(fs.root):].lstrip("/"), path)
+        rel = path if not base.startswith(fs.root) else posixpath.join(base[len(fs.root) :].lstrip("/"), path)
         got = fs.read(rel)
         if got is not None:
             return got

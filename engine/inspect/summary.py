@@ -47,20 +47,29 @@ def summarise(result: ScanResult, fs: FS) -> Summary:
     ds = result.dataset
     splits = []
     for name, s in result.splits.items():
-        files = [FileCount(_rel(loc, ds.root), name, c["num_rows"], c["image_bytes"], fs.size(loc))
-                 for loc, c in s.files.items()]
-        splits.append(SplitCount(name, s.num_rows, s.num_images, s.image_bytes, sum(f.file_bytes for f in files), files))
+        files = [
+            FileCount(_rel(loc, ds.root), name, c["num_rows"], c["image_bytes"], fs.size(loc))
+            for loc, c in s.files.items()
+        ]
+        splits.append(
+            SplitCount(name, s.num_rows, s.num_images, s.image_bytes, sum(f.file_bytes for f in files), files)
+        )
     layout = ds.layout
     if layout == "arrow":
         layout = f"packed Arrow (save_to_disk{', ' + ds.variant if ds.variant else ''})"
     else:
         layout = "Parquet (" + ("engine LLM image-extraction" if ds.stats else "Hugging Face") + ")"
-    return Summary(layout=layout, num_rows=sum(s.num_rows for s in splits), num_images=sum(s.num_images for s in splits),
-                   splits=splits, reject_examples=_reject_examples(ds.stats, fs))
+    return Summary(
+        layout=layout,
+        num_rows=sum(s.num_rows for s in splits),
+        num_images=sum(s.num_images for s in splits),
+        splits=splits,
+        reject_examples=_reject_examples(ds.stats, fs),
+    )
 
 
 def _rel(location: str, root: str) -> str:
-    return location[len(root) + 1:] if location.startswith(root + "/") else posixpath.basename(location)
+    return location[len(root) + 1 :] if location.startswith(root + "/") else posixpath.basename(location)
 
 
 def _reject_examples(stats: dict | None, fs: FS) -> dict[str, list[str]]:
@@ -98,19 +107,29 @@ def image_changes(stats: dict | None, listed: int) -> list[tuple[str, int, list[
 
 def text_summary(result: ScanResult, summary: Summary) -> str:
     leak = result.leakage
-    lines = [f"{result.dataset.root}: {summary.layout}, {summary.num_rows:,} rows, {summary.num_images:,} images"]
+    lines = [
+        f"{result.dataset.root}: {summary.layout}, {summary.num_rows:,} rows, {summary.num_images:,} images"
+    ]
     for s in summary.splits:
-        lines.append(f"  {s.name}: {s.num_rows:,} rows in {len(s.files)} file(s), {s.file_bytes / 1e6:,.1f} MB")
+        lines.append(
+            f"  {s.name}: {s.num_rows:,} rows in {len(s.files)} file(s), {s.file_bytes / 1e6:,.1f} MB"
+        )
     lines.append("  formats: " + (", ".join(f"{k} {v:,}" for k, v in result.formats.most_common()) or "none"))
     if result.widths:
-        lines.append(f"  sizes: width {min(result.widths)}-{max(result.widths)} px, height "
-                     f"{min(result.heights)}-{max(result.heights)} px")
+        lines.append(
+            f"  sizes: width {min(result.widths)}-{max(result.widths)} px, height "
+            f"{min(result.heights)}-{max(result.heights)} px"
+        )
     if result.schema is not None:
-        lines.append(f"  outputs: {result.num_invalid_outputs:,} of {result.num_outputs:,} invalid against the schema")
+        lines.append(
+            f"  outputs: {result.num_invalid_outputs:,} of {result.num_outputs:,} invalid against the schema"
+        )
     changes = image_changes(result.dataset.stats, TEXT_LISTED)
     if changes:
-        lines.append("  images at convert: " + ", ".join(f"{kind} {count:,}" for kind, count, _, _ in changes))
-        for kind, count, ids, more in changes:
+        lines.append(
+            "  images at convert: " + ", ".join(f"{kind} {count:,}" for kind, count, _, _ in changes)
+        )
+        for kind, _count, ids, more in changes:
             if ids:
                 lines.append(f"    {kind}: {', '.join(ids)}{f' and {more:,} more' if more else ''}")
     if result.num_undecodable:
@@ -120,8 +139,10 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
     if result.attachment_token:
         lines.append(f"  attachment-token mismatches: {result.num_token_mismatches:,}")
     by = "pixels" if leak.exact_by == "pixels" else "stored bytes"
-    lines.append(f"  exact duplicates (by {by}): {len(leak.exact_cross):,} groups across splits, "
-                 f"{len(leak.exact_within):,} within a split")
+    lines.append(
+        f"  exact duplicates (by {by}): {len(leak.exact_cross):,} groups across splits, "
+        f"{len(leak.exact_within):,} within a split"
+    )
     lines += _listed(leak.exact_cross)
     if leak.near is not None:
         lines.append(f"  near duplicates: {len(leak.near):,} groups, {len(leak.near_cross):,} across splits")
@@ -133,5 +154,7 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
 
 
 def _listed(groups) -> list[str]:
-    return ["    " + ", ".join(f"{s}/{k}" for s, k in g.members[:8]) + (" …" if len(g.members) > 8 else "")
-            for g in groups[:TEXT_LISTED]]
+    return [
+        "    " + ", ".join(f"{s}/{k}" for s, k in g.members[:8]) + (" …" if len(g.members) > 8 else "")
+        for g in groups[:TEXT_LISTED]
+    ]

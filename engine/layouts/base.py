@@ -45,8 +45,10 @@ class SeenColumns:
     def of(cls, results: Iterable[Any]) -> SeenColumns:
         """Merged from UnitResults (their ``meta_keys`` and ``text_columns``)."""
         results = list(results)
-        return cls(frozenset(k for r in results for k in r.meta_keys),
-                   frozenset(c for r in results for c in r.text_columns))
+        return cls(
+            frozenset(k for r in results for k in r.meta_keys),
+            frozenset(c for r in results for c in r.text_columns),
+        )
 
 
 class Layout:
@@ -100,16 +102,29 @@ class Layout:
         """Assemble and write one shard from its pieces (``sinks.shards.write_row_groups``)."""
         raise NotImplementedError
 
-    def on_write_complete(self, store: Store, splits: dict[str, dict[str, Any]], shards: list[ShardResult],
-                          features, stats_doc: dict[str, Any], command: str, instructions: str | None,
-                          title: str | None = None) -> None:
+    def on_write_complete(
+        self,
+        store: Store,
+        splits: dict[str, dict[str, Any]],
+        shards: list[ShardResult],
+        features,
+        stats_doc: dict[str, Any],
+        command: str,
+        instructions: str | None,
+        title: str | None = None,
+    ) -> None:
         """What sits beside the shards (card, metadata); may add keys to ``stats_doc``."""
 
 
 def validated_output(row: ManifestRow, ctx: Any) -> str | Reject:
     """A labelr row's ``output``, checked against the config's JSON schema (compact JSON)."""
     if ctx.schema_json is None:
-        return Reject(row.line, row.image_id, "manifest", "a row with 'output' needs --config (instructions and JSON schema)")
+        return Reject(
+            row.line,
+            row.image_id,
+            "manifest",
+            "a row with 'output' needs --config (instructions and JSON schema)",
+        )
     verdict = validator_for(ctx.schema_json).check(row.output, MAX_OUTPUT_BYTES)
     if verdict.reason is not None:
         return Reject(row.line, row.image_id, "validate", verdict.reason)

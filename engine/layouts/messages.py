@@ -28,8 +28,14 @@ from engine.sinks.store import Finisher
 
 _MESSAGE = "messages.list.element"
 _PART = f"{_MESSAGE}.content.list.element"
-LEAVES = (f"{_MESSAGE}.role", f"{_PART}.index", f"{_PART}.text", f"{_PART}.type",
-          "images.list.element.bytes", "images.list.element.path")
+LEAVES = (
+    f"{_MESSAGE}.role",
+    f"{_PART}.index",
+    f"{_PART}.text",
+    f"{_PART}.type",
+    "images.list.element.bytes",
+    "images.list.element.path",
+)
 IMAGE_BYTES = "images.list.element.bytes"
 
 
@@ -38,7 +44,9 @@ def messages_features():
     from datasets import Features, Image, List, Value
 
     part = {"index": Value("int64"), "text": Value("string"), "type": Value("string")}
-    return Features({"messages": List({"content": List(part), "role": Value("string")}), "images": List(Image())})
+    return Features(
+        {"messages": List({"content": List(part), "role": Value("string")}), "images": List(Image())}
+    )
 
 
 def to_messages(turns: list[dict[str, str]], token: str) -> list[dict]:
@@ -88,7 +96,9 @@ def write_messages_shard(spec: ShardSpec, finisher: Finisher | None = None) -> S
         ) as writer:
             writer.add_key_value_metadata(CDC_METADATA)
             num_rows = write_row_groups(
-                spec, lambda group: writer.write_table(messages_table(group, spec), row_group_size=group.num_rows))
+                spec,
+                lambda group: writer.write_table(messages_table(group, spec), row_group_size=group.num_rows),
+            )
         size = os.path.getsize(tmp)
     return ShardResult(spec.relpath, spec.split, num_rows, size)
 
@@ -105,14 +115,20 @@ class MessagesLayout(Layout):
 
     @classmethod
     def from_options(cls, opts) -> MessagesLayout:
-        return cls(prompt_template=opts.prompt_template, attachment_token=opts.attachment_token,
-                   attachment_position=opts.attachment_position)
+        return cls(
+            prompt_template=opts.prompt_template,
+            attachment_token=opts.attachment_token,
+            attachment_position=opts.attachment_position,
+        )
 
     def user_content(self, task) -> str | None:
         if task is None:
             return None
-        return user_content(render_prompt(self.prompt_template, task.instructions, task.json_schema),
-                            self.attachment_token, position=self.attachment_position)
+        return user_content(
+            render_prompt(self.prompt_template, task.instructions, task.json_schema),
+            self.attachment_token,
+            position=self.attachment_position,
+        )
 
     def check_row(self, row, ctx) -> Checked | Reject:
         def reject(stage: str, reason: str) -> Reject:
@@ -120,8 +136,11 @@ class MessagesLayout(Layout):
 
         if row.kind == "trainer":
             if row.conversations is None:
-                return reject("manifest", "a pretraining 'text' row has no turns; --layout messages needs "
-                              "'conversations' (or a labelr row with 'output')")
+                return reject(
+                    "manifest",
+                    "a pretraining 'text' row has no turns; --layout messages needs "
+                    "'conversations' (or a labelr row with 'output')",
+                )
             turns = list(row.conversations)
         else:
             output = validated_output(row, ctx)
@@ -130,8 +149,11 @@ class MessagesLayout(Layout):
             turns = build_conversation(ctx.user_content or "", output, ctx.system_prompt)
         found = count_attachments(turns, None, self.attachment_token)
         if found != len(row.locations):
-            return reject("manifest", f"{found} attachment token(s) {self.attachment_token!r} in the turns but "
-                          f"{len(row.locations)} image(s)")
+            return reject(
+                "manifest",
+                f"{found} attachment token(s) {self.attachment_token!r} in the turns but "
+                f"{len(row.locations)} image(s)",
+            )
         return Checked(row, conversations=turns)
 
     def features(self, seen):
@@ -143,6 +165,16 @@ class MessagesLayout(Layout):
     def write_shard(self, spec: ShardSpec, finisher: Finisher | None) -> ShardResult:
         return write_messages_shard(spec, finisher)
 
-    def on_write_complete(self, store, splits, shards, features, stats_doc, command, instructions, title=None):
-        write_card(store, features, splits, stats_doc, command, instructions, title,
-                   tags=("image-text-to-text", "conversational", "messages"))
+    def on_write_complete(
+        self, store, splits, shards, features, stats_doc, command, instructions, title=None
+    ):
+        write_card(
+            store,
+            features,
+            splits,
+            stats_doc,
+            command,
+            instructions,
+            title,
+            tags=("image-text-to-text", "conversational", "messages"),
+        )

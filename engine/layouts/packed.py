@@ -84,9 +84,11 @@ def packed_batch(group: pa.Table, spec: ShardSpec) -> pa.RecordBatch:
         elif value_type == images.type:  # the Image() feature: struct<bytes, path>, as the parts hold it
             value = images
         else:  # the recipe's struct<path: null, bytes: binary>: no file name, as from_generator writes it
-            value = pa.StructArray.from_arrays([pa.nulls(len(images)), images.field("bytes")],
-                                               fields=list(value_type),
-                                               mask=images.is_null() if images.null_count else None)
+            value = pa.StructArray.from_arrays(
+                [pa.nulls(len(images)), images.field("bytes")],
+                fields=list(value_type),
+                mask=images.is_null() if images.null_count else None,
+            )
         kinds = pa.array(["image"] * len(images), pa.string())
         return pa.StructArray.from_arrays([kinds, value], fields=list(modalities_type.value_type))
 
@@ -109,8 +111,9 @@ def write_arrow_shard(spec: ShardSpec, finisher: Finisher | None = None) -> Shar
     return ShardResult(spec.relpath, spec.split, num_rows, size)
 
 
-def write_save_to_disk_metadata(store: Store, split: str, shards: list[ShardResult], features, num_bytes: int,
-                                nested: bool) -> None:
+def write_save_to_disk_metadata(
+    store: Store, split: str, shards: list[ShardResult], features, num_bytes: int, nested: bool
+) -> None:
     """state.json and dataset_info.json of one split's folder, as ``Dataset.save_to_disk`` writes them."""
     from datasets import DatasetInfo, SplitDict, SplitInfo
     from datasets.utils.py_utils import asdict
@@ -118,8 +121,11 @@ def write_save_to_disk_metadata(store: Store, split: str, shards: list[ShardResu
     folder = f"{split}/" if nested else ""
     files = sorted(os.path.basename(s.path) for s in shards)
     num_rows = sum(s.num_rows for s in shards)
-    fingerprint = hashlib.sha256(orjson.dumps([split, files, [s.num_rows for s in sorted(shards, key=lambda s: s.path)],
-                                               features.to_dict()])).hexdigest()[:16]
+    fingerprint = hashlib.sha256(
+        orjson.dumps(
+            [split, files, [s.num_rows for s in sorted(shards, key=lambda s: s.path)], features.to_dict()]
+        )
+    ).hexdigest()[:16]
     state: dict[str, Any] = {
         "_data_files": [{"filename": f} for f in files],
         "_fingerprint": fingerprint,
@@ -131,8 +137,14 @@ def write_save_to_disk_metadata(store: Store, split: str, shards: list[ShardResu
     }
     splits = SplitDict()
     splits.add(SplitInfo(name=split, num_bytes=num_bytes, num_examples=num_rows))
-    info = asdict(DatasetInfo(features=features, splits=splits, dataset_size=num_bytes,
-                              size_in_bytes=sum(s.num_bytes for s in shards)))
+    info = asdict(
+        DatasetInfo(
+            features=features,
+            splits=splits,
+            dataset_size=num_bytes,
+            size_in_bytes=sum(s.num_bytes for s in shards),
+        )
+    )
     info = {key: info[key] for key in sorted(info)}
     store.write_bytes(f"{folder}state.json", json.dumps(state, indent=2, sort_keys=True).encode())
     store.write_bytes(f"{folder}dataset_info.json", json.dumps(info, indent=2).encode())
@@ -160,10 +172,15 @@ class PackedLayout(Layout):
 
     @classmethod
     def from_options(cls, opts) -> PackedLayout:
-        return cls(images_as_paths=opts.images_as_paths, modality_feature=opts.modality_feature,
-                   prompt_template=opts.prompt_template, attachment_token=opts.attachment_token,
-                   attachment_position=opts.attachment_position, absolute_paths=opts.absolute_paths,
-                   paths_relative_to=opts.paths_relative_to)
+        return cls(
+            images_as_paths=opts.images_as_paths,
+            modality_feature=opts.modality_feature,
+            prompt_template=opts.prompt_template,
+            attachment_token=opts.attachment_token,
+            attachment_position=opts.attachment_position,
+            absolute_paths=opts.absolute_paths,
+            paths_relative_to=opts.paths_relative_to,
+        )
 
     @property
     def image_files(self) -> bool:  # type: ignore[override]
@@ -172,22 +189,31 @@ class PackedLayout(Layout):
     def user_content(self, task) -> str | None:
         if task is None:
             return None
-        return user_content(render_prompt(self.prompt_template, task.instructions, task.json_schema),
-                            self.attachment_token, position=self.attachment_position)
+        return user_content(
+            render_prompt(self.prompt_template, task.instructions, task.json_schema),
+            self.attachment_token,
+            position=self.attachment_position,
+        )
 
     def check_row(self, row, ctx) -> Checked | Reject:
         if row.kind == "trainer":
             found = count_attachments(row.conversations, row.text, self.attachment_token)
             if found != len(row.locations):
-                return Reject(row.line, row.image_id, "manifest",
-                              f"{found} attachment token(s) {self.attachment_token!r} in the text but "
-                              f"{len(row.locations)} image modality(ies)")
+                return Reject(
+                    row.line,
+                    row.image_id,
+                    "manifest",
+                    f"{found} attachment token(s) {self.attachment_token!r} in the text but "
+                    f"{len(row.locations)} image modality(ies)",
+                )
             turns = list(row.conversations) if row.conversations is not None else None
             return Checked(row, conversations=turns, text=row.text)
         output = validated_output(row, ctx)
         if isinstance(output, Reject):
             return output
-        return Checked(row, conversations=build_conversation(ctx.user_content or "", output, ctx.system_prompt))
+        return Checked(
+            row, conversations=build_conversation(ctx.user_content or "", output, ctx.system_prompt)
+        )
 
     def image_names(self, row, extensions: Sequence[str]) -> list[str]:
         """fs-image names also start with the manifest line number, which no other row shares, so
@@ -196,16 +222,24 @@ class PackedLayout(Layout):
             return Layout.image_names(self, row, extensions)
         stem = safe_stem(row.image_id)
         suffixes = [""] if len(extensions) == 1 else [f"-{i}" for i in range(len(extensions))]
-        return [f"{IMAGES_DIR}/{row.line:0{LINE_DIGITS}d}-{stem}{sfx}.{ext}" for sfx, ext in zip(suffixes, extensions)]
+        return [
+            f"{IMAGES_DIR}/{row.line:0{LINE_DIGITS}d}-{stem}{sfx}.{ext}"
+            for sfx, ext in zip(suffixes, extensions)
+        ]
 
     def features(self, seen: SeenColumns):
         columns = set(seen.text_columns)
         if len(columns) > 1:
-            raise UsageError("the manifest mixes 'text' (pretraining) and 'conversations' rows; "
-                             "convert them into separate datasets (then run again with --overwrite)")
+            raise UsageError(
+                "the manifest mixes 'text' (pretraining) and 'conversations' rows; "
+                "convert them into separate datasets (then run again with --overwrite)"
+            )
         text_column = columns.pop() if columns else "conversations"
-        return packed_features(text_column=text_column, images_as_paths=self.images_as_paths,
-                               modality_feature=self.modality_feature)
+        return packed_features(
+            text_column=text_column,
+            images_as_paths=self.images_as_paths,
+            modality_feature=self.modality_feature,
+        )
 
     def shard_path(self, split: str, index: int, count: int, num_splits: int) -> str:
         return arrow_shard_path(split, index, count, nested=num_splits > 1)
@@ -226,11 +260,14 @@ class PackedLayout(Layout):
     def write_shard(self, spec: ShardSpec, finisher: Finisher | None) -> ShardResult:
         return write_arrow_shard(spec, finisher)
 
-    def on_write_complete(self, store, splits, shards, features, stats_doc, command, instructions, title=None):
+    def on_write_complete(
+        self, store, splits, shards, features, stats_doc, command, instructions, title=None
+    ):
         nested = len(splits) > 1
         for name, s in splits.items():
-            write_save_to_disk_metadata(store, name, [x for x in shards if x.split == name], features,
-                                        s["num_bytes"], nested)
+            write_save_to_disk_metadata(
+                store, name, [x for x in shards if x.split == name], features, s["num_bytes"], nested
+            )
         if nested:
             write_dataset_dict(store, list(splits))
         # the folder each split's trainer `packed_path` must name: with several splits, OUT/<split>

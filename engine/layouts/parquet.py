@@ -82,14 +82,26 @@ def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> Sh
         ) as writer:
             writer.add_key_value_metadata(CDC_METADATA)
             num_rows = write_row_groups(
-                spec, lambda group: writer.write_table(extraction_table(group, spec), row_group_size=group.num_rows))
+                spec,
+                lambda group: writer.write_table(
+                    extraction_table(group, spec), row_group_size=group.num_rows
+                ),
+            )
         size = os.path.getsize(tmp)
     return ShardResult(spec.relpath, spec.split, num_rows, size)
 
 
-def dataset_card(*, features, splits: dict[str, dict[str, int]], data_glob: str, title: str,
-                 instructions: str | None, stats: dict[str, Any], command: str,
-                 tags: tuple[str, ...] = ("image-to-text", "llm-image-extraction")) -> str:
+def dataset_card(
+    *,
+    features,
+    splits: dict[str, dict[str, int]],
+    data_glob: str,
+    title: str,
+    instructions: str | None,
+    stats: dict[str, Any],
+    command: str,
+    tags: tuple[str, ...] = ("image-to-text", "llm-image-extraction"),
+) -> str:
     """The dataset card (README.md): YAML front matter the Hub and ``load_dataset(OUT)`` read, plus
     a short human summary."""
     from datasets import DatasetInfo, SplitDict, SplitInfo
@@ -101,13 +113,19 @@ def dataset_card(*, features, splits: dict[str, dict[str, int]], data_glob: str,
     info["download_size"] = sum(s["file_bytes"] for s in splits.values())
     info["dataset_size"] = sum(s["num_bytes"] for s in splits.values())
     front = {
-        "configs": [{"config_name": "default",
-                     "data_files": [{"split": n, "path": data_glob.format(split=n)} for n in splits]}],
+        "configs": [
+            {
+                "config_name": "default",
+                "data_files": [{"split": n, "path": data_glob.format(split=n)} for n in splits],
+            }
+        ],
         "dataset_info": info,
         "tags": list(tags),
     }
-    rows = "\n".join(f"| {n} | {s['num_rows']:,} | {s['num_shards']} | {s['file_bytes'] / 1e6:,.1f} MB |"
-                     for n, s in splits.items())
+    rows = "\n".join(
+        f"| {n} | {s['num_rows']:,} | {s['num_shards']} | {s['file_bytes'] / 1e6:,.1f} MB |"
+        for n, s in splits.items()
+    )
     rejected = ", ".join(f"{k}: {v}" for k, v in stats["rejected_by_reason"].items()) or "none"
     body = [
         f"# {title}",
@@ -128,16 +146,43 @@ def dataset_card(*, features, splits: dict[str, dict[str, int]], data_glob: str,
     ]
     if instructions is not None:
         quoted = "\n".join("> " + line for line in instructions.splitlines())
-        body += ["", "## Instructions", "", quoted, "",
-                 "The JSON schema every `output` follows is in `config.json` (`json_schema`)."]
-    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n\n" + "\n".join(body) + "\n"
+        body += [
+            "",
+            "## Instructions",
+            "",
+            quoted,
+            "",
+            "The JSON schema every `output` follows is in `config.json` (`json_schema`).",
+        ]
+    return (
+        "---\n"
+        + yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
+        + "---\n\n"
+        + "\n".join(body)
+        + "\n"
+    )
 
 
-def write_card(store: Store, features, splits: dict[str, dict[str, Any]], stats_doc: dict[str, Any],
-               command: str, instructions: str | None, title: str | None, **card: Any) -> None:
-    text = dataset_card(features=features, splits=splits, data_glob="data/{split}-*",
-                        title=title or store.root.rstrip("/").rsplit("/", 1)[-1], stats=stats_doc,
-                        command=command, instructions=instructions, **card)
+def write_card(
+    store: Store,
+    features,
+    splits: dict[str, dict[str, Any]],
+    stats_doc: dict[str, Any],
+    command: str,
+    instructions: str | None,
+    title: str | None,
+    **card: Any,
+) -> None:
+    text = dataset_card(
+        features=features,
+        splits=splits,
+        data_glob="data/{split}-*",
+        title=title or store.root.rstrip("/").rsplit("/", 1)[-1],
+        stats=stats_doc,
+        command=command,
+        instructions=instructions,
+        **card,
+    )
     store.write_bytes("README.md", text.encode())
 
 
@@ -151,8 +196,12 @@ class ParquetLayout(Layout):
 
     def check_row(self, row, ctx) -> Checked | Reject:
         if row.kind == "trainer":
-            return Reject(row.line, row.image_id, "manifest",
-                          "a trainer-style row (conversations/text + modalities) needs --layout arrow")
+            return Reject(
+                row.line,
+                row.image_id,
+                "manifest",
+                "a trainer-style row (conversations/text + modalities) needs --layout arrow",
+            )
         output = validated_output(row, ctx)
         return output if isinstance(output, Reject) else Checked(row, output=output)
 
@@ -165,5 +214,7 @@ class ParquetLayout(Layout):
     def write_shard(self, spec: ShardSpec, finisher: Finisher | None) -> ShardResult:
         return write_parquet_shard(spec, finisher)
 
-    def on_write_complete(self, store, splits, shards, features, stats_doc, command, instructions, title=None):
+    def on_write_complete(
+        self, store, splits, shards, features, stats_doc, command, instructions, title=None
+    ):
         write_card(store, features, splits, stats_doc, command, instructions, title)

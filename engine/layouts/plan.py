@@ -16,8 +16,15 @@ if TYPE_CHECKING:
     from engine.sinks.store import Store
 
 
-def cut_shards(segments: dict[str, list[tuple[str, np.ndarray]]], opts: ConvertOptions, store: Store,
-               layout: Layout, features, reader=None, path_prefix: str = "") -> list[ShardSpec]:
+def cut_shards(
+    segments: dict[str, list[tuple[str, np.ndarray]]],
+    opts: ConvertOptions,
+    store: Store,
+    layout: Layout,
+    features,
+    reader=None,
+    path_prefix: str = "",
+) -> list[ShardSpec]:
     """The shards of each split (in the given order) from its segments: (part file, the byte size
     of each of its rows in this split). ``reader`` reads a piece when it is not a part file
     (``engine update`` reads the rows of a finished dataset)."""
@@ -28,12 +35,24 @@ def cut_shards(segments: dict[str, list[tuple[str, np.ndarray]]], opts: ConvertO
         chunks = plan_chunks(sizes.tolist(), opts.max_shard_bytes, opts.shard_rows) or [(0, 0)]
         counts = [(part, len(s)) for part, s in split_segments]
         for index, (start, stop) in enumerate(chunks):
-            specs.append(ShardSpec(layout=layout, split=split,
-                                   relpath=layout.shard_path(split, index, len(chunks), len(segments)),
-                                   pieces=pieces_for(counts, start, stop), schema=schema,
-                                   row_groups=tuple(b - a for a, b in plan_chunks(
-                                       sizes[start:stop].tolist(), opts.row_group_bytes, opts.row_group_rows)),
-                                   store=store, path_prefix=path_prefix, reader=reader))
+            specs.append(
+                ShardSpec(
+                    layout=layout,
+                    split=split,
+                    relpath=layout.shard_path(split, index, len(chunks), len(segments)),
+                    pieces=pieces_for(counts, start, stop),
+                    schema=schema,
+                    row_groups=tuple(
+                        b - a
+                        for a, b in plan_chunks(
+                            sizes[start:stop].tolist(), opts.row_group_bytes, opts.row_group_rows
+                        )
+                    ),
+                    store=store,
+                    path_prefix=path_prefix,
+                    reader=reader,
+                )
+            )
     return specs
 
 

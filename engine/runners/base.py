@@ -17,7 +17,9 @@ class Runner(Protocol):
 
     def __exit__(self, *exc: object) -> None: ...
 
-    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]: ...
+    def map_unordered(
+        self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False
+    ) -> Iterator[Any]: ...
 
 
 def describe(args: tuple) -> str:

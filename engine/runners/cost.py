@@ -51,8 +51,14 @@ def estimate_ray(measured: LaneMeasurement, remaining: int, workers: int) -> Ray
     return RayEstimate(speedup, remaining * measured.seconds_per_item * (1 - 1 / speedup))
 
 
-def worth_starting_ray(measured: LaneMeasurement | None, remaining: int | None, workers: int, *,
-                       start_seconds: float = RAY_START_SECONDS, min_speedup: float = RAY_MIN_SPEEDUP) -> bool:
+def worth_starting_ray(
+    measured: LaneMeasurement | None,
+    remaining: int | None,
+    workers: int,
+    *,
+    start_seconds: float = RAY_START_SECONDS,
+    min_speedup: float = RAY_MIN_SPEEDUP,
+) -> bool:
     """Whether Ray would save time. An unknown number of items (``remaining`` None) is assumed
     long; nothing measured yet (``measured`` None) is not a reason to start."""
     if remaining is None:

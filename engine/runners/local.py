@@ -19,6 +19,8 @@ class LocalRunner:
     def __exit__(self, *exc: object) -> None:
         return None
 
-    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
+    def map_unordered(
+        self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False
+    ) -> Iterator[Any]:
         for args in items:
             yield run_item(fn, args)

@@ -49,8 +49,9 @@ def _remote_call(strategy: str):
     if strategy not in _REMOTE:
         import ray
 
-        _REMOTE[strategy] = ray.remote(_call).options(num_cpus=1, max_retries=MAX_TASK_RETRIES,
-                                                      scheduling_strategy=strategy)
+        _REMOTE[strategy] = ray.remote(_call).options(
+            num_cpus=1, max_retries=MAX_TASK_RETRIES, scheduling_strategy=strategy
+        )
     return _REMOTE[strategy]
 
 
@@ -94,9 +95,16 @@ class RayRunner:
         if measured is not None and remaining is not None and (worth or not self._logged_estimate):
             self._logged_estimate = True
             estimate = estimate_ray(measured, remaining, self.num_workers)
-            log.debug("driver threads: %.3f s per item, %.2f cores busy; Ray could be %.2fx faster and save %.1f s "
-                      "on %d items: %s", measured.seconds_per_item, measured.cores_used, estimate.speedup,
-                      estimate.saved, remaining, "starting it" if worth else "not worth it yet")
+            log.debug(
+                "driver threads: %.3f s per item, %.2f cores busy; Ray could be %.2fx faster and save %.1f s "
+                "on %d items: %s",
+                measured.seconds_per_item,
+                measured.cores_used,
+                estimate.speedup,
+                estimate.saved,
+                remaining,
+                "starting it" if worth else "not worth it yet",
+            )
         return worth
 
     def _init(self) -> None:
@@ -142,8 +150,11 @@ class RayRunner:
         if self._init_thread is not None:
             self._init_done.wait()
         if self.num_local_items:
-            log.debug("the driver ran %d items itself; Ray %s", self.num_local_items,
-                      "was started" if self._started else "was not needed")
+            log.debug(
+                "the driver ran %d items itself; Ray %s",
+                self.num_local_items,
+                "was started" if self._started else "was not needed",
+            )
         if self._started:
             stop_ray(embedded=self._address is None)
         self._release.set()
@@ -169,7 +180,9 @@ class RayRunner:
         self._lanes.append(lane)
         return lane
 
-    def map_unordered(self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False) -> Iterator[Any]:
+    def map_unordered(
+        self, fn: Callable[..., Any], items: Iterable[tuple], local_first: bool = False
+    ) -> Iterator[Any]:
         """Run ``fn`` over ``items`` on Ray. With an embedded Ray, the driver also works, in
         threads: before Ray is worth starting, while it starts, until Ray's workers deliver their
         first result, and, with ``local_first``, on the first item (a single short task runs faster
@@ -194,8 +207,9 @@ class RayRunner:
         finally:
             lane.close()
 
-    def _map_ray(self, fn: Callable[..., Any], pending: Iterator[tuple], lane: LocalLane,
-                 local_first: bool) -> Iterator[Any]:
+    def _map_ray(
+        self, fn: Callable[..., Any], pending: Iterator[tuple], lane: LocalLane, local_first: bool
+    ) -> Iterator[Any]:
         import ray
 
         remote = _remote_call("DEFAULT" if self.embedded else "SPREAD")
@@ -236,7 +250,9 @@ class RayRunner:
                         raise cause from None
                     raise ShardError(describe(args), reason(cause)) from cause
                 except ray.exceptions.RayError as exc:
-                    raise ShardError(describe(args), f"failed after {MAX_TASK_RETRIES} retries: {exc}") from exc
+                    raise ShardError(
+                        describe(args), f"failed after {MAX_TASK_RETRIES} retries: {exc}"
+                    ) from exc
                 if hasattr(result, "node"):
                     result.node = node
                 yield result

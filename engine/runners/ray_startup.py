@@ -20,7 +20,11 @@ def start_ray(address: str | None, num_cpus: int) -> None:
     """Join the cluster at ``address``, or start an embedded Ray with ``num_cpus`` CPUs."""
     import ray
 
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": True}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,
+        "log_to_driver": True,
+    }
     if address:
         kwargs["address"] = address
     else:  # "local": an instance of its own, even when `ray start` left a cluster on this machine

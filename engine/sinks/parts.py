@@ -77,8 +77,10 @@ def iter_part_rows(store: Store, rel: str, split: str, start: int, stop: int) ->
     with store.open_arrow(rel) as source:
         reader = ipc.open_stream(source)
         if not reader.schema.equals(PART_SCHEMA):  # e.g. a run interrupted under an older engine, resumed
-            raise EngineError(f"{store.path(rel)} is a part file of another engine version; "
-                              "run the conversion again with --overwrite")
+            raise EngineError(
+                f"{store.path(rel)} is a part file of another engine version; "
+                "run the conversion again with --overwrite"
+            )
         for batch in reader:
             mask = pc.equal(batch.column("split"), split)
             if not pc.all(mask).as_py():  # a part usually holds one split: then no filtering copy
@@ -129,8 +131,9 @@ def with_source_bytes(batch: pa.RecordBatch) -> pa.RecordBatch:
     validity = None if all(valid) else pa.array(valid).buffers()[1]
     new_data = pa.Array.from_buffers(pa.binary(), len(refs), [validity, pa.py_buffer(offsets), buffer])
     struct = pa.StructArray.from_arrays([new_data, names], fields=list(IMAGE_STRUCT))
-    new_images = pa.ListArray.from_arrays(pc.subtract(images.offsets, images.offsets[0]), struct,
-                                          type=images.type)
+    new_images = pa.ListArray.from_arrays(
+        pc.subtract(images.offsets, images.offsets[0]), struct, type=images.type
+    )
     return batch.set_column(batch.schema.get_field_index("images"), "images", new_images)
 
 
@@ -163,10 +166,14 @@ def _read_source(ref: dict, into: memoryview, opened: dict[str, Any]) -> None:
             if got == ref["size"]:
                 return
     except OSError as exc:
-        raise SourceChanged(f"source {_what(offset)} {path} cannot be read back ({exc.strerror or exc}); it was "
-                            "converted earlier in this run and must stay in place until the run ends") from None
-    raise SourceChanged(f"source {_what(offset)} {path} changed while the dataset was being written (its size or "
-                        "modification time differs); run the conversion again with --overwrite")
+        raise SourceChanged(
+            f"source {_what(offset)} {path} cannot be read back ({exc.strerror or exc}); it was "
+            "converted earlier in this run and must stay in place until the run ends"
+        ) from None
+    raise SourceChanged(
+        f"source {_what(offset)} {path} changed while the dataset was being written (its size or "
+        "modification time differs); run the conversion again with --overwrite"
+    )
 
 
 def _what(offset: int | None) -> str:

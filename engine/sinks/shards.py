@@ -18,7 +18,6 @@ from engine.sinks.store import Store
 from engine.workdir import WORK_DIR
 
 
-
 @dataclass(frozen=True, slots=True)
 class Piece:
     """Rows ``[start, stop)`` of one split inside one part file (path relative to OUT)."""
@@ -103,12 +102,17 @@ def write_row_groups(spec: ShardSpec, write: Callable[[pa.Table], None]) -> int:
     return sum(spec.row_groups)
 
 
-def _assemble_groups(spec: ShardSpec, before_group: Callable[[], bool], emit: Callable[[pa.Table], None]) -> None:
+def _assemble_groups(
+    spec: ShardSpec, before_group: Callable[[], bool], emit: Callable[[pa.Table], None]
+) -> None:
     """Build the shard's row groups from its pieces of part files and ``emit`` each one; stops
     early when ``before_group`` says so."""
     read = spec.reader or iter_part_rows
-    batches = (table for piece in spec.pieces
-               for table in read(spec.store, piece.part, spec.split, piece.start, piece.stop))
+    batches = (
+        table
+        for piece in spec.pieces
+        for table in read(spec.store, piece.part, spec.split, piece.start, piece.stop)
+    )
     pending: list[pa.Table] = []
     have = 0
     for count in spec.row_groups:
@@ -117,8 +121,10 @@ def _assemble_groups(spec: ShardSpec, before_group: Callable[[], bool], emit: Ca
         while have < count:
             table = next(batches, None)
             if table is None:
-                raise EngineError(f"the part files in {spec.store.path(WORK_DIR)} hold fewer rows than "
-                                  f"{spec.relpath} needs; run the conversion again with --overwrite")
+                raise EngineError(
+                    f"the part files in {spec.store.path(WORK_DIR)} hold fewer rows than "
+                    f"{spec.relpath} needs; run the conversion again with --overwrite"
+                )
             pending.append(table)
             have += table.num_rows
             del table

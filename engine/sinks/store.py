@@ -183,7 +183,6 @@ class Store:
     def is_file(self, rel: str) -> bool:
         return self.fs.isfile(self.path(rel)) if self.remote else os.path.isfile(self.path(rel))
 
-
     def entries(self) -> list[str]:
         """Names directly under the root (empty when it does not exist)."""
         if self.remote:
@@ -209,4 +208,3 @@ class Store:
     def make_dirs(self, rel: str) -> None:
         if not self.remote:  # object stores have no folders to make
             os.makedirs(self.path(rel), exist_ok=True)
-

@@ -11,8 +11,18 @@ from engine.sources.base import ImageInput, InlineImage, ManifestRow, Row, Sourc
 if TYPE_CHECKING:
     from engine.config import ConvertOptions
 
-__all__ = ["SOURCES", "ImageInput", "InlineImage", "ManifestRow", "Row", "Source", "SourcePlan", "Unit",
-           "register", "source_for"]
+__all__ = [
+    "SOURCES",
+    "ImageInput",
+    "InlineImage",
+    "ManifestRow",
+    "Row",
+    "Source",
+    "SourcePlan",
+    "Unit",
+    "register",
+    "source_for",
+]
 
 SOURCES: dict[str, type[Source]] = {}  # kind -> class, in registration order (the order detection tries)
 
@@ -38,8 +48,10 @@ def source_for(opts: ConvertOptions) -> Source:
         if cls.detect(where):
             return cls.from_options(opts)
     expected = "; ".join(f"{c.expects or c.kind} ({c.kind})" for c in SOURCES.values())
-    raise UsageError(f"cannot tell what kind of input {where} is; expected one of: {expected} "
-                     "(or name it with --input-format)")
+    raise UsageError(
+        f"cannot tell what kind of input {where} is; expected one of: {expected} "
+        "(or name it with --input-format)"
+    )
 
 
 # Detection tries these first, in this order: tars first (img2dataset's folders also hold .parquet
@@ -65,6 +77,6 @@ def _load_builtin() -> None:
     DETECTION_ORDER, not this order."""
     import engine.sources.dataset  # noqa: F401
     import engine.sources.imagefolder  # noqa: F401
-    import engine.sources.webdataset  # noqa: F401
-    import engine.sources.llava  # noqa: F401
     import engine.sources.jsonl  # noqa: F401
+    import engine.sources.llava  # noqa: F401
+    import engine.sources.webdataset  # noqa: F401

@@ -87,7 +87,7 @@ class SourcePlan:
             return self
         merged = []
         for i in [0] + list(range(1, len(self.units), k)):
-            merged.append(self.merge(len(merged), self.units[i:i + k] if i else self.units[:1]))
+            merged.append(self.merge(len(merged), self.units[i : i + k] if i else self.units[:1]))
         return dataclasses.replace(self, units=merged)
 
 
@@ -97,7 +97,9 @@ class Source:
     and add the class to the registry with ``engine.sources.register``."""
 
     kind: ClassVar[str]  # the registry key and --input-format value: "jsonl", ...
-    expects: ClassVar[str] = ""  # what detection expected, for the error when nothing matched: "a JSONL manifest"
+    expects: ClassVar[str] = (
+        ""  # what detection expected, for the error when nothing matched: "a JSONL manifest"
+    )
     detect_last: ClassVar[bool] = False  # tried after every other source (JSONL: any file --manifest names)
     where: str  # the input's path/URL as the user gave it
 

@@ -44,7 +44,7 @@ class DownloadCache:
             import fsspec
 
             self._fs, self._base = fsspec.core.url_to_fs(self.root)
-            self._protocol = (self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0])
+            self._protocol = self._fs.protocol if isinstance(self._fs.protocol, str) else self._fs.protocol[0]
         else:
             self._base = os.path.abspath(self._local)
             os.makedirs(self._base, exist_ok=True)
@@ -119,8 +119,7 @@ def decode_entry(raw: bytes) -> bytes | None:
     if len(raw) < _HEADER.size:
         return None
     magic, length, digest = _HEADER.unpack_from(raw)
-    body = raw[_HEADER.size:]
+    body = raw[_HEADER.size :]
     if magic != MAGIC or length != len(body) or hashlib.sha256(body).digest() != digest:
         return None
     return body
-

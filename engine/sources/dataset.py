@@ -84,9 +84,13 @@ class DatasetPlan(SourcePlan):
                 pieces[-1] = Piece(p.file, last.start, p.stop, last.first_line, last.num_rows + p.num_rows)
             else:
                 pieces.append(p)
-        return DatasetUnit(index=index, num_rows=sum(u.num_rows for u in group),
-                           duplicate_lines=tuple(d for u in group for d in u.duplicate_lines), pieces=tuple(pieces),
-                           num_bytes=sum(u.num_bytes for u in group))
+        return DatasetUnit(
+            index=index,
+            num_rows=sum(u.num_rows for u in group),
+            duplicate_lines=tuple(d for u in group for d in u.duplicate_lines),
+            pieces=tuple(pieces),
+            num_bytes=sum(u.num_bytes for u in group),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +115,11 @@ def hf_image_columns(schema: pa.Schema) -> list[str]:
         features = orjson.loads(raw).get("info", {}).get("features", {})
     except (orjson.JSONDecodeError, AttributeError):
         return []
-    return [name for name, f in features.items()
-            if isinstance(f, dict) and f.get("_type") == "Image" and name in schema.names]
+    return [
+        name
+        for name, f in features.items()
+        if isinstance(f, dict) and f.get("_type") == "Image" and name in schema.names
+    ]
 
 
 def _is_image_struct(t: pa.DataType) -> bool:
@@ -126,11 +133,21 @@ def _is_binary(t: pa.DataType) -> bool:
     return pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_image_struct(t)
 
 
-def columns_of(schema: pa.Schema, image_column: str | None = None, id_column: str | None = None,
-               output_column: str | None = None) -> Columns:
+def columns_of(
+    schema: pa.Schema,
+    image_column: str | None = None,
+    id_column: str | None = None,
+    output_column: str | None = None,
+) -> Columns:
     names = tuple(schema.names)
     text = next((c for c in TRAINER_TEXT if c in names), None)
-    ident = id_column if id_column in names else None if id_column else next((c for c in ID_COLUMNS if c in names), None)
+    ident = (
+        id_column
+        if id_column in names
+        else None
+        if id_column
+        else next((c for c in ID_COLUMNS if c in names), None)
+    )
     if image_column is None and text is not None and "modalities" in names:
         return Columns("trainer", None, ident, None, text, (), names)
     image = image_column if image_column in names else None
@@ -144,8 +161,11 @@ def columns_of(schema: pa.Schema, image_column: str | None = None, id_column: st
 
 
 def no_image_reason(where: str, cols: Columns, image_column: str | None) -> str:
-    wanted = f"no column {image_column!r} (--image-column)" if image_column else \
-        "no image column (an Image feature or a struct<bytes, path>; name another with --image-column)"
+    wanted = (
+        f"no column {image_column!r} (--image-column)"
+        if image_column
+        else "no image column (an Image feature or a struct<bytes, path>; name another with --image-column)"
+    )
     return f"{where} has {wanted}; its columns: {', '.join(cols.names) or '(none)'}"
 
 
@@ -158,6 +178,7 @@ def _text(value: Any) -> str | None:
 
 
 # --- finding the data files ---------------------------------------------------------------
+
 
 def _fs(where: str):
     import fsspec
@@ -187,9 +208,14 @@ def is_dataset(where: str) -> bool:
             return path.endswith((".parquet", ".arrow"))
         if not fs.isdir(path):
             return False
-        if fs.exists(posixpath.join(path, "state.json")) or fs.exists(posixpath.join(path, "dataset_dict.json")):
+        if fs.exists(posixpath.join(path, "state.json")) or fs.exists(
+            posixpath.join(path, "dataset_dict.json")
+        ):
             return True
-        return any(fs.glob(posixpath.join(path, pattern)) for pattern in ("*.parquet", "*/*.parquet", "*/*/*.parquet"))
+        return any(
+            fs.glob(posixpath.join(path, pattern))
+            for pattern in ("*.parquet", "*/*.parquet", "*/*/*.parquet")
+        )
     except Exception:  # noqa: BLE001 - detection never raises: check() reports a missing input
         return False
 
@@ -216,7 +242,9 @@ def discover(where: str) -> tuple[list[DataFile], bytes]:
     return _parquet_files(where)
 
 
-def _save_to_disk_files(where: str, dataset_dict: bytes | None, state: bytes | None) -> tuple[list[DataFile], bytes]:
+def _save_to_disk_files(
+    where: str, dataset_dict: bytes | None, state: bytes | None
+) -> tuple[list[DataFile], bytes]:
     files: list[DataFile] = []
     seen = b""
     try:
@@ -246,7 +274,9 @@ def _parquet_files(where: str) -> tuple[list[DataFile], bytes]:
     base = where if location.is_url(where) else location.resolve(where, ".")
     patterns = _card_patterns(card)
     if patterns is not None:  # every labelr and engine dataset
-        files = [DataFile(f, split, PARQUET) for split, found in _resolve(base, patterns).items() for f in found]
+        files = [
+            DataFile(f, split, PARQUET) for split, found in _resolve(base, patterns).items() for f in found
+        ]
     else:  # the folder's layout, as datasets' default split patterns read it
         fs, root = _fs(base)
         root = root.rstrip("/") or "/"
@@ -255,11 +285,16 @@ def _parquet_files(where: str) -> tuple[list[DataFile], bytes]:
             patterns = splits.data_patterns(tree)
             resolved = splits.data_files(tree, patterns)
         except FileNotFoundError:
-            raise UsageError(f"{where} holds no dataset: no .parquet files, no state.json or dataset_dict.json") from None
+            raise UsageError(
+                f"{where} holds no dataset: no .parquet files, no state.json or dataset_dict.json"
+            ) from None
         unsplit = patterns == splits.UNSPLIT  # no split in any name: the run's --split names it
-        files = [DataFile(_with_protocol(f, where), None if unsplit else split, PARQUET)
-                 for split, found in resolved.items() for f in found
-                 if ".parquet" in ["." + x for x in posixpath.basename(f).split(".")[1:]]]
+        files = [
+            DataFile(_with_protocol(f, where), None if unsplit else split, PARQUET)
+            for split, found in resolved.items()
+            for f in found
+            if ".parquet" in ["." + x for x in posixpath.basename(f).split(".")[1:]]
+        ]
     if not files:
         raise UsageError(f"{where} holds no .parquet files (and no state.json or dataset_dict.json)")
     return files, card
@@ -279,11 +314,14 @@ def _card_patterns(card: bytes) -> dict[str, list[str]] | None:
         doc = yaml.load(text[3:end], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
         return None
-    configs = [c for c in (doc.get("configs") if isinstance(doc, dict) else None) or [] if isinstance(c, dict)]
+    configs = [
+        c for c in (doc.get("configs") if isinstance(doc, dict) else None) or [] if isinstance(c, dict)
+    ]
     if not configs:
         return None
-    chosen = next((c for c in configs if c.get("default")), None) or \
-        next((c for c in configs if c.get("config_name", "default") == "default"), configs[0])
+    chosen = next((c for c in configs if c.get("default")), None) or next(
+        (c for c in configs if c.get("config_name", "default") == "default"), configs[0]
+    )
     files = chosen.get("data_files")
     if isinstance(files, str):
         return {"train": [files]}
@@ -293,7 +331,9 @@ def _card_patterns(card: bytes) -> dict[str, list[str]] | None:
         out: dict[str, list[str]] = {}
         for f in files:
             paths = f.get("path")
-            out.setdefault(str(f.get("split", "train")), []).extend(paths if isinstance(paths, list) else [paths])
+            out.setdefault(str(f.get("split", "train")), []).extend(
+                paths if isinstance(paths, list) else [paths]
+            )
         return out
     return {"train": files} if isinstance(files, list) and files else None
 
@@ -311,11 +351,17 @@ def _resolve(base: str, patterns: dict[str, list[str]]) -> dict[str, list[str]]:
             if not isinstance(pattern, str):
                 continue
             asked = {p for p in pattern.split("/") if p.startswith((".", "__"))}
-            matched = [p for p, info in sorted(fs.glob(posixpath.join(root, pattern), detail=True).items())
-                       if info.get("type") == "file" and p.endswith(".parquet")
-                       and not {q for q in p[len(root) + 1:].split("/")[:-1] if q.startswith((".", "__"))} - asked]
+            matched = [
+                p
+                for p, info in sorted(fs.glob(posixpath.join(root, pattern), detail=True).items())
+                if info.get("type") == "file"
+                and p.endswith(".parquet")
+                and not {q for q in p[len(root) + 1 :].split("/")[:-1] if q.startswith((".", "__"))} - asked
+            ]
             if not matched:
-                raise UsageError(f"{base}: the card's data_files pattern {pattern!r} ({split}) matches no .parquet file")
+                raise UsageError(
+                    f"{base}: the card's data_files pattern {pattern!r} ({split}) matches no .parquet file"
+                )
             found += [protocol + p if protocol and "://" not in p else p for p in matched]
         out[split] = found
     return out
@@ -330,16 +376,22 @@ def _with_protocol(found: str, where: str) -> str:
 
 # --- reading row groups and record batches ------------------------------------------------
 
+
 @contextlib.contextmanager
 def _open(f: DataFile):
     path = location.local_path(f.location)
     if f.kind == ARROW:
-        with (pa.memory_map(path) if path else location.open_binary(f.location)) as src:  # mapped: batches are views
+        with (
+            pa.memory_map(path) if path else location.open_binary(f.location)
+        ) as src:  # mapped: batches are views
             yield pa.ipc.open_stream(src)
         return
     import pyarrow.parquet as pq
 
-    with (contextlib.nullcontext(path) if path else location.open_binary(f.location)) as src, pq.ParquetFile(src) as pf:
+    with (
+        contextlib.nullcontext(path) if path else location.open_binary(f.location) as src,
+        pq.ParquetFile(src) as pf,
+    ):
         yield pf
 
 
@@ -360,8 +412,9 @@ def _group_sizes(reader) -> Iterator[tuple[int, int, pa.RecordBatch | None]]:
 
 def _tables(reader, start: int, stop: int, columns: list[str]) -> Iterator[pa.Table | pa.RecordBatch]:
     if hasattr(reader, "num_row_groups"):  # batches within the row groups: a huge row group is not held whole
-        yield from reader.iter_batches(batch_size=READ_BATCH_ROWS, row_groups=range(start, stop), columns=columns,
-                                       use_threads=False)
+        yield from reader.iter_batches(
+            batch_size=READ_BATCH_ROWS, row_groups=range(start, stop), columns=columns, use_threads=False
+        )
         return
     for i, batch in enumerate(reader):
         if i >= stop:
@@ -399,8 +452,12 @@ class DatasetSource(Source):
 
     @classmethod
     def from_options(cls, opts: ConvertOptions) -> DatasetSource:
-        return cls(opts.manifest, image_column=getattr(opts, "image_column", None),
-                   id_column=getattr(opts, "id_column", None), output_column=getattr(opts, "output_column", None))
+        return cls(
+            opts.manifest,
+            image_column=getattr(opts, "image_column", None),
+            id_column=getattr(opts, "id_column", None),
+            output_column=getattr(opts, "output_column", None),
+        )
 
     def default_base(self) -> str:
         """Paths in image cells resolve against the dataset's folder (a file's own folder)."""
@@ -426,16 +483,23 @@ class DatasetSource(Source):
             except (OSError, pa.ArrowInvalid) as exc:
                 raise UsageError(f"cannot read {f.location}: {exc}") from None
             first = first or (f, cols)
-            for option, wanted, found in (("--id-column", self.id_column, cols.id),
-                                          ("--output-column", self.output_column, cols.output)):
+            for option, wanted, found in (
+                ("--id-column", self.id_column, cols.id),
+                ("--output-column", self.output_column, cols.output),
+            ):
                 if wanted and found is None and (cols.kind == "labelr" or option == "--id-column"):
-                    raise UsageError(f"{f.location} has no column {wanted!r} ({option}); "
-                                     f"its columns: {', '.join(cols.names)}")
+                    raise UsageError(
+                        f"{f.location} has no column {wanted!r} ({option}); "
+                        f"its columns: {', '.join(cols.names)}"
+                    )
             usable = usable or cols.kind == "trainer" or cols.image is not None
             num_rows += 1 if rows is None else rows
         if not usable:
-            raise UsageError(no_image_reason(first[0].location if len(files) == 1 else self.where, first[1],
-                                             self.image_column))
+            raise UsageError(
+                no_image_reason(
+                    first[0].location if len(files) == 1 else self.where, first[1], self.image_column
+                )
+            )
         if not num_rows:
             raise UsageError(f"{self.where} holds no rows")
 
@@ -455,19 +519,34 @@ class DatasetSource(Source):
                 first = line
                 for i, (n, size, batch) in enumerate(_group_sizes(reader)):
                     if cols.id is not None and n:
-                        ids = (batch.column(cols.id) if batch is not None else
-                               reader.read_row_group(i, columns=[cols.id]).column(0))
-                        frames.append(pl.DataFrame({"line": range(line, line + n),
-                                                    "id": pl.Series(ids.cast(pa.string()).to_pylist(), dtype=pl.String)}))
+                        ids = (
+                            batch.column(cols.id)
+                            if batch is not None
+                            else reader.read_row_group(i, columns=[cols.id]).column(0)
+                        )
+                        frames.append(
+                            pl.DataFrame(
+                                {
+                                    "line": range(line, line + n),
+                                    "id": pl.Series(ids.cast(pa.string()).to_pylist(), dtype=pl.String),
+                                }
+                            )
+                        )
                     line += n
                     rows += n
                     nbytes += size
                     num_groups = i + 1
                     if rows >= grain or nbytes >= UNIT_BYTES:
-                        units.append(DatasetUnit(len(units), rows, (), (Piece(f, start, num_groups, first, rows),), nbytes))
+                        units.append(
+                            DatasetUnit(
+                                len(units), rows, (), (Piece(f, start, num_groups, first, rows),), nbytes
+                            )
+                        )
                         start, rows, first, nbytes = num_groups, 0, line, 0
                 if rows:
-                    units.append(DatasetUnit(len(units), rows, (), (Piece(f, start, num_groups, first, rows),), nbytes))
+                    units.append(
+                        DatasetUnit(len(units), rows, (), (Piece(f, start, num_groups, first, rows),), nbytes)
+                    )
         duplicates = _duplicate_lines(frames)
         import numpy as np
 
@@ -475,10 +554,16 @@ class DatasetSource(Source):
         for u in units:
             p = u.pieces[0]
             lo, hi = np.searchsorted(duplicates, [p.first_line, p.first_line + p.num_rows])
-            out.append(DatasetUnit(u.index, u.num_rows, tuple(int(x) for x in duplicates[lo:hi]), u.pieces, u.num_bytes))
+            out.append(
+                DatasetUnit(
+                    u.index, u.num_rows, tuple(int(x) for x in duplicates[lo:hi]), u.pieces, u.num_bytes
+                )
+            )
         if not out:
             raise UsageError(f"{self.where} holds no rows")
-        return DatasetPlan(units=out, num_rows=line - 1, num_duplicates=len(duplicates), sha256=digest.hexdigest())
+        return DatasetPlan(
+            units=out, num_rows=line - 1, num_duplicates=len(duplicates), sha256=digest.hexdigest()
+        )
 
     def read(self, unit: DatasetUnit, *, base: str, default_split: str) -> Iterator[Row | Reject]:
         for piece in unit.pieces:
@@ -518,8 +603,10 @@ def _cells(column: pa.Array) -> list[Any]:
 
     data, paths = pc.struct_field(column, "bytes").to_pylist(), pc.struct_field(column, "path").to_pylist()
     valid = column.is_valid().to_pylist() if column.null_count else None
-    return [None if valid is not None and not valid[i] else {"bytes": d, "path": p}
-            for i, (d, p) in enumerate(zip(data, paths))]
+    return [
+        None if valid is not None and not valid[i] else {"bytes": d, "path": p}
+        for i, (d, p) in enumerate(zip(data, paths))
+    ]
 
 
 def _image_input(cell: Any, base: str) -> InlineImage | str | None:
@@ -564,7 +651,15 @@ def _labelr_rows(table, cols: Columns, line: int, split: str, base: str) -> Iter
                 meta.update((k, _text(v)) for k, v in value.items())
             else:
                 meta[c] = _text(value)
-        yield Row(line=n, kind="labelr", image_id=image_id, split=split, locations=(where,), meta=meta, output=output)
+        yield Row(
+            line=n,
+            kind="labelr",
+            image_id=image_id,
+            split=split,
+            locations=(where,),
+            meta=meta,
+            output=output,
+        )
 
 
 def _trainer_rows(table, cols: Columns, line: int, split: str, base: str) -> Iterator[Row | Reject]:
@@ -591,15 +686,33 @@ def _trainer_rows(table, cols: Columns, line: int, split: str, base: str) -> Ite
             if not isinstance(text, str):
                 yield Reject(n, image_id, "manifest", "'text' is null")
                 continue
-            yield Row(line=n, kind="trainer", image_id=image_id, split=split, locations=tuple(locations), meta={},
-                      text=text)
+            yield Row(
+                line=n,
+                kind="trainer",
+                image_id=image_id,
+                split=split,
+                locations=tuple(locations),
+                meta={},
+                text=text,
+            )
             continue
-        if not text or not all(isinstance(t, dict) and isinstance(t.get("role"), str)
-                               and isinstance(t.get("content"), str) for t in text):
-            yield Reject(n, image_id, "manifest", "'conversations' must be a non-empty list of {role, content} strings")
+        if not text or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+            for t in text
+        ):
+            yield Reject(
+                n, image_id, "manifest", "'conversations' must be a non-empty list of {role, content} strings"
+            )
             continue
-        yield Row(line=n, kind="trainer", image_id=image_id, split=split, locations=tuple(locations), meta={},
-                  conversations=tuple({"role": t["role"], "content": t["content"]} for t in text))
+        yield Row(
+            line=n,
+            kind="trainer",
+            image_id=image_id,
+            split=split,
+            locations=tuple(locations),
+            meta={},
+            conversations=tuple({"role": t["role"], "content": t["content"]} for t in text),
+        )
 
 
 def _duplicate_lines(frames: list):
@@ -610,5 +723,4 @@ def _duplicate_lines(frames: list):
     if not frames:
         return np.zeros(0, dtype=np.int64)
     ids = pl.concat(frames)
-    return duplicate_lines(ids.get_column("line").to_numpy(),
-                           ids.get_column("id").replace("", None))
+    return duplicate_lines(ids.get_column("line").to_numpy(), ids.get_column("id").replace("", None))

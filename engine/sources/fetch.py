@@ -104,7 +104,10 @@ class Fetcher:
     @property
     def inline_local_reads(self) -> bool:
         """Whether local files have been small and quick to read so far (assumed until measured)."""
-        return self._local_read_bytes < INLINE_LOCAL_READ_BYTES and self._local_read_seconds < SLOW_LOCAL_READ_SECONDS
+        return (
+            self._local_read_bytes < INLINE_LOCAL_READ_BYTES
+            and self._local_read_seconds < SLOW_LOCAL_READ_SECONDS
+        )
 
     def fetch(self, location: ImageInput) -> bytes | FetchFailure:
         return self.fetch_with_stat(location)[0]
@@ -125,7 +128,9 @@ class Fetcher:
             if path is not None:
                 started = time.perf_counter()
                 data, st = self._read_local(path)
-                self._note_local_read(time.perf_counter() - started, len(data) if isinstance(data, bytes) else 0)
+                self._note_local_read(
+                    time.perf_counter() - started, len(data) if isinstance(data, bytes) else 0
+                )
                 return data, st
             return self._read_fsspec(location), None
         except Exception as exc:  # noqa: BLE001 - any I/O problem is this row's failure
@@ -148,7 +153,9 @@ class Fetcher:
         if self._pool is None:
             with self._http_lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(max_workers=self._opts.io_threads, thread_name_prefix="fetch")
+                    self._pool = ThreadPoolExecutor(
+                        max_workers=self._opts.io_threads, thread_name_prefix="fetch"
+                    )
         return self._pool.submit(self._read_in_thread, location)
 
     def speculate(self, urls: Iterable[str], limit: int) -> int:

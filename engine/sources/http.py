@@ -53,7 +53,9 @@ class _ByteGate:
 
     def __init__(self, limit: int):
         self.limit, self.held = limit, 0
-        self.mean = 1 << 20  # a guess until bodies arrive: high, so large images do not flood the buffer at first
+        self.mean = (
+            1 << 20
+        )  # a guess until bodies arrive: high, so large images do not flood the buffer at first
         self._waiters: deque[asyncio.Future] = deque()
 
     async def acquire(self) -> int:
@@ -118,10 +120,17 @@ class HttpClient:
         opts = self._opts
         self._aiohttp = aiohttp
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=opts.concurrency, limit_per_host=opts.max_per_host,
-                                           ttl_dns_cache=300, ssl=_ssl_context()),
-            headers={"User-Agent": opts.user_agent}, cookie_jar=aiohttp.DummyCookieJar(), trust_env=True,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.timeout, sock_read=opts.timeout))
+            connector=aiohttp.TCPConnector(
+                limit=opts.concurrency,
+                limit_per_host=opts.max_per_host,
+                ttl_dns_cache=300,
+                ssl=_ssl_context(),
+            ),
+            headers={"User-Agent": opts.user_agent},
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=True,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.timeout, sock_read=opts.timeout),
+        )
         if hasattr(self._session, "_retry_connection"):
             # aiohttp resends a GET once after any disconnect; the attempts here are counted and
             # bounded by --http-retries (idle connections close after 15 s, before servers drop them)
@@ -174,8 +183,9 @@ class HttpClient:
                 if isinstance(fetched.data, bytes):
                     self._gate.note_size(len(fetched.data))
                     if self._cache is not None:
-                        fetched.num_cache_bytes = await self._loop.run_in_executor(None, self._cache_put, url,
-                                                                                   fetched.data)
+                        fetched.num_cache_bytes = await self._loop.run_in_executor(
+                            None, self._cache_put, url, fetched.data
+                        )
             if speculative:
                 return fetched
             size = len(fetched.data) if isinstance(fetched.data, bytes) else 0
@@ -203,8 +213,12 @@ class HttpClient:
     def _warn_cache(self, exc: Exception) -> None:
         if not self._cache_warned:
             self._cache_warned = True
-            log.warning("download cache %s: %s: %s (rows are fetched without it)", self._cache.root,
-                        type(exc).__name__, exc)
+            log.warning(
+                "download cache %s: %s: %s (rows are fetched without it)",
+                self._cache.root,
+                type(exc).__name__,
+                exc,
+            )
 
     async def _pace(self, host: str) -> None:
         """At most ``max_rps_per_host`` requests start per second on one host."""
@@ -229,7 +243,10 @@ class HttpClient:
             if attempt:
                 if loop.time() + pause >= deadline:
                     if isinstance(outcome, _Retry) and outcome.after is not None:
-                        last += f"; it asked to retry after {outcome.after:g} s, past the {opts.total_timeout:g} s bound"
+                        last += (
+                            f"; it asked to retry after {outcome.after:g} s, "
+                            f"past the {opts.total_timeout:g} s bound"
+                        )
                     break
                 await asyncio.sleep(pause)
             await self._pace(host)
@@ -245,15 +262,17 @@ class HttpClient:
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 try:
                     outcome = await asyncio.wait_for(self._attempt(url, fetched), remaining)
-                except asyncio.TimeoutError:
-                    return FetchFailure(f"timed out after {opts.total_timeout:g} s (--http-total-timeout), "
-                                         f"{attempts} attempt(s): {url}")
+                except TimeoutError:
+                    return FetchFailure(
+                        f"timed out after {opts.total_timeout:g} s (--http-total-timeout), "
+                        f"{attempts} attempt(s): {url}"
+                    )
                 finally:
                     self.in_flight -= 1
             if not isinstance(outcome, _Retry):
                 return outcome
             last = outcome.reason
-            pause = outcome.after if outcome.after is not None else min(0.25 * 2 ** attempt, 4.0)
+            pause = outcome.after if outcome.after is not None else min(0.25 * 2**attempt, 4.0)
         return FetchFailure(f"gave up after {attempts} attempt(s) ({last}): {url}")
 
     async def _attempt(self, url: str, fetched: Fetched):
@@ -284,7 +303,9 @@ class HttpClient:
         except aiohttp.ClientPayloadError as exc:  # cut off mid-body, or fewer bytes than promised
             return _Retry(f"body cut short: {_short(exc)}")
         except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
-            return _Retry(f"Timeout: no answer within {self._opts.timeout:g} s ({_short(exc) or type(exc).__name__})")
+            return _Retry(
+                f"Timeout: no answer within {self._opts.timeout:g} s ({_short(exc) or type(exc).__name__})"
+            )
         except aiohttp.ClientConnectionError as exc:
             return _Retry(f"ConnectionError: {_short(exc) or type(exc).__name__}")
         except (aiohttp.ClientError, ValueError) as exc:  # a bad URL or a malformed answer

@@ -51,6 +51,8 @@ def duplicate_lines(lines: Sequence[int] | np.ndarray, ids: Sequence[str | None]
     repeats[:-1] |= same
     candidates = np.sort(order[repeats])
     candidates = candidates[ids.gather(candidates).is_not_null().to_numpy()]
-    frame = pl.DataFrame({"line": np.asarray(lines, dtype=np.int64)[candidates], "id": ids.gather(candidates)})
+    frame = pl.DataFrame(
+        {"line": np.asarray(lines, dtype=np.int64)[candidates], "id": ids.gather(candidates)}
+    )
     dup = frame.sort("line").filter(~pl.col("id").is_first_distinct()).get_column("line")
     return dup.to_numpy().astype(np.int64)

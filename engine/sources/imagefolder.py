@@ -63,17 +63,22 @@ class FolderUnit:
 @dataclass(frozen=True)
 class FolderPlan(SourcePlan):
     def merge(self, index: int, group: Sequence[FolderUnit]) -> FolderUnit:
-        return FolderUnit(index=index, num_rows=sum(u.num_rows for u in group),
-                          duplicate_lines=tuple(d for u in group for d in u.duplicate_lines),
-                          pieces=tuple(p for u in group for p in u.pieces))
+        return FolderUnit(
+            index=index,
+            num_rows=sum(u.num_rows for u in group),
+            duplicate_lines=tuple(d for u in group for d in u.duplicate_lines),
+            pieces=tuple(p for u in group for p in u.pieces),
+        )
 
 
 # datasets' ImageFolder.EXTENSIONS (a test checks they are still equal), kept here so that
 # detecting and planning a folder need not import datasets
 IMAGE_EXTENSIONS = frozenset(
-    ".blp .bmp .dib .bufr .cur .pcx .dcx .dds .ps .eps .fit .fits .fli .flc .ftc .ftu .gbr .gif .grib .png .apng "
-    ".jp2 .j2k .jpc .jpf .jpx .j2c .icns .ico .im .iim .tif .tiff .jfif .jpe .jpg .jpeg .mpg .mpeg .msp .pcd .pxr "
-    ".pbm .pgm .ppm .pnm .psd .bw .rgb .rgba .sgi .ras .tga .icb .vda .vst .webp .wmf .emf .xbm .xpm".split())
+    ".blp .bmp .dib .bufr .cur .pcx .dcx .dds .ps .eps .fit .fits .fli .flc .ftc .ftu .gbr .gif .grib "
+    ".png .apng .jp2 .j2k .jpc .jpf .jpx .j2c .icns .ico .im .iim .tif .tiff .jfif .jpe .jpg .jpeg "
+    ".mpg .mpeg .msp .pcd .pxr "
+    ".pbm .pgm .ppm .pnm .psd .bw .rgb .rgba .sgi .ras .tga .icb .vda .vst .webp .wmf .emf .xbm .xpm".split()
+)
 
 
 def _image_extensions() -> frozenset[str]:
@@ -95,7 +100,7 @@ def _rel(path: str, root: str) -> str:
         import fsspec
 
         base, full = fsspec.core.url_to_fs(root)[1].rstrip("/"), fsspec.core.url_to_fs(path)[1]
-        return full[len(base) + 1:] if full.startswith(base + "/") else posixpath.basename(full)
+        return full[len(base) + 1 :] if full.startswith(base + "/") else posixpath.basename(full)
     return os.path.relpath(path, root).replace(os.sep, "/")
 
 
@@ -137,7 +142,9 @@ def scan_folder(where: str) -> Layout:
     if any(m for _, _, m in layout):
         kinds = {posixpath.splitext(m)[1] for _, _, ms in layout for m in ms}
         if len(kinds) > 1:
-            raise UsageError(f"{where} mixes metadata.jsonl and metadata.csv files; datasets reads only one kind")
+            raise UsageError(
+                f"{where} mixes metadata.jsonl and metadata.csv files; datasets reads only one kind"
+            )
         return Layout(layout, labels=False)
     images = [f for _, files, _ in layout for f in files]
     names = {posixpath.basename(posixpath.dirname(f.replace(os.sep, "/"))) for f in images}
@@ -157,7 +164,9 @@ def looks_like_image_folder(where: str) -> bool:
         if not fs.isdir(path):
             return False
         top = [posixpath.basename(p) for p in fs.ls(path, detail=False)]
-        if any(n.endswith((".jsonl", ".json")) and n not in METADATA_FILES and n != "config.json" for n in top):
+        if any(
+            n.endswith((".jsonl", ".json")) and n not in METADATA_FILES and n != "config.json" for n in top
+        ):
             return False
         extensions = _image_extensions()
         for depth in ("*", "*/*", "*/*/*"):
@@ -213,8 +222,11 @@ class ImageFolderSource(Source):
 
     @classmethod
     def from_options(cls, opts: ConvertOptions) -> ImageFolderSource:
-        return cls(opts.manifest, id_column=getattr(opts, "id_column", None),
-                   output_column=getattr(opts, "output_column", None))
+        return cls(
+            opts.manifest,
+            id_column=getattr(opts, "id_column", None),
+            output_column=getattr(opts, "output_column", None),
+        )
 
     def default_base(self) -> str:
         return _root(self.where)
@@ -241,20 +253,33 @@ class ImageFolderSource(Source):
             digest.update(orjson.dumps([split, [_rel(f, root) for f in images]]))
             if not any(m for _, _, m in layout.splits):
                 for i in range(0, len(images), grain):
-                    chunk = tuple(images[i:i + grain])
-                    units.append(FolderUnit(len(units), len(chunk), (),
-                                            (FolderPiece(split, FILES, "", 0, 0, line, len(chunk), chunk, layout.labels),)))
+                    chunk = tuple(images[i : i + grain])
+                    units.append(
+                        FolderUnit(
+                            len(units),
+                            len(chunk),
+                            (),
+                            (FolderPiece(split, FILES, "", 0, 0, line, len(chunk), chunk, layout.labels),),
+                        )
+                    )
                     line += len(chunk)
                 continue
             for meta_file in metadata:
                 pieces, ids = (_plan_jsonl if meta_file.endswith(".jsonl") else _plan_csv)(
-                    meta_file, split, line, grain, digest, self.id_column)
+                    meta_file, split, line, grain, digest, self.id_column
+                )
                 for piece in pieces:
                     units.append(FolderUnit(len(units), piece.num_rows, (), (piece,)))
                     line += piece.num_rows
                 folder = _folder_of(meta_file)
-                frames.append(pl.DataFrame({"line": pl.Series(range(line - len(ids), line), dtype=pl.Int64), "id": pl.Series(
-                    [_planned_id(i, folder, root) for i in ids], dtype=pl.String)}))
+                frames.append(
+                    pl.DataFrame(
+                        {
+                            "line": pl.Series(range(line - len(ids), line), dtype=pl.Int64),
+                            "id": pl.Series([_planned_id(i, folder, root) for i in ids], dtype=pl.String),
+                        }
+                    )
+                )
         if line == 1:
             raise UsageError(f"{self.where} holds no rows (no image files, or empty metadata files)")
         duplicates = _duplicate_lines(frames)
@@ -263,7 +288,9 @@ class ImageFolderSource(Source):
             p = u.pieces[0]
             lo, hi = np.searchsorted(duplicates, [p.first_line, p.first_line + p.num_rows])
             out.append(FolderUnit(u.index, u.num_rows, tuple(int(x) for x in duplicates[lo:hi]), u.pieces))
-        return FolderPlan(units=out, num_rows=line - 1, num_duplicates=len(duplicates), sha256=digest.hexdigest())
+        return FolderPlan(
+            units=out, num_rows=line - 1, num_duplicates=len(duplicates), sha256=digest.hexdigest()
+        )
 
     def read(self, unit: FolderUnit, *, base: str, default_split: str) -> Iterator[Row | Reject]:
         root = _root(self.where)
@@ -271,9 +298,20 @@ class ImageFolderSource(Source):
             split = piece.split or default_split
             if piece.kind == FILES:
                 for i, path in enumerate(piece.files):
-                    meta = {"label": posixpath.basename(posixpath.dirname(path.replace(os.sep, "/")))} if piece.labels else {}
-                    yield Row(line=piece.first_line + i, kind="labelr", image_id=_rel(path, root), split=split,
-                              locations=(path,), meta=meta, output=None)
+                    meta = (
+                        {"label": posixpath.basename(posixpath.dirname(path.replace(os.sep, "/")))}
+                        if piece.labels
+                        else {}
+                    )
+                    yield Row(
+                        line=piece.first_line + i,
+                        kind="labelr",
+                        image_id=_rel(path, root),
+                        split=split,
+                        locations=(path,),
+                        meta=meta,
+                        output=None,
+                    )
                 continue
             rows = _read_jsonl(piece) if piece.kind == JSONL else _read_csv(piece)
             folder = _folder_of(piece.location)
@@ -286,10 +324,14 @@ class ImageFolderSource(Source):
         key = _file_key(obj)
         name = obj.get(key) if key else None
         if not isinstance(name, str) or not name:
-            return Reject(line, None, "manifest", "no 'file_name' (the image's path relative to the metadata file)")
+            return Reject(
+                line, None, "manifest", "no 'file_name' (the image's path relative to the metadata file)"
+            )
         rel = posixpath.normpath(name.replace("\\", "/"))
         if "://" in name or "\x00" in name or posixpath.isabs(rel) or rel == ".." or rel.startswith("../"):
-            return Reject(line, None, "manifest", f"file_name {name!r} must be a relative path inside the folder")
+            return Reject(
+                line, None, "manifest", f"file_name {name!r} must be a relative path inside the folder"
+            )
         path = _join(folder, rel)
         id_key = self.id_column or "image_id"
         image_id = obj.get(id_key) if id_key in obj else _rel(path, root)
@@ -299,11 +341,20 @@ class ImageFolderSource(Source):
             return Reject(line, None, "manifest", f"no {id_key!r} (a non-empty string)")
         out_key = self.output_column or "output"
         meta = {k: _text(v) for k, v in obj.items() if k not in (key, id_key, out_key)}
-        return Row(line=line, kind="labelr", image_id=image_id, split=split, locations=(path,), meta=meta,
-                   output=obj.get(out_key))
+        return Row(
+            line=line,
+            kind="labelr",
+            image_id=image_id,
+            split=split,
+            locations=(path,),
+            meta=meta,
+            output=obj.get(out_key),
+        )
 
 
-def _plan_jsonl(meta_file: str, split: str | None, first_line: int, grain: int, digest, id_column: str | None):
+def _plan_jsonl(
+    meta_file: str, split: str | None, first_line: int, grain: int, digest, id_column: str | None
+):
     """Pieces of ``grain`` non-blank lines, and each row's identity: (id,) when the row has
     the id column, (None, file_name) otherwise, None when it has neither."""
     pieces: list[FolderPiece] = []
@@ -366,7 +417,12 @@ def _read_jsonl(piece: FolderPiece) -> Iterator[tuple[int, Any]]:
         except orjson.JSONDecodeError as exc:
             yield line, Reject(line, None, "manifest", f"metadata line is not valid JSON: {exc}")
         else:
-            yield line, obj if isinstance(obj, dict) else Reject(line, None, "manifest", "metadata line is not a JSON object")
+            yield (
+                line,
+                obj
+                if isinstance(obj, dict)
+                else Reject(line, None, "manifest", "metadata line is not a JSON object"),
+            )
         line += 1
 
 
@@ -393,11 +449,18 @@ def _plan_csv(meta_file: str, split: str | None, first_line: int, grain: int, di
     if id_key in header:
         ids = frame.get_column(id_key).to_list()
     elif key is not None:
-        ids = [None if v is None else (None, posixpath.normpath(v.replace("\\", "/"))) for v in frame.get_column(key).to_list()]
+        ids = [
+            None if v is None else (None, posixpath.normpath(v.replace("\\", "/")))
+            for v in frame.get_column(key).to_list()
+        ]
     else:
         ids = [None] * num_rows
-    pieces = [FolderPiece(split, CSV, meta_file, i, min(i + grain, num_rows), first_line + i, min(grain, num_rows - i))
-              for i in range(0, num_rows, grain)]
+    pieces = [
+        FolderPiece(
+            split, CSV, meta_file, i, min(i + grain, num_rows), first_line + i, min(grain, num_rows - i)
+        )
+        for i in range(0, num_rows, grain)
+    ]
     return pieces, ids
 
 
@@ -415,5 +478,4 @@ def _duplicate_lines(frames: list):
     if not frames:
         return np.zeros(0, dtype=np.int64)
     ids = pl.concat(frames)
-    return duplicate_lines(ids.get_column("line").to_numpy(),
-                           ids.get_column("id").replace("", None))
+    return duplicate_lines(ids.get_column("line").to_numpy(), ids.get_column("id").replace("", None))

@@ -89,19 +89,19 @@ def items(read, start: int = 0, inside: bool = False) -> Iterator[tuple[int, int
             p = offset + int(pos)
             if end_at is not None and p > end_at:
                 break
-            yield item_start, p, buf[item_start - buf_at:p - buf_at]
+            yield item_start, p, buf[item_start - buf_at : p - buf_at]
             num_items += 1
             item_start = p + 1
         if end_at is not None:
-            raw = buf[item_start - buf_at:end_at - buf_at]
+            raw = buf[item_start - buf_at : end_at - buf_at]
             if num_items or raw.strip(_WHITESPACE):
                 yield item_start, end_at, raw
             return
         offset += len(data)
         if not block:
-            raw = buf[item_start - buf_at:] if item_start is not None else b""
+            raw = buf[item_start - buf_at :] if item_start is not None else b""
             if raw.strip(_WHITESPACE):
                 yield item_start, offset, raw  # the file ends inside the array: a truncated item
             return
         keep = item_start if item_start is not None else offset
-        buf, buf_at = buf[keep - buf_at:], keep
+        buf, buf_at = buf[keep - buf_at :], keep

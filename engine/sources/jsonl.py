@@ -29,8 +29,14 @@ from engine.sources.identity import duplicate_lines, is_trainer, row_id
 
 BLOCK_BYTES = 8 * 2**20
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows tools put at the start of a file
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,10 +57,15 @@ class ManifestPlan(SourcePlan):
     num_bytes: int = 0
 
     def merge(self, index: int, group: Sequence[UnitSpec]) -> UnitSpec:
-        return UnitSpec(index=index, manifest=group[0].manifest, byte_start=group[0].byte_start,
-                        byte_end=group[-1].byte_end, first_line=group[0].first_line,
-                        num_rows=sum(u.num_rows for u in group),
-                        duplicate_lines=tuple(d for u in group for d in u.duplicate_lines))
+        return UnitSpec(
+            index=index,
+            manifest=group[0].manifest,
+            byte_start=group[0].byte_start,
+            byte_end=group[-1].byte_end,
+            first_line=group[0].first_line,
+            num_rows=sum(u.num_rows for u in group),
+            duplicate_lines=tuple(d for u in group for d in u.duplicate_lines),
+        )
 
 
 def _open_manifest(manifest: str):
@@ -63,7 +74,9 @@ def _open_manifest(manifest: str):
     except FileNotFoundError:
         raise UsageError(f"manifest not found: {manifest}") from None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read manifest {manifest}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise UsageError(
+            f"cannot read manifest {manifest}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
 
 
 def check_has_rows(manifest: str) -> None:
@@ -137,10 +150,24 @@ def plan_manifest(manifest: str, unit_rows: int) -> ManifestPlan:
     for i, (start, end, first, rows) in enumerate(bounds):
         last = bounds[i + 1][2] if i + 1 < len(bounds) else line_no + 1
         lo, hi = np.searchsorted(duplicates, [first, last])
-        units.append(UnitSpec(index=i, manifest=manifest, byte_start=start, byte_end=end, first_line=first,
-                              num_rows=rows, duplicate_lines=tuple(int(x) for x in duplicates[lo:hi])))
-    return ManifestPlan(units=units, num_rows=num_rows, num_duplicates=len(duplicates), num_bytes=offset,
-                        sha256=digest.hexdigest())
+        units.append(
+            UnitSpec(
+                index=i,
+                manifest=manifest,
+                byte_start=start,
+                byte_end=end,
+                first_line=first,
+                num_rows=rows,
+                duplicate_lines=tuple(int(x) for x in duplicates[lo:hi]),
+            )
+        )
+    return ManifestPlan(
+        units=units,
+        num_rows=num_rows,
+        num_duplicates=len(duplicates),
+        num_bytes=offset,
+        sha256=digest.hexdigest(),
+    )
 
 
 def _line_id(raw: bytes, line: int) -> str | None:
@@ -166,6 +193,7 @@ def read_unit_lines(unit: UnitSpec) -> Iterator[tuple[int, bytes]]:
 
 def parse_row(line: int, raw: bytes, *, base: str, default_split: str) -> Row | Reject:
     """One manifest line -> a row, or a ``manifest``-stage reject naming what is wrong."""
+
     def reject(reason: str, image_id: str | None = None) -> Reject:
         return Reject(line, image_id, "manifest", reason)
 
@@ -197,18 +225,31 @@ def parse_row(line: int, raw: bytes, *, base: str, default_split: str) -> Row | 
         return reject("image location contains a NUL byte", image_id)
     if "output" not in obj:
         return reject("no 'output'", image_id)
-    return Row(line=line, kind="labelr", image_id=image_id, split=split,
-                       locations=(location.resolve(where, base),), meta=build_meta(obj), output=obj["output"])
+    return Row(
+        line=line,
+        kind="labelr",
+        image_id=image_id,
+        split=split,
+        locations=(location.resolve(where, base),),
+        meta=build_meta(obj),
+        output=obj["output"],
+    )
 
 
-def _trainer_row(obj: dict[str, Any], line: int, image_id: str, split: str, base: str, reject) -> Row | Reject:
+def _trainer_row(
+    obj: dict[str, Any], line: int, image_id: str, split: str, base: str, reject
+) -> Row | Reject:
     conversations, text = obj.get("conversations"), obj.get("text")
     if (conversations is None) == (text is None):
         return reject("a trainer-style row needs exactly one of 'conversations' and 'text'", image_id)
     if conversations is not None:
-        if not isinstance(conversations, list) or not conversations or not all(
-            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
-            for t in conversations
+        if (
+            not isinstance(conversations, list)
+            or not conversations
+            or not all(
+                isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str)
+                for t in conversations
+            )
         ):
             return reject("'conversations' must be a non-empty list of {role, content} strings", image_id)
         conversations = tuple({"role": t["role"], "content": t["content"]} for t in conversations)
@@ -225,8 +266,16 @@ def _trainer_row(obj: dict[str, Any], line: int, image_id: str, split: str, base
         if not isinstance(value, str) or not value or "\x00" in value:
             return reject(f"modality {i + 1} has no image path in 'value'", image_id)
         locations.append(location.resolve(value, base))
-    return Row(line=line, kind="trainer", image_id=image_id, split=split, locations=tuple(locations),
-                       meta={}, conversations=conversations, text=text)
+    return Row(
+        line=line,
+        kind="trainer",
+        image_id=image_id,
+        split=split,
+        locations=tuple(locations),
+        meta={},
+        conversations=conversations,
+        text=text,
+    )
 
 
 def build_meta(obj: dict[str, Any]) -> dict[str, str | None]:

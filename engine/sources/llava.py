@@ -28,8 +28,14 @@ from engine.sources.base import Row, Source, SourcePlan
 
 BLOCK_BYTES = 8 * 2**20
 _PEEK_BYTES = 1 << 20  # detection reads at most this much
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +56,16 @@ class LlavaUnit:
 class LlavaPlan(SourcePlan):
     def merge(self, index: int, group) -> LlavaUnit:
         first = group[0]
-        return LlavaUnit(index=index, path=first.path, array=first.array, byte_start=first.byte_start,
-                         byte_end=group[-1].byte_end, first_row=first.first_row,
-                         num_rows=sum(u.num_rows for u in group),
-                         duplicate_lines=tuple(d for u in group for d in u.duplicate_lines))
+        return LlavaUnit(
+            index=index,
+            path=first.path,
+            array=first.array,
+            byte_start=first.byte_start,
+            byte_end=group[-1].byte_end,
+            first_row=first.first_row,
+            num_rows=sum(u.num_rows for u in group),
+            duplicate_lines=tuple(d for u in group for d in u.duplicate_lines),
+        )
 
 
 def _row_id(obj, line: int) -> str:
@@ -73,8 +85,10 @@ def _first_bytes(where: str) -> bytes:
 @dataclass(frozen=True)
 class LlavaSource(Source):
     kind: ClassVar[str] = "llava"
-    expects: ClassVar[str] = ("a LLaVA/ShareGPT .json array or JSONL (conversations of {from, value}, or "
-                              "messages of {role, content})")
+    expects: ClassVar[str] = (
+        "a LLaVA/ShareGPT .json array or JSONL (conversations of {from, value}, or "
+        "messages of {role, content})"
+    )
     where: str
     attachment_token: str = DEFAULT_ATTACHMENT_TOKEN
 
@@ -118,6 +132,7 @@ class LlavaSource(Source):
         ids: list[str] = []
         bounds: list[tuple[int, int, int, int]] = []  # (byte_start, byte_end, first_row, rows)
         with location.open_binary(self.where) as f:
+
             def read(n: int) -> bytes:
                 block = f.read(n)
                 digest.update(block)
@@ -144,23 +159,39 @@ class LlavaSource(Source):
         for i, (start, end, first, rows) in enumerate(bounds):
             last = bounds[i + 1][2] if i + 1 < len(bounds) else lines[-1] + 1
             lo, hi = np.searchsorted(dups, [first, last])
-            units.append(LlavaUnit(index=i, path=self.where, array=array, byte_start=start, byte_end=end,
-                                   first_row=first, num_rows=rows,
-                                   duplicate_lines=tuple(int(x) for x in dups[lo:hi])))
-        return LlavaPlan(units=units, num_rows=len(lines), num_duplicates=len(dups), sha256=digest.hexdigest())
+            units.append(
+                LlavaUnit(
+                    index=i,
+                    path=self.where,
+                    array=array,
+                    byte_start=start,
+                    byte_end=end,
+                    first_row=first,
+                    num_rows=rows,
+                    duplicate_lines=tuple(int(x) for x in dups[lo:hi]),
+                )
+            )
+        return LlavaPlan(
+            units=units, num_rows=len(lines), num_duplicates=len(dups), sha256=digest.hexdigest()
+        )
 
     def read(self, unit: LlavaUnit, *, base: str, default_split: str) -> Iterator[Row | Reject]:
         with location.open_binary(unit.path) as f:
             f.seek(unit.byte_start)
             data = f.read(unit.byte_end - unit.byte_start)
         if unit.array:
-            items = ((unit.first_row + k, raw) for k, (_, _, raw)
-                     in enumerate(jsonarray.items(io.BytesIO(data).read, unit.byte_start, inside=True)))
+            items = (
+                (unit.first_row + k, raw)
+                for k, (_, _, raw) in enumerate(
+                    jsonarray.items(io.BytesIO(data).read, unit.byte_start, inside=True)
+                )
+            )
         else:
             items = ((unit.first_row + i, raw) for i, raw in enumerate(data.split(b"\n")) if raw.strip())
         for row, raw in items:
-            yield parse_sample(row, raw, base=base, default_split=default_split,
-                               attachment_token=self.attachment_token)
+            yield parse_sample(
+                row, raw, base=base, default_split=default_split, attachment_token=self.attachment_token
+            )
 
 
 def _array_items(read) -> Iterator[tuple[int, int, int, bytes]]:
@@ -183,16 +214,18 @@ def _jsonl_items(read) -> Iterator[tuple[int, int, int, bytes]]:
             line_no += 1
             start, offset = offset, offset + len(raw) + 1
             if line_no == 1 and raw.startswith(jsonarray.BOM):
-                raw, start = raw[len(jsonarray.BOM):], start + len(jsonarray.BOM)
+                raw, start = raw[len(jsonarray.BOM) :], start + len(jsonarray.BOM)
             if raw.strip():
                 yield line_no, start, start + len(raw), raw
         if not block:
             return
 
 
-def parse_sample(row: int, raw: bytes, *, base: str, default_split: str,
-                 attachment_token: str = DEFAULT_ATTACHMENT_TOKEN) -> Row | Reject:
+def parse_sample(
+    row: int, raw: bytes, *, base: str, default_split: str, attachment_token: str = DEFAULT_ATTACHMENT_TOKEN
+) -> Row | Reject:
     """One LLaVA/ShareGPT sample -> a trainer row, or a ``manifest``-stage reject naming why."""
+
     def reject(reason: str, image_id: str | None = None) -> Reject:
         return Reject(row, image_id, "manifest", reason)
 
@@ -211,6 +244,12 @@ def parse_sample(row: int, raw: bytes, *, base: str, default_split: str,
     turns = sharegpt.convert(obj, attachment_token)
     if isinstance(turns, str):
         return reject(turns, image_id)
-    return Row(line=row, kind="trainer", image_id=image_id, split=split,
-               locations=tuple(location.resolve(p, base) for p in turns.images), meta={},
-               conversations=turns.turns)
+    return Row(
+        line=row,
+        kind="trainer",
+        image_id=image_id,
+        split=split,
+        locations=tuple(location.resolve(p, base) for p in turns.images),
+        meta={},
+        conversations=turns.turns,
+    )

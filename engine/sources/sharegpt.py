@@ -26,7 +26,13 @@ def is_sharegpt(obj: Any) -> bool:
     if not isinstance(obj, dict) or "output" in obj or "modalities" in obj:
         return False
     conv = obj.get("conversations")
-    if isinstance(conv, list) and conv and isinstance(conv[0], dict) and "from" in conv[0] and "value" in conv[0]:
+    if (
+        isinstance(conv, list)
+        and conv
+        and isinstance(conv[0], dict)
+        and "from" in conv[0]
+        and "value" in conv[0]
+    ):
         return True
     msgs = obj.get("messages")
     return isinstance(msgs, list) and bool(msgs) and isinstance(msgs[0], dict) and "role" in msgs[0]
@@ -56,7 +62,9 @@ def convert(obj: dict[str, Any], attachment_token: str) -> Turns | str:
     else:
         return "no 'conversations' or 'messages'"
     if not isinstance(raw, list) or not raw:
-        return f"'{'conversations' if 'conversations' in obj else 'messages'}' must be a non-empty list of turns"
+        return (
+            f"'{'conversations' if 'conversations' in obj else 'messages'}' must be a non-empty list of turns"
+        )
     listed = sample_images(obj)
     if isinstance(listed, str):
         return listed
@@ -72,8 +80,7 @@ def convert(obj: dict[str, Any], attachment_token: str) -> Turns | str:
             return f"turn {i} is not an object"
         role = ROLES.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
         if role is None:
-            return (f"turn {i}: unknown role {turn.get(role_key)!r} "
-                    f"(expected one of {', '.join(ROLES)})")
+            return f"turn {i}: unknown role {turn.get(role_key)!r} (expected one of {', '.join(ROLES)})"
         content = turn.get(content_key)
         if isinstance(content, str):
             count = content.count(IMAGE_TOKEN)
@@ -91,7 +98,9 @@ def convert(obj: dict[str, Any], attachment_token: str) -> Turns | str:
                     pieces.append(part["text"].replace(IMAGE_TOKEN, attachment_token))
                 elif kind == "image":
                     num_tokens += 1
-                    own = next((part[k] for k in ("image", "url", "path") if isinstance(part.get(k), str)), None)
+                    own = next(
+                        (part[k] for k in ("image", "url", "path") if isinstance(part.get(k), str)), None
+                    )
                     if own is not None:
                         images.append(own)
                         num_own += 1
@@ -108,6 +117,8 @@ def convert(obj: dict[str, Any], attachment_token: str) -> Turns | str:
     # src/llamafactory/data/mm_plugin.py, LlavaPlugin.process_messages: "The number of images does
     # not match the number of <image> tokens"); here it is the row's reject instead
     if num_tokens != len(listed) + num_own:
-        return (f"{num_tokens} {IMAGE_TOKEN} token(s) or image part(s) in the turns but "
-                f"{len(listed) + num_own} image(s)")
+        return (
+            f"{num_tokens} {IMAGE_TOKEN} token(s) or image part(s) in the turns but "
+            f"{len(listed) + num_own} image(s)"
+        )
     return Turns(tuple(turns), tuple(images))

@@ -10,22 +10,42 @@ import re
 from glob import has_magic
 
 SPLIT_PATTERN_SHARDED = "data/{split}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]*.*"
-SPLIT_KEYWORDS = {"train": ["train", "training"], "validation": ["validation", "valid", "dev", "val"],
-                  "test": ["test", "testing", "eval", "evaluation"]}
+SPLIT_KEYWORDS = {
+    "train": ["train", "training"],
+    "validation": ["validation", "valid", "dev", "val"],
+    "test": ["test", "testing", "eval", "evaluation"],
+}
 NON_WORDS_CHARS = "-._ 0-9"
 IN_FILENAME = ["**/{keyword}[{sep}]*", "**/*[{sep}]{keyword}[{sep}]*"]
-IN_DIR_NAME = ["**/{keyword}/**", "**/{keyword}[{sep}]*/**", "**/*[{sep}]{keyword}/**", "**/*[{sep}]{keyword}[{sep}]*/**"]
+IN_DIR_NAME = [
+    "**/{keyword}/**",
+    "**/{keyword}[{sep}]*/**",
+    "**/*[{sep}]{keyword}/**",
+    "**/*[{sep}]{keyword}[{sep}]*/**",
+]
 DEFAULT_SPLITS = ["train", "validation", "test"]
 ALL_DEFAULT_PATTERNS = [
     {"logs": ["**/*.eval"]},
     {"test": ["**/task.toml", "**/instruction.md"]},
-    {s: [p.format(keyword=k, sep=NON_WORDS_CHARS) for k in SPLIT_KEYWORDS[s] for p in IN_DIR_NAME] for s in DEFAULT_SPLITS},
-    {s: [p.format(keyword=k, sep=NON_WORDS_CHARS) for k in SPLIT_KEYWORDS[s] for p in IN_FILENAME] for s in DEFAULT_SPLITS},
+    {
+        s: [p.format(keyword=k, sep=NON_WORDS_CHARS) for k in SPLIT_KEYWORDS[s] for p in IN_DIR_NAME]
+        for s in DEFAULT_SPLITS
+    },
+    {
+        s: [p.format(keyword=k, sep=NON_WORDS_CHARS) for k in SPLIT_KEYWORDS[s] for p in IN_FILENAME]
+        for s in DEFAULT_SPLITS
+    },
     {"train": ["**"]},
 ]
 UNSPLIT = {"train": ["**"]}  # no split in any name
-FILES_TO_IGNORE = {"README.md", "config.json", "dataset_info.json", "dataset_infos.json", "dummy_data.zip",
-                   "dataset_dict.json"}
+FILES_TO_IGNORE = {
+    "README.md",
+    "config.json",
+    "dataset_info.json",
+    "dataset_infos.json",
+    "dummy_data.zip",
+    "dataset_dict.json",
+}
 _SPLIT_NAME = re.compile(r"^\w+(\.\w+)*$")
 
 
@@ -39,7 +59,9 @@ class Tree:
 
     def __init__(self, fs, root: str):
         self.root = root.rstrip("/") or "/"
-        self.files = sorted(p for p, info in fs.find(self.root, detail=True).items() if info.get("type") == "file")
+        self.files = sorted(
+            p for p, info in fs.find(self.root, detail=True).items() if info.get("type") == "file"
+        )
         self._all = set(self.files)
 
     def glob(self, full: str) -> list[str]:
@@ -88,7 +110,11 @@ def data_patterns(tree: Tree) -> dict[str, list[str]]:
         ordered = [s for s in DEFAULT_SPLITS if s in splits] + sorted(splits - set(DEFAULT_SPLITS))
         return {s: [SPLIT_PATTERN_SHARDED.format(split=s)] for s in ordered}
     for patterns in ALL_DEFAULT_PATTERNS:
-        found = [s for s, split_patterns in patterns.items() if any(resolve_pattern(tree, p) for p in split_patterns)]
+        found = [
+            s
+            for s, split_patterns in patterns.items()
+            if any(resolve_pattern(tree, p) for p in split_patterns)
+        ]
         if found:
             return {s: patterns[s] for s in found}
     raise NoDataFiles(f"{tree.root} holds no data files")

@@ -40,8 +40,14 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp", "
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then every extension
 _META_NAME = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset skips such members (__key__ files and the like)
 _BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
-_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-               type(None): "null"}
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 # img2dataset's status -> the stage its failure belongs to
 _STATUS_STAGES = {"failed_to_download": "fetch", "failed_to_resize": "decode"}
 
@@ -85,14 +91,27 @@ class TarPlan(SourcePlan):
         pieces: list[Piece] = []
         for p in (p for u in group for p in u.pieces):
             last = pieces[-1] if pieces else None
-            if (last is not None and last.tar == p.tar and last.num_samples and p.num_samples
-                    and not last.side_rows and not p.side_rows and last.damage is None):
+            if (
+                last is not None
+                and last.tar == p.tar
+                and last.num_samples
+                and p.num_samples
+                and not last.side_rows
+                and not p.side_rows
+                and last.damage is None
+            ):
                 # the next samples of the same tar: one open, one walk
-                pieces[-1] = dataclasses.replace(last, num_samples=last.num_samples + p.num_samples, damage=p.damage)
+                pieces[-1] = dataclasses.replace(
+                    last, num_samples=last.num_samples + p.num_samples, damage=p.damage
+                )
             else:
                 pieces.append(p)
-        return TarUnit(index=index, pieces=tuple(pieces), num_rows=sum(u.num_rows for u in group),
-                       duplicate_lines=tuple(d for u in group for d in u.duplicate_lines))
+        return TarUnit(
+            index=index,
+            pieces=tuple(pieces),
+            num_rows=sum(u.num_rows for u in group),
+            duplicate_lines=tuple(d for u in group for d in u.duplicate_lines),
+        )
 
 
 @dataclass
@@ -128,7 +147,7 @@ def expand(where: str) -> list[str]:
 
 def _side_file(tar: str, suffix: str) -> str | None:
     """img2dataset's side file of a tar (``00000.tar`` -> ``00000.parquet``, ``00000_stats.json``)."""
-    stem = tar[:-len(".tar")] if tar.endswith(".tar") else tar
+    stem = tar[: -len(".tar")] if tar.endswith(".tar") else tar
     candidate = stem + suffix
     try:
         return candidate if location.exists(candidate) else None
@@ -172,8 +191,11 @@ class WebDatasetSource(Source):
 
     @classmethod
     def from_options(cls, opts) -> WebDatasetSource:
-        return cls(opts.manifest, attachment_token=opts.attachment_token,
-                   attachment_position=opts.attachment_position)
+        return cls(
+            opts.manifest,
+            attachment_token=opts.attachment_token,
+            attachment_position=opts.attachment_position,
+        )
 
     def default_base(self) -> str:
         path = location.local_path(self.where)
@@ -187,7 +209,10 @@ class WebDatasetSource(Source):
             raise UsageError(f"no .tar files in {self.where}")
         missing = [t for t in tars if not location.exists(t)]
         if missing:
-            raise UsageError(f"tar not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise UsageError(
+                f"tar not found: {missing[0]}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
 
     def plan(self, grain: int) -> TarPlan:
         digest = hashlib.sha256()
@@ -204,28 +229,41 @@ class WebDatasetSource(Source):
             lost = None
             if table is not None:
                 digest.update(orjson.dumps(table))
-                extra = [i for i, (k, s) in enumerate(zip(table["key"], table["status"]))
-                         if s != "success" or k not in scan.keys]
+                extra = [
+                    i
+                    for i, (k, s) in enumerate(zip(table["key"], table["status"]))
+                    if s != "success" or k not in scan.keys
+                ]
                 num_lost = sum(1 for i in extra if table["status"][i] == "success")
                 if num_lost:
-                    lost = (f"img2dataset's {os.path.basename(side)} lists it as downloaded, but "
-                            f"{os.path.basename(tar)} does not hold it"
-                            + (f" ({scan.damage or scan.note})" if scan.damage or scan.note else ""))
+                    lost = (
+                        f"img2dataset's {os.path.basename(side)} lists it as downloaded, but "
+                        f"{os.path.basename(tar)} does not hold it"
+                        + (f" ({scan.damage or scan.note})" if scan.damage or scan.note else "")
+                    )
             lost_text = self._lost_text(tar, scan, table, extra)
             if scan.note:
                 log.warning("%s: %s; %s", tar, scan.note, lost_text)
             for start in range(0, len(scan.samples), grain):
-                chunk = scan.samples[start:start + grain]
+                chunk = scan.samples[start : start + grain]
                 last = start + grain >= len(scan.samples)
                 damage = f"{scan.damage}; {lost_text}" if last and scan.damage else None
-                pieces.append(Piece(tar=tar, first_line=line, offset=chunk[0][0], num_samples=len(chunk),
-                                    damage=damage, quick=scan.quick))
+                pieces.append(
+                    Piece(
+                        tar=tar,
+                        first_line=line,
+                        offset=chunk[0][0],
+                        num_samples=len(chunk),
+                        damage=damage,
+                        quick=scan.quick,
+                    )
+                )
                 for _, sid in chunk:
                     lines.append(line)
                     ids.append(sid)
                     line += 1
             for start in range(0, len(extra), grain):
-                chunk = tuple(extra[start:start + grain])
+                chunk = tuple(extra[start : start + grain])
                 pieces.append(Piece(tar=tar, first_line=line, side=side, side_rows=chunk, lost=lost))
                 for i in chunk:
                     lines.append(line)
@@ -236,8 +274,14 @@ class WebDatasetSource(Source):
         dups = identity.duplicate_lines(lines, ids)
         for i, piece in enumerate(pieces):
             lo, hi = np.searchsorted(dups, [piece.first_line, piece.first_line + piece.num_rows])
-            units.append(TarUnit(index=i, pieces=(piece,), num_rows=piece.num_rows,
-                                 duplicate_lines=tuple(int(x) for x in dups[lo:hi])))
+            units.append(
+                TarUnit(
+                    index=i,
+                    pieces=(piece,),
+                    num_rows=piece.num_rows,
+                    duplicate_lines=tuple(int(x) for x in dups[lo:hi]),
+                )
+            )
         return TarPlan(units=units, num_rows=len(lines), num_duplicates=len(dups), sha256=digest.hexdigest())
 
     @staticmethod
@@ -245,14 +289,19 @@ class WebDatasetSource(Source):
         """How many samples a damaged tar lost, as far as its side files tell."""
         if table is not None:
             n = sum(1 for i in extra if table["status"][i] == "success")
-            return f"{n} later sample(s) that img2dataset's .parquet lists are lost (rejected after this tar's rows)"
+            return (
+                f"{n} later sample(s) that img2dataset's .parquet lists are lost "
+                "(rejected after this tar's rows)"
+            )
         stats = _side_file(tar, "_stats.json")
         if stats:
             try:
                 with location.open_binary(stats) as f:
                     successes = int(orjson.loads(f.read())["successes"])
                 n = max(successes - len(scan.samples), 0)
-                return f"{n} later sample(s) lost (img2dataset's {os.path.basename(stats)} counts {successes})"
+                return (
+                    f"{n} later sample(s) lost (img2dataset's {os.path.basename(stats)} counts {successes})"
+                )
             except (OSError, ValueError, KeyError, TypeError):
                 pass
         return "the samples after it, if any, are lost (nothing says how many)"
@@ -317,11 +366,25 @@ class WebDatasetSource(Source):
             yield Reject(line, None, "manifest", f"{name}: sample missing: the tar ends before it")
             line += 1
 
-    def _row(self, line: int, key: str, members: dict[str, tuple[str, bytes]], tar: str,
-             default_split: str, origins: dict[str, SourceRef]) -> Row | Reject:
-        return sample_row(line, key, members, tar, default_split=default_split,
-                          attachment_token=self.attachment_token, attachment_position=self.attachment_position,
-                          origins=origins)
+    def _row(
+        self,
+        line: int,
+        key: str,
+        members: dict[str, tuple[str, bytes]],
+        tar: str,
+        default_split: str,
+        origins: dict[str, SourceRef],
+    ) -> Row | Reject:
+        return sample_row(
+            line,
+            key,
+            members,
+            tar,
+            default_split=default_split,
+            attachment_token=self.attachment_token,
+            attachment_position=self.attachment_position,
+            origins=origins,
+        )
 
 
 class _Unsupported(Exception):
@@ -383,7 +446,7 @@ def _pax_records(raw: bytes) -> dict[str, str]:
     while i < len(raw):
         space = raw.index(b" ", i)
         length = int(raw[i:space])
-        key, _, value = raw[space + 1:i + length - 1].partition(b"=")
+        key, _, value = raw[space + 1 : i + length - 1].partition(b"=")
         out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         i += length
     return out
@@ -447,7 +510,9 @@ def _scan_members(f, tar: str, members, file_size: int):
     if scan.damage is None and scan.note is None:
         f.seek((end + 511) // 512 * 512)
         if f.read(1024).strip(b"\0"):
-            scan.note = f"unreadable tar header at byte {(end + 511) // 512 * 512}: the rest of the tar is lost"
+            scan.note = (
+                f"unreadable tar header at byte {(end + 511) // 512 * 512}: the rest of the tar is lost"
+            )
     return scan, own
 
 
@@ -472,13 +537,25 @@ def _side_rows(piece: Piece) -> Iterator[Reject]:
         if status == "success":
             yield Reject(line, key, "manifest", piece.lost or "not in the tar")
         else:
-            yield Reject(line, key, _STATUS_STAGES.get(status, "manifest"),
-                         f"img2dataset: {status}: {errors[i] or 'no error message'}")
+            yield Reject(
+                line,
+                key,
+                _STATUS_STAGES.get(status, "manifest"),
+                f"img2dataset: {status}: {errors[i] or 'no error message'}",
+            )
 
 
-def sample_row(line: int, key: str, members: dict[str, tuple[str, bytes]], tar: str, *, default_split: str,
-               attachment_token: str = DEFAULT_ATTACHMENT_TOKEN, attachment_position: str = "after",
-               origins: dict[str, SourceRef] | None = None) -> Row | Reject:
+def sample_row(
+    line: int,
+    key: str,
+    members: dict[str, tuple[str, bytes]],
+    tar: str,
+    *,
+    default_split: str,
+    attachment_token: str = DEFAULT_ATTACHMENT_TOKEN,
+    attachment_position: str = "after",
+    origins: dict[str, SourceRef] | None = None,
+) -> Row | Reject:
     """One sample (extension -> (member name, bytes)) -> a row, or a reject naming why.
     ``origins`` (extension -> where its bytes lie in a local tar) become the images' origins.
 
@@ -492,8 +569,12 @@ def sample_row(line: int, key: str, members: dict[str, tuple[str, bytes]], tar: 
         except orjson.JSONDecodeError as exc:
             return Reject(line, key, "manifest", f"{key}.json is not valid JSON: {exc}")
         if not isinstance(obj, dict):
-            return Reject(line, key, "manifest",
-                          f"{key}.json is {_JSON_KINDS.get(type(obj), 'a JSON value')}, not a JSON object")
+            return Reject(
+                line,
+                key,
+                "manifest",
+                f"{key}.json is {_JSON_KINDS.get(type(obj), 'a JSON value')}, not a JSON object",
+            )
     image_id = _json_id(members["json"][1]) if "json" in members else None
     image_id = image_id or key
     if "\x00" in image_id:
@@ -504,13 +585,20 @@ def sample_row(line: int, key: str, members: dict[str, tuple[str, bytes]], tar: 
 
     status = obj.get("status")
     if isinstance(status, str) and status != "success":  # an img2dataset sample that failed
-        return reject(f"img2dataset: {status}: {obj.get('error_message') or 'no error message'}",
-                      _STATUS_STAGES.get(status, "manifest"))
+        return reject(
+            f"img2dataset: {status}: {obj.get('error_message') or 'no error message'}",
+            _STATUS_STAGES.get(status, "manifest"),
+        )
     origins = origins or {}
-    images = [InlineImage(data, os.path.basename(name), origins.get(ext)) for ext, (name, data) in members.items()
-              if ext in IMAGE_EXTENSIONS]
+    images = [
+        InlineImage(data, os.path.basename(name), origins.get(ext))
+        for ext, (name, data) in members.items()
+        if ext in IMAGE_EXTENSIONS
+    ]
     if not images:
-        return reject(f"sample {key!r} of {tar} has no image member (.{', .'.join(IMAGE_EXTENSIONS[:4])}, ...)")
+        return reject(
+            f"sample {key!r} of {tar} has no image member (.{', .'.join(IMAGE_EXTENSIONS[:4])}, ...)"
+        )
     split = obj.get("split") or default_split
     if not isinstance(split, str) or not SPLIT_NAME.match(split):
         return reject(f"invalid split name {split!r}")
@@ -521,16 +609,33 @@ def sample_row(line: int, key: str, members: dict[str, tuple[str, bytes]], tar: 
         meta = _meta(obj)
         if caption is not None and "txt" not in meta:
             meta["txt"] = caption.decode("utf-8", "replace")
-        return Row(line=line, kind="labelr", image_id=image_id, split=split, locations=tuple(images),
-                   meta=meta, output=obj["output"])
+        return Row(
+            line=line,
+            kind="labelr",
+            image_id=image_id,
+            split=split,
+            locations=tuple(images),
+            meta=meta,
+            output=obj["output"],
+        )
     if "conversations" in obj or "messages" in obj:
-        listed = {**obj, "images": [f"tar-image-{i}" for i in range(len(images))]}  # the tar's images, in member order
+        listed = {
+            **obj,
+            "images": [f"tar-image-{i}" for i in range(len(images))],
+        }  # the tar's images, in member order
         listed.pop("image", None)
         turns = sharegpt.convert(listed, attachment_token)
         if isinstance(turns, str):
             return reject(turns)
-        return Row(line=line, kind="trainer", image_id=image_id, split=split, locations=tuple(images), meta={},
-                   conversations=turns.turns)
+        return Row(
+            line=line,
+            kind="trainer",
+            image_id=image_id,
+            split=split,
+            locations=tuple(images),
+            meta={},
+            conversations=turns.turns,
+        )
     text = obj.get("text")
     if text is None and caption is not None:
         text = caption.decode("utf-8", "replace")
@@ -540,7 +645,9 @@ def sample_row(line: int, key: str, members: dict[str, tuple[str, bytes]], tar: 
         text = text.replace(sharegpt.IMAGE_TOKEN, attachment_token)
     elif attachment_token not in text:  # a plain caption: the image goes where --attachment-position says
         text = user_content(text, attachment_token, len(images), attachment_position)
-    return Row(line=line, kind="trainer", image_id=image_id, split=split, locations=tuple(images), meta={}, text=text)
+    return Row(
+        line=line, kind="trainer", image_id=image_id, split=split, locations=tuple(images), meta={}, text=text
+    )
 
 
 def _meta(obj: dict[str, Any]) -> dict[str, str | None]:

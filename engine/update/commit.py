@@ -131,8 +131,14 @@ class Staging:
         entries of OUT that are not the dataset's (a user's own files), kept in the new folder."""
         workdir.remove(self.next)
         stats = self.next.read_bytes("stats.json")
-        state = {"phase": "committing", "digest": digest, "stats_sha256": hashlib.sha256(stats).hexdigest(),
-                 "files": files, "stale": stale, "carry": carry}
+        state = {
+            "phase": "committing",
+            "digest": digest,
+            "stats_sha256": hashlib.sha256(stats).hexdigest(),
+            "files": files,
+            "stale": stale,
+            "carry": carry,
+        }
         self._write_state(state)
         crash_point("update-committing")
         self._commit(state)

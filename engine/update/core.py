@@ -31,25 +31,39 @@ import pyarrow.parquet as pq
 
 from engine.config import TaskConfig
 from engine.conversation import build_conversation
-from engine.driver import (UNIT_GRAIN, _prewarm_datasets, load_task_config, ordered_splits, split_summary,
-                           unit_context, unit_rows_for)
+from engine.driver import (
+    UNIT_GRAIN,
+    _prewarm_datasets,
+    load_task_config,
+    ordered_splits,
+    split_summary,
+    unit_context,
+    unit_rows_for,
+)
 from engine.errors import EngineError, UsageError
 from engine.imaging import configure_pillow
-from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
-from engine.stats import merge_image_changes
-from engine.progress import NullProgress, Progress
 from engine.layouts import layout_for, write_shard
 from engine.layouts.base import SeenColumns
 from engine.layouts.plan import cut_shards
+from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
+from engine.progress import NullProgress, Progress
 from engine.records import META_FIXED, Reject
 from engine.runners import make_runner
 from engine.sinks.store import Finisher, Store
+from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
 from engine.update.dataset import Dataset, convert_options, dataset_layout, open_dataset
 from engine.update.ids import ROW_IDS, ROW_IDS_SCHEMA, part_row_ids, write_row_ids
 from engine.update.inputs import Inputs, UpdateOptions, read_inputs
-from engine.update.rows import (EDIT_SUFFIX, IMAGES_PREFIX, LINE_DIGITS, LINES_MARK, new_name, read_rows,
-                                write_edit_file)
+from engine.update.rows import (
+    EDIT_SUFFIX,
+    IMAGES_PREFIX,
+    LINE_DIGITS,
+    LINES_MARK,
+    new_name,
+    read_rows,
+    write_edit_file,
+)
 from engine.validate import OutputValidator
 from engine.versions import versions
 from engine.workdir import EDITS_DIR
@@ -77,7 +91,9 @@ class ShardScan:
     texts: dict[int, str] = field(default_factory=dict)  # row -> its new output or conversation JSON
     extra_meta: dict[str, np.ndarray] = field(default_factory=dict)  # Parquet: key -> row has a value
     paths: list[list[str]] | None = None  # fs-image: every row's stored image paths
-    dropped: set[int] = field(default_factory=set)  # rows --drop-invalid removes (they keep their manifest line)
+    dropped: set[int] = field(
+        default_factory=set
+    )  # rows --drop-invalid removes (they keep their manifest line)
     lines: np.ndarray | None = None  # fs-image: every row's new manifest line
 
     def old_output(self, i: int) -> str | None:
@@ -125,12 +141,22 @@ def update(opts: UpdateOptions, progress: Progress | None = None, command: str =
         staging.unlock()
 
 
-def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Inputs, new_task: TaskConfig | None,
-            store: Store, staging: Staging, started: float) -> dict[str, Any]:
+def _update(
+    opts: UpdateOptions,
+    progress: Progress,
+    command: str,
+    inputs: Inputs,
+    new_task: TaskConfig | None,
+    store: Store,
+    staging: Staging,
+    started: float,
+) -> dict[str, Any]:
     if not opts.show_diff:
         done = staging.recover()
         if done is not None:
-            progress.message(f"engine: finished the update of {opts.out} that an earlier run left half-committed")
+            progress.message(
+                f"engine: finished the update of {opts.out} that an earlier run left half-committed"
+            )
             if done == inputs.digest:
                 return orjson.loads(store.read_bytes("stats.json"))
     ds = open_dataset(store)
@@ -145,36 +171,63 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
     config_path = opts.config or (store.path("config.json") if ds.task else None)
     user = None
     if new_task is not None:  # the user turn convert builds from the new config (layouts of conversations)
-        user = unit_context(convert_options(ds, out=store.root, config=config_path, quiet=True, overwrite=False,
-                                            resume=False), task, store, embedded=True).user_content
+        user = unit_context(
+            convert_options(
+                ds, out=store.root, config=config_path, quiet=True, overwrite=False, resume=False
+            ),
+            task,
+            store,
+            embedded=True,
+        ).user_content
     scans = scan(ds, opts, inputs, task, new_task is not None, user, report)
     log.debug("rows read and checked at %.2f s", time.perf_counter() - started)
     if report.no_longer_valid and not opts.drop_invalid:
         for item in report.no_longer_valid[:20]:
             print(f"  {item['split']}/{item['image_id']}: {item['reason']}", file=sys.stderr)
         first = report.no_longer_valid[0]
-        raise UpdateRefused(f"{len(report.no_longer_valid):,} row(s) do not conform to the new schema (first: "
-                            f"{first['image_id']!r}: {first['reason']}); pass --drop-invalid to remove them. "
-                            "Nothing was changed")
+        raise UpdateRefused(
+            f"{len(report.no_longer_valid):,} row(s) do not conform to the new schema (first: "
+            f"{first['image_id']!r}: {first['reason']}); pass --drop-invalid to remove them. "
+            "Nothing was changed"
+        )
     if opts.show_diff:
         _print_diff(report, ds, opts)
         return ds.stats
     next_store = staging.start(inputs.digest)
     crash_point("update-started")
-    copts = convert_options(ds, out=next_store.root, quiet=True, overwrite=False, resume=False,
-                            workers=opts.workers, runner=opts.runner,
-                            config=config_path,
-                            # the --add input's own kind (detected), not the one the dataset was made from
-                            **({"manifest": opts.add, "base_path": None, "input_format": None} if opts.add else {}),
-                            **({"split": opts.split} if opts.split else {}))
+    copts = convert_options(
+        ds,
+        out=next_store.root,
+        quiet=True,
+        overwrite=False,
+        resume=False,
+        workers=opts.workers,
+        runner=opts.runner,
+        config=config_path,
+        # the --add input's own kind (detected), not the one the dataset was made from
+        **({"manifest": opts.add, "base_path": None, "input_format": None} if opts.add else {}),
+        **({"split": opts.split} if opts.split else {}),
+    )
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
     images = _place_images(ds, scans, next_store) if ds.fs_image else None
     specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added, images)
     log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
     shards = write_shards(specs, progress)
     log.debug("shards written at %.2f s", time.perf_counter() - started)
-    doc = _finish(ds, opts, inputs, task, next_store, shards, features, num_bytes, row_ids, report,
-                  command, time.perf_counter() - started)
+    doc = _finish(
+        ds,
+        opts,
+        inputs,
+        task,
+        next_store,
+        shards,
+        features,
+        num_bytes,
+        row_ids,
+        report,
+        command,
+        time.perf_counter() - started,
+    )
     crash_point("update-staged")
     commit_staged(staging, ds, store, next_store, inputs.digest)
     log.debug("committed at %.2f s", time.perf_counter() - started)
@@ -184,8 +237,10 @@ def _update(opts: UpdateOptions, progress: Progress, command: str, inputs: Input
 
 def _check_applicable(ds: Dataset, opts: UpdateOptions, new_task: TaskConfig | None) -> None:
     if (opts.outputs or opts.config) and ds.task is None and new_task is None:
-        raise UsageError(f"{opts.out} has no config.json (a trainer-style packed dataset): its rows have no "
-                         "output to replace or validate")
+        raise UsageError(
+            f"{opts.out} has no config.json (a trainer-style packed dataset): its rows have no "
+            "output to replace or validate"
+        )
     if (opts.outputs or opts.config) and ds.layout == "arrow" and ds.text_column != "conversations":
         raise UsageError(f"{opts.out} holds pretraining text, which has no output to replace")
     if opts.split and opts.split not in ds.files and not opts.add:
@@ -205,8 +260,15 @@ def _utf8(column) -> np.ndarray:
     return pc.utf8_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | None, config_changed: bool,
-         user: str | None, report: Report) -> list[ShardScan]:
+def scan(
+    ds: Dataset,
+    opts: UpdateOptions,
+    inputs: Inputs,
+    task: TaskConfig | None,
+    config_changed: bool,
+    user: str | None,
+    report: Report,
+) -> list[ShardScan]:
     """Read the dataset once (row group by row group) and decide every row's fate, except the
     rows that ``--add --replace`` replaces, which are known once the new rows are converted."""
     validator = OutputValidator(task.json_schema) if task is not None else None
@@ -249,8 +311,9 @@ def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | No
                     found_outputs.add(image_id)
                     verdict = validator.check(change.output, MAX_OUTPUT_BYTES)
                     if verdict.reason is not None:
-                        report.invalid_outputs.append({"line": change.line, "image_id": image_id,
-                                                       "reason": verdict.reason})
+                        report.invalid_outputs.append(
+                            {"line": change.line, "image_id": image_id, "reason": verdict.reason}
+                        )
                     else:
                         final = verdict.output
                         report.counts["outputs_applied"] += 1
@@ -259,13 +322,21 @@ def scan(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task: TaskConfig | No
                 if config_changed:
                     verdict = validator.check(final, MAX_OUTPUT_BYTES)
                     if verdict.reason is not None:
-                        report.no_longer_valid.append({"split": split, "image_id": image_id, "reason": verdict.reason})
+                        report.no_longer_valid.append(
+                            {"split": split, "image_id": image_id, "reason": verdict.reason}
+                        )
                         if opts.drop_invalid:
                             sc.keep[i] = False
                             sc.dropped.add(i)
                             report.counts["dropped_invalid"] += 1
-                            report.rejects.append({"line": None, "image_id": image_id, "stage": "validate",
-                                                   "reason": f"no longer valid under the new schema: {verdict.reason}"})
+                            report.rejects.append(
+                                {
+                                    "line": None,
+                                    "image_id": image_id,
+                                    "stage": "validate",
+                                    "reason": f"no longer valid under the new schema: {verdict.reason}",
+                                }
+                            )
                         continue
                 if final is not None and (final != old or (config_changed and ds.layout == "arrow")):
                     _set_text(ds, sc, i, final, user)
@@ -304,9 +375,17 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
     n = len(ids)
     base_sizes = np.concatenate(base).astype(np.int64) if base else np.zeros(0, np.int64)
     old = pa.concat_arrays(outputs) if outputs else pa.array([], pa.string())
-    return ShardScan(split=split, rel=rel, ids=ids, sizes=base_sizes + _utf8(old), text_chars=np.zeros(n, np.int64),
-                     keep=np.ones(n, bool), base=base_sizes, old=old,
-                     extra_meta={k: np.concatenate(v) for k, v in extra.items()})
+    return ShardScan(
+        split=split,
+        rel=rel,
+        ids=ids,
+        sizes=base_sizes + _utf8(old),
+        text_chars=np.zeros(n, np.int64),
+        keep=np.ones(n, bool),
+        base=base_sizes,
+        old=old,
+        extra_meta={k: np.concatenate(v) for k, v in extra.items()},
+    )
 
 
 def _scan_arrow_shard(ds: Dataset, split: str, rel: str, split_ids: pa.Table, offset: int) -> ShardScan:
@@ -323,8 +402,17 @@ def _scan_arrow_shard(ds: Dataset, split: str, rel: str, split_ids: pa.Table, of
     sizes = ids.column("num_bytes").to_numpy().astype(np.int64)
     chars = ids.column("text_chars").to_numpy().astype(np.int64)
     old = pa.Table.from_batches(batches).column(ds.text_column) if batches else None
-    return ShardScan(split=split, rel=rel, ids=ids.column("image_id").to_pylist(), sizes=sizes.copy(),
-                     text_chars=chars.copy(), keep=np.ones(n, bool), base=sizes - chars, old=old, paths=paths)
+    return ShardScan(
+        split=split,
+        rel=rel,
+        ids=ids.column("image_id").to_pylist(),
+        sizes=sizes.copy(),
+        text_chars=chars.copy(),
+        keep=np.ones(n, bool),
+        base=sizes - chars,
+        old=old,
+        paths=paths,
+    )
 
 
 def _set_text(ds: Dataset, sc: ShardScan, i: int, output: str, user: str | None) -> None:
@@ -351,8 +439,9 @@ def _set_text(ds: Dataset, sc: ShardScan, i: int, output: str, user: str | None)
 # ---- new rows ---------------------------------------------------------------------------------
 
 
-def _run_add(ds: Dataset, opts: UpdateOptions, copts, task, next_store: Store, scans: list[ShardScan],
-             report: Report) -> list:
+def _run_add(
+    ds: Dataset, opts: UpdateOptions, copts, task, next_store: Store, scans: list[ShardScan], report: Report
+) -> list:
     """Convert the --add manifest into part files, as convert does; ids already in the dataset
     are rejected as duplicates, or (--replace) replace their old row once converted."""
     existing = {image_id: (sc, i) for sc in scans for i, image_id in enumerate(sc.ids) if sc.keep[i]}
@@ -385,8 +474,10 @@ def _run_add(ds: Dataset, opts: UpdateOptions, copts, task, next_store: Store, s
             for raw in next_store.read_bytes(r.rejects).splitlines():
                 doc = orjson.loads(raw)
                 if doc["line"] in in_dataset:
-                    doc["reason"] = (f"image_id {doc['image_id']!r} is already in the dataset "
-                                     "(pass --replace to replace its row)")
+                    doc["reason"] = (
+                        f"image_id {doc['image_id']!r} is already in the dataset "
+                        "(pass --replace to replace its row)"
+                    )
                 doc.update({"update": update_index, "manifest": name})
                 report.rejects.append(doc)
         if opts.replace:
@@ -415,11 +506,15 @@ def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tup
         sc.lines = np.full(len(sc.ids), -1, np.int64)
         for i, values in enumerate(sc.paths):
             names = [v[skip:] for v in values]
-            if not values or any(not v.startswith(prefix + IMAGES_PREFIX) or not n[:LINE_DIGITS].isdigit()
-                                 for v, n in zip(values, names)):
-                raise UsageError(f"{ds.store.root}: row {sc.ids[i]!r} has image paths {values!r} that are not "
-                                 f"'{prefix}{IMAGES_PREFIX}<line>-...' (was the folder moved or renamed since "
-                                 "convert?); convert it again")
+            if not values or any(
+                not v.startswith(prefix + IMAGES_PREFIX) or not n[:LINE_DIGITS].isdigit()
+                for v, n in zip(values, names)
+            ):
+                raise UsageError(
+                    f"{ds.store.root}: row {sc.ids[i]!r} has image paths {values!r} that are not "
+                    f"'{prefix}{IMAGES_PREFIX}<line>-...' (was the folder moved or renamed since "
+                    "convert?); convert it again"
+                )
             sc.lines[i] = int(names[0][:LINE_DIGITS])
             if not sc.keep[i] and i not in sc.dropped:
                 removed.append(int(sc.lines[i]))
@@ -430,12 +525,15 @@ def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tup
     # only the --add rows' files are there yet: last line first, so no name is taken twice
     for name in sorted(os.listdir(folder), key=lambda n: -int(n[:LINE_DIGITS])):
         if shift:
-            os.rename(os.path.join(folder, name), os.path.join(folder, new_name(name, int(name[:LINE_DIGITS]) + shift)))
+            os.rename(
+                os.path.join(folder, name),
+                os.path.join(folder, new_name(name, int(name[:LINE_DIGITS]) + shift)),
+            )
     for sc in scans:
         sc.lines = sc.lines - np.searchsorted(removed_sorted, sc.lines)
         for i in np.flatnonzero(sc.keep):
             for value in sc.paths[i]:
-                source = ds.store.path(value[len(prefix):])
+                source = ds.store.path(value[len(prefix) :])
                 target = os.path.join(folder, new_name(value[skip:], int(sc.lines[i])))
                 try:
                     os.link(source, target)
@@ -445,20 +543,26 @@ def _place_images(ds: Dataset, scans: list[ShardScan], next_store: Store) -> tup
     return prefix, shift
 
 
-
-
 def commit_staged(staging: Staging, ds: Dataset, store: Store, next_store: Store, digest: str) -> None:
     """Swap the staged dataset in: its files (stats.json last), the old dataset's files it no longer
     has removed, and a user's own files in OUT carried over."""
     new_files = _list_files(next_store)
     owned = _owned_files(ds, _list_files(store))
-    carry = sorted({f.split("/", 1)[0] for f in _list_files(store) if f not in owned}
-                   - {f.split("/", 1)[0] for f in new_files})
-    staging.commit(digest, [f for f in new_files if f != "stats.json"] + ["stats.json"],
-                   sorted(owned - set(new_files) - {"stats.json"}), carry)
+    carry = sorted(
+        {f.split("/", 1)[0] for f in _list_files(store) if f not in owned}
+        - {f.split("/", 1)[0] for f in new_files}
+    )
+    staging.commit(
+        digest,
+        [f for f in new_files if f != "stats.json"] + ["stats.json"],
+        sorted(owned - set(new_files) - {"stats.json"}),
+        carry,
+    )
+
 
 def write_shards(specs: list, progress: Progress) -> list:
-    """Write the planned shards through convert's writers, one after another (a crash point after the first)."""
+    """Write the planned shards through convert's writers, one after another
+    (a crash point after the first)."""
     if specs:
         specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
@@ -472,8 +576,15 @@ def write_shards(specs: list, progress: Progress) -> list:
     progress.close()
     return shards
 
-def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: list,
-          images: tuple[str, int] | None = None):
+
+def _plan(
+    ds: Dataset,
+    copts,
+    next_store: Store,
+    scans: list[ShardScan],
+    added: list,
+    images: tuple[str, int] | None = None,
+):
     splits = ordered_splits([sc.split for sc in scans] + [s for r in added for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
@@ -484,14 +595,30 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
             if sc.split != split or not sc.keep.any():
                 continue
             rel = f"{EDITS_DIR}/{k:05d}{EDIT_SUFFIX}"
-            write_edit_file(next_store, rel, ds.store.path(sc.rel), ds.layout, sc.keep,
-                            sc.texts, sc.sizes, sc.lines, images[0] if images else None)
+            write_edit_file(
+                next_store,
+                rel,
+                ds.store.path(sc.rel),
+                ds.layout,
+                sc.keep,
+                sc.texts,
+                sc.sizes,
+                sc.lines,
+                images[0] if images else None,
+            )
             parts.append((rel, sc.sizes[sc.keep]))
             if layout.keeps_row_ids:
-                row_ids.append(pa.table({"split": [split] * int(sc.keep.sum()),
-                                         "image_id": [x for x, k in zip(sc.ids, sc.keep) if k],
-                                         "num_bytes": sc.sizes[sc.keep], "text_chars": sc.text_chars[sc.keep]},
-                                        schema=ROW_IDS_SCHEMA))
+                row_ids.append(
+                    pa.table(
+                        {
+                            "split": [split] * int(sc.keep.sum()),
+                            "image_id": [x for x, k in zip(sc.ids, sc.keep) if k],
+                            "num_bytes": sc.sizes[sc.keep],
+                            "text_chars": sc.text_chars[sc.keep],
+                        },
+                        schema=ROW_IDS_SCHEMA,
+                    )
+                )
         for r in added:
             if split in r.sizes:
                 parts.append((r.part + (f"{LINES_MARK}{images[1]}" if images else ""), r.sizes[split]))
@@ -507,26 +634,49 @@ def _plan(ds: Dataset, copts, next_store: Store, scans: list[ShardScan], added: 
     else:
         columns = {c for r in added for c in r.text_columns} | {ds.text_column}
         if len(columns) > 1:
-            raise UsageError("the --add manifest's rows are not of the dataset's kind ('text' against "
-                             "'conversations'); add them to a dataset of their kind")
+            raise UsageError(
+                "the --add manifest's rows are not of the dataset's kind ('text' against "
+                "'conversations'); add them to a dataset of their kind"
+            )
         seen = SeenColumns(text_columns=frozenset(columns))
     features = layout.features(seen)
-    specs = cut_shards(segments, copts, next_store, layout, features, reader=read_rows,
-                       path_prefix=images[0] if images else "")
+    specs = cut_shards(
+        segments,
+        copts,
+        next_store,
+        layout,
+        features,
+        reader=read_rows,
+        path_prefix=images[0] if images else "",
+    )
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
     table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
     return specs, features, num_bytes, table
 
 
-def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: Store, shards, features,
-            num_bytes: dict[str, int], row_ids: pa.Table, report: Report, command: str, seconds: float) -> dict:
+def _finish(
+    ds: Dataset,
+    opts: UpdateOptions,
+    inputs: Inputs,
+    task,
+    next_store: Store,
+    shards,
+    features,
+    num_bytes: dict[str, int],
+    row_ids: pa.Table,
+    report: Report,
+    command: str,
+    seconds: float,
+) -> dict:
     """config.json, rejects.jsonl, the card or save_to_disk metadata, row ids, and last stats.json."""
     if opts.config:
         next_store.write_bytes("config.json", task.raw)
     elif ds.task is not None:
         next_store.write_bytes("config.json", ds.task.raw)
     old_rejects = ds.store.read_bytes("rejects.jsonl") if ds.store.is_file("rejects.jsonl") else b""
-    next_store.write_bytes("rejects.jsonl", old_rejects + b"".join(orjson.dumps(r) + b"\n" for r in report.rejects))
+    next_store.write_bytes(
+        "rejects.jsonl", old_rejects + b"".join(orjson.dumps(r) + b"\n" for r in report.rejects)
+    )
     splits = split_summary(shards, num_bytes)
     doc = json.loads(json.dumps(ds.stats))
     c = report.counts
@@ -539,12 +689,14 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
     by_reason.update(new_rejects)
     doc["rejected_by_reason"] = dict(by_reason)
     if doc["num_input_rows"] != doc["num_written"] + doc["num_rejected"]:
-        raise AssertionError(f"accounting broken: {doc['num_input_rows']} rows != {doc['num_written']} written + "
-                             f"{doc['num_rejected']} rejected")
+        raise AssertionError(
+            f"accounting broken: {doc['num_input_rows']} rows != {doc['num_written']} written + "
+            f"{doc['num_rejected']} rejected"
+        )
     doc["splits"] = splits
     doc["versions"] = versions()
     entry = {
-        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": command,
         "inputs": inputs.files,
         "digest": inputs.digest,
@@ -561,8 +713,16 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
     doc["updates"] = list(doc.get("updates", [])) + [entry]
     title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]
     layout = dataset_layout(ds)
-    layout.on_write_complete(next_store, splits, shards, features, doc, doc.get("command", ""),
-                             task.instructions if task else None, title=title)
+    layout.on_write_complete(
+        next_store,
+        splits,
+        shards,
+        features,
+        doc,
+        doc.get("command", ""),
+        task.instructions if task else None,
+        title=title,
+    )
     if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
         doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
     if layout.keeps_row_ids:
@@ -571,27 +731,44 @@ def _finish(ds: Dataset, opts: UpdateOptions, inputs: Inputs, task, next_store: 
     return doc
 
 
-METADATA = ("README.md", "config.json", "stats.json", "rejects.jsonl", ROW_IDS, "state.json", "dataset_info.json",
-            "dataset_dict.json")
+METADATA = (
+    "README.md",
+    "config.json",
+    "stats.json",
+    "rejects.jsonl",
+    ROW_IDS,
+    "state.json",
+    "dataset_info.json",
+    "dataset_dict.json",
+)
 
 
 def _owned_files(ds: Dataset, files: list[str]) -> set[str]:
     """The files of ``files`` that are the dataset's own (its shards and metadata), not a user's."""
     shards = {rel for rels in ds.files.values() for rel in rels}
-    return {f for f in files if f in shards or f.rsplit("/", 1)[-1] in METADATA and f.count("/") <= 1
-            or ds.fs_image and f.startswith(IMAGES_PREFIX)}
+    return {
+        f
+        for f in files
+        if f in shards
+        or f.rsplit("/", 1)[-1] in METADATA
+        and f.count("/") <= 1
+        or ds.fs_image
+        and f.startswith(IMAGES_PREFIX)
+    }
 
 
 def _list_files(store: Store) -> list[str]:
     """Every file of a dataset folder (relative paths), its scratch folders left out."""
     if store.remote:
         root = store.root.split("://", 1)[-1].rstrip("/")
-        found = [p[len(root) + 1:] for p in store.fs.find(store.root)]
+        found = [p[len(root) + 1 :] for p in store.fs.find(store.root)]
     else:
         found = []
         for folder, dirs, files in os.walk(store.root):
             dirs[:] = [d for d in dirs if not d.startswith(".engine")]
-            found += [os.path.relpath(os.path.join(folder, f), store.root).replace(os.sep, "/") for f in files]
+            found += [
+                os.path.relpath(os.path.join(folder, f), store.root).replace(os.sep, "/") for f in files
+            ]
     return sorted(f for f in found if not f.startswith(".engine"))
 
 
@@ -601,18 +778,26 @@ def _list_files(store: Store) -> list[str]:
 def _summary(report: Report) -> str:
     c = report.counts
     parts = [f"{c['outputs_applied']:,} outputs replaced"]
-    for key, label in (("outputs_invalid", "invalid outputs not applied"),
-                       ("outputs_unknown", "unknown ids in --outputs"),
-                       ("outputs_repeated", "repeated ids in --outputs (last line kept)"),
-                       ("deleted", "rows deleted"), ("delete_unknown", "unknown ids in --delete"),
-                       ("added", "rows added"), ("add_rejected", "--add rows rejected"), ("replaced", "rows replaced"),
-                       ("dropped_invalid", "rows dropped (invalid under the new schema)")):
+    for key, label in (
+        ("outputs_invalid", "invalid outputs not applied"),
+        ("outputs_unknown", "unknown ids in --outputs"),
+        ("outputs_repeated", "repeated ids in --outputs (last line kept)"),
+        ("deleted", "rows deleted"),
+        ("delete_unknown", "unknown ids in --delete"),
+        ("added", "rows added"),
+        ("add_rejected", "--add rows rejected"),
+        ("replaced", "rows replaced"),
+        ("dropped_invalid", "rows dropped (invalid under the new schema)"),
+    ):
         if c[key]:
             parts.append(f"{c[key]:,} {label}")
     text = ", ".join(parts)
     unknown = report.unknown_outputs + report.unknown_delete
     if unknown:
-        text += f"; unknown ids: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} (all in stats.json)"
+        text += (
+            f"; unknown ids: {', '.join(unknown[:10])}{', ...' if len(unknown) > 10 else ''} "
+            "(all in stats.json)"
+        )
     return text
 
 
@@ -630,11 +815,21 @@ def _print_diff(report: Report, ds: Dataset, opts: UpdateOptions) -> None:
     out = sys.stdout
     for image_id, old, new in report.diffs:
         label = "deleted" if new is None else "new"
-        for line in difflib.unified_diff(_pretty(old), _pretty(new), fromfile=f"{image_id} (old)",
-                                         tofile=f"{image_id} ({label})", lineterm=""):
+        for line in difflib.unified_diff(
+            _pretty(old),
+            _pretty(new),
+            fromfile=f"{image_id} (old)",
+            tofile=f"{image_id} ({label})",
+            lineterm="",
+        ):
             print(line, file=out)
     for item in report.invalid_outputs:
-        print(f"# {item['image_id']}: new output not applied (line {item['line']}): {item['reason']}", file=out)
+        print(
+            f"# {item['image_id']}: new output not applied (line {item['line']}): {item['reason']}", file=out
+        )
     for item in report.no_longer_valid:
-        print(f"# {item['split']}/{item['image_id']}: not valid under the new schema: {item['reason']}", file=out)
+        print(
+            f"# {item['split']}/{item['image_id']}: not valid under the new schema: {item['reason']}",
+            file=out,
+        )
     print(f"# {_summary(report)}; nothing was changed (--show-diff)", file=out)

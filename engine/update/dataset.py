@@ -15,8 +15,8 @@ from engine.errors import ConfigError, UsageError
 from engine.layouts import layout_for
 from engine.layouts.base import Layout
 from engine.sinks.store import Store
-from engine.workdir import WORK_DIR, in_progress
 from engine.update.ids import read_row_ids
+from engine.workdir import WORK_DIR, in_progress
 
 
 @dataclass
@@ -46,8 +46,10 @@ def open_dataset(store: Store) -> Dataset:
     """The finished dataset in ``store``, or a UsageError saying why it is not one."""
     root = store.root
     if in_progress(store):
-        raise UsageError(f"{root} holds an unfinished conversion ({WORK_DIR}/); finish it with "
-                         "'engine convert --resume' first")
+        raise UsageError(
+            f"{root} holds an unfinished conversion ({WORK_DIR}/); finish it with "
+            "'engine convert --resume' first"
+        )
     if not store.is_file("stats.json"):
         raise UsageError(f"{root} is not a finished dataset (no stats.json)")
     try:
@@ -60,8 +62,10 @@ def open_dataset(store: Store) -> Dataset:
     from engine.layouts import LAYOUTS
 
     if layout not in LAYOUTS or not LAYOUTS[layout].updatable:
-        raise UsageError(f"engine update cannot change a --layout {layout} dataset yet (it updates "
-                         f"{', '.join(n for n, c in LAYOUTS.items() if c.updatable)}); convert it again")
+        raise UsageError(
+            f"engine update cannot change a --layout {layout} dataset yet (it updates "
+            f"{', '.join(n for n, c in LAYOUTS.items() if c.updatable)}); convert it again"
+        )
     if options.get("images_as_paths") and store.remote:
         raise UsageError("engine update handles fs-image datasets (--images-as-paths) in local folders only")
     for shards in files.values():
@@ -78,8 +82,10 @@ def open_dataset(store: Store) -> Dataset:
     if layout == "arrow":
         row_ids = read_row_ids(store)
         if row_ids is None:
-            raise UsageError(f"{root} has no row_ids.parquet (it was made before 'engine update' existed); "
-                             "convert it again to update it")
+            raise UsageError(
+                f"{root} has no row_ids.parquet (it was made before 'engine update' existed); "
+                "convert it again to update it"
+            )
         if row_ids.num_rows != sum(s["num_rows"] for s in splits.values()):
             raise UsageError(f"{root}/row_ids.parquet does not match the dataset's row count")
         first = next((rel for shards in files.values() for rel in shards), None)
@@ -87,8 +93,15 @@ def open_dataset(store: Store) -> Dataset:
             with store.open_arrow(first) as f:
                 names = ipc.open_stream(f).schema.names
             text_column = "text" if "text" in names else "conversations"
-    return Dataset(store=store, stats=stats, layout=layout, task=task, files=files, row_ids=row_ids,
-                   text_column=text_column)
+    return Dataset(
+        store=store,
+        stats=stats,
+        layout=layout,
+        task=task,
+        files=files,
+        row_ids=row_ids,
+        text_column=text_column,
+    )
 
 
 def dataset_layout(ds: Dataset) -> Layout:
@@ -100,7 +113,11 @@ def convert_options(ds: Dataset, **override: Any) -> ConvertOptions:
     """The options the dataset was made with (from stats.json), with ``override`` applied."""
     known = {f.name for f in dataclasses.fields(ConvertOptions)}
     doc = {k: v for k, v in ds.options.items() if k in known}
-    image = {k: v for k, v in doc.pop("image").items() if k in {f.name for f in dataclasses.fields(ImageOptions)}}
-    fetch = {k: v for k, v in doc.pop("fetch").items() if k in {f.name for f in dataclasses.fields(FetchOptions)}}
+    image = {
+        k: v for k, v in doc.pop("image").items() if k in {f.name for f in dataclasses.fields(ImageOptions)}
+    }
+    fetch = {
+        k: v for k, v in doc.pop("fetch").items() if k in {f.name for f in dataclasses.fields(FetchOptions)}
+    }
     doc.update(override)
     return ConvertOptions(image=ImageOptions(**image), fetch=FetchOptions(**fetch), **doc)

@@ -19,8 +19,9 @@ import pyarrow.parquet as pq
 from engine.sinks.store import Store
 
 ROW_IDS = "row_ids.parquet"
-ROW_IDS_SCHEMA = pa.schema([("split", pa.string()), ("image_id", pa.string()), ("num_bytes", pa.int64()),
-                            ("text_chars", pa.int64())])
+ROW_IDS_SCHEMA = pa.schema(
+    [("split", pa.string()), ("image_id", pa.string()), ("num_bytes", pa.int64()), ("text_chars", pa.int64())]
+)
 
 
 def text_chars(batch: pa.RecordBatch | pa.Table) -> pa.Array:
@@ -30,15 +31,20 @@ def text_chars(batch: pa.RecordBatch | pa.Table) -> pa.Array:
 
 def part_row_ids(store: Store, part: str, split: str, with_line: bool = False) -> pa.Table:
     """The ids, sizes and text sizes of one split's rows in a part file (and their manifest lines,
-    ``with_line``). Locally the file is memory-mapped, so only these columns' pages are read, not the images."""
+    ``with_line``). Locally the file is memory-mapped, so only these columns' pages are read, not the
+    images."""
     schema = pa.schema([("line", pa.int64()), *ROW_IDS_SCHEMA]) if with_line else ROW_IDS_SCHEMA
     source = store.open_arrow(part) if store.remote else pa.memory_map(store.path(part), "r")
     tables = []
     with source:
         for batch in ipc.open_stream(source):
             batch = batch.filter(pc.equal(batch.column("split"), split))
-            columns = {"split": batch.column("split"), "image_id": batch.column("image_id"),
-                       "num_bytes": batch.column("num_bytes"), "text_chars": text_chars(batch)}
+            columns = {
+                "split": batch.column("split"),
+                "image_id": batch.column("image_id"),
+                "num_bytes": batch.column("num_bytes"),
+                "text_chars": text_chars(batch),
+            }
             if with_line:
                 columns = {"line": batch.column("line"), **columns}
             tables.append(pa.table(columns, schema=schema))

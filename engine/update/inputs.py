@@ -15,7 +15,6 @@ from engine.sources import location
 from engine.sources.jsonl import BOM
 
 
-
 @dataclass(frozen=True, kw_only=True)
 class UpdateOptions:
     out: str
@@ -43,7 +42,9 @@ class UpdateOptions:
         if self.manifest or self.stages != ("fetch",):
             raise UsageError("--manifest and --stages apply with --retry-rejected only")
         if not (self.outputs or self.delete or self.add or self.config):
-            raise UsageError("nothing to update: give --outputs, --delete, --add and/or --config, or --retry-rejected")
+            raise UsageError(
+                "nothing to update: give --outputs, --delete, --add and/or --config, or --retry-rejected"
+            )
         if self.drop_invalid and not self.config:
             raise UsageError("--drop-invalid applies with --config only")
         if self.replace and not self.add:
@@ -78,7 +79,7 @@ def _read(path: str, what: str) -> bytes:
 
 def _lines(raw: bytes):
     if raw.startswith(BOM):
-        raw = raw[len(BOM):]
+        raw = raw[len(BOM) :]
     for number, line in enumerate(raw.split(b"\n"), start=1):
         line = line.strip()
         if line:
@@ -135,15 +136,23 @@ def read_inputs(opts: UpdateOptions) -> Inputs:
     """Read and check every input before anything is touched."""
     inputs = Inputs()
     digest = hashlib.sha256()
-    for role, path in (("outputs", opts.outputs), ("delete", opts.delete), ("add", opts.add),
-                       ("config", opts.config)):
+    for role, path in (
+        ("outputs", opts.outputs),
+        ("delete", opts.delete),
+        ("add", opts.add),
+        ("config", opts.config),
+    ):
         if not path:
             continue
-        raw = _read(path, {"outputs": "updates file", "delete": "ids file", "add": "manifest",
-                           "config": "config"}[role])
+        raw = _read(
+            path,
+            {"outputs": "updates file", "delete": "ids file", "add": "manifest", "config": "config"}[role],
+        )
         sha = hashlib.sha256(raw).hexdigest()
-        inputs.files[role] = {"path": os.path.basename(path.rstrip("/")) if "://" not in path else path,
-                              "sha256": sha}
+        inputs.files[role] = {
+            "path": os.path.basename(path.rstrip("/")) if "://" not in path else path,
+            "sha256": sha,
+        }
         digest.update(f"{role}:{sha}\n".encode())
         name = os.path.basename(path)
         if role == "outputs":
@@ -152,6 +161,8 @@ def read_inputs(opts: UpdateOptions) -> Inputs:
             inputs.delete = parse_delete(raw, name)
         elif role == "add" and not any(True for _ in _lines(raw)):
             raise UsageError(f"manifest {path} has no rows")
-    digest.update(orjson.dumps({"replace": opts.replace, "drop_invalid": opts.drop_invalid, "split": opts.split}))
+    digest.update(
+        orjson.dumps({"replace": opts.replace, "drop_invalid": opts.drop_invalid, "split": opts.split})
+    )
     inputs.digest = digest.hexdigest()
     return inputs

@@ -24,14 +24,21 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from engine.driver import UNIT_GRAIN, _prewarm_datasets, ordered_splits, split_summary, unit_context, unit_rows_for
+from engine.driver import (
+    UNIT_GRAIN,
+    _prewarm_datasets,
+    ordered_splits,
+    split_summary,
+    unit_context,
+    unit_rows_for,
+)
 from engine.errors import UsageError
 from engine.imaging import configure_pillow
-from engine.pipeline import process_unit
-from engine.progress import NullProgress, Progress
 from engine.layouts import layout_for
 from engine.layouts.base import SeenColumns
 from engine.layouts.plan import cut_shards
+from engine.pipeline import process_unit
+from engine.progress import NullProgress, Progress
 from engine.runners import make_runner
 from engine.sinks.store import Store
 from engine.sources import location
@@ -54,8 +61,10 @@ def parse_stages(text: str) -> tuple[str, ...]:
     stages = tuple(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
     bad = [s for s in stages if s not in RETRYABLE]
     if not stages or bad:
-        raise UsageError(f"--stages {text!r}: retryable stages are {', '.join(RETRYABLE)}"
-                         + (f" (not {', '.join(bad)})" if bad else ""))
+        raise UsageError(
+            f"--stages {text!r}: retryable stages are {', '.join(RETRYABLE)}"
+            + (f" (not {', '.join(bad)})" if bad else "")
+        )
     return stages
 
 
@@ -72,9 +81,11 @@ def retry(opts: UpdateOptions, progress: Progress | None = None, command: str = 
         staging.unlock()
 
 
-def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, staging: Staging,
-           started: float) -> dict[str, Any]:
-    # the retry's identity: the dataset it starts from and the stages (a crashed commit of it is only finished)
+def _retry(
+    opts: UpdateOptions, progress: Progress, command: str, store: Store, staging: Staging, started: float
+) -> dict[str, Any]:
+    # the retry's identity: the dataset it starts from and the stages
+    # (a crashed commit of it is only finished)
     before = store.read_bytes("stats.json") if store.is_file("stats.json") else b""
     digest = hashlib.sha256(b"retry:" + ",".join(opts.stages).encode() + b"\n" + before).hexdigest()
     done = staging.recover()
@@ -84,30 +95,53 @@ def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, 
             return orjson.loads(store.read_bytes("stats.json"))
     ds = open_dataset(store)
     if ds.fs_image:  # a retried row's image name carries its line in a sparse manifest, not the dataset's
-        raise UsageError("engine update --retry-rejected does not handle fs-image datasets (--images-as-paths); "
-                         "convert the fixed manifest again")
-    records = [orjson.loads(line) for line in (store.read_bytes("rejects.jsonl") if store.is_file("rejects.jsonl")
-                                               else b"").splitlines() if line.strip()]
+        raise UsageError(
+            "engine update --retry-rejected does not handle fs-image datasets (--images-as-paths); "
+            "convert the fixed manifest again"
+        )
+    records = [
+        orjson.loads(line)
+        for line in (
+            store.read_bytes("rejects.jsonl") if store.is_file("rejects.jsonl") else b""
+        ).splitlines()
+        if line.strip()
+    ]
     # rows of the dataset's own manifest only (an --add manifest's rejects name their manifest)
-    chosen = {rec["line"]: k for k, rec in enumerate(records)
-              if rec.get("stage") in opts.stages and isinstance(rec.get("line"), int) and "manifest" not in rec}
+    chosen = {
+        rec["line"]: k
+        for k, rec in enumerate(records)
+        if rec.get("stage") in opts.stages and isinstance(rec.get("line"), int) and "manifest" not in rec
+    }
     if not chosen:
-        progress.message(f"engine: {opts.out} has no rejected rows at {', '.join(opts.stages)} to retry; "
-                         "nothing to do")
+        progress.message(
+            f"engine: {opts.out} has no rejected rows at {', '.join(opts.stages)} to retry; nothing to do"
+        )
         return ds.stats
     manifest, manifest_sha = _manifest(ds, opts)
     _prewarm_datasets()
     report = Report()
     scans = scan(ds, opts, Inputs(), ds.task, False, None, report)
     existing = {image_id for sc in scans for image_id in sc.ids}
-    sparse, lines_of, taken = _sparse_manifest(manifest, set(chosen), existing, ds.options.get("split", "train"))
+    sparse, lines_of, taken = _sparse_manifest(
+        manifest, set(chosen), existing, ds.options.get("split", "train")
+    )
     next_store = staging.start(digest)
     crash_point("update-started")
     results = []
     config_path = store.path("config.json") if ds.task else None
-    copts = convert_options(ds, out=next_store.root, quiet=True, overwrite=False, resume=False, workers=opts.workers,
-                            runner=opts.runner, config=config_path, manifest=next_store.path(SPARSE), input_format="jsonl",
-                            base_path=ds.options.get("base_path") or location.parent(manifest))
+    copts = convert_options(
+        ds,
+        out=next_store.root,
+        quiet=True,
+        overwrite=False,
+        resume=False,
+        workers=opts.workers,
+        runner=opts.runner,
+        config=config_path,
+        manifest=next_store.path(SPARSE),
+        input_format="jsonl",
+        base_path=ds.options.get("base_path") or location.parent(manifest),
+    )
     if sparse.strip():
         next_store.write_bytes(SPARSE, sparse)
         with make_runner(copts) as runner:
@@ -127,18 +161,42 @@ def _retry(opts: UpdateOptions, progress: Progress, command: str, store: Store, 
                 doc = orjson.loads(raw)
                 new_rejects[doc["line"]] = doc
     for line, image_id in taken.items():  # ids a later update added meanwhile: never written twice
-        new_rejects[line] = {"line": line, "image_id": image_id, "stage": "duplicate",
-                             "reason": f"image_id {image_id!r} is already in the dataset (added by a later update)"}
+        new_rejects[line] = {
+            "line": line,
+            "image_id": image_id,
+            "stage": "duplicate",
+            "reason": f"image_id {image_id!r} is already in the dataset (added by a later update)",
+        }
     specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, results, lines_of)
     shards = write_shards(specs, progress)
-    doc, counts = _finish(ds, opts, next_store, records, chosen, new_rejects, results, shards, features, num_bytes,
-                          row_ids, digest, {"manifest": {"path": os.path.basename(manifest) if "://" not in manifest
-                                                         else manifest, "sha256": manifest_sha}},
-                          command, time.perf_counter() - started)
+    doc, counts = _finish(
+        ds,
+        opts,
+        next_store,
+        records,
+        chosen,
+        new_rejects,
+        results,
+        shards,
+        features,
+        num_bytes,
+        row_ids,
+        digest,
+        {
+            "manifest": {
+                "path": os.path.basename(manifest) if "://" not in manifest else manifest,
+                "sha256": manifest_sha,
+            }
+        },
+        command,
+        time.perf_counter() - started,
+    )
     crash_point("update-staged")
     commit_staged(staging, ds, store, next_store, digest)
-    progress.message(f"engine: retried {counts['retried']:,} rejected rows of {opts.out}: {counts['written']:,} "
-                     f"written, {counts['rejected_again']:,} rejected again (in rejects.jsonl)")
+    progress.message(
+        f"engine: retried {counts['retried']:,} rejected rows of {opts.out}: {counts['written']:,} "
+        f"written, {counts['rejected_again']:,} rejected again (in rejects.jsonl)"
+    )
     return doc
 
 
@@ -148,24 +206,31 @@ def _manifest(ds: Dataset, opts: UpdateOptions) -> tuple[str, str]:
     path = opts.manifest or ds.options.get("manifest")
     expected = (ds.stats.get("fingerprint") or {}).get("manifest_sha256")
     if not path or not expected:
-        raise UsageError(f"{opts.out}/stats.json records no manifest digest; it cannot tell which rows to retry")
+        raise UsageError(
+            f"{opts.out}/stats.json records no manifest digest; it cannot tell which rows to retry"
+        )
     digest = hashlib.sha256()
     try:
         with location.open_binary(path) as f:
             while block := f.read(2**20):
                 digest.update(block)
     except FileNotFoundError:
-        raise UsageError(f"the dataset's manifest {path} is not there; pass --manifest with its copy") from None
+        raise UsageError(
+            f"the dataset's manifest {path} is not there; pass --manifest with its copy"
+        ) from None
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read manifest {path}: {getattr(exc, 'strerror', None) or exc}") from None
     if digest.hexdigest() != expected:
-        raise UsageError(f"manifest {path} is not the one the dataset was made from (its SHA-256 differs); "
-                         "pass --manifest with the original")
+        raise UsageError(
+            f"manifest {path} is not the one the dataset was made from (its SHA-256 differs); "
+            "pass --manifest with the original"
+        )
     return path, expected
 
 
-def _sparse_manifest(manifest: str, wanted: set[int], existing: set[str],
-                     default_split: str) -> tuple[bytes, dict[str, int], dict[int, str]]:
+def _sparse_manifest(
+    manifest: str, wanted: set[int], existing: set[str], default_split: str
+) -> tuple[bytes, dict[str, int], dict[int, str]]:
     """The manifest with every line but the wanted ones blank (line numbers kept); the first line
     of every id (where its row sits in line order); wanted lines whose id the dataset already has."""
     out: list[bytes] = []
@@ -259,9 +324,17 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
                 start = i
         segments[split] = parts
         if layout.keeps_row_ids:
-            row_ids.append(pa.table({"split": [split] * len(order), "image_id": [ids[j] for j in order],
-                                     "num_bytes": size_all, "text_chars": np.concatenate(chars)[order]},
-                                    schema=ROW_IDS_SCHEMA))
+            row_ids.append(
+                pa.table(
+                    {
+                        "split": [split] * len(order),
+                        "image_id": [ids[j] for j in order],
+                        "num_bytes": size_all,
+                        "text_chars": np.concatenate(chars)[order],
+                    },
+                    schema=ROW_IDS_SCHEMA,
+                )
+            )
     if not segments:
         segments[copts.split] = []
     if ds.layout == "parquet":
@@ -276,9 +349,23 @@ def _plan(ds: Dataset, copts, next_store: Store, scans, results: list, lines_of:
     return specs, features, num_bytes, table
 
 
-def _finish(ds: Dataset, opts: UpdateOptions, next_store: Store, records: list[dict], chosen: dict[int, int],
-            new_rejects: dict[int, dict], results: list, shards, features, num_bytes: dict[str, int],
-            row_ids: pa.Table, digest: str, inputs: dict, command: str, seconds: float):
+def _finish(
+    ds: Dataset,
+    opts: UpdateOptions,
+    next_store: Store,
+    records: list[dict],
+    chosen: dict[int, int],
+    new_rejects: dict[int, dict],
+    results: list,
+    shards,
+    features,
+    num_bytes: dict[str, int],
+    row_ids: pa.Table,
+    digest: str,
+    inputs: dict,
+    command: str,
+    seconds: float,
+):
     """rejects.jsonl (each retried row's record dropped, or replaced where it failed again), the
     card or save_to_disk metadata, row ids, and last stats.json."""
     if ds.task is not None:
@@ -308,25 +395,40 @@ def _finish(ds: Dataset, opts: UpdateOptions, next_store: Store, records: list[d
     if "images" in doc:  # the retried rows' images join the counts; their ids follow the listed ones
         doc["images"] = merge_image_changes([doc["images"], *(r.images for r in results)])
     if doc["num_input_rows"] != doc["num_written"] + doc["num_rejected"]:
-        raise AssertionError(f"accounting broken: {doc['num_input_rows']} rows != {doc['num_written']} written + "
-                             f"{doc['num_rejected']} rejected")
-    counts = {"retried": len(chosen), "written": doc["num_written"] - written_before,
-              "rejected_again": sum(1 for line in chosen if line in new_rejects)}
+        raise AssertionError(
+            f"accounting broken: {doc['num_input_rows']} rows != {doc['num_written']} written + "
+            f"{doc['num_rejected']} rejected"
+        )
+    counts = {
+        "retried": len(chosen),
+        "written": doc["num_written"] - written_before,
+        "rejected_again": sum(1 for line in chosen if line in new_rejects),
+    }
     doc["splits"] = splits
     doc["versions"] = versions()
-    doc["updates"] = list(doc.get("updates", [])) + [{
-        "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": command,
-        "inputs": inputs,
-        "digest": digest,
-        "options": {"retry_rejected": True, "stages": list(opts.stages)},
-        "counts": counts,
-        "seconds": round(seconds, 3),
-    }]
+    doc["updates"] = list(doc.get("updates", [])) + [
+        {
+            "at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "command": command,
+            "inputs": inputs,
+            "digest": digest,
+            "options": {"retry_rejected": True, "stages": list(opts.stages)},
+            "counts": counts,
+            "seconds": round(seconds, 3),
+        }
+    ]
     title = ds.store.root.rstrip("/").rsplit("/", 1)[-1]
     layout = dataset_layout(ds)
-    layout.on_write_complete(next_store, splits, shards, features, doc, doc.get("command", ""),
-                             ds.task.instructions if ds.task else None, title=title)
+    layout.on_write_complete(
+        next_store,
+        splits,
+        shards,
+        features,
+        doc,
+        doc.get("command", ""),
+        ds.task.instructions if ds.task else None,
+        title=title,
+    )
     if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
         doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
     if layout.keeps_row_ids:

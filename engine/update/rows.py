@@ -28,24 +28,44 @@ from engine.sources.location import local_path
 EDIT_SUFFIX = ".edit.arrow"
 OFFSET_MARK = "::"  # "PIECE::N": the piece's rows from its N-th on (a retry splices rows between them)
 LINES_MARK = "#lines+"  # "PART#lines+N": an --add part whose fs-image names take N more manifest lines
-EDIT_SCHEMA = pa.schema([("keep", pa.bool_()), ("text", pa.string()), ("num_bytes", pa.int64()),
-                         ("line", pa.int64())])
+EDIT_SCHEMA = pa.schema(
+    [("keep", pa.bool_()), ("text", pa.string()), ("num_bytes", pa.int64()), ("line", pa.int64())]
+)
 IMAGES_PREFIX = IMAGES_DIR + "/"
 
 
-def write_edit_file(store: Store, rel: str, source: str, layout: str, keep: np.ndarray,
-                    texts: dict[int, str], num_bytes: np.ndarray, lines: np.ndarray | None = None,
-                    prefix: str | None = None) -> None:
+def write_edit_file(
+    store: Store,
+    rel: str,
+    source: str,
+    layout: str,
+    keep: np.ndarray,
+    texts: dict[int, str],
+    num_bytes: np.ndarray,
+    lines: np.ndarray | None = None,
+    prefix: str | None = None,
+) -> None:
     """``texts``: row index -> the row's new output (Parquet) or conversation JSON (packed).
     fs-image: ``lines`` are the rows' new manifest lines and ``prefix`` what the old paths start with."""
     text = [texts.get(i) for i in range(len(keep))] if texts else pa.nulls(len(keep), pa.string())
     line = pa.array(lines, pa.int64()) if lines is not None else pa.nulls(len(keep), pa.int64())
-    table = pa.table({"keep": pa.array(keep, pa.bool_()), "text": pa.array(text, pa.string()),
-                      "num_bytes": pa.array(num_bytes, pa.int64()), "line": line}, schema=EDIT_SCHEMA)
-    table = table.replace_schema_metadata({"source": source, "layout": layout,
-                                           **({"prefix": prefix} if prefix is not None else {})})
-    with store.writing(rel, durable=False) as tmp, pa.OSFile(tmp, "wb") as sink, \
-            ipc.new_file(sink, table.schema) as writer:
+    table = pa.table(
+        {
+            "keep": pa.array(keep, pa.bool_()),
+            "text": pa.array(text, pa.string()),
+            "num_bytes": pa.array(num_bytes, pa.int64()),
+            "line": line,
+        },
+        schema=EDIT_SCHEMA,
+    )
+    table = table.replace_schema_metadata(
+        {"source": source, "layout": layout, **({"prefix": prefix} if prefix is not None else {})}
+    )
+    with (
+        store.writing(rel, durable=False) as tmp,
+        pa.OSFile(tmp, "wb") as sink,
+        ipc.new_file(sink, table.schema) as writer,
+    ):
         writer.write_table(table)
 
 
@@ -58,8 +78,11 @@ def read_rows(store: Store, rel: str, split: str, start: int, stop: int) -> Iter
         rel, shift = rel.rsplit(LINES_MARK, 1)
         for rows in iter_part_rows(store, rel, split, start, stop):
             lines = pc.add(rows.column("line"), int(shift)).to_pylist()
-            yield rows.set_column(rows.schema.get_field_index("images"), "images",
-                                  _renamed(rows.column("images").to_pylist(), lines, 0))
+            yield rows.set_column(
+                rows.schema.get_field_index("images"),
+                "images",
+                _renamed(rows.column("images").to_pylist(), lines, 0),
+            )
         return
     if not rel.endswith(EDIT_SUFFIX):
         yield from iter_part_rows(store, rel, split, start, stop)
@@ -127,9 +150,20 @@ def new_name(name: str, line: int) -> str:
 def _renamed(images: list, lines: list[int], cut: int) -> pa.Array:
     """fs-image rows' paths (``cut`` characters of prefix dropped) renamed to their new lines."""
     skip = cut + len(IMAGES_PREFIX)
-    return pa.array([[{"bytes": None, "path": IMAGES_PREFIX + new_name(
-        (im["path"] if isinstance(im, dict) else im)[skip:], line)} for im in row]
-        for row, line in zip(images, lines)], pa.list_(IMAGE_STRUCT))
+    return pa.array(
+        [
+            [
+                {
+                    "bytes": None,
+                    "path": IMAGES_PREFIX
+                    + new_name((im["path"] if isinstance(im, dict) else im)[skip:], line),
+                }
+                for im in row
+            ]
+            for row, line in zip(images, lines)
+        ],
+        pa.list_(IMAGE_STRUCT),
+    )
 
 
 def _to_part(rows, layout: str, split: str, edits: pa.Table, prefix: str | None = None) -> pa.Table:
@@ -157,12 +191,23 @@ def _to_part(rows, layout: str, split: str, edits: pa.Table, prefix: str | None 
         else:
             conversations = pa.nulls(n, TURNS_TYPE)
             text = rows.column("text")
-    columns = {"line": pa.nulls(n, pa.int64()), "split": pa.array([split] * n, pa.string()), "image_id": image_id,
-               "images": images, "image_sources": pa.nulls(n, pa.list_(SOURCE_STRUCT)), "output": output,
-               "conversations": conversations, "text": text, "meta": meta, "num_bytes": edits.column("num_bytes"),
-               "text_chars": pa.nulls(n, pa.int64())}
-    return pa.table({name: _chunked(columns[name], PART_SCHEMA.field(name).type) for name in PART_SCHEMA.names},
-                    schema=PART_SCHEMA)
+    columns = {
+        "line": pa.nulls(n, pa.int64()),
+        "split": pa.array([split] * n, pa.string()),
+        "image_id": image_id,
+        "images": images,
+        "image_sources": pa.nulls(n, pa.list_(SOURCE_STRUCT)),
+        "output": output,
+        "conversations": conversations,
+        "text": text,
+        "meta": meta,
+        "num_bytes": edits.column("num_bytes"),
+        "text_chars": pa.nulls(n, pa.int64()),
+    }
+    return pa.table(
+        {name: _chunked(columns[name], PART_SCHEMA.field(name).type) for name in PART_SCHEMA.names},
+        schema=PART_SCHEMA,
+    )
 
 
 def _conversations(old, new_text: pa.ChunkedArray) -> pa.Array:
@@ -185,7 +230,9 @@ def _meta_map(meta) -> pa.MapArray:
     order = (np.arange(k)[None, :] * n + np.arange(n)[:, None]).ravel()
     items = pa.concat_arrays([meta.field(j).cast(pa.string()) for j in range(k)]).take(pa.array(order))
     keys = pa.array(names * n, pa.string())
-    return pa.MapArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int32) * k), keys, items, type=META_TYPE)
+    return pa.MapArray.from_arrays(
+        pa.array(np.arange(n + 1, dtype=np.int32) * k), keys, items, type=META_TYPE
+    )
 
 
 def _chunked(column, type: pa.DataType) -> pa.ChunkedArray:
@@ -198,7 +245,9 @@ def _one_image_lists(image: pa.ChunkedArray) -> pa.ChunkedArray:
     chunks = []
     for chunk in image.chunks:
         offsets = pa.array(np.arange(len(chunk) + 1, dtype=np.int32))
-        struct = pa.StructArray.from_arrays([chunk.field("bytes"), chunk.field("path")], fields=list(IMAGE_STRUCT))
+        struct = pa.StructArray.from_arrays(
+            [chunk.field("bytes"), chunk.field("path")], fields=list(IMAGE_STRUCT)
+        )
         chunks.append(pa.ListArray.from_arrays(offsets, struct, type=pa.list_(IMAGE_STRUCT)))
     return pa.chunked_array(chunks, type=pa.list_(IMAGE_STRUCT))
 

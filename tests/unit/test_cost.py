@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from engine.runners.cost import (RAY_MIN_SPEEDUP, RAY_START_SECONDS, LaneMeasurement, estimate_ray, measure_lane,
-                                 worth_starting_ray)
+from engine.runners.cost import (
+    RAY_MIN_SPEEDUP,
+    RAY_START_SECONDS,
+    LaneMeasurement,
+    estimate_ray,
+    measure_lane,
+    worth_starting_ray,
+)
 
 
 def _ends(seconds_per_item: float, cores_used: float, items: int) -> list[tuple[float, float]]:
@@ -14,9 +20,17 @@ def _ends(seconds_per_item: float, cores_used: float, items: int) -> list[tuple[
     return [(i * seconds_per_item, i * seconds_per_item * cores_used) for i in range(1, items + 1)]
 
 
-def _worth(seconds_per_item: float, cores_used: float, items: int, remaining: int | None, workers: int = 2,
-           threads: int = 2) -> bool:
-    return worth_starting_ray(measure_lane(_ends(seconds_per_item, cores_used, items), threads), remaining, workers)
+def _worth(
+    seconds_per_item: float,
+    cores_used: float,
+    items: int,
+    remaining: int | None,
+    workers: int = 2,
+    threads: int = 2,
+) -> bool:
+    return worth_starting_ray(
+        measure_lane(_ends(seconds_per_item, cores_used, items), threads), remaining, workers
+    )
 
 
 def test_each_threads_first_item_is_left_out_and_one_more_round_is_needed():

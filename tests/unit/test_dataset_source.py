@@ -6,11 +6,11 @@ from __future__ import annotations
 import io
 import json
 
+import imagegen
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import imagegen
 from engine.errors import UsageError
 from engine.layouts.parquet import extraction_features
 from engine.records import Reject
@@ -20,7 +20,9 @@ from engine.sources.dataset import DatasetSource, discover
 FEATURES = extraction_features(["barcode", "off_image_id", "image_url", "lang"])
 
 
-def extraction_table(n: int, start: int = 0, *, null_image_at: int | None = None, path_only_at: int | None = None):
+def extraction_table(
+    n: int, start: int = 0, *, null_image_at: int | None = None, path_only_at: int | None = None
+):
     images = []
     for i in range(start, start + n):
         if i == null_image_at:
@@ -33,8 +35,10 @@ def extraction_table(n: int, start: int = 0, *, null_image_at: int | None = None
         "image_id": [f"id-{i}" for i in range(start, start + n)],
         "image": images,
         "output": [json.dumps({"price": i}) for i in range(start, start + n)],
-        "meta": [{"barcode": str(1000 + i), "off_image_id": str(i), "image_url": None, "lang": "fr"}
-                 for i in range(start, start + n)],
+        "meta": [
+            {"barcode": str(1000 + i), "off_image_id": str(i), "image_url": None, "lang": "fr"}
+            for i in range(start, start + n)
+        ],
     }
     return pa.Table.from_pydict(rows, schema=FEATURES.arrow_schema)
 
@@ -88,8 +92,9 @@ def test_splits_as_datasets_finds_them(tmp_path):
     assert [f.split for f in files] == ["train", "train", "validation", "test"]
     rows = rows_of(DatasetSource(str(root)))
     loaded = datasets.load_dataset(str(root))
-    assert {s: [r.image_id for r in rows if r.split == s] for s in ("train", "validation", "test")} == \
-        {s: loaded[s]["image_id"] for s in ("train", "validation", "test")}
+    assert {s: [r.image_id for r in rows if r.split == s] for s in ("train", "validation", "test")} == {
+        s: loaded[s]["image_id"] for s in ("train", "validation", "test")
+    }
 
 
 def test_split_folders_and_a_card_config(tmp_path):
@@ -106,11 +111,17 @@ def test_split_folders_and_a_card_config(tmp_path):
     carded = tmp_path / "carded"  # file names that name no split: the card's configs decide
     write(extraction_table(2), carded / "a.parquet")
     write(extraction_table(3, 2), carded / "b.parquet")
-    (carded / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n"
-                                      "  - split: train\n    path: b.parquet\n  - split: test\n    path: a.parquet\n---\n")
+    (carded / "README.md").write_text(
+        "---\nconfigs:\n- config_name: default\n  data_files:\n"
+        "  - split: train\n    path: b.parquet\n  - split: test\n    path: a.parquet\n---\n"
+    )
     rows = rows_of(DatasetSource(str(carded)))
     loaded = datasets.load_dataset(str(carded))
-    assert [r.image_id for r in rows if r.split == "train"] == loaded["train"]["image_id"] == ["id-2", "id-3", "id-4"]
+    assert (
+        [r.image_id for r in rows if r.split == "train"]
+        == loaded["train"]["image_id"]
+        == ["id-2", "id-3", "id-4"]
+    )
     assert [r.image_id for r in rows if r.split == "test"] == loaded["test"]["image_id"]
 
 
@@ -135,27 +146,42 @@ def test_no_image_column_is_one_line_naming_the_columns(tmp_path):
     with pytest.raises(UsageError, match=r"no column 'picture' \(--image-column\)"):
         DatasetSource(str(tmp_path / "plain.parquet"), image_column="picture").check()
     write(extraction_table(1), tmp_path / "ds.parquet")
-    with pytest.raises(UsageError, match=r"no column 'answer' \(--output-column\); its columns: image_id, image"):
+    with pytest.raises(
+        UsageError, match=r"no column 'answer' \(--output-column\); its columns: image_id, image"
+    ):
         DatasetSource(str(tmp_path / "ds.parquet"), output_column="answer").check()
 
 
 def test_a_file_without_image_column_among_others_rejects_its_rows(tmp_path):
     root = tmp_path / "ds"
     write(extraction_table(2), root / "train-0.parquet")
-    pq.write_table(pa.table({"image_id": ["x", "y", "z"], "caption": ["1", "2", "3"]}), root / "train-1.parquet")
+    pq.write_table(
+        pa.table({"image_id": ["x", "y", "z"], "caption": ["1", "2", "3"]}), root / "train-1.parquet"
+    )
     source = DatasetSource(str(root))
     source.check()
     rows = rows_of(source)
     assert len(rows) == 5
     bad = [r for r in rows if isinstance(r, Reject)]
-    assert [r.line for r in bad] == [3, 4, 5] and all("its columns: image_id, caption" in r.reason for r in bad)
+    assert [r.line for r in bad] == [3, 4, 5] and all(
+        "its columns: image_id, caption" in r.reason for r in bad
+    )
 
 
 def test_named_columns_binary_image_and_duplicates(tmp_path):
-    table = pa.table({"key": ["a", "b", "a"], "picture": [imagegen.jpeg((8, 8))] * 3, "answer": ["1", "2", "3"],
-                      "lang": ["fr", "de", "it"], "thumb": [b"\xff\xd8"] * 3})
+    table = pa.table(
+        {
+            "key": ["a", "b", "a"],
+            "picture": [imagegen.jpeg((8, 8))] * 3,
+            "answer": ["1", "2", "3"],
+            "lang": ["fr", "de", "it"],
+            "thumb": [b"\xff\xd8"] * 3,
+        }
+    )
     pq.write_table(table, tmp_path / "t.parquet")
-    source = DatasetSource(str(tmp_path / "t.parquet"), image_column="picture", id_column="key", output_column="answer")
+    source = DatasetSource(
+        str(tmp_path / "t.parquet"), image_column="picture", id_column="key", output_column="answer"
+    )
     plan = source.plan(16)
     assert plan.num_duplicates == 1 and plan.units[0].duplicate_lines == (3,)
     rows = rows_of(source)
@@ -168,15 +194,30 @@ def test_named_columns_binary_image_and_duplicates(tmp_path):
 def test_save_to_disk_folders_and_dataset_dicts(tmp_path):
     import datasets
 
-    ds = datasets.Dataset.from_dict({"image_id": ["p", "q"], "image": [{"bytes": imagegen.jpeg((8, 8)), "path": None}] * 2,
-                                     "output": ["{}", "{}"]}, features=datasets.Features(
-        {"image_id": datasets.Value("string"), "image": datasets.Image(), "output": datasets.Value("string")}))
+    ds = datasets.Dataset.from_dict(
+        {
+            "image_id": ["p", "q"],
+            "image": [{"bytes": imagegen.jpeg((8, 8)), "path": None}] * 2,
+            "output": ["{}", "{}"],
+        },
+        features=datasets.Features(
+            {
+                "image_id": datasets.Value("string"),
+                "image": datasets.Image(),
+                "output": datasets.Value("string"),
+            }
+        ),
+    )
     ds.save_to_disk(str(tmp_path / "one"))
     rows = rows_of(DatasetSource(str(tmp_path / "one")))
     assert [r.image_id for r in rows] == ["p", "q"] and isinstance(rows[0].locations[0], InlineImage)
     datasets.DatasetDict({"train": ds, "test": ds.select([1])}).save_to_disk(str(tmp_path / "dict"))
     rows = rows_of(DatasetSource(str(tmp_path / "dict")))
-    assert [(r.split, r.image_id, r.line) for r in rows] == [("train", "p", 1), ("train", "q", 2), ("test", "q", 3)]
+    assert [(r.split, r.image_id, r.line) for r in rows] == [
+        ("train", "p", 1),
+        ("train", "q", 2),
+        ("test", "q", 3),
+    ]
 
 
 def test_detection(tmp_path):
@@ -202,11 +243,14 @@ def test_fsspec_folder(tmp_path):
     assert rows[0].split == "train"
 
 
-@pytest.mark.parametrize("data_files", [
-    "  data_files: data/*.parquet\n",
-    "  data_files:\n  - a/*.parquet\n  - data/train-*.parquet\n",
-    "  data_files:\n  - split: train\n    path: [data/*, a/*]\n  - split: test\n    path: a/x.parquet\n",
-])
+@pytest.mark.parametrize(
+    "data_files",
+    [
+        "  data_files: data/*.parquet\n",
+        "  data_files:\n  - a/*.parquet\n  - data/train-*.parquet\n",
+        "  data_files:\n  - split: train\n    path: [data/*, a/*]\n  - split: test\n    path: a/x.parquet\n",
+    ],
+)
 def test_card_data_files_resolve_as_datasets_resolves_them(tmp_path, data_files):
     import datasets
 
@@ -215,12 +259,15 @@ def test_card_data_files_resolve_as_datasets_resolves_them(tmp_path, data_files)
     write(extraction_table(1, 1), root / "data" / "other.parquet")
     write(extraction_table(1, 2), root / "a" / "x.parquet")
     write(extraction_table(1, 3), root / "data" / ".hidden" / "y.parquet")
-    (root / "README.md").write_text("---\nconfigs:\n- config_name: other\n  data_files: a/*\n"
-                                    "- config_name: default\n  default: true\n" + data_files + "---\n# card\n")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: other\n  data_files: a/*\n"
+        "- config_name: default\n  default: true\n" + data_files + "---\n# card\n"
+    )
     files, _ = discover(str(root))
     expected = datasets.load_dataset_builder(str(root)).config.data_files
-    assert {s: [f.location for f in files if f.split == s] for s in expected} == \
-        {s: [str(p) for p in found] for s, found in expected.items()}
+    assert {s: [f.location for f in files if f.split == s] for s in expected} == {
+        s: [str(p) for p in found] for s, found in expected.items()
+    }
 
 
 def test_units_are_merged_up_to_a_byte_budget_not_only_rows(tmp_path):
@@ -229,13 +276,26 @@ def test_units_are_merged_up_to_a_byte_budget_not_only_rows(tmp_path):
     from engine.sources.dataset import UNIT_BYTES
 
     size = UNIT_BYTES // 4  # a row group of 3 such images is over half the budget
-    table = pa.Table.from_pydict({"image_id": [f"b{i}" for i in range(12)],
-                                  "image": [{"bytes": os.urandom(size), "path": None} for _ in range(12)]}, schema=pa.schema(
-        [("image_id", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]))
-    pq.write_table(table, tmp_path / "big.parquet", row_group_size=3, compression="none", use_dictionary=False)
+    table = pa.Table.from_pydict(
+        {
+            "image_id": [f"b{i}" for i in range(12)],
+            "image": [{"bytes": os.urandom(size), "path": None} for _ in range(12)],
+        },
+        schema=pa.schema(
+            [("image_id", pa.string()), ("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())]))]
+        ),
+    )
+    pq.write_table(
+        table, tmp_path / "big.parquet", row_group_size=3, compression="none", use_dictionary=False
+    )
     small = extraction_table(12)
     pq.write_table(small, tmp_path / "small.parquet", row_group_size=3)
     big_plan = DatasetSource(str(tmp_path / "big.parquet")).plan(3).coalesce(1000)
-    assert [u.num_rows for u in big_plan.units] == [3, 3, 3, 3]  # one row group a unit: each is 3/4 of the budget
+    assert [u.num_rows for u in big_plan.units] == [
+        3,
+        3,
+        3,
+        3,
+    ]  # one row group a unit: each is 3/4 of the budget
     small_plan = DatasetSource(str(tmp_path / "small.parquet")).plan(3).coalesce(1000)
     assert [u.num_rows for u in small_plan.units] == [3, 9]  # small rows: merged by rows as before

@@ -15,20 +15,23 @@ from engine.sources.identity import duplicate_lines, row_id
 from engine.sources.jsonl import JsonlSource, _line_id, parse_row, plan_manifest
 
 
-@pytest.mark.parametrize("obj, expected", [
-    ({"image_id": "a", "output": 1}, "a"),
-    ({"image_id": 7, "output": 1}, "7"),  # an integer id is its decimal text
-    ({"image_id": True, "output": 1}, None),  # a boolean is no id
-    ({"image_id": 1.5, "output": 1}, None),
-    ({"image_id": "", "output": 1}, None),
-    ({"image_id": {"a": 1}, "output": 1}, None),
-    ({"id": "x", "output": 1}, None),  # a labelr row's id is image_id only
-    ({"id": "x", "text": "t"}, "x"),  # a trainer row falls back to id ...
-    ({"id": 3, "conversations": []}, "3"),
-    ({"text": "t"}, "line-12"),  # ... then to its line
-    ({"image_id": "a", "id": "x", "text": "t"}, "a"),
-    ({"image_id": None, "id": "x", "modalities": []}, "x"),
-])
+@pytest.mark.parametrize(
+    "obj, expected",
+    [
+        ({"image_id": "a", "output": 1}, "a"),
+        ({"image_id": 7, "output": 1}, "7"),  # an integer id is its decimal text
+        ({"image_id": True, "output": 1}, None),  # a boolean is no id
+        ({"image_id": 1.5, "output": 1}, None),
+        ({"image_id": "", "output": 1}, None),
+        ({"image_id": {"a": 1}, "output": 1}, None),
+        ({"id": "x", "output": 1}, None),  # a labelr row's id is image_id only
+        ({"id": "x", "text": "t"}, "x"),  # a trainer row falls back to id ...
+        ({"id": 3, "conversations": []}, "3"),
+        ({"text": "t"}, "line-12"),  # ... then to its line
+        ({"image_id": "a", "id": "x", "text": "t"}, "a"),
+        ({"image_id": None, "id": "x", "modalities": []}, "x"),
+    ],
+)
 def test_row_id(obj, expected):
     assert row_id(obj, 12) == expected
 
@@ -61,17 +64,32 @@ def test_planner_and_parse_row_agree_where_the_old_rules_did_not(tmp_path):
     manifest = _manifest(tmp_path, objs)
     plan = plan_manifest(manifest, 16)
     assert [d for u in plan.units for d in u.duplicate_lines] == [6]
-    rows = [r for u in plan.units for r in JsonlSource(manifest).read(u, base=str(tmp_path), default_split="train")]
+    rows = [
+        r
+        for u in plan.units
+        for r in JsonlSource(manifest).read(u, base=str(tmp_path), default_split="train")
+    ]
     assert [type(r).__name__ for r in rows] == ["Reject", "Row", "Reject", "Row", "Row", "Row"]
     assert [r.image_id for r in rows[1::2]] == ["x", "true", "7"]
 
 
-json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
-                           lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
-                           max_leaves=6)
-line_objects = st.fixed_dictionaries({}, optional={
-    "image_id": json_values | st.text(max_size=6), "id": json_values | st.text(max_size=6), "image_path": st.just("a.jpg"),
-    "output": json_values, "text": json_values, "conversations": json_values, "modalities": json_values})
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2),
+    max_leaves=6,
+)
+line_objects = st.fixed_dictionaries(
+    {},
+    optional={
+        "image_id": json_values | st.text(max_size=6),
+        "id": json_values | st.text(max_size=6),
+        "image_path": st.just("a.jpg"),
+        "output": json_values,
+        "text": json_values,
+        "conversations": json_values,
+        "modalities": json_values,
+    },
+)
 
 
 @settings(max_examples=300, deadline=None)

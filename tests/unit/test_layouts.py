@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 
+import imagegen
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -14,7 +15,6 @@ import pyarrow.ipc as ipc
 import pytest
 from conftest import CONFIG_BYTES, GOOD_OUTPUT, run_main, write_input
 
-import imagegen
 from engine.config import ConvertOptions
 from engine.errors import UsageError
 from engine.layouts import LAYOUTS, layout_for, register
@@ -35,8 +35,14 @@ def _opts(**kw) -> ConvertOptions:
 
 
 def _row(image_id="id1", line=7, n=1) -> ManifestRow:
-    return ManifestRow(line=line, kind="labelr", image_id=image_id, split="train",
-                       locations=tuple(f"{i}.jpg" for i in range(n)), meta={})
+    return ManifestRow(
+        line=line,
+        kind="labelr",
+        image_id=image_id,
+        split="train",
+        locations=tuple(f"{i}.jpg" for i in range(n)),
+        meta={},
+    )
 
 
 # ---- registry -------------------------------------------------------------------------------
@@ -89,7 +95,9 @@ def test_image_names_embedded_and_fs_image():
     fs = PackedLayout(images_as_paths=True)
     assert fs.image_names(_row("id1", line=7), ["jpg"]) == ["images/00000007-id1.jpg"]
     assert fs.image_names(_row("two", line=12, n=2), ["webp", "webp"]) == [
-        "images/00000012-two-0.webp", "images/00000012-two-1.webp"]
+        "images/00000012-two-0.webp",
+        "images/00000012-two-1.webp",
+    ]
     (name,) = ParquetLayout().image_names(_row("../../etc/passwd"), ["jpg"])
     assert "/" not in name and name.startswith("_.._etc_passwd-") and name.endswith(".jpg")
 
@@ -98,7 +106,7 @@ def test_safe_stem():
     assert safe_stem("abc-1.2_3") == "abc-1.2_3"
     assert safe_stem("a/b") != safe_stem("a_b")  # distinct ids keep distinct names
     assert safe_stem("a/b").startswith("a_b-")
-    assert safe_stem("..").startswith("id-") and safe_stem("") .startswith("id-")
+    assert safe_stem("..").startswith("id-") and safe_stem("").startswith("id-")
     assert len(safe_stem("x" * 500)) <= 100 + 11
 
 
@@ -135,13 +143,21 @@ def test_cut_shards_names_sizes_and_row_groups(tmp_path):
     layout = ParquetLayout()
     features = layout.features(SeenColumns(meta_keys=frozenset({"zeta", "alpha"})))
     assert list(features["meta"]) == ["barcode", "off_image_id", "image_url", "alpha", "zeta"]
-    segments = {"train": [("p0", np.array([40, 40, 40])), ("p1", np.array([40]))],
-                "test": [("p1", np.array([10]))]}
+    segments = {
+        "train": [("p0", np.array([40, 40, 40])), ("p1", np.array([40]))],
+        "test": [("p1", np.array([10]))],
+    }
     specs = cut_shards(segments, opts, store, layout, features)
-    assert [s.relpath for s in specs] == ["data/train-00000-of-00002.parquet",
-                                          "data/train-00001-of-00002.parquet", "data/test-00000-of-00001.parquet"]
-    assert [s.pieces for s in specs] == [(Piece("p0", 0, 2),), (Piece("p0", 2, 3), Piece("p1", 0, 1)),
-                                         (Piece("p1", 0, 1),)]
+    assert [s.relpath for s in specs] == [
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "data/test-00000-of-00001.parquet",
+    ]
+    assert [s.pieces for s in specs] == [
+        (Piece("p0", 0, 2),),
+        (Piece("p0", 2, 3), Piece("p1", 0, 1)),
+        (Piece("p1", 0, 1),),
+    ]
     assert [s.row_groups for s in specs] == [(1, 1), (1, 1), (1,)]
     assert all(s.layout is layout and s.schema == features.arrow_schema for s in specs)
     packed = cut_shards({"train": []}, opts, store, PackedLayout(), PackedLayout().features(SeenColumns()))
@@ -151,7 +167,10 @@ def test_cut_shards_names_sizes_and_row_groups(tmp_path):
 def test_packed_features_refuse_mixed_text_columns():
     with pytest.raises(UsageError, match="mixes 'text'"):
         PackedLayout().features(SeenColumns(text_columns=frozenset({"text", "conversations"})))
-    assert list(PackedLayout().features(SeenColumns(text_columns=frozenset({"text"})))) == ["text", "modalities"]
+    assert list(PackedLayout().features(SeenColumns(text_columns=frozenset({"text"})))) == [
+        "text",
+        "modalities",
+    ]
 
 
 # ---- row checks -----------------------------------------------------------------------------
@@ -165,17 +184,36 @@ class _Ctx:
 
 
 def test_check_row_per_layout():
-    row = ManifestRow(line=3, kind="labelr", image_id="a", split="train", locations=("a.jpg",), meta={},
-                      output='{"price": 1}')
+    row = ManifestRow(
+        line=3,
+        kind="labelr",
+        image_id="a",
+        split="train",
+        locations=("a.jpg",),
+        meta={},
+        output='{"price": 1}',
+    )
     assert ParquetLayout().check_row(row, _Ctx()) == Checked(row, output='{"price":1}')
     turns = PackedLayout().check_row(row, _Ctx()).conversations
-    assert turns == [{"role": "user", "content": "<img>Read it."}, {"role": "assistant", "content": '{"price":1}'}]
+    assert turns == [
+        {"role": "user", "content": "<img>Read it."},
+        {"role": "assistant", "content": '{"price":1}'},
+    ]
     assert validated_output(row, _Ctx(schema_json=None)).stage == "manifest"
-    trainer = ManifestRow(line=4, kind="trainer", image_id="t", split="train", locations=("a.jpg", "b.jpg"),
-                          meta={}, conversations=({"role": "user", "content": "<img>"},))
+    trainer = ManifestRow(
+        line=4,
+        kind="trainer",
+        image_id="t",
+        split="train",
+        locations=("a.jpg", "b.jpg"),
+        meta={},
+        conversations=({"role": "user", "content": "<img>"},),
+    )
     assert ParquetLayout().check_row(trainer, _Ctx()).reason.endswith("needs --layout arrow")
     bad = PackedLayout(attachment_token="<img>").check_row(trainer, _Ctx())
-    assert bad.stage == "manifest" and "1 attachment token(s) '<img>'" in bad.reason and "2 image" in bad.reason
+    assert (
+        bad.stage == "manifest" and "1 attachment token(s) '<img>'" in bad.reason and "2 image" in bad.reason
+    )
 
 
 # ---- typed part rows ------------------------------------------------------------------------
@@ -184,28 +222,46 @@ def test_check_row_per_layout():
 def test_part_rows_are_typed_and_sizes_are_todays():
     turns = [{"role": "user", "content": "<img>é"}, {"role": "assistant", "content": '{"p":1}'}]
     ref = SourceRef("/x/a.jpg", 1000, 1)
-    samples = [Sample(line=1, split="train", image_id="a", images=(StoredImage(ref, "a.jpg"),),
-                      meta={"barcode": "123", "image_url": None}, output='{"p":1}'),
-               Sample(line=2, split="train", image_id="b", images=(StoredImage(b"xyz", "b-0.png"),
-                                                                    StoredImage(None, "images/b.png")),
-                      meta={}, conversations=turns),
-               Sample(line=3, split="train", image_id="c", images=(), meta={"k": ""}, text="plain text")]
+    samples = [
+        Sample(
+            line=1,
+            split="train",
+            image_id="a",
+            images=(StoredImage(ref, "a.jpg"),),
+            meta={"barcode": "123", "image_url": None},
+            output='{"p":1}',
+        ),
+        Sample(
+            line=2,
+            split="train",
+            image_id="b",
+            images=(StoredImage(b"xyz", "b-0.png"), StoredImage(None, "images/b.png")),
+            meta={},
+            conversations=turns,
+        ),
+        Sample(line=3, split="train", image_id="c", images=(), meta={"k": ""}, text="plain text"),
+    ]
     # the size the shard cut depends on, as it was computed from the JSON strings the parts held
     old = [1 + 3 + 1000 + 5 + 7, 1 + 3 + 7 + 12 + len(orjson.dumps(turns).decode()), 1 + 10]
     assert [s.num_bytes for s in samples] == old
     batch = samples_to_part_batch(samples, [s.sizes() for s in samples])
     assert batch.schema == PART_SCHEMA
-    assert PART_SCHEMA.field("conversations").type == pa.list_(pa.struct([("role", pa.string()),
-                                                                            ("content", pa.string())]))
+    assert PART_SCHEMA.field("conversations").type == pa.list_(
+        pa.struct([("role", pa.string()), ("content", pa.string())])
+    )
     assert pa.types.is_map(PART_SCHEMA.field("meta").type)
     assert batch.column("conversations").to_pylist() == [None, turns, None]
     assert batch.column("text_chars").to_pylist() == [0, len(orjson.dumps(turns).decode()), 10]
     meta = meta_struct_array(batch.column("meta"), ["barcode", "image_url", "k"])
-    assert meta.to_pylist() == [{"barcode": "123", "image_url": None, "k": None},
-                                {"barcode": None, "image_url": None, "k": None},
-                                {"barcode": None, "image_url": None, "k": ""}]
-    assert batch.column("images").to_pylist()[1] == [{"bytes": b"xyz", "path": "b-0.png"},
-                                                     {"bytes": None, "path": "images/b.png"}]
+    assert meta.to_pylist() == [
+        {"barcode": "123", "image_url": None, "k": None},
+        {"barcode": None, "image_url": None, "k": None},
+        {"barcode": None, "image_url": None, "k": ""},
+    ]
+    assert batch.column("images").to_pylist()[1] == [
+        {"bytes": b"xyz", "path": "b-0.png"},
+        {"bytes": None, "path": "images/b.png"},
+    ]
 
 
 # ---- a third layout: one module + register --------------------------------------------------
@@ -224,8 +280,14 @@ class TsvLayout(Layout):
     def features(self, seen):
         from datasets import Features, Value
 
-        return Features({"image_id": Value("string"), "name": Value("string"), "size": Value("int64"),
-                         "output": Value("string")})
+        return Features(
+            {
+                "image_id": Value("string"),
+                "name": Value("string"),
+                "size": Value("int64"),
+                "output": Value("string"),
+            }
+        )
 
     def shard_path(self, split, index, count, num_splits):
         return f"tsv/{split}-{index}-of-{count}.tsv"
@@ -247,7 +309,9 @@ class TsvLayout(Layout):
     def on_write_start(self, store):
         store.write_bytes("tsv/started", b"")
 
-    def on_write_complete(self, store, splits, shards, features, stats_doc, command, instructions, title=None):
+    def on_write_complete(
+        self, store, splits, shards, features, stats_doc, command, instructions, title=None
+    ):
         store.write_bytes("tsv/index.json", json.dumps({n: s["files"] for n, s in splits.items()}).encode())
 
 
@@ -255,14 +319,33 @@ def test_a_registered_third_layout_writes_a_dataset_through_convert(tmp_path, mo
     monkeypatch.setitem(LAYOUTS, "tsv", TsvLayout)
     assert register(TsvLayout) is TsvLayout  # what its module does on import
     images = {"a.jpg": imagegen.jpeg((64, 48)), "b.png": imagegen.png((32, 32)), "bad.jpg": b"not an image"}
-    rows = [{"image_id": f"r{i}", "image_path": name, "output": GOOD_OUTPUT}
-            for i, name in enumerate(["a.jpg", "b.png", "bad.jpg", "a.jpg", "b.png"])]
+    rows = [
+        {"image_id": f"r{i}", "image_path": name, "output": GOOD_OUTPUT}
+        for i, name in enumerate(["a.jpg", "b.png", "bad.jpg", "a.jpg", "b.png"])
+    ]
     rows.append({"image_id": "r9", "image_path": "a.jpg", "output": {"price": "free"}})
     inp = write_input(tmp_path / "in", rows, images)
     out = tmp_path / "out"
-    code = run_main(["convert", "--manifest", str(inp.manifest), "--config", str(inp.config), "--out", str(out),
-                     "--layout", "tsv", "--runner", "local", "--quiet", "--shard-rows", "3",
-                     "--image-format", "keep"])
+    code = run_main(
+        [
+            "convert",
+            "--manifest",
+            str(inp.manifest),
+            "--config",
+            str(inp.config),
+            "--out",
+            str(out),
+            "--layout",
+            "tsv",
+            "--runner",
+            "local",
+            "--quiet",
+            "--shard-rows",
+            "3",
+            "--image-format",
+            "keep",
+        ]
+    )
     assert code == 0
     index = json.loads((out / "tsv/index.json").read_text())
     assert index == {"train": ["tsv/train-0-of-2.tsv", "tsv/train-1-of-2.tsv"]}
@@ -277,7 +360,9 @@ def test_a_registered_third_layout_writes_a_dataset_through_convert(tmp_path, mo
     assert stats["num_written"] == 4 and stats["splits"]["train"]["num_shards"] == 2
     assert (out / "config.json").read_bytes() == CONFIG_BYTES
     assert not (out / ".engine").exists()
-    assert (out / "tsv/started").stat().st_mtime_ns <= min((out / f).stat().st_mtime_ns for f in index["train"])
+    assert (out / "tsv/started").stat().st_mtime_ns <= min(
+        (out / f).stat().st_mtime_ns for f in index["train"]
+    )
 
 
 def test_a_part_file_of_another_schema_is_refused_in_one_line(tmp_path):

@@ -18,9 +18,15 @@ TOKEN = "<|reserved_special_token_0|>"
 
 
 def sample(i: int, **over) -> dict:
-    return {"id": f"s{i}", "image": f"coco/{i:06d}.jpg",
-            "conversations": [{"from": "human", "value": "<image>\nWhat is in the image?"},
-                              {"from": "gpt", "value": f"Answer {i}."}], **over}
+    return {
+        "id": f"s{i}",
+        "image": f"coco/{i:06d}.jpg",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the image?"},
+            {"from": "gpt", "value": f"Answer {i}."},
+        ],
+        **over,
+    }
 
 
 def read_all(src: LlavaSource, grain: int, base: str = "/data"):
@@ -33,7 +39,9 @@ def read_all(src: LlavaSource, grain: int, base: str = "/data"):
 @pytest.mark.parametrize("form", ["array", "indented", "jsonl"])
 def test_forms_give_the_same_rows(tmp_path, form):
     samples = [sample(i) for i in range(7)]
-    samples[2] = sample(2, conversations=[{"from": "human", "value": "no token"}, {"from": "gpt", "value": "x"}])
+    samples[2] = sample(
+        2, conversations=[{"from": "human", "value": "no token"}, {"from": "gpt", "value": "x"}]
+    )
     samples[4] = "not an object"
     samples[5] = sample(5, id="s1")  # a duplicate id
     if form == "jsonl":
@@ -50,19 +58,34 @@ def test_forms_give_the_same_rows(tmp_path, form):
         assert numbers == list(range(1, 8))  # an array's rows are numbered by item
     assert [u for u in plan.units if 6 in u.duplicate_lines or numbers[5] in u.duplicate_lines]
     first = rows[0]
-    assert first.kind == "trainer" and first.image_id == "s0" and first.locations == ("/data/coco/000000.jpg",)
-    assert first.conversations == ({"role": "user", "content": TOKEN + "\nWhat is in the image?"},
-                                   {"role": "assistant", "content": "Answer 0."})
+    assert (
+        first.kind == "trainer" and first.image_id == "s0" and first.locations == ("/data/coco/000000.jpg",)
+    )
+    assert first.conversations == (
+        {"role": "user", "content": TOKEN + "\nWhat is in the image?"},
+        {"role": "assistant", "content": "Answer 0."},
+    )
     assert isinstance(rows[2], Reject) and "0 <image> token(s)" in rows[2].reason
     assert isinstance(rows[4], Reject) and rows[4].reason == "sample is a string, not a JSON object"
 
 
 def test_detection_leaves_labelr_and_trainer_jsonl_alone(tmp_path):
     labelr = tmp_path / "m.jsonl"
-    labelr.write_text(json.dumps({"image_id": "a", "image_path": "a.jpg", "output": "x",
-                                  "conversations": [{"from": "human", "value": "x"}]}) + "\n")
+    labelr.write_text(
+        json.dumps(
+            {
+                "image_id": "a",
+                "image_path": "a.jpg",
+                "output": "x",
+                "conversations": [{"from": "human", "value": "x"}],
+            }
+        )
+        + "\n"
+    )
     trainer = tmp_path / "t.jsonl"
-    trainer.write_text(json.dumps({"conversations": [{"role": "user", "content": "x"}], "modalities": []}) + "\n")
+    trainer.write_text(
+        json.dumps({"conversations": [{"role": "user", "content": "x"}], "modalities": []}) + "\n"
+    )
     messages = tmp_path / "msg.jsonl"
     messages.write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")
     assert not LlavaSource.detect(str(labelr)) and not LlavaSource.detect(str(trainer))
@@ -108,8 +131,13 @@ def test_a_json_array_streams(tmp_path):
             for i in range(n):
                 f.write((b"," if i else b"") + orjson.dumps(sample(i, padding="x" * 800)))
             f.write(b"]")
-        out = subprocess.run([sys.executable, "-c", _RSS, str(path)], capture_output=True, text=True, check=True,
-                             env={**os.environ, "POLARS_MAX_THREADS": "1"}).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", _RSS, str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "POLARS_MAX_THREADS": "1"},
+        ).stdout.split()
         assert int(out[0]) == n
         peaks[n] = int(out[1])
     assert os.path.getsize(tmp_path / "50000.json") > 40 * 2**20
@@ -123,5 +151,9 @@ def test_source_and_units_pickle(tmp_path):
     path.write_text(json.dumps([sample(i) for i in range(3)]))
     src = LlavaSource(str(path), attachment_token="<t>")
     unit = src.plan(2).units[1]
-    rows = list(pickle.loads(pickle.dumps(src)).read(pickle.loads(pickle.dumps(unit)), base="/b", default_split="x"))
-    assert [(r.line, r.image_id, r.split, r.conversations[0]["content"][:3]) for r in rows] == [(3, "s2", "x", "<t>")]
+    rows = list(
+        pickle.loads(pickle.dumps(src)).read(pickle.loads(pickle.dumps(unit)), base="/b", default_split="x")
+    )
+    assert [(r.line, r.image_id, r.split, r.conversations[0]["content"][:3]) for r in rows] == [
+        (3, "s2", "x", "<t>")
+    ]

@@ -21,8 +21,10 @@ _FRESH = textwrap.dedent("""
 
     def state():
         return {"load_truncated": ImageFile.LOAD_TRUNCATED_IMAGES, "max_pixels": Image.MAX_IMAGE_PIXELS,
-                "tiff_warnings": type(TiffImagePlugin.warnings).__name__, "pil_level": logging.getLogger("PIL").level,
-                "showwarning": warnings.showwarning.__module__, "filters": [repr(f) for f in warnings.filters]}
+                "tiff_warnings": type(TiffImagePlugin.warnings).__name__, \
+"pil_level": logging.getLogger("PIL").level,
+                "showwarning": warnings.showwarning.__module__, \
+"filters": [repr(f) for f in warnings.filters]}
 
     ImageFile.LOAD_TRUNCATED_IMAGES = True  # a library user's own choice, which the import must keep
     pristine = state()
@@ -55,8 +57,12 @@ _FRESH = textwrap.dedent("""
 
 
 def _fresh() -> tuple[dict, str]:
-    proc = subprocess.run([sys.executable, "-c", _FRESH, str(imagegen.__file__.rsplit("/", 1)[0])],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FRESH, str(imagegen.__file__.rsplit("/", 1)[0])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout), proc.stderr
 
@@ -71,7 +77,9 @@ def test_importing_the_engine_leaves_pillow_alone_and_configure_pillow_sets_it_o
     assert configured["load_truncated"] is False
     assert configured["max_pixels"] == 500_000_000
     assert configured["tiff_warnings"] == "_ThreadWarnings"
-    assert configured["pil_level"] == 50  # logging.CRITICAL: Pillow's per-file errors repeat the reject reason
+    assert (
+        configured["pil_level"] == 50
+    )  # logging.CRITICAL: Pillow's per-file errors repeat the reject reason
     assert configured["showwarning"] == "engine.libwarnings"
     added = [f for f in configured["filters"] if f not in doc["engine_imported"]["filters"]]
     assert any("DecompressionBombWarning" in f for f in added)

@@ -8,13 +8,30 @@ import pytest
 from engine.sources import splits
 
 LAYOUTS = {
-    "sharded": ["data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet",
-                "data/test-00000-of-00001.parquet", "data/random-00000-of-00001.parquet", "README.md"],
-    "split folders": ["train/a.jpg", "train/sub/b.jpg", "valid/c.png", "testing/d.jpg", "train/metadata.jsonl"],
+    "sharded": [
+        "data/train-00000-of-00002.parquet",
+        "data/train-00001-of-00002.parquet",
+        "data/test-00000-of-00001.parquet",
+        "data/random-00000-of-00001.parquet",
+        "README.md",
+    ],
+    "split folders": [
+        "train/a.jpg",
+        "train/sub/b.jpg",
+        "valid/c.png",
+        "testing/d.jpg",
+        "train/metadata.jsonl",
+    ],
     "file names": ["my_train_1.parquet", "train.parquet", "dev-0.parquet", "x.parquet", "eval.csv"],
     "flat": ["a.jpg", "b/c.png", "metadata.csv", "config.json"],
-    "hidden and special": ["train/a.jpg", "train/.cache/b.jpg", ".git/c.jpg", "__pycache__/d.jpg",
-                           "test/e.jpg", "dataset_info.json"],
+    "hidden and special": [
+        "train/a.jpg",
+        "train/.cache/b.jpg",
+        ".git/c.jpg",
+        "__pycache__/d.jpg",
+        "test/e.jpg",
+        "dataset_info.json",
+    ],
 }
 
 

@@ -16,10 +16,22 @@ from engine import workdir
 from engine.config import ConvertOptions, ImageOptions, parse_task_config
 from engine.errors import UsageError
 from engine.sinks.store import Store
-from engine.workdir import (RUN_FILE, WORK_DIR, UnitResult, check_finished_matches, is_finished, load_unit_result,
-                            prepare_out, run_fingerprint, run_state, unit_paths)
+from engine.workdir import (
+    RUN_FILE,
+    WORK_DIR,
+    UnitResult,
+    check_finished_matches,
+    is_finished,
+    load_unit_result,
+    prepare_out,
+    run_fingerprint,
+    run_state,
+    unit_paths,
+)
 
-TASK = parse_task_config(json.dumps({"instructions": "Read the price.", "json_schema": {"type": "object"}}).encode())
+TASK = parse_task_config(
+    json.dumps({"instructions": "Read the price.", "json_schema": {"type": "object"}}).encode()
+)
 
 
 def _opts(out: Path, manifest: Path, **kw) -> ConvertOptions:
@@ -35,13 +47,19 @@ def manifest(tmp_path: Path) -> Path:
 
 def test_paths_live_in_the_work_folder():
     part, rejects, result = unit_paths(7)
-    assert (part, rejects, result) == (".engine/parts/unit-000007.arrow", ".engine/parts/unit-000007.rejects.jsonl",
-                                       ".engine/parts/unit-000007.json")
-    assert all(p.startswith(WORK_DIR + "/") for p in (RUN_FILE, workdir.TMP_DIR, workdir.EDITS_DIR,
-                                                      workdir.RETRY_MANIFEST))
+    assert (part, rejects, result) == (
+        ".engine/parts/unit-000007.arrow",
+        ".engine/parts/unit-000007.rejects.jsonl",
+        ".engine/parts/unit-000007.json",
+    )
+    assert all(
+        p.startswith(WORK_DIR + "/")
+        for p in (RUN_FILE, workdir.TMP_DIR, workdir.EDITS_DIR, workdir.RETRY_MANIFEST)
+    )
 
 
 # ---- the run's fingerprint ----------------------------------------------------------------------
+
 
 def test_a_resumed_run_keeps_the_recorded_unit_size(tmp_path, manifest):
     store = Store(str(tmp_path / "out"))
@@ -51,7 +69,10 @@ def test_a_resumed_run_keeps_the_recorded_unit_size(tmp_path, manifest):
     recorded = orjson.loads(store.read_bytes(RUN_FILE))
     assert recorded == {"fingerprint": run_fingerprint(opts, TASK, "abc"), "unit_rows": 64}
     # more workers would plan other units; the resumed run keeps the recorded size
-    assert run_state(store, _opts(tmp_path / "out", manifest, workers=7, quiet=True), TASK, "abc", unit_rows=16) == 64
+    assert (
+        run_state(store, _opts(tmp_path / "out", manifest, workers=7, quiet=True), TASK, "abc", unit_rows=16)
+        == 64
+    )
 
 
 def test_a_fingerprint_mismatch_names_what_differs(tmp_path, manifest):
@@ -114,17 +135,29 @@ def test_a_finished_dataset_from_before_fingerprints_is_judged_by_its_options(tm
 
 # ---- unit checkpoints -----------------------------------------------------------------------------
 
+
 def _complete_unit(store: Store, index: int, rejects: bytes | None = None) -> UnitResult:
     """The files a completed unit leaves: its part, its rejects (if any), and last its checkpoint."""
     part, rejects_path, result_path = unit_paths(index)
     store.write_bytes(part, b"PART" * 100)
     if rejects is not None:
         store.write_bytes(rejects_path, rejects)
-    result = UnitResult(index=index, num_rows=3, num_written=2, num_passthrough=1, rejected={"decode": 1},
-                        meta_keys=("shop",), text_columns=(), sizes={"train": np.array([10, 20], np.int64)},
-                        part=part, rejects=rejects_path if rejects is not None else None, seconds=0.5,
-                        part_bytes=400, rejects_bytes=len(rejects) if rejects is not None else None,
-                        warnings={"exif_unreadable": 1})
+    result = UnitResult(
+        index=index,
+        num_rows=3,
+        num_written=2,
+        num_passthrough=1,
+        rejected={"decode": 1},
+        meta_keys=("shop",),
+        text_columns=(),
+        sizes={"train": np.array([10, 20], np.int64)},
+        part=part,
+        rejects=rejects_path if rejects is not None else None,
+        seconds=0.5,
+        part_bytes=400,
+        rejects_bytes=len(rejects) if rejects is not None else None,
+        warnings={"exif_unreadable": 1},
+    )
     store.write_bytes(result_path, result.to_json())
     return result
 
@@ -147,7 +180,9 @@ def test_a_complete_unit_is_trusted_as_it_was_recorded(store):
     assert load_unit_result(store, 4) is None  # never started
 
 
-@pytest.mark.parametrize("torn", [b"", b'{"index": 3, "num_rows": 3', b"{}", b'{"index": 3}', b"\x00\x00\x00"])
+@pytest.mark.parametrize(
+    "torn", [b"", b'{"index": 3, "num_rows": 3', b"{}", b'{"index": 3}', b"\x00\x00\x00"]
+)
 def test_a_torn_checkpoint_redoes_its_unit(store, torn, caplog):
     _complete_unit(store, 3)
     store.write_bytes(unit_paths(3)[2], torn)
@@ -189,11 +224,14 @@ def test_a_checkpoint_without_recorded_sizes_is_not_trusted(store):
 
 # ---- the output folder ----------------------------------------------------------------------------
 
+
 def test_resume_without_a_work_folder_is_a_usage_error(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    with pytest.raises(UsageError, match=r"^cannot resume: .* holds no interrupted run \(no \.engine/ folder\)$"):
+    with pytest.raises(
+        UsageError, match=r"^cannot resume: .* holds no interrupted run \(no \.engine/ folder\)$"
+    ):
         prepare_out(Store(str(out)), overwrite=False, resume=True)
     assert (out / "notes.txt").read_text() == "mine"  # nothing removed
     with pytest.raises(UsageError, match="is not empty; pass --overwrite"):
