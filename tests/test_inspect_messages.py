@@ -150,3 +150,34 @@ def test_messages_report_in_a_browser(messages_out, tmp_path):
         assert b.problems() == []
     assert len(images) >= 4 + 5 and all(done and width > 0 for done, width in images), images
     assert len(cards) == 4 and all("user:" in c and "<image 0>" in c and "assistant:" in c for c in cards)
+
+
+def test_hub_messages_dataset_built_with_datasets_and_bad_image_indexes(tmp_path):
+    """A messages dataset written by ``datasets`` (no engine sidecars), as on the Hub: inspected
+    as such; an image part naming no image, or two parts naming one, fail the check."""
+    import datasets
+
+    from engine.layouts.messages import messages_features
+
+    def sample(seed: int, indexes: list[int], num_images: int) -> dict:
+        parts = [{"index": i, "text": None, "type": "image"} for i in indexes]
+        parts.append({"index": None, "text": "What is it?", "type": "text"})
+        answer = [{"index": None, "text": "Noise.", "type": "text"}]
+        return {
+            "messages": [{"role": "user", "content": parts}, {"role": "assistant", "content": answer}],
+            "images": [{"bytes": noise(seed + k), "path": None} for k in range(num_images)],
+        }
+
+    rows = [sample(30, [0], 1), sample(40, [0, 1], 2), sample(50, [0, 2], 2), sample(60, [0, 0], 2)]
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    datasets.Dataset.from_list(rows, features=messages_features()).to_parquet(
+        str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    )
+    insp = inspect_dataset(str(tmp_path / "hub"))
+    assert insp.summary.layout == "Parquet (Hugging Face, messages)"
+    assert insp.result.splits["train"].num_images == 7 and insp.result.num_outputs == 4
+    code, text, _ = cli("check", str(tmp_path / "hub"), "--quiet")
+    assert code == 1 and len(text.splitlines()) == 1, text
+    assert text.startswith("2 rows' image parts do not match their images: ")
+    assert ":2]: image part indexes [0, 2] do not each name one of the 2 image(s)" in text
+    assert ":3]: image part indexes [0, 0]" in text and ":1]" not in text

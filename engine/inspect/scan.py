@@ -383,11 +383,17 @@ class Scanner:
                     (key, f"{found} attachment token(s) {self.token!r} for {num_images} image(s)")
                 )
 
-    def _check_image_parts(self, key: str, found: int, num_images: int) -> None:
-        if found != num_images:
-            self.num_token_mismatches += 1
-            if len(self.token_mismatches) < MAX_EXAMPLES:
-                self.token_mismatches.append((key, f"{found} image part(s) for {num_images} image(s)"))
+    def _check_image_parts(self, key: str, indexes: list[int | None], num_images: int) -> None:
+        given = [i for i in indexes if i is not None]  # a part without an index takes the next image
+        if len(indexes) != num_images:
+            reason = f"{len(indexes)} image part(s) for {num_images} image(s)"
+        elif len(set(given)) != len(given) or any(not 0 <= i < num_images for i in given):
+            reason = f"image part indexes {given} do not each name one of the {num_images} image(s)"
+        else:
+            return
+        self.num_token_mismatches += 1
+        if len(self.token_mismatches) < MAX_EXAMPLES:
+            self.token_mismatches.append((key, reason))
 
     def _offer_sample(self, rows: Rows, i: int, key: str, images) -> None:
         """Reservoir sampling (algorithm R) with a seeded generator: the same rows every run."""

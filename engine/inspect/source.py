@@ -58,7 +58,7 @@ class Rows:
     images: list[list[tuple[bytes | None, str | None]]]  # per row: (bytes, path) per image
     outputs: list[str | None]  # the expected output (the assistant turn in the packed layouts)
     conversations: list[list[dict[str, Any]] | None] | None  # packed and messages layouts only
-    image_parts: list[int] | None = None  # messages layout: {"type": "image"} parts per row
+    image_parts: list[list[int | None]] | None = None  # messages layout: each row's image parts' index
 
 
 class FS:
@@ -333,17 +333,19 @@ def _messages_rows(f: DataFile, pf: pq.ParquetFile, with_images: bool) -> Iterat
         start += n
 
 
-def _conversation(turns: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]] | None, int]:
+def _conversation(
+    turns: list[dict[str, Any]] | None,
+) -> tuple[list[dict[str, Any]] | None, list[int | None]]:
     """Messages turns -> ``{role, content}`` turns of text (an image part shows as ``<image i>``)
-    and the number of image parts."""
+    and the index of each image part."""
     if turns is None:
-        return None, 0
-    out, found = [], 0
+        return None, []
+    out, found = [], []
     for turn in turns:
         pieces = []
         for part in turn.get("content") or []:
             if part.get("type") == "image":
-                found += 1
+                found.append(part.get("index"))
                 pieces.append(f"<image {part.get('index')}>")
             elif part.get("text") is not None:
                 pieces.append(part["text"])
