@@ -169,15 +169,18 @@ def test_hub_messages_dataset_built_with_datasets_and_bad_image_indexes(tmp_path
         }
 
     rows = [sample(30, [0], 1), sample(40, [0, 1], 2), sample(50, [0, 2], 2), sample(60, [0, 0], 2)]
+    rows.append({**sample(70, [0], 1), "images": [None]})  # a null image in the list
     (tmp_path / "hub" / "data").mkdir(parents=True)
     datasets.Dataset.from_list(rows, features=messages_features()).to_parquet(
         str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
     )
     insp = inspect_dataset(str(tmp_path / "hub"))
     assert insp.summary.layout == "Parquet (Hugging Face, messages)"
-    assert insp.result.splits["train"].num_images == 7 and insp.result.num_outputs == 4
+    assert insp.result.splits["train"].num_images == 8 and insp.result.num_outputs == 5
     code, text, _ = cli("check", str(tmp_path / "hub"), "--quiet")
-    assert code == 1 and len(text.splitlines()) == 1, text
-    assert text.startswith("2 rows' image parts do not match their images: ")
-    assert ":2]: image part indexes [0, 2] do not each name one of the 2 image(s)" in text
-    assert ":3]: image part indexes [0, 0]" in text and ":1]" not in text
+    missing, parts = text.splitlines()
+    assert code == 1, text
+    assert parts.startswith("2 rows' image parts do not match their images: ")
+    assert ":2]: image part indexes [0, 2] do not each name one of the 2 image(s)" in parts
+    assert ":3]: image part indexes [0, 0]" in parts and ":1]" not in parts
+    assert missing.startswith("1 images do not decode: ") and ":4]: image bytes missing" in missing

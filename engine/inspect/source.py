@@ -342,11 +342,12 @@ def _conversation(
         return None, []
     out, found = [], []
     for turn in turns:
-        pieces = []
-        for part in turn.get("content") or []:
+        content = turn.get("content")
+        pieces = [content] if isinstance(content, str) else []  # some datasets keep plain-text turns
+        for part in content if isinstance(content, list) else []:
             if part.get("type") == "image":
                 found.append(part.get("index"))
-                pieces.append(f"<image {part.get('index')}>")
+                pieces.append("<image>" if part.get("index") is None else f"<image {part['index']}>")
             elif part.get("text") is not None:
                 pieces.append(part["text"])
         out.append({"role": turn.get("role"), "content": "\n".join(pieces)})
