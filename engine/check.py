@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import pyarrow.parquet as pq
 
 from engine.errors import ConfigError
-from engine.inspect.scan import ScanResult, scan
+from engine.inspect.scan import IMAGE_PART, ScanResult, scan
 from engine.inspect.source import FS, Dataset, open_dataset
 from engine.progress import NullProgress, Progress
 
@@ -42,7 +42,8 @@ def check_dataset(
         check_parquet_files(ds, fs, out)
         check_repository(fs, out)
         check_card(ds, fs, out)
-    check_config(ds, out, required=ds.layout == "parquet")
+    # TRL-style trainers read a messages dataset's own turns, not config.json
+    check_config(ds, out, required=ds.layout == "parquet" and ds.variant != "messages")
     result = scan(
         ds,
         fs,
@@ -194,8 +195,9 @@ def check_training(result: ScanResult, out: CheckResult, allow_near_duplicates: 
         )
     if result.num_token_mismatches:
         out.problems.append(
-            f"{result.num_token_mismatches:,} rows' attachment tokens do not match their images: "
-            + _rows(result.token_mismatches, result.num_token_mismatches)
+            f"{result.num_token_mismatches:,} rows' "
+            f"{'image parts' if result.attachment_token == IMAGE_PART else 'attachment tokens'} "
+            "do not match their images: " + _rows(result.token_mismatches, result.num_token_mismatches)
         )
     leak = result.leakage
     if leak.exact_cross:

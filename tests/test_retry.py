@@ -19,7 +19,7 @@ from pathlib import Path
 import imagegen
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO, Output, convert, row, run_main, write_input
+from conftest import CONFIG_BYTES, REPO, Output, convert, row, run_main, write_input
 
 try:  # object storage through the moto server the update tests use, where s3fs and moto are installed
     from test_update_s3 import s3  # noqa: F401  (a fixture)
@@ -384,3 +384,47 @@ def test_with_a_download_cache_rows_fetched_before_are_not_downloaded_again(tmp_
     by_id = Output(out).rejects_by_id()
     assert by_id["id9"]["stage"] == "decode" and by_id["id9"]["attempts"] == 2
     _check_exactly_once(out, "parquet", 15)
+
+
+def test_retry_refuses_inputs_that_are_not_jsonl(tmp_path, capsys):
+    """Rows are rerun by their manifest line: a dataset converted from an image folder, tars, an
+    existing dataset or LLaVA JSON gets one line naming why and what to do, exit 2."""
+    import webdataset as wds
+
+    good = {"price": 1.5, "currency": "EUR"}
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(imagegen.jpeg((40, 30)))
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "a.jpg", "output": good}) + "\n"
+        + json.dumps({"file_name": "missing.jpg", "output": good}) + "\n"
+    )  # fmt: skip
+    tars = tmp_path / "shard-000.tar"
+    with wds.TarWriter(str(tars)) as w:
+        w.write({"__key__": "k0", "jpg": imagegen.jpeg((40, 30)), "json": {"image_id": "k0", "output": good}})
+    llava = tmp_path / "llava.json"
+    llava.write_text(json.dumps([{"id": "x", "image": "a.jpg", "conversations": [
+        {"from": "human", "value": "<image>"}, {"from": "gpt", "value": "y"}]}]))  # fmt: skip
+    config = tmp_path / "config.json"
+    config.write_bytes(CONFIG_BYTES)
+    common = ["--runner", "local", "--quiet"]
+    made = {}
+    for kind, where, extra in (
+        ("imagefolder", folder, ["--config", str(config)]),
+        ("webdataset", tars, ["--config", str(config)]),
+        ("llava", llava, ["--base-path", str(folder), "--layout", "arrow"]),
+    ):
+        made[kind] = tmp_path / f"out-{kind}"
+        argv = ["convert", "--manifest", str(where), "--out", str(made[kind]), *extra, *common]
+        assert run_main(argv) == 0, kind
+    made["parquet"] = tmp_path / "out-parquet"
+    argv = ["convert", "--manifest", str(made["imagefolder"]), "--out", str(made["parquet"])]
+    assert run_main([*argv, "--config", str(config), *common]) == 0
+    capsys.readouterr()
+    for kind, out in made.items():
+        before = (out / "stats.json").read_bytes()
+        assert run_main(["update", str(out), "--retry-rejected", "--quiet"]) == 2, kind
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "reruns rows of a JSONL manifest" in err[0], (kind, err)
+        assert f"converted from {kind} input" in err[0] and "convert it again" in err[0], err
+        assert (out / "stats.json").read_bytes() == before

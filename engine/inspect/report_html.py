@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.inspect.scan import ScanResult
+from engine.inspect.scan import IMAGE_PART, ScanResult
 from engine.inspect.summary import Summary, image_changes
 
 LISTED = 50  # groups or ids listed per leakage table
@@ -252,7 +252,8 @@ def _outputs(result: ScanResult) -> list[str]:
     if result.token_mismatches or result.attachment_token:
         cls = "bad" if result.num_token_mismatches else "ok"
         out.append(
-            f'<p class="{cls}">{result.num_token_mismatches:,} rows whose attachment tokens '
+            f'<p class="{cls}">{result.num_token_mismatches:,} rows whose '
+            f"{'image parts' if result.attachment_token == IMAGE_PART else 'attachment tokens'} "
             f"({_e(result.attachment_token)}) do not match their image count.</p>"
         )
         if result.token_mismatches:

@@ -29,6 +29,7 @@ from engine.inspect.source import FS, Dataset, Rows, iter_rows, load_image_bytes
 from engine.jpeg_header import JpegHeader, read_jpeg_header
 
 MAX_EXAMPLES = 20  # rows named per problem kind
+IMAGE_PART = '{"type": "image"}'  # the messages layout's attachment: a content part, not a token
 MAX_DISTINCT = 5000  # distinct string values counted per property; later new ones count as "other"
 MAX_NUMBERS = 100_000  # numbers kept per property for its histogram (a seeded reservoir beyond)
 THUMB_PX = 192
@@ -237,7 +238,13 @@ class Scanner:
         self.num_seen = 0
         self.leaks = LeakIndex(exact_by="pixels" if decode else "bytes")
         self.schema, self.validator = self._schema()
-        self.token = self._attachment_token() if ds.layout == "arrow" else None
+        self.token = (
+            IMAGE_PART
+            if ds.variant == "messages"
+            else self._attachment_token()
+            if ds.layout == "arrow"
+            else None
+        )
 
     def _schema(self):
         cfg = self.ds.config
@@ -283,7 +290,9 @@ class Scanner:
                 self._add_image(rows.split, key, im, split, f)
             if rows.outputs[i] is not None or rows.conversations is None:
                 self._add_output(key, rows.outputs[i])
-            if rows.conversations is not None:
+            if rows.image_parts is not None:
+                self._check_image_parts(key, rows.image_parts[i], len(rows.images[i]))
+            elif rows.conversations is not None:
                 self._check_tokens(key, rows.conversations[i], len(rows.images[i]))
             self._offer_sample(rows, i, key, per_row.get(i))
 
@@ -373,6 +382,18 @@ class Scanner:
                 self.token_mismatches.append(
                     (key, f"{found} attachment token(s) {self.token!r} for {num_images} image(s)")
                 )
+
+    def _check_image_parts(self, key: str, indexes: list[int | None], num_images: int) -> None:
+        given = [i for i in indexes if i is not None]  # a part without an index takes the next image
+        if len(indexes) != num_images:
+            reason = f"{len(indexes)} image part(s) for {num_images} image(s)"
+        elif len(set(given)) != len(given) or any(not 0 <= i < num_images for i in given):
+            reason = f"image part indexes {given} do not each name one of the {num_images} image(s)"
+        else:
+            return
+        self.num_token_mismatches += 1
+        if len(self.token_mismatches) < MAX_EXAMPLES:
+            self.token_mismatches.append((key, reason))
 
     def _offer_sample(self, rows: Rows, i: int, key: str, images) -> None:
         """Reservoir sampling (algorithm R) with a seeded generator: the same rows every run."""

@@ -40,7 +40,7 @@ class Dataset:
     config_error: str | None = None
     stats: dict[str, Any] | None = None
     card: str | None = None
-    variant: str = ""  # packed layouts: "raw-image" or "fs-image"
+    variant: str = ""  # packed layouts: "raw-image" or "fs-image"; Parquet: "messages" or ""
 
     @property
     def splits(self) -> list[str]:
@@ -57,7 +57,8 @@ class Rows:
     image_ids: list[str | None]
     images: list[list[tuple[bytes | None, str | None]]]  # per row: (bytes, path) per image
     outputs: list[str | None]  # the expected output (the assistant turn in the packed layouts)
-    conversations: list[list[dict[str, Any]] | None] | None  # packed layouts only
+    conversations: list[list[dict[str, Any]] | None] | None  # packed and messages layouts only
+    image_parts: list[list[int | None]] | None = None  # messages layout: each row's image parts' index
 
 
 class FS:
@@ -143,6 +144,8 @@ def open_dataset(root: str) -> tuple[Dataset, FS]:
     for rel in parquet:
         ds.files.append(DataFile(_split_of(rel), fs.url(rel), "parquet", fs.root))
     ds.files.sort(key=lambda f: (_split_rank(f.split), f.split, f.location))
+    with fs.open(ds.files[0].location) as fh:
+        ds.variant = "messages" if is_messages_schema(pq.ParquetFile(fh).schema_arrow) else ""
     return ds, fs
 
 
@@ -209,6 +212,25 @@ def image_column(schema: pa.Schema) -> str | None:
     return None
 
 
+def is_messages_schema(schema: pa.Schema) -> bool:
+    """The messages layout's shape (TRL's, llava-instruct-mix-vsft's): ``messages``, a list of
+    ``{role, content: list<struct>}``, and ``images``, a list of ``struct<bytes, path>``."""
+    if "messages" not in schema.names or "images" not in schema.names:
+        return False
+    messages, images = schema.field("messages").type, schema.field("images").type
+    if not (pa.types.is_list(messages) or pa.types.is_large_list(messages)):
+        return False
+    if not (pa.types.is_list(images) or pa.types.is_large_list(images)):
+        return False
+    turn, image = messages.value_type, images.value_type
+    return (
+        pa.types.is_struct(turn)
+        and {"role", "content"} <= {c.name for c in turn}
+        and pa.types.is_struct(image)
+        and {"bytes", "path"} <= {c.name for c in image}
+    )
+
+
 def row_count(ds: Dataset, fs: FS) -> int | None:
     """Rows in the whole dataset, from the Parquet footers or the save_to_disk metadata."""
     total = 0
@@ -245,6 +267,9 @@ def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
         pf = pq.ParquetFile(source)  # not memory-mapped: mapped pages would count as resident memory
         schema = pf.schema_arrow
         image = image_column(schema)
+        if image is None and is_messages_schema(schema):
+            yield from _messages_rows(f, pf, with_images)
+            return
         if image is None:
             raise UsageError(f"{f.location} has no image column (an Image feature or a struct<bytes, path>)")
         columns = [c for c in ("image_id", "output") if c in schema.names]
@@ -273,6 +298,60 @@ def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
                 images = [[] for _ in range(n)]
             yield Rows(f.split, f.location, start, ids, images, outputs, None)
             start += n
+
+
+def _messages_rows(f: DataFile, pf: pq.ParquetFile, with_images: bool) -> Iterator[Rows]:
+    """The messages layout: every image of the ``images`` list, the conversation with its image
+    parts shown where they stand, and the last assistant turn's text as the output. No id column:
+    rows are named by file and position, as in the packed layouts."""
+    columns = ["messages", "images"] if with_images else ["messages"]
+    start = 0
+    for table in _prefetched(pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups)):
+        n = table.num_rows
+        conversations, outputs, parts = [], [], []
+        for turns in table["messages"].to_pylist():
+            conversation, found = _conversation(turns)
+            conversations.append(conversation)
+            parts.append(found)
+            outputs.append(
+                next((t["content"] for t in reversed(conversation or []) if t["role"] == "assistant"), None)
+            )
+        images: list[list[tuple[bytes | memoryview | None, str | None]]] = []
+        if with_images:
+            for chunk in table["images"].chunks:  # the list's elements as zero-copy views, as above
+                offsets = chunk.offsets.to_pylist()
+                values = chunk.values
+                blobs = pc.struct_field(values, "bytes")
+                data = binary_views(blobs)
+                paths = pc.struct_field(values, "path").to_pylist() if blobs.null_count else None
+                for r in range(len(chunk)):
+                    lo, hi = offsets[r], offsets[r + 1]
+                    images.append([(data[k], paths[k] if paths else None) for k in range(lo, hi)])
+        else:
+            images = [[] for _ in range(n)]
+        yield Rows(f.split, f.location, start, [None] * n, images, outputs, conversations, parts)
+        start += n
+
+
+def _conversation(
+    turns: list[dict[str, Any]] | None,
+) -> tuple[list[dict[str, Any]] | None, list[int | None]]:
+    """Messages turns -> ``{role, content}`` turns of text (an image part shows as ``<image i>``)
+    and the index of each image part."""
+    if turns is None:
+        return None, []
+    out, found = [], []
+    for turn in turns:
+        content = turn.get("content")
+        pieces = [content] if isinstance(content, str) else []  # some datasets keep plain-text turns
+        for part in content if isinstance(content, list) else []:
+            if part.get("type") == "image":
+                found.append(part.get("index"))
+                pieces.append("<image>" if part.get("index") is None else f"<image {part['index']}>")
+            elif part.get("text") is not None:
+                pieces.append(part["text"])
+        out.append({"role": turn.get("role"), "content": "\n".join(pieces)})
+    return out, found
 
 
 def _local_path(location: str) -> str | None:

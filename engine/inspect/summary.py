@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from engine.inspect.scan import ScanResult
+from engine.inspect.scan import IMAGE_PART, ScanResult
 from engine.inspect.source import FS
 
 REJECT_EXAMPLES = 3  # first reasons shown per stage
@@ -58,7 +58,10 @@ def summarise(result: ScanResult, fs: FS) -> Summary:
     if layout == "arrow":
         layout = f"packed Arrow (save_to_disk{', ' + ds.variant if ds.variant else ''})"
     else:
-        layout = "Parquet (" + ("engine LLM image-extraction" if ds.stats else "Hugging Face") + ")"
+        kind = "messages" if ds.variant == "messages" else "LLM image-extraction"
+        layout = f"Parquet (engine {kind})" if ds.stats else "Parquet (Hugging Face)"
+        if ds.variant == "messages" and not ds.stats:
+            layout = "Parquet (Hugging Face, messages)"
     return Summary(
         layout=layout,
         num_rows=sum(s.num_rows for s in splits),
@@ -137,7 +140,8 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
     if result.num_rotated:
         lines.append(f"  images with an EXIF orientation left: {result.num_rotated:,}")
     if result.attachment_token:
-        lines.append(f"  attachment-token mismatches: {result.num_token_mismatches:,}")
+        what = "image-part" if result.attachment_token == IMAGE_PART else "attachment-token"
+        lines.append(f"  {what} mismatches: {result.num_token_mismatches:,}")
     by = "pixels" if leak.exact_by == "pixels" else "stored bytes"
     lines.append(
         f"  exact duplicates (by {by}): {len(leak.exact_cross):,} groups across splits, "

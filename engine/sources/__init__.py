@@ -54,6 +54,12 @@ def source_for(opts: ConvertOptions) -> Source:
     )
 
 
+def detect_kind(where: str) -> str | None:
+    """The registry key of the first source whose ``detect`` claims ``where``, or None."""
+    _load_builtin()
+    return next((cls.kind for cls in in_detection_order() if cls.detect(where)), None)
+
+
 # Detection tries these first, in this order: tars first (img2dataset's folders also hold .parquet
 # side files), then a dataset (its folder may hold a few images), an image folder, LLaVA JSON; other
 # sources follow in registration order, detect_last (JSONL, any file) last.

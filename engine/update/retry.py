@@ -41,7 +41,7 @@ from engine.pipeline import process_unit
 from engine.progress import NullProgress, Progress
 from engine.runners import make_runner
 from engine.sinks.store import Store
-from engine.sources import location
+from engine.sources import detect_kind, location
 from engine.sources.jsonl import BOM, parse_row
 from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
@@ -99,6 +99,7 @@ def _retry(
             "engine update --retry-rejected does not handle fs-image datasets (--images-as-paths); "
             "convert the fixed manifest again"
         )
+    _refuse_other_inputs(ds, opts)
     records = [
         orjson.loads(line)
         for line in (
@@ -198,6 +199,19 @@ def _retry(
         f"written, {counts['rejected_again']:,} rejected again (in rejects.jsonl)"
     )
     return doc
+
+
+def _refuse_other_inputs(ds: Dataset, opts: UpdateOptions) -> None:
+    """Rejected rows are rerun by their line in a sparse copy of a JSONL manifest: an input of
+    another kind (a dataset, an image folder, tars, LLaVA JSON) has no such lines."""
+    where = opts.manifest or ds.options.get("manifest")
+    kind = ds.options.get("input_format") or (detect_kind(where) if where else None)
+    if kind and kind != "jsonl":
+        raise UsageError(
+            f"engine update --retry-rejected reruns rows of a JSONL manifest, but {opts.out} was "
+            f"converted from {kind} input {where}; fix the input and convert it again "
+            "(or write the fixed rows as JSONL and pass them to --add)"
+        )
 
 
 def _manifest(ds: Dataset, opts: UpdateOptions) -> tuple[str, str]:
