@@ -145,3 +145,42 @@ class Source:
 
     def close(self) -> None:
         """The run is over: drop whatever this process keeps for it (look-ahead state)."""
+
+
+# ---- helpers every row-producing source shares ------------------------------------------------
+
+JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
+def json_kind(value: Any) -> str:
+    """How a reject reason names a JSON value that is not an object: "an array", "null", ..."""
+    return JSON_KINDS.get(type(value), "a JSON value")
+
+
+def as_text(value: Any) -> str | None:
+    """A meta value as text: strings as they are, anything else as compact JSON."""
+    if value is None or isinstance(value, str):
+        return value
+    import orjson
+
+    return orjson.dumps(value).decode()
+
+
+def build_meta(obj: dict[str, Any], url_keys: Sequence[str] = ("image_url",)) -> dict[str, str | None]:
+    """barcode, off_image_id, image_url (the first of ``url_keys`` present), then every other
+    non-reserved key, as strings."""
+    from engine.records import META_FIXED, RESERVED_KEYS
+
+    meta: dict[str, str | None] = {k: as_text(obj.get(k)) for k in META_FIXED}
+    meta["image_url"] = as_text(next((obj[k] for k in url_keys if k in obj), None))
+    for key, value in obj.items():
+        if key not in RESERVED_KEYS and key not in META_FIXED and key not in url_keys:
+            meta[key] = as_text(value)
+    return meta

@@ -22,21 +22,15 @@ import orjson
 
 from engine.config import SPLIT_NAME
 from engine.errors import UsageError
-from engine.records import META_FIXED, RESERVED_KEYS, Reject
+from engine.records import Reject
 from engine.sources import location, register
-from engine.sources.base import ManifestRow, Row, Source, SourcePlan  # noqa: F401 - ManifestRow: its old home
+
+# ManifestRow: its old home; build_meta: manifest.py re-exports it from here
+from engine.sources.base import ManifestRow, Row, Source, SourcePlan, build_meta, json_kind  # noqa: F401
 from engine.sources.identity import duplicate_lines, is_trainer, row_id
 
 BLOCK_BYTES = 8 * 2**20
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which Windows tools put at the start of a file
-_JSON_KINDS = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,7 +200,7 @@ def parse_row(line: int, raw: bytes, *, base: str, default_split: str) -> Row | 
     except orjson.JSONDecodeError as exc:
         return reject(f"line is not valid JSON: {exc}")
     if not isinstance(obj, dict):
-        return reject(f"line is {_JSON_KINDS.get(type(obj), 'a JSON value')}, not a JSON object")
+        return reject(f"line is {json_kind(obj)}, not a JSON object")
     trainer = is_trainer(obj)
     image_id = row_id(obj, line)
     if image_id is None:
@@ -276,22 +270,6 @@ def _trainer_row(
         conversations=conversations,
         text=text,
     )
-
-
-def build_meta(obj: dict[str, Any]) -> dict[str, str | None]:
-    """barcode, off_image_id, image_url, then every other non-reserved key, as strings."""
-    meta: dict[str, str | None] = {k: _as_text(obj.get(k)) for k in META_FIXED}
-    meta["image_url"] = _as_text(obj.get("image_url"))
-    for key, value in obj.items():
-        if key not in RESERVED_KEYS and key not in META_FIXED:
-            meta[key] = _as_text(value)
-    return meta
-
-
-def _as_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return orjson.dumps(value).decode()
 
 
 def manifest_sha256(manifest: str) -> str:

@@ -24,18 +24,10 @@ from engine.config import DEFAULT_ATTACHMENT_TOKEN, SPLIT_NAME
 from engine.errors import UsageError
 from engine.records import Reject
 from engine.sources import identity, jsonarray, location, register, sharegpt
-from engine.sources.base import Row, Source, SourcePlan
+from engine.sources.base import Row, Source, SourcePlan, json_kind
 
 BLOCK_BYTES = 8 * 2**20
 _PEEK_BYTES = 1 << 20  # detection reads at most this much
-_JSON_KINDS = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +226,7 @@ def parse_sample(
     except orjson.JSONDecodeError as exc:
         return reject(f"sample is not valid JSON: {exc}")
     if not isinstance(obj, dict):
-        return reject(f"sample is {_JSON_KINDS.get(type(obj), 'a JSON value')}, not a JSON object")
+        return reject(f"sample is {json_kind(obj)}, not a JSON object")
     image_id = _row_id(obj, row)
     if "\x00" in image_id:
         return reject("'id' contains a NUL byte", image_id.replace("\x00", "\\0"))

@@ -31,23 +31,15 @@ import orjson
 from engine.config import DEFAULT_ATTACHMENT_TOKEN, SPLIT_NAME
 from engine.conversation import user_content
 from engine.errors import UsageError
-from engine.records import META_FIXED, RESERVED_KEYS, Reject, SourceRef
+from engine.records import Reject, SourceRef
 from engine.sources import identity, location, register, sharegpt
-from engine.sources.base import InlineImage, Row, Source, SourcePlan
+from engine.sources.base import InlineImage, Row, Source, SourcePlan, build_meta, json_kind
 
 log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "gif", "tif", "tiff", "bmp", "avif", "heic", "heif", "jp2")
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's base_plus_ext: key, then every extension
 _META_NAME = re.compile(r"(^|/)__[^/]*__($|/)")  # webdataset skips such members (__key__ files and the like)
 _BRACES = re.compile(r"\{[^{}]*(\.\.|,)[^{}]*\}")
-_JSON_KINDS = {
-    list: "an array",
-    str: "a string",
-    int: "a number",
-    float: "a number",
-    bool: "a boolean",
-    type(None): "null",
-}
 # img2dataset's status -> the stage its failure belongs to
 _STATUS_STAGES = {"failed_to_download": "fetch", "failed_to_resize": "decode"}
 
@@ -573,7 +565,7 @@ def sample_row(
                 line,
                 key,
                 "manifest",
-                f"{key}.json is {_JSON_KINDS.get(type(obj), 'a JSON value')}, not a JSON object",
+                f"{key}.json is {json_kind(obj)}, not a JSON object",
             )
     image_id = _json_id(members["json"][1]) if "json" in members else None
     image_id = image_id or key
@@ -656,15 +648,4 @@ def _meta(obj: dict[str, Any]) -> dict[str, str | None]:
     flat = {k: v for k, v in obj.items() if k != "meta"}
     if isinstance(obj.get("meta"), dict):
         flat.update(obj["meta"])
-    meta: dict[str, str | None] = {k: _as_text(flat.get(k)) for k in META_FIXED}
-    meta["image_url"] = _as_text(flat.get("image_url", flat.get("url")))
-    for k, v in flat.items():
-        if k not in RESERVED_KEYS and k not in META_FIXED and k != "url":
-            meta[k] = _as_text(v)
-    return meta
-
-
-def _as_text(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return orjson.dumps(value).decode()
+    return build_meta(flat, url_keys=("image_url", "url"))
