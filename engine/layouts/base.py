@@ -116,6 +116,18 @@ class Layout:
         """What sits beside the shards (card, metadata); may add keys to ``stats_doc``."""
 
 
+def prompt_turn(task: TaskConfig | None, template: str, token: str, position: str) -> str | None:
+    """The user turn a labelr row gets in the conversation layouts: the rendered prompt and one
+    attachment token, in ``position`` order (None without a config)."""
+    if task is None:
+        return None
+    from engine.conversation import render_prompt, user_content
+
+    return user_content(
+        render_prompt(template, task.instructions, task.json_schema), token, position=position
+    )
+
+
 def validated_output(row: ManifestRow, ctx: Any) -> str | Reject:
     """A labelr row's ``output``, checked against the config's JSON schema (compact JSON)."""
     if ctx.schema_json is None:

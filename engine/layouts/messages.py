@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.conversation import build_conversation, count_attachments, render_prompt, user_content
+from engine.conversation import build_conversation, count_attachments
 from engine.layouts import register
-from engine.layouts.base import Checked, Layout, validated_output
+from engine.layouts.base import Checked, Layout, prompt_turn, validated_output
 from engine.layouts.parquet import CDC_METADATA, CDC_OPTIONS, parquet_shard_path, write_card
 from engine.records import Reject
 from engine.sinks.shards import ShardResult, ShardSpec, write_row_groups
@@ -122,13 +122,7 @@ class MessagesLayout(Layout):
         )
 
     def user_content(self, task) -> str | None:
-        if task is None:
-            return None
-        return user_content(
-            render_prompt(self.prompt_template, task.instructions, task.json_schema),
-            self.attachment_token,
-            position=self.attachment_position,
-        )
+        return prompt_turn(task, self.prompt_template, self.attachment_token, self.attachment_position)
 
     def check_row(self, row, ctx) -> Checked | Reject:
         def reject(stage: str, reason: str) -> Reject:

@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
-from engine.conversation import build_conversation, count_attachments, render_prompt, user_content
+from engine.conversation import build_conversation, count_attachments
 from engine.errors import UsageError
 from engine.layouts import register
-from engine.layouts.base import Checked, Layout, SeenColumns, validated_output
+from engine.layouts.base import Checked, Layout, SeenColumns, prompt_turn, validated_output
 from engine.naming import safe_stem
 from engine.records import Reject
 from engine.sinks.chunking import plan_chunks, shard_name
@@ -187,13 +187,7 @@ class PackedLayout(Layout):
         return self.images_as_paths
 
     def user_content(self, task) -> str | None:
-        if task is None:
-            return None
-        return user_content(
-            render_prompt(self.prompt_template, task.instructions, task.json_schema),
-            self.attachment_token,
-            position=self.attachment_position,
-        )
+        return prompt_turn(task, self.prompt_template, self.attachment_token, self.attachment_position)
 
     def check_row(self, row, ctx) -> Checked | Reject:
         if row.kind == "trainer":
