@@ -52,12 +52,12 @@ class SourceRef:
 
 
 class StoredImage(NamedTuple):
-    """One image of a sample as its part file keeps it."""
+    """One image of a sample as its part file keeps it: ``data`` is the encoded bytes, a
+    reference to the unchanged local source, or None (fs-image); ``name`` the embedded file
+    name, or the path relative to OUT (fs-image)."""
 
-    data: (
-        bytes | SourceRef | None
-    )  # encoded bytes, a reference to the unchanged local source, or None (fs-image)
-    name: str  # embedded file name, or the path relative to OUT (fs-image)
+    data: bytes | SourceRef | None
+    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,9 +95,8 @@ IMAGE_STRUCT = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 SOURCE_STRUCT = pa.struct(
     [("path", pa.string()), ("size", pa.int64()), ("mtime_ns", pa.int64()), ("offset", pa.int64())]
 )
-TURNS_TYPE = pa.list_(
-    pa.struct([("role", pa.string()), ("content", pa.string())])
-)  # as datasets' List({role, content})
+# as datasets' List({role, content})
+TURNS_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 META_TYPE = pa.map_(pa.string(), pa.string())
 
 # Intermediate per-unit part files (Arrow IPC streams), shared by every output layout.
@@ -165,13 +164,6 @@ def _turns_array(rows: list[list[dict[str, str]] | None]) -> pa.Array:
 
 
 def _meta_array(rows: list[dict[str, str | None]]) -> pa.Array:
-    if not any(rows):  # the packed layout's rows keep no meta
-        return pa.MapArray.from_arrays(
-            pa.array([0] * (len(rows) + 1), pa.int32()),
-            pa.array([], pa.string()),
-            pa.array([], pa.string()),
-            type=META_TYPE,
-        )
     offsets, keys, items = [0], [], []
     for meta in rows:
         keys += meta.keys()
