@@ -67,6 +67,8 @@ B = noise(2)
 C = noise(3)
 MIXED = {
     "train": [
+        # corrupt, the first of its size: read again at the end, it fails there; a byte copy in test
+        ("t2", truncated(9, SIZE)),
         ("a", A),
         ("b-exif", with_exif(B)),
         ("c", C),
@@ -76,7 +78,7 @@ MIXED = {
         ("u", noise(6, (200, 150))),  # a size no other image has, with a byte copy in test
         ("v", noise(7, (77, 55))),  # a size no other image has, no copy
         ("t1", truncated(8, (128, 128))),  # corrupt, of a size no other image has
-        ("t2", truncated(9, SIZE)),  # corrupt, of a shared size, with a byte copy in test
+        ("t3", truncated(10, SIZE)),  # corrupt, of a size seen before: decoded (and failing) at once
     ],
     "test": [
         ("a-png", png_of(A)),  # re-encoded across splits
@@ -114,29 +116,30 @@ def test_two_pass_groups_equal_full_decode_and_skip_unique_sizes(mixed):
     full = scan_of(mixed, phash=False, decode_unique_sizes=True)
     assert groups(two_pass) == groups(full) == EXPECTED
     assert {tuple(sorted(g.splits)) for g in two_pass.leakage.exact_cross} == {("test", "train")}
-    # 11 distinct contents; u, v and t1 have sizes no other has: 8 decoded, against 11
-    assert (two_pass.num_distinct, two_pass.num_decoded) == (11, 8)
-    assert (full.num_distinct, full.num_decoded) == (11, 11)
-    # the corrupt image of a shared size is found by the second pass, as by the full decode
-    assert two_pass.num_undecodable == 2 and full.num_undecodable == 3
-    assert {r for r, _ in two_pass.undecodable} == {"train/t2", "test/t2-copy"}
-    assert two_pass.formats == {"JPEG": 11, "PNG": 1, "undecodable": 2}
+    # 12 distinct contents; v and t1 have sizes no other has and no copy: 10 decoded, against 12
+    # (u's size is its own too, but it is decoded to prove that its byte copy is a duplicate image)
+    assert (two_pass.num_distinct, two_pass.num_decoded) == (12, 10)
+    assert (full.num_distinct, full.num_decoded) == (12, 12)
+    # the corrupt images of a shared size are found, as by the full decode (t1 is never decoded)
+    assert two_pass.num_undecodable == 3 and full.num_undecodable == 4
+    assert {r for r, _ in two_pass.undecodable} == {"train/t2", "test/t2-copy", "train/t3"}
+    assert two_pass.formats == {"JPEG": 11, "PNG": 1, "undecodable": 3}
 
 
 def test_report_says_what_it_decoded(mixed):
     text = inspect_dataset(str(mixed), phash=False).text
     assert (
-        "exact duplicates (by pixels; 8 of 11 distinct images decoded, the rest have a size no other "
-        "image has): 3 groups across splits, 1 within a split" in text
+        "exact duplicates (by pixels; 10 of 12 distinct images decoded, the rest have a size no other "
+        "image has, and no copy): 3 groups across splits, 1 within a split" in text
     )
-    assert "by pixels; all 11 distinct images decoded" in inspect_dataset(str(mixed)).text
+    assert "by pixels; all 12 distinct images decoded" in inspect_dataset(str(mixed)).text
     assert "exact duplicates (by stored bytes)" in inspect_dataset(str(mixed), decode=False).text
 
 
 def test_phash_decodes_each_distinct_content_once(mixed):
     result = scan_of(mixed)  # the default: the perceptual hash needs every image's pixels
     assert groups(result) == EXPECTED
-    assert (result.num_distinct, result.num_decoded) == (11, 11)  # 14 rows, 11 distinct contents
+    assert (result.num_distinct, result.num_decoded) == (12, 12)  # 15 rows, 12 distinct contents
     assert result.leakage.near is not None
 
 
@@ -158,7 +161,7 @@ def test_same_size_different_images_are_not_grouped(tmp_path):
 def test_check_decodes_every_image_and_reports_the_corrupt_ones(mixed):
     result = check_dataset(str(mixed))
     line = next(p for p in result.problems if "images do not decode" in p)
-    assert line.startswith("3 images do not decode") and "train/t1" in line and "test/t2-copy" in line
+    assert line.startswith("4 images do not decode") and "train/t1" in line and "test/t2-copy" in line
     assert any(
         p.startswith("3 images are in more than one split (identical pixels)") for p in result.problems
     )
@@ -178,3 +181,32 @@ def test_two_pass_on_packed_arrow_layout(tmp_path):
     assert groups(two_pass) == groups(full)
     assert len(two_pass.leakage.exact_cross) == 1
     assert two_pass.num_decoded == full.num_decoded - 1  # the one 160x120 image is not decoded
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_two_pass_equals_full_decode_on_shuffled_rows(tmp_path, seed):
+    """Random orders of pixel twins (PNG, EXIF), byte copies, corrupt images and three sizes, in
+    row groups of 3: the first image of a size may come in the same row group as its twin."""
+    import random
+
+    rng = random.Random(seed)
+    pool = []
+    for i, size in enumerate([SIZE, SIZE, SIZE, (96, 128), (96, 128), (64, 64)]):
+        jpeg = noise(100 + i, size)
+        pool += [jpeg, png_of(jpeg), with_exif(jpeg)]
+    pool += [truncated(200, SIZE), truncated(201, (64, 64)), truncated(202, (50, 50))]
+    picks = [rng.choice(pool) for _ in range(40)]
+    write_parquet(
+        tmp_path,
+        {
+            "train": [(f"r{i}", b) for i, b in enumerate(picks[:25])],
+            "test": [(f"r{i}", b) for i, b in enumerate(picks[25:], 25)],
+        },
+    )
+    two_pass = scan_of(tmp_path, phash=False)
+    full = scan_of(tmp_path, phash=False, decode_unique_sizes=True)
+    assert groups(two_pass) == groups(full) and groups(full)
+    # only a corrupt image of a size no other has, and with no copy, is left undecoded
+    missed = {r for r in full.undecodable if r not in two_pass.undecodable}
+    assert set(two_pass.undecodable) <= set(full.undecodable)
+    assert all(picks.count(picks[int(r.split("/r")[1])]) == 1 for r, _ in missed), missed

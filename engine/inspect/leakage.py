@@ -114,6 +114,18 @@ class LeakIndex:
         else:
             self._more.setdefault(group, []).append(member)
 
+    def has_copies(self, group: int) -> bool:
+        return group in self._more
+
+    def join(self, exact: bytes, group: int) -> int:
+        """File ``group`` under a second exact hash too (its decoded pixels, where groups are keyed by
+        the stored bytes); when another group has it already, ``group`` merges into that one, which
+        is returned."""
+        holder = self._first.setdefault(int.from_bytes(exact, "little"), group)
+        if holder != group:
+            self.merge(holder, group)
+        return holder
+
     def merge(self, into: int, group: int) -> None:
         """Move ``group``'s rows into ``into`` (two byte-hash groups found to hold the same pixels)."""
         moved = [m for m in [self._members[group], *self._more.pop(group, ())] if m is not None]

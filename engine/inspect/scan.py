@@ -6,9 +6,11 @@ images' bytes. Images are analysed in a thread pool: Pillow and xxhash release t
 
 Each distinct stored content (by an xxh3 hash of its bytes) is analysed once: identical bytes
 decode to identical pixels, so later copies reuse its facts. Without the perceptual hash, only
-the distinct images whose size another distinct image shares are decoded, in a second pass
-(``Scanner.decode_shared_sizes``): equal pixels need an equal size, so any other image can only
-be an exact duplicate of its byte-identical copies."""
+the distinct images whose size another distinct image shares are decoded: equal pixels need an
+equal size, so any other image can only be an exact duplicate of its byte-identical copies. An
+image is decoded as it is read when an earlier distinct image has its size; the first image of
+each size that turns out shared is read again and decoded at the end
+(``Scanner.decode_first_of_sizes``)."""
 
 from __future__ import annotations
 
@@ -214,7 +216,7 @@ class ScanResult:
     schema: dict[str, Any] | None
     attachment_token: str | None
     num_distinct: int = 0  # distinct stored images that open (identical bytes count once)
-    num_decoded: int = 0  # of those, how many were decoded (the rest: a size no other image has)
+    num_decoded: int = 0  # of those, how many were decoded (the rest: a size of their own, no copy)
 
 
 class Scanner:
@@ -238,9 +240,11 @@ class Scanner:
         self.two_pass = decode and not self.phash and not decode_unique_sizes
         self.num_samples = samples
         self.rng = random.Random(seed)
-        self.pool = ThreadPoolExecutor(
-            max_workers=workers or os.cpu_count() or 1, thread_name_prefix="inspect"
-        )
+        workers = workers or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inspect")
+        # Pillow frees each image's pixel buffer to the OS and maps the next one afresh: 1,900 page
+        # faults a 1024 px image, 2-3x the decode itself here (bench/GAP.md); keep a few blocks per thread
+        Image.core.set_blocks_max(max(Image.core.get_blocks_max(), 4 * workers))
         self.splits: dict[str, SplitStats] = {}
         self.formats: Counter = Counter()
         self.widths, self.heights, self.sizes = array("I"), array("I"), array("Q")
@@ -264,7 +268,9 @@ class Scanner:
         self._c_width, self._c_height = array("I"), array("I")
         self._c_group = array("q")  # its exact-duplicate group; -1: it does not decode
         self._c_errors: dict[int, str] = {}
-        self._c_where = array("Q")  # two-pass: (file, row, image) of its first copy, to read it again
+        # two-pass: size -> (first content of it, its file, row, image), or None once it is shared
+        self._sizes: dict[tuple[int, int], tuple[int, int, int, int] | None] = {}
+        self._reread: list[tuple[int, int, int, int]] = []  # first contents of shared sizes, to decode
         self._file_index = {f.location: n for n, f in enumerate(ds.files)}
         self.num_decoded = self.num_unopened = 0
         self.schema, self.validator = self._schema()
@@ -340,11 +346,42 @@ class Scanner:
 
         # decoding is worth threads (Pillow releases the GIL); a header read is cheaper than a future
         found = list(self.pool.map(facts, new.values()) if decoding else map(facts, new.values()))
-        for (d, k), im in zip(new.items(), found):
-            self._contents[d] = self._new_content(im, decoding, rows, payloads[k])
+        pixels: list[ImageFacts | None] = [None] * len(found)
+        if self.two_pass:
+            first = [(rows.start + payloads[k][0], payloads[k][1]) for k in new.values()]
+            shared = self._shared_sizes(found, self._file_index.get(rows.file, 0), first)
+            todo = [blobs[k] for n, k in enumerate(new.values()) if n in shared]
+            for n, im in zip(sorted(shared), self.pool.map(self._pixels, todo)):
+                pixels[n] = im
+        for d, im, px in zip(new, found, pixels):
+            self._contents[d] = self._new_content(im, decoding, px)
         return [-1 if d is None else self._contents[d] for d in digests]
 
-    def _new_content(self, im: ImageFacts, decoded: bool, rows: Rows, payload) -> int:
+    def _shared_sizes(self, found: list[ImageFacts], file: int, places: list[tuple[int, int]]) -> set[int]:
+        """Which of these new contents have the size of an earlier distinct content (decoded now);
+        the first content of a size is remembered with its place, and read again at the end once
+        the size turns out shared."""
+        shared = set()
+        base = len(self._c_group)  # the contents about to be made, in this order
+        for n, im in enumerate(found):
+            if im.error:
+                continue
+            size = (im.width, im.height)
+            if size not in self._sizes:
+                self._sizes[size] = (base + n, file, *places[n])
+                continue
+            first = self._sizes[size]
+            if first is not None:
+                self._reread.append(first)
+                self._sizes[size] = None
+            shared.add(n)
+        return shared
+
+    @staticmethod
+    def _pixels(blob) -> ImageFacts:
+        return analyse_image(blob, decode=True, phash=False)
+
+    def _new_content(self, im: ImageFacts, decoded: bool, pixels: ImageFacts | None) -> int:
         content = len(self._c_group)
         code = self._format_codes.get(im.format)
         if code is None:
@@ -354,15 +391,16 @@ class Scanner:
         self._c_rotated.append(im.orientation != 1)
         self._c_width.append(im.width)
         self._c_height.append(im.height)
-        if im.error:
-            self._c_errors[content] = im.error
+        error = im.error or (pixels.error if pixels is not None else None)
+        if error:
+            self._c_errors[content] = error
             self._c_group.append(-1)
-            self.num_unopened += not decoded
+            self.num_unopened += not decoded and pixels is None
         else:
-            self._c_group.append(self.leaks.group_for(im.exact, im.phash))
-        self.num_decoded += decoded
-        if self.two_pass:
-            self._c_where.extend((self._file_index.get(rows.file, 0), rows.start + payload[0], payload[1]))
+            group = self.leaks.group_for(im.exact, im.phash)
+            # two-pass: groups are keyed by the stored bytes; a decoded one joins its pixels' group
+            self._c_group.append(group if pixels is None else self.leaks.join(pixels.exact, group))
+        self.num_decoded += decoded or pixels is not None
         return content
 
     def _key(self, rows: Rows, i: int) -> str:
@@ -399,17 +437,17 @@ class Scanner:
     def _format_name(self, content: int) -> str:
         return self._format_names[self._c_format[content]]
 
-    def decode_shared_sizes(self) -> None:
-        """The second pass: decode each distinct image whose size another distinct image has, and
-        merge the byte-hash groups whose pixels agree. Equal pixels need an equal size (the pixel
-        hash's own prefix), so an image of a size no other has equals only its byte-identical copies."""
-        sizes = Counter((self._c_width[c], self._c_height[c]) for c, g in enumerate(self._c_group) if g >= 0)
+    def decode_first_of_sizes(self) -> None:
+        """The second pass: read again and decode the first content of each size that a later
+        distinct content turned out to share (the later ones were decoded as they came), and
+        merge its byte-hash group into the group of its pixels. A content of a size no other has
+        is decoded too where it has byte copies: a full decode would not group them if it failed."""
         wanted: dict[int, dict[tuple[int, int], int]] = defaultdict(dict)  # file -> (row, image) -> content
-        for c, g in enumerate(self._c_group):
-            if g >= 0 and sizes[(self._c_width[c], self._c_height[c])] > 1:
-                where = self._c_where[3 * c : 3 * c + 3]
-                wanted[where[0]][(where[1], where[2])] = c
-        first: dict[bytes, int] = {}  # pixel hash -> the group the others with it join
+        copied = [
+            w for w in self._sizes.values() if w is not None and self.leaks.has_copies(self._c_group[w[0]])
+        ]
+        for content, index, row, image in self._reread + copied:
+            wanted[index][(row, image)] = content
         for index, in_file in sorted(wanted.items()):
             rows_needed = {r for r, _ in in_file}
             for rows in iter_file_rows(self.ds.files[index], self.fs, rows_needed):
@@ -422,20 +460,16 @@ class Scanner:
                 ]
 
                 def pixels(item, split_dir=split_dir):
-                    blob = load_image_bytes(item[1], item[2], self.ds.root, split_dir, self.fs)
-                    return analyse_image(blob, decode=True, phash=False)
+                    return self._pixels(load_image_bytes(item[1], item[2], self.ds.root, split_dir, self.fs))
 
                 for (c, _, _), im in zip(items, self.pool.map(pixels, items)):
                     self.num_decoded += 1
-                    group = self._c_group[c]
                     if im.error:
-                        self._undecodable_after_all(c, group, im.error)
-                        continue
-                    into = first.setdefault(im.exact, group)
-                    if into != group:
-                        self.leaks.merge(into, group)
+                        self._fails_to_decode(c, self._c_group[c], im.error)
+                    else:
+                        self._c_group[c] = self.leaks.join(im.exact, self._c_group[c])
 
-    def _undecodable_after_all(self, content: int, group: int, error: str) -> None:
+    def _fails_to_decode(self, content: int, group: int, error: str) -> None:
         """A content whose header opened but whose pixels do not decode: its rows move from the
         images to the undecodable ones (the size histograms keep them)."""
         rows = self.leaks.drop(group)
@@ -550,7 +584,7 @@ class Scanner:
 
     def result(self) -> ScanResult:
         if self.two_pass:
-            self.decode_shared_sizes()
+            self.decode_first_of_sizes()
         self.pool.shutdown()
         for s in self.samples:
             s.thumbnail = thumbnail(s.image)

@@ -164,7 +164,7 @@ def exact_basis(result: ScanResult) -> str:
         return f"by pixels; all {result.num_distinct:,} distinct images decoded"
     return (
         f"by pixels; {result.num_decoded:,} of {result.num_distinct:,} distinct images decoded, "
-        "the rest have a size no other image has"
+        "the rest have a size no other image has, and no copy"
     )
 
 
