@@ -167,19 +167,22 @@ def test_check_decodes_every_image_and_reports_the_corrupt_ones(mixed):
     )
 
 
-def test_two_pass_on_packed_arrow_layout(tmp_path):
-    """The second pass reads an Arrow stream again (no row groups to skip)."""
+@pytest.mark.parametrize("extra", [(), ("--images-as-paths",)], ids=["raw-image", "fs-image"])
+def test_two_pass_on_packed_arrow_layout(tmp_path, extra):
+    """The second pass reads an Arrow stream again (no row groups to skip), and fs-image files."""
     images = {f"img/{i}.jpg": noise(20 + i) for i in range(4)}
     images["img/big.jpg"] = noise(30, (160, 120))
-    images["img/exif.jpg"] = with_exif(images["img/1.jpg"])
+    images["img/exif.jpg"] = with_exif(images["img/0.jpg"])  # id0, the first of its size: re-read
     rows = [row(f"id{i}", f"img/{i}.jpg") for i in range(4)]
     rows += [row("big", "img/big.jpg"), row("exif", "img/exif.jpg", split="test")]
     out = tmp_path / "out"
-    assert convert(write_input(tmp_path / "in", rows, images), out, "--layout", "arrow") == 0
+    assert convert(write_input(tmp_path / "in", rows, images), out, "--layout", "arrow", *extra) == 0
     two_pass = scan_of(out, phash=False)
     full = scan_of(out, phash=False, decode_unique_sizes=True)
     assert groups(two_pass) == groups(full)
-    assert len(two_pass.leakage.exact_cross) == 1
+    # id0 and its EXIF copy (no ids in the packed layout: rows are named by file and position)
+    train, test = "train[data-00000-of-00001.arrow:0]", "test[data-00000-of-00001.arrow:0]"
+    assert [set(g.members) for g in two_pass.leakage.exact_cross] == [{("train", train), ("test", test)}]
     assert two_pass.num_decoded == full.num_decoded - 1  # the one 160x120 image is not decoded
 
 
