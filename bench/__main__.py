@@ -118,10 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument(
         "--decode-rows",
         type=int,
-        default=2000,
+        default=1_000_000,
         help="also time the decoding modes (pixel hash, perceptual hash) at sizes up to this",
     )
     insp.add_argument("--base-images", type=int, default=300)
+    insp.add_argument(
+        "--distinct",
+        type=int,
+        default=2000,
+        help="rows of the all-distinct dataset (every image decoded; 0: none)",
+    )
     insp.add_argument("--repeats", type=int, default=3)
     insp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     common(insp)
@@ -249,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             command=command,
             timeout=args.timeout,
+            distinct=args.distinct,
         )
     elif args.command == "http":
         from bench import http_bench

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 log = logging.getLogger(__name__)
 
-CORPUS_NAMES = ("photos", "small", "mixed", "tiny")
+CORPUS_NAMES = ("photos", "small", "mixed", "tiny", "distinct")
 ORIENTATION_TAG = 0x0112
 PLACEHOLDER = "<|reserved_special_token_0|>"
 INSTRUCTIONS = (
@@ -283,7 +283,24 @@ def _build_tiny(n: int, rng: np.random.Generator):
         yield f"img{i:06d}.jpg", encoded[i % len(bases)], [32, 24]
 
 
-_BUILDERS = {"photos": _build_photos, "small": _build_small, "mixed": _build_mixed, "tiny": _build_tiny}
+def _build_distinct(n: int, rng: np.random.Generator):
+    """Upright 1024x768 JPEG q90, each a different picture (a seeded noise patch on one of 64
+    scenes): no two images share their pixels, all share their size (inspect's decode-bound case)."""
+    bases = [draw_scene(rng, 1024, 768, noise_sigma=2.5) for _ in range(min(64, n))]
+    for i in range(n):
+        img = bases[i % len(bases)].copy()
+        patch = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+        img.paste(Image.fromarray(patch, "RGB"), (int(rng.integers(0, 992)), int(rng.integers(0, 736))))
+        yield f"img{i:06d}.jpg", encode(img, "JPEG"), [1024, 768]
+
+
+_BUILDERS = {
+    "photos": _build_photos,
+    "small": _build_small,
+    "mixed": _build_mixed,
+    "tiny": _build_tiny,
+    "distinct": _build_distinct,
+}
 
 
 def _output_for(rng: np.random.Generator) -> dict:

@@ -49,6 +49,7 @@ def check_dataset(
         fs,
         decode=True,
         phash=True,
+        decode_unique_sizes=True,  # "the images decode": every distinct image, none skipped by its size
         samples=0,
         start=lambda total: progress.start(total or 0, "checking", unit="row"),
         progress=lambda n: progress.advance(n, 0),

@@ -25,6 +25,8 @@ def test_bench_inspect_smoke(tmp_path):
         "3",
         "--repeats",
         "1",
+        "--distinct",
+        "5",
         "--workdir",
         str(tmp_path / "work"),
         "--results",
@@ -34,11 +36,15 @@ def test_bench_inspect_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (path,) = results.glob("*-inspect.json")
     doc = json.loads(path.read_text())
-    small, large = doc["points"]
+    small, large, distinct = doc["points"]
     assert list(small["modes"]) == ["pyarrow-read", "inspect-no-decode", "inspect-no-phash", "inspect-full"]
     assert list(large["modes"]) == ["pyarrow-read", "inspect-no-decode"]
+    assert (distinct["corpus"], distinct["num_rows"]) == ("distinct", 5)
+    # 3 base images cycled: each distinct content decoded once; 5 distinct pictures: all 5
+    assert small["modes"]["inspect-full"]["decoded"] == small["modes"]["inspect-full"]["distinct"] == 3
     assert set(small["ms_per_image"]) == {"header", "decode-pixel-hash", "phash"}
-    for point, rows in ((small, 6), (large, 12)):
+    assert distinct["modes"]["inspect-no-phash"]["decoded"] == 5
+    for point, rows in ((small, 6), (large, 12), (distinct, 5)):
         for mode in point["modes"].values():
             assert mode["status"] == "ok" and mode["rows"] == rows and mode["peak_rss_bytes"] > 0, mode
     md = (tmp_path / "RESULTS.md").read_text()

@@ -61,7 +61,7 @@ class LeakIndex:
         self._split_index: dict[str, int] = {}
         self._splits: list[str] = []
         self._first: dict[int, int] = {}  # exact hash -> group
-        self._members: list[tuple[int, str]] = []  # group -> its first (split index, key)
+        self._members: list[tuple[int, str] | None] = []  # group -> its first (split index, key)
         self._more: dict[int, list[tuple[int, str]]] = {}  # group -> later copies (duplicates only)
         self._phashes = array("Q")  # per group, 0 where unknown
         self._leader = array("q")  # per group, the group leading its near cluster (-1: none)
@@ -85,21 +85,63 @@ class LeakIndex:
             self._repeated[key] = self._repeated.get(key, 1) + 1
         self._ids[image_id] = mask | bit
 
-    def add_image(self, split: str, key: str, exact: bytes, phash: int | None) -> None:
-        member = (self._split(split), key)
+    def add_image(self, split: str, key: str, exact: bytes, phash: int | None) -> int:
+        """Add one image's row; returns its group."""
+        group = self.group_for(exact, phash)
+        self.add_member(group, split, key)
+        return group
+
+    def group_for(self, exact: bytes, phash: int | None) -> int:
+        """The group of images with this exact hash, made (with no rows yet) when new."""
         digest = int.from_bytes(exact, "little")
         group = self._first.get(digest)
         if group is not None:
-            self._more.setdefault(group, []).append(member)
-            return
+            return group
         group = len(self._members)
         self._first[digest] = group
-        self._members.append(member)
+        self._members.append(None)
         self._phashes.append(phash or 0)
         self._leader.append(-1)
         if phash is not None:
             self._any_phash = True
             self._index_phash(group, phash)
+        return group
+
+    def add_member(self, group: int, split: str, key: str) -> None:
+        member = (self._split(split), key)
+        if self._members[group] is None:
+            self._members[group] = member
+        else:
+            self._more.setdefault(group, []).append(member)
+
+    def has_copies(self, group: int) -> bool:
+        return group in self._more
+
+    def join(self, exact: bytes, group: int) -> int:
+        """File ``group`` under a second exact hash too (its decoded pixels, where groups are keyed by
+        the stored bytes); when another group has it already, ``group`` merges into that one, which
+        is returned."""
+        holder = self._first.setdefault(int.from_bytes(exact, "little"), group)
+        if holder != group:
+            self.merge(holder, group)
+        return holder
+
+    def merge(self, into: int, group: int) -> None:
+        """Move ``group``'s rows into ``into`` (two byte-hash groups found to hold the same pixels)."""
+        moved = [m for m in [self._members[group], *self._more.pop(group, ())] if m is not None]
+        self._members[group] = None
+        if self._members[into] is None and moved:
+            self._members[into] = moved.pop(0)
+        if moved:
+            self._more.setdefault(into, []).extend(moved)
+
+    def drop(self, group: int) -> list[tuple[str, str]]:
+        """Take ``group`` out of the duplicates (its image turned out not to decode); returns its rows."""
+        rows = self._group(group)
+        self._members[group] = None
+        self._more.pop(group, None)
+        self._leader[group] = -1
+        return rows
 
     def _index_phash(self, group: int, phash: int) -> None:
         """Leader clustering: join the nearest earlier leader within NEAR_DISTANCE, else lead a new
@@ -119,7 +161,8 @@ class LeakIndex:
             band[k].append(group)
 
     def _group(self, group: int) -> list[tuple[str, str]]:
-        return [(self._splits[s], k) for s, k in [self._members[group], *self._more.get(group, ())]]
+        first = self._members[group]
+        return [(self._splits[s], k) for s, k in [*([first] if first else []), *self._more.get(group, ())]]
 
     def result(self) -> Leakage:
         exact = [Group(tuple(self._group(g))) for g in self._more]

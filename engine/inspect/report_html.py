@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from engine.inspect.scan import IMAGE_PART, ScanResult
-from engine.inspect.summary import Summary, image_changes
+from engine.inspect.summary import Summary, exact_basis, image_changes
 
 LISTED = 50  # groups or ids listed per leakage table
 
@@ -293,7 +293,10 @@ def _samples(result: ScanResult) -> list[str]:
 
 def _leakage(result: ScanResult) -> list[str]:
     leak = result.leakage
-    out = ['<section id="leakage"><h2>Leakage</h2>']
+    out = [
+        '<section id="leakage"><h2>Leakage</h2>',
+        f'<p class="muted">Exact duplicates {_e(exact_basis(result))}.</p>',
+    ]
     by = "the decoded pixels" if leak.exact_by == "pixels" else "the stored bytes (images not decoded)"
     for title, groups in (
         ("Exact duplicates across splits", leak.exact_cross),

@@ -7,8 +7,10 @@ from __future__ import annotations
 import contextlib
 import posixpath
 import re
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 import orjson
@@ -255,28 +257,54 @@ def row_count(ds: Dataset, fs: FS) -> int | None:
 def iter_rows(ds: Dataset, fs: FS, *, with_images: bool = True) -> Iterator[Rows]:
     """Every row of every file, one Parquet row group or Arrow record batch at a time."""
     for f in ds.files:
-        if f.kind == "parquet":
-            yield from _parquet_rows(f, fs, with_images)
-        else:
-            yield from _arrow_rows(f, fs, with_images)
+        yield from iter_file_rows(f, fs, with_images=with_images)
 
 
-def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
+def iter_file_rows(
+    f: DataFile, fs: FS, rows_needed: Collection[int] | None = None, *, with_images: bool = True
+) -> Iterator[Rows]:
+    """One file's rows; with ``rows_needed`` (row numbers within the file), only the Parquet row
+    groups holding them (an Arrow stream has no index: it is read whole)."""
+    if f.kind == "parquet":
+        yield from _parquet_rows(f, fs, with_images, rows_needed)
+    else:
+        yield from _arrow_rows(f, fs, with_images)
+
+
+def _row_groups(pf: pq.ParquetFile, rows_needed: Collection[int] | None) -> list[tuple[int, int]]:
+    """(row group, its first row) for the row groups to read."""
+    starts = list(
+        accumulate((pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)), initial=0)
+    )
+    groups = (
+        range(pf.num_row_groups)
+        if rows_needed is None
+        else sorted({bisect_right(starts, r) - 1 for r in rows_needed})
+    )
+    return [(i, starts[i]) for i in groups]
+
+
+def _parquet_rows(
+    f: DataFile, fs: FS, with_images: bool, rows_needed: Collection[int] | None = None
+) -> Iterator[Rows]:
     local = None if fs.remote else _local_path(f.location)
     with contextlib.nullcontext(local) if local else fs.open(f.location) as source:
         pf = pq.ParquetFile(source)  # not memory-mapped: mapped pages would count as resident memory
         schema = pf.schema_arrow
         image = image_column(schema)
+        groups = _row_groups(pf, rows_needed)
         if image is None and is_messages_schema(schema):
-            yield from _messages_rows(f, pf, with_images)
+            yield from _messages_rows(f, pf, with_images, groups)
             return
         if image is None:
             raise UsageError(f"{f.location} has no image column (an Image feature or a struct<bytes, path>)")
         columns = [c for c in ("image_id", "output") if c in schema.names]
         if with_images:
             columns.append(image)
-        start = 0
-        for table in _prefetched(pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups)):
+        # the reader first: it ends (and shuts its thread) when the row groups do
+        for table, (_, start) in zip(
+            _prefetched(pf.read_row_group(i, columns=columns) for i, _ in groups), groups
+        ):
             n = table.num_rows
             ids = table["image_id"].to_pylist() if "image_id" in table.column_names else [None] * n
             ids = [None if v is None else str(v) for v in ids]
@@ -297,16 +325,18 @@ def _parquet_rows(f: DataFile, fs: FS, with_images: bool) -> Iterator[Rows]:
             else:
                 images = [[] for _ in range(n)]
             yield Rows(f.split, f.location, start, ids, images, outputs, None)
-            start += n
 
 
-def _messages_rows(f: DataFile, pf: pq.ParquetFile, with_images: bool) -> Iterator[Rows]:
+def _messages_rows(
+    f: DataFile, pf: pq.ParquetFile, with_images: bool, groups: list[tuple[int, int]]
+) -> Iterator[Rows]:
     """The messages layout: every image of the ``images`` list, the conversation with its image
     parts shown where they stand, and the last assistant turn's text as the output. No id column:
     rows are named by file and position, as in the packed layouts."""
     columns = ["messages", "images"] if with_images else ["messages"]
-    start = 0
-    for table in _prefetched(pf.read_row_group(i, columns=columns) for i in range(pf.num_row_groups)):
+    for table, (_, start) in zip(
+        _prefetched(pf.read_row_group(i, columns=columns) for i, _ in groups), groups
+    ):
         n = table.num_rows
         conversations, outputs, parts = [], [], []
         for turns in table["messages"].to_pylist():
@@ -330,7 +360,6 @@ def _messages_rows(f: DataFile, pf: pq.ParquetFile, with_images: bool) -> Iterat
         else:
             images = [[] for _ in range(n)]
         yield Rows(f.split, f.location, start, [None] * n, images, outputs, conversations, parts)
-        start += n
 
 
 def _conversation(

@@ -142,9 +142,8 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
     if result.attachment_token:
         what = "image-part" if result.attachment_token == IMAGE_PART else "attachment-token"
         lines.append(f"  {what} mismatches: {result.num_token_mismatches:,}")
-    by = "pixels" if leak.exact_by == "pixels" else "stored bytes"
     lines.append(
-        f"  exact duplicates (by {by}): {len(leak.exact_cross):,} groups across splits, "
+        f"  exact duplicates ({exact_basis(result)}): {len(leak.exact_cross):,} groups across splits, "
         f"{len(leak.exact_within):,} within a split"
     )
     lines += _listed(leak.exact_cross)
@@ -155,6 +154,18 @@ def text_summary(result: ScanResult, summary: Summary) -> str:
         lines.append(f"  ids in two splits: {len(leak.shared_ids):,}")
         lines += [f"    {i}: {', '.join(s)}" for i, s in list(leak.shared_ids.items())[:TEXT_LISTED]]
     return "\n".join(lines)
+
+
+def exact_basis(result: ScanResult) -> str:
+    """How the exact duplicates were found, and how many distinct images were decoded for it."""
+    if result.leakage.exact_by != "pixels":
+        return "by stored bytes"
+    if result.num_decoded >= result.num_distinct:
+        return f"by pixels; all {result.num_distinct:,} distinct images decoded"
+    return (
+        f"by pixels; {result.num_decoded:,} of {result.num_distinct:,} distinct images decoded, "
+        "the rest have a size no other image has, and no copy"
+    )
 
 
 def _listed(groups) -> list[str]:
