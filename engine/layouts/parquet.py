@@ -65,22 +65,33 @@ def extraction_table(group: pa.Table, spec: ShardSpec) -> pa.Table:
     return pa.Table.from_arrays([group["image_id"], image, group["output"], meta], schema=spec.schema)
 
 
-def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
-    meta_keys = meta_keys_of(spec.schema)
-    leaves = ["image_id", "image.bytes", "image.path", "output"] + [f"meta.{k}" for k in meta_keys]
+def parquet_writer(where, schema: pa.Schema) -> pq.ParquetWriter:
+    """The layout's ParquetWriter for ``schema`` (the shard's, or a subset of its columns, whose
+    column chunks then come out byte for byte as in the whole shard: ``engine update`` splices)."""
+    leaves = [
+        f"{f.name}.{c.name}" if pa.types.is_struct(f.type) else f.name
+        for f in schema
+        for c in (f.type if pa.types.is_struct(f.type) else [f])
+    ]
     compression = {c: "zstd" for c in leaves}
-    compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
+    if "image.bytes" in compression:
+        compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
+    writer = pq.ParquetWriter(
+        where,
+        schema,
+        compression=compression,
+        use_dictionary=[c for c in leaves if c.startswith("meta.")],  # never on image bytes
+        write_statistics=[c for c in leaves if c not in ("image.bytes", "image.path")],
+        write_page_index=True,
+        use_content_defined_chunking=CDC_OPTIONS,
+    )
+    writer.add_key_value_metadata(CDC_METADATA)
+    return writer
+
+
+def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
     with spec.store.writing(spec.relpath, finisher=finisher) as tmp:
-        with pq.ParquetWriter(
-            tmp,
-            spec.schema,
-            compression=compression,
-            use_dictionary=[f"meta.{k}" for k in meta_keys],  # never on image bytes
-            write_statistics=[c for c in leaves if c not in ("image.bytes", "image.path")],
-            write_page_index=True,
-            use_content_defined_chunking=CDC_OPTIONS,
-        ) as writer:
-            writer.add_key_value_metadata(CDC_METADATA)
+        with parquet_writer(tmp, spec.schema) as writer:
             num_rows = write_row_groups(
                 spec,
                 lambda group: writer.write_table(

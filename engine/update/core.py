@@ -64,6 +64,7 @@ from engine.update.rows import (
     read_rows,
     write_edit_file,
 )
+from engine.update.splice import NotSpliceable, SourceGroup, splice_parquet_shard
 from engine.validate import OutputValidator
 from engine.versions import versions
 from engine.workdir import EDITS_DIR
@@ -95,6 +96,7 @@ class ShardScan:
         default_factory=set
     )  # rows --drop-invalid removes (they keep their manifest line)
     lines: np.ndarray | None = None  # fs-image: every row's new manifest line
+    group_rows: np.ndarray | None = None  # Parquet: the rows of each of the shard's row groups
 
     def old_output(self, i: int) -> str | None:
         if self.old is None:
@@ -211,8 +213,9 @@ def _update(
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
     images = _place_images(ds, scans, next_store) if ds.fs_image else None
     specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added, images)
+    splices = splice_groups(ds, scans, specs) if ds.layout == "parquet" else {}
     log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
-    shards = write_shards(specs, progress)
+    shards = write_shards(specs, progress, splices, report.counts)
     log.debug("shards written at %.2f s", time.perf_counter() - started)
     doc = _finish(
         ds,
@@ -357,6 +360,7 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
     base: list[np.ndarray] = []
     extra: dict[str, list[np.ndarray]] = {}
     with _open_parquet(ds.store, rel) as f:
+        group_rows = np.array([f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)], np.int64)
         for g in range(f.num_row_groups):
             t = f.read_row_group(g, columns=["image_id", "image", "output", "meta"])
             image, meta = t.column("image").combine_chunks(), t.column("meta").combine_chunks()
@@ -385,6 +389,7 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
         base=base_sizes,
         old=old,
         extra_meta={k: np.concatenate(v) for k, v in extra.items()},
+        group_rows=group_rows,
     )
 
 
@@ -560,21 +565,89 @@ def commit_staged(staging: Staging, ds: Dataset, store: Store, next_store: Store
     )
 
 
-def write_shards(specs: list, progress: Progress) -> list:
-    """Write the planned shards through convert's writers, one after another
-    (a crash point after the first)."""
+def write_shards(
+    specs: list,
+    progress: Progress,
+    splices: dict[str, list[SourceGroup]] | None = None,
+    counts: Counter | None = None,
+) -> list:
+    """Write the planned shards, one after another (a crash point after the first): a shard in
+    ``splices`` is assembled from the old shards' bytes, the others go through convert's writers.
+    ``counts`` gets ``shards_spliced`` and ``shards_rewritten``."""
     if specs:
         specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
     shards = []
+    counts = Counter() if counts is None else counts
+    counts.update({"shards_spliced": 0, "shards_rewritten": 0})
     with Finisher() as finisher:
         for i, spec in enumerate(specs):
-            shards.append(write_shard(spec, finisher))
+            result = None
+            groups = (splices or {}).get(spec.relpath)
+            if groups:
+                try:
+                    result = splice_parquet_shard(spec, groups, finisher)
+                    counts["shards_spliced"] += 1
+                except NotSpliceable as exc:
+                    log.debug("%s is rewritten: %s", spec.relpath, exc)
+            if result is None:
+                result = write_shard(spec, finisher)
+                counts["shards_rewritten"] += 1
+            shards.append(result)
             progress.advance(1, 0)
             if i == 0:
                 crash_point("update-first-shard")
     progress.close()
     return shards
+
+
+def splice_groups(ds: Dataset, scans: list[ShardScan], specs: list) -> dict[str, list[SourceGroup]]:
+    """The Parquet shards whose every row group holds exactly the rows of one old row group (in
+    order, none removed), each with those old row groups and their new outputs: they are spliced."""
+    edits = {f"{EDITS_DIR}/{k:05d}{EDIT_SUFFIX}": k for k in range(len(scans))}
+    kept: dict[int, np.ndarray] = {}
+    plans = {}
+    for spec in specs:
+        segments = []
+        for piece in spec.pieces:
+            k = edits.get(piece.part)
+            if k is None:  # an --add part's rows
+                break
+            if k not in kept:
+                kept[k] = np.flatnonzero(scans[k].keep)
+            segments.append((k, kept[k][piece.start : piece.stop]))
+        else:
+            groups = _whole_groups(ds, scans, spec.row_groups, segments)
+            if groups:
+                plans[spec.relpath] = groups
+    return plans
+
+
+def _whole_groups(ds: Dataset, scans: list[ShardScan], counts, segments) -> list[SourceGroup] | None:
+    groups: list[SourceGroup] = []
+    segment, offset = 0, 0
+    for count in counts:
+        if segment == len(segments):
+            return None
+        k, rows = segments[segment]
+        sc = scans[k]
+        first = int(rows[offset]) if offset < len(rows) else -1
+        starts = np.concatenate([[0], np.cumsum(sc.group_rows)[:-1]])
+        g = int(np.searchsorted(starts, first))
+        if (
+            offset + count > len(rows)
+            or g == len(starts)
+            or starts[g] != first
+            or sc.group_rows[g] != count
+            or rows[offset + count - 1] != first + count - 1
+        ):
+            return None
+        texts = {i - first: t for i, t in sc.texts.items() if first <= i < first + count}
+        groups.append(SourceGroup(ds.store.path(sc.rel), g, texts))
+        offset += count
+        if offset == len(rows):
+            segment, offset = segment + 1, 0
+    return groups if groups and segment == len(segments) else None
 
 
 def _plan(
