@@ -195,3 +195,34 @@ def test_a_shard_another_writer_made_is_rewritten(tmp_path, made):
         if r["image_id"] == "id1":
             r["output"] = {"price": 1.0}
     assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, "parquet"))
+
+
+def test_image_sizes_come_from_the_length_prefixes(tmp_path):
+    """The scan's image sizes (the shard cut needs them) without reading the image bytes: equal to
+    pyarrow's for the layout's chunks; None, so the values are read, where a page holds nulls."""
+    import pyarrow.compute as pc
+
+    from engine.update.splice import plain_lengths
+
+    table = _table(40, ["{}"] * 40, seed=3)
+    path = tmp_path / "s.parquet"
+    _write(path, table, [15, 15, 10])
+    f = pq.ParquetFile(path)
+    column = [c.path for c in f.schema].index("image.bytes")
+    for g in range(3):
+        want = pc.binary_length(f.read_row_group(g).column("image").combine_chunks().field("bytes"))
+        assert plain_lengths(str(path), f, column, g).tolist() == want.to_pylist()
+    images = table.column("image").combine_chunks()
+    holes = pa.StructArray.from_arrays(
+        [
+            pa.array([None if i % 7 == 3 else b for i, b in enumerate(images.field("bytes").to_pylist())]),
+            images.field("path"),
+        ],
+        fields=list(images.type),
+    )
+    _write(path, table.set_column(1, "image", holes), [15, 15, 10])
+    f = pq.ParquetFile(path)
+    assert [plain_lengths(str(path), f, column, g) is None for g in range(3)] == [True, True, True]
+    assert (
+        plain_lengths(str(path), f, [c.path for c in f.schema].index("image.path"), 0) is None
+    )  # compressed

@@ -64,7 +64,7 @@ from engine.update.rows import (
     read_rows,
     write_edit_file,
 )
-from engine.update.splice import NotSpliceable, SourceGroup, splice_parquet_shard
+from engine.update.splice import NotSpliceable, SourceGroup, plain_lengths, splice_parquet_shard
 from engine.validate import OutputValidator
 from engine.versions import versions
 from engine.workdir import EDITS_DIR
@@ -359,13 +359,21 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
     outputs: list[pa.Array] = []
     base: list[np.ndarray] = []
     extra: dict[str, list[np.ndarray]] = {}
+    local = None if ds.store.remote else ds.store.path(rel)
     with _open_parquet(ds.store, rel) as f:
         group_rows = np.array([f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)], np.int64)
+        column = [c.path for c in f.schema].index("image.bytes")
         for g in range(f.num_row_groups):
-            t = f.read_row_group(g, columns=["image_id", "image", "output", "meta"])
+            t = f.read_row_group(g, columns=["image_id", "image.path", "output", "meta"])
             image, meta = t.column("image").combine_chunks(), t.column("meta").combine_chunks()
             size = _utf8(t.column("image_id")) + _utf8(image.field("path"))
-            size += pc.binary_length(image.field("bytes")).fill_null(0).to_numpy(zero_copy_only=False)
+            # the images' sizes from their length prefixes where the pages allow (never their bytes)
+            lengths = plain_lengths(local, f, column, g) if local is not None else None
+            if lengths is None:
+                images = f.read_row_group(g, columns=["image.bytes"]).column("image").combine_chunks()
+                lengths = pc.binary_length(images.field("bytes")).fill_null(0).to_numpy(zero_copy_only=False)
+                del images
+            size += lengths
             for k, key in enumerate(meta.type):
                 values = meta.field(k)
                 size = size + _utf8(values)

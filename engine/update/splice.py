@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -339,3 +340,51 @@ def _page_index(out, pos: int, row_groups) -> list[thrift.Struct]:
                 buf += data
     out.write(buf)
     return new_groups
+
+
+# PageHeader and DataPageHeader field ids, and the values the walk below reads
+PH_TYPE, PH_COMPRESSED, PH_DATA_PAGE = 1, 3, 5
+DP_NUM_VALUES, DP_ENCODING = 1, 2
+DATA_PAGE, PLAIN = 0, 0
+
+
+def plain_lengths(path: str, f: pq.ParquetFile, column: int, group: int) -> np.ndarray | None:
+    """The byte length of each value of a BYTE_ARRAY column chunk, read from its pages' headers and
+    the values' 4-byte length prefixes alone, not from the values: for an uncompressed PLAIN chunk
+    of a non-repeated column without nulls (the layout's image bytes). None for any other chunk,
+    whose values the caller then reads. Hand-written: pyarrow reads a column only with its values."""
+    cc = f.metadata.row_group(group).column(column)
+    desc = f.schema.column(column)
+    if (
+        cc.physical_type != "BYTE_ARRAY"
+        or cc.compression != "UNCOMPRESSED"
+        or cc.has_dictionary_page
+        or desc.max_repetition_level != 0
+        or desc.max_definition_level == 0
+    ):
+        return None
+    lengths: list[int] = []
+    with open(path, "rb") as handle:
+        fd = handle.fileno()
+        pos, end = cc.data_page_offset, cc.data_page_offset + cc.total_compressed_size
+        while pos < end:
+            try:
+                header, used = thrift.loads(os.pread(fd, 512, pos))
+            except thrift.ThriftError:  # a header longer than that (statistics)
+                header, used = thrift.loads(os.pread(fd, 1 << 20, pos))
+            page = header.get(PH_DATA_PAGE)
+            if header.get(PH_TYPE) != DATA_PAGE or page is None or page.get(DP_ENCODING) != PLAIN:
+                return None
+            body, page_end = pos + used, pos + used + header.get(PH_COMPRESSED)
+            (levels,) = struct.unpack("<i", os.pread(fd, 4, body))  # the definition levels' length
+            value, count = body + 4 + levels, 0
+            while value < page_end:
+                (n,) = struct.unpack("<i", os.pread(fd, 4, value))
+                lengths.append(n)
+                value, count = value + 4 + n, count + 1
+            if value != page_end or count != page.get(DP_NUM_VALUES):  # nulls: fewer values than levels
+                return None
+            pos = page_end
+    if len(lengths) != f.metadata.row_group(group).num_rows:
+        return None
+    return np.array(lengths, np.int64)
