@@ -135,7 +135,12 @@ def test_an_outputs_update_splices_every_shard(tmp_path, made):
             r["output"] = {"price": 123.25, "currency": "USD"}
         if r["image_id"] == "id8":
             r["output"] = {"price": 0.0}
-    assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, "parquet"))
+    fresh = _fresh(tmp_path, inp, rows, "parquet")
+    assert _data_files(out) == _data_files(fresh)
+    # the card's front matter, made without datasets from the old card, is the one convert writes
+    front = (out / "README.md").read_text().split("\n---\n", 1)[0]
+    assert front == (fresh / "README.md").read_text().split("\n---\n", 1)[0]
+    assert "num_examples: 8" in front and "num_examples: 3" in front
     changed = {p.name for p in _shards(out) if p.read_bytes() != before[p.name]}
     assert len(changed) == 2  # the shards of id1 and id8; the others are copied as they were
     # readers of the spliced files

@@ -43,6 +43,27 @@ def extraction_features(meta_keys: list[str]):
     )
 
 
+@dataclass(frozen=True)
+class CardFeatures:
+    """An existing dataset's features as its shards' schema and its card's YAML hold them:
+    ``engine update`` passes them where the features do not change, so it needs no ``datasets``
+    (whose import is a second or two of CPU)."""
+
+    arrow_schema: pa.Schema
+    yaml: list  # the card's dataset_info.features
+
+
+def card_front_matter(text: str) -> dict[str, Any] | None:
+    """The YAML front matter of a dataset card, or None when it has none."""
+    if not text.startswith("---\n"):
+        return None
+    end = text.find("\n---\n", 4)
+    if end < 0:
+        return None
+    front = yaml.safe_load(text[4 : end + 1])
+    return front if isinstance(front, dict) else None
+
+
 def meta_struct_array(meta: pa.Array, meta_keys: list[str]) -> pa.StructArray:
     """The parts' meta map column as the struct column of the run's keys, in order (a key a row
     lacks is null)."""
@@ -115,12 +136,21 @@ def dataset_card(
 ) -> str:
     """The dataset card (README.md): YAML front matter the Hub and ``load_dataset(OUT)`` read, plus
     a short human summary."""
-    from datasets import DatasetInfo, SplitDict, SplitInfo
+    if isinstance(features, CardFeatures):  # as datasets' DatasetInfo._to_yaml_dict writes them
+        info = {
+            "features": features.yaml,
+            "splits": [
+                {"name": n, "num_bytes": s["num_bytes"], "num_examples": s["num_rows"]}
+                for n, s in splits.items()
+            ],
+        }
+    else:
+        from datasets import DatasetInfo, SplitDict, SplitInfo
 
-    split_dict = SplitDict()
-    for name, s in splits.items():
-        split_dict.add(SplitInfo(name=name, num_bytes=s["num_bytes"], num_examples=s["num_rows"]))
-    info = DatasetInfo(features=features, splits=split_dict)._to_yaml_dict()
+        split_dict = SplitDict()
+        for name, s in splits.items():
+            split_dict.add(SplitInfo(name=name, num_bytes=s["num_bytes"], num_examples=s["num_rows"]))
+        info = DatasetInfo(features=features, splits=split_dict)._to_yaml_dict()
     info["download_size"] = sum(s["file_bytes"] for s in splits.values())
     info["dataset_size"] = sum(s["num_bytes"] for s in splits.values())
     front = {

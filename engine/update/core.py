@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+import yaml
 
 from engine.config import TaskConfig
 from engine.conversation import build_conversation
@@ -44,10 +45,11 @@ from engine.errors import EngineError, UsageError
 from engine.imaging import configure_pillow
 from engine.layouts import layout_for, write_shard
 from engine.layouts.base import SeenColumns
+from engine.layouts.parquet import CardFeatures, card_front_matter, meta_keys_of
 from engine.layouts.plan import cut_shards
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.progress import NullProgress, Progress
-from engine.records import META_FIXED, Reject
+from engine.records import META_FIXED, Reject, order_meta_keys
 from engine.runners import make_runner
 from engine.sinks.store import Finisher, Store
 from engine.stats import merge_image_changes
@@ -167,7 +169,8 @@ def _update(
         progress.message(f"engine: {opts.out} already has this update (same inputs); nothing to do")
         return ds.stats
     task = new_task or ds.task
-    _prewarm_datasets()  # needed for the features only once the rows are read
+    if opts.add or new_task is not None or ds.layout != "parquet":
+        _prewarm_datasets()  # needed for the features only once the rows are read
     report = Report()
     report.counts["outputs_repeated"] = inputs.outputs_repeated
     config_path = opts.config or (store.path("config.json") if ds.task else None)
@@ -720,7 +723,7 @@ def _plan(
                 "'conversations'); add them to a dataset of their kind"
             )
         seen = SeenColumns(text_columns=frozenset(columns))
-    features = layout.features(seen)
+    features = (_kept_features(ds, seen) if ds.layout == "parquet" else None) or layout.features(seen)
     specs = cut_shards(
         segments,
         copts,
@@ -733,6 +736,24 @@ def _plan(
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
     table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
     return specs, features, num_bytes, table
+
+
+def _kept_features(ds: Dataset, seen: SeenColumns) -> CardFeatures | None:
+    """The dataset's own features when the update keeps them (the same meta keys), read from a
+    shard's schema and the card; None when they change, or the card was edited away."""
+    shards = [rel for rels in ds.files.values() for rel in rels]
+    if not shards or not ds.store.is_file("README.md"):
+        return None
+    try:
+        front = card_front_matter(ds.store.read_bytes("README.md").decode())
+        features = front["dataset_info"]["features"] if front else None
+    except (UnicodeDecodeError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    with _open_parquet(ds.store, shards[0]) as f:
+        schema = f.schema_arrow
+    if not isinstance(features, list) or meta_keys_of(schema) != order_meta_keys(seen.meta_keys):
+        return None
+    return CardFeatures(schema, features)
 
 
 def _finish(
