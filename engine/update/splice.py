@@ -76,12 +76,32 @@ class _File:
     handle: object
     fd: int | None  # a local file's descriptor (the kernel copies from it)
     footer: thrift.Struct
+    footer_start: int = 0
+    _index: tuple[int, bytes] | None = None  # the page index: its offset and bytes, read at once
 
     def read(self, start: int, length: int) -> bytes:
         if self.fd is not None:
             return os.pread(self.fd, length, start)
         self.handle.seek(start)
         return self.handle.read(length)
+
+    def index(self, start: int, length: int) -> bytes:
+        """Bytes of the page index (between the last column chunk and the footer), read at once."""
+        if self._index is None:
+            self._index = (self.footer_start, b"")
+            offsets = [
+                cc.get(fid)
+                for rg in self.footer.get(FMD_ROW_GROUPS).values
+                for cc in rg.get(RG_COLUMNS).values
+                for fid in (CC_COLUMN_INDEX, CC_OFFSET_INDEX)
+                if cc.has(fid)
+            ]
+            first = min(offsets, default=self.footer_start)
+            self._index = (first, self.read(first, self.footer_start - first))
+        first, data = self._index
+        if not first <= start <= start + length <= first + len(data):
+            return self.read(start, length)
+        return data[start - first : start - first + length]
 
 
 def _open(source: str, stack: ExitStack) -> _File:
@@ -97,11 +117,13 @@ def _open(source: str, stack: ExitStack) -> _File:
     handle.seek(0, os.SEEK_END)
     size = handle.tell()
     file = _File(handle, fd, thrift.Struct())
-    file.footer = _footer(file.read, size, source)
+    file.footer, file.footer_start = _footer(file.read, size, source)
+    file.index(file.footer_start, 0)  # before its metadata is moved
     return file
 
 
-def _footer(read, size: int, name: str) -> thrift.Struct:
+def _footer(read, size: int, name: str) -> tuple[thrift.Struct, int]:
+    """A Parquet file's footer, and where it starts."""
     tail = read(size - 8, 8)
     if size < 12 or tail[4:] != MAGIC:
         raise NotSpliceable(f"{name} is not a Parquet file")
@@ -109,7 +131,7 @@ def _footer(read, size: int, name: str) -> thrift.Struct:
     footer, used = thrift.loads(read(size - 8 - length, length))
     if used != length:
         raise NotSpliceable(f"{name}: footer of {used} bytes, {length} announced")
-    return footer
+    return footer, size - 8 - length
 
 
 def template_footer(schema: pa.Schema) -> thrift.Struct:
@@ -118,7 +140,7 @@ def template_footer(schema: pa.Schema) -> thrift.Struct:
     with parquet_writer(sink, schema):
         pass
     data = sink.getvalue().to_pybytes()
-    return _footer(lambda s, n: data[s : s + n], len(data), "template")
+    return _footer(lambda s, n: data[s : s + n], len(data), "template")[0]
 
 
 def _kept(footer: thrift.Struct) -> bytes:
@@ -137,20 +159,29 @@ def _thin_file(groups: Sequence[SourceGroup], files: dict[str, _File], schema: p
     if not changed:
         return None
     thin_schema = pa.schema([schema.field(c) for c in CHANGED])
+    old: dict[str, pa.Table] = {}  # each source's changed row groups' outputs, read in one call
+    for source in dict.fromkeys(g.source for g in changed):
+        wanted = [g.group for g in changed if g.source == source]
+        old[source] = pq.ParquetFile(files[source].handle).read_row_groups(wanted, columns=list(CHANGED))
+    offsets = dict.fromkeys(old, 0)
     sink = pa.BufferOutputStream()
     with parquet_writer(sink, thin_schema) as writer:
         for g in changed:
-            old = pq.ParquetFile(files[g.source].handle).read_row_group(g.group, columns=list(CHANGED))
-            values = old.column("output").to_pylist()
+            rows = len(g.texts) and files[g.source].footer.get(FMD_ROW_GROUPS).values[g.group].get(
+                RG_NUM_ROWS
+            )
+            values = old[g.source].column("output").slice(offsets[g.source], rows).to_pylist()
+            offsets[g.source] += rows
             for i, text in g.texts.items():
                 values[i] = text
             writer.write_table(
-                pa.table({"output": pa.array(values, pa.string())}, schema=thin_schema),
-                row_group_size=len(values),
+                pa.table({"output": pa.array(values, pa.string())}, schema=thin_schema), row_group_size=rows
             )
     data = sink.getvalue().to_pybytes()
-    thin = _footer(lambda s, n: data[s : s + n], len(data), "thin")
-    return _File(_Bytes(data), None, thin)
+    thin, start = _footer(lambda s, n: data[s : s + n], len(data), "thin")
+    file = _File(_Bytes(data), None, thin, start)
+    file.index(start, 0)  # before its metadata is moved
+    return file
 
 
 class _Bytes:
@@ -209,9 +240,11 @@ class _Chunk:
     """A column chunk of the new file: where its bytes come from, and its metadata to move."""
 
     file: _File
-    cc: thrift.Struct
+    cc: thrift.Struct  # changed in place: each old chunk goes to one new file
     start: int
     length: int
+    column_index: tuple[int, int] | None  # where its page index is in ``file``
+    offset_index: tuple[int, int] | None
 
 
 def _layout(spec, groups, files, thin, names):
@@ -237,7 +270,20 @@ def _layout(spec, groups, files, thin, names):
                 raise NotSpliceable(f"{g.source}: encrypted columns or bloom filters")
             md = cc.get(CC_META)
             start, length = _chunk_start(md), md.get(MD_COMPRESSED)
-            chunks.append(_Chunk(f, cc, start, length))
+            chunks.append(
+                _Chunk(
+                    f,
+                    cc,
+                    start,
+                    length,
+                    (cc.get(CC_COLUMN_INDEX), cc.get(CC_COLUMN_INDEX_LEN))
+                    if cc.has(CC_COLUMN_INDEX)
+                    else None,
+                    (cc.get(CC_OFFSET_INDEX), cc.get(CC_OFFSET_INDEX_LEN))
+                    if cc.has(CC_OFFSET_INDEX)
+                    else None,
+                )
+            )
             last = ranges[-1] if ranges else None
             if last is not None and last[0] is f and last[1] + last[2] == start:
                 last[2] += length  # contiguous in the source: one copy
@@ -299,7 +345,7 @@ def _page_index(out, pos: int, row_groups) -> list[thrift.Struct]:
     for k, (rg, chunks) in enumerate(row_groups):
         ccs = []
         for c in chunks:
-            cc = c.cc.copy()
+            cc = c.cc
             delta = offset - c.start
             md = cc.get(CC_META)
             for fid in (MD_DATA_PAGE, MD_INDEX_PAGE, MD_DICTIONARY_PAGE):
@@ -310,7 +356,7 @@ def _page_index(out, pos: int, row_groups) -> list[thrift.Struct]:
             ccs.append((cc, c, delta))
             offset += c.length
         moved.append(ccs)
-        new = rg.copy()
+        new = rg
         mds = [cc.get(CC_META) for cc, _, _ in ccs]
         new.set(RG_COLUMNS, thrift.List(thrift.STRUCT, [cc for cc, _, _ in ccs]))
         new.set(RG_TOTAL_BYTE_SIZE, sum(md.get(MD_UNCOMPRESSED) for md in mds))
@@ -324,14 +370,14 @@ def _page_index(out, pos: int, row_groups) -> list[thrift.Struct]:
     buf = bytearray()
     for ccs in moved:
         for cc, c, _ in ccs:
-            if cc.has(CC_COLUMN_INDEX):
-                data = c.file.read(c.cc.get(CC_COLUMN_INDEX), c.cc.get(CC_COLUMN_INDEX_LEN))
+            if c.column_index is not None:
+                data = c.file.index(*c.column_index)
                 cc.set(CC_COLUMN_INDEX, pos + len(buf))
                 buf += data
     for ccs in moved:
         for cc, c, delta in ccs:
-            if cc.has(CC_OFFSET_INDEX):
-                index, _ = thrift.loads(c.file.read(c.cc.get(CC_OFFSET_INDEX), c.cc.get(CC_OFFSET_INDEX_LEN)))
+            if c.offset_index is not None:
+                index, _ = thrift.loads(c.file.index(*c.offset_index))
                 for loc in index.get(PAGE_LOCATIONS).values:
                     loc.set(LOCATION_OFFSET, loc.get(LOCATION_OFFSET) + delta)
                 data = thrift.dumps(index)

@@ -78,28 +78,27 @@ def _copy(value: Any) -> Any:
 def loads(data: bytes | memoryview) -> tuple[Struct, int]:
     """One struct from the start of ``data``; returns it and the number of bytes it took."""
     try:
-        return _Reader(memoryview(data)).struct()
+        return _Reader(bytes(data)).struct()
     except (IndexError, struct.error) as exc:
         raise ThriftError(f"truncated thrift struct: {exc}") from None
 
 
 class _Reader:
-    def __init__(self, buf: memoryview):
+    def __init__(self, buf: bytes):
         self.buf, self.pos = buf, 0
 
-    def byte(self) -> int:
-        b = self.buf[self.pos]
-        self.pos += 1
-        return b
-
     def varint(self) -> int:
-        shift = result = 0
-        while True:
-            b = self.byte()
+        buf, pos = self.buf, self.pos
+        b = buf[pos]
+        pos += 1
+        result, shift = b & 0x7F, 7
+        while b & 0x80:
+            b = buf[pos]
+            pos += 1
             result |= (b & 0x7F) << shift
-            if not b & 0x80:
-                return result
             shift += 7
+        self.pos = pos
+        return result
 
     def zigzag(self) -> int:
         n = self.varint()
@@ -107,37 +106,46 @@ class _Reader:
 
     def struct(self) -> tuple[Struct, int]:
         out, last = Struct(), 0
+        fields = out.fields
+        buf = self.buf
         while True:
-            head = self.byte()
+            head = buf[self.pos]
+            self.pos += 1
             ctype = head & 0x0F
             if ctype == STOP:
                 return out, self.pos
             delta = head >> 4
             fid = last + delta if delta else self.zigzag()
             last = fid
-            value = ctype == TRUE if ctype in (TRUE, FALSE) else self.value(ctype)
-            out.fields.append([fid, ctype, value])
+            if ctype <= FALSE:
+                fields.append([fid, ctype, ctype == TRUE])
+            elif ctype <= I64:
+                n = self.varint()
+                fields.append([fid, ctype, (n >> 1) ^ -(n & 1)])
+            else:
+                fields.append([fid, ctype, self.value(ctype)])
 
     def value(self, ctype: int) -> Any:
         if ctype in (I16, I32, I64):
             return self.zigzag()
-        if ctype == BYTE:
-            return self.byte()
-        if ctype in (TRUE, FALSE):  # a bool inside a list or map: one byte
-            return self.byte()
+        if ctype in (BYTE, TRUE, FALSE):  # a bool inside a list or map: one byte
+            b = self.buf[self.pos]
+            self.pos += 1
+            return b
         if ctype == DOUBLE:
             (v,) = struct.unpack_from("<d", self.buf, self.pos)
             self.pos += 8
             return v
         if ctype == BINARY:
             n = self.varint()
-            v = bytes(self.buf[self.pos : self.pos + n])
+            v = self.buf[self.pos : self.pos + n]
             if len(v) != n:
                 raise IndexError("binary past the end")
             self.pos += n
             return v
         if ctype in (LIST, SET):
-            head = self.byte()
+            head = self.buf[self.pos]
+            self.pos += 1
             size = head >> 4
             if size == 15:
                 size = self.varint()
@@ -147,7 +155,8 @@ class _Reader:
             size = self.varint()
             if size == 0:
                 return Map(0, 0, [])
-            kv = self.byte()
+            kv = self.buf[self.pos]
+            self.pos += 1
             kt, vt = kv >> 4, kv & 0x0F
             return Map(kt, vt, [(self.value(kt), self.value(vt)) for _ in range(size)])
         if ctype == STRUCT:
