@@ -4,7 +4,8 @@ dataset, without decoding its images.
 The update re-plans the shards from the updated rows' byte sizes and writes them through the
 same writers as ``convert``, so the data files are those a fresh ``convert`` of the equivalent
 final manifest makes: the old manifest without the deleted (and replaced) rows, with the new
-outputs, and the ``--add`` manifest's lines after it.
+outputs, and the ``--add`` manifest's lines after it. A Parquet shard whose row groups are whole
+old row groups is spliced from the old shards' bytes instead (``engine.update.splice``).
 """
 
 from __future__ import annotations
