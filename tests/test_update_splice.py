@@ -119,6 +119,7 @@ def test_an_outputs_update_splices_every_shard(tmp_path, made):
 
     inp, out = made
     before = {p.name: p.read_bytes() for p in _shards(out)}
+    inodes = {p.name: p.stat().st_ino for p in _shards(out)}
     updates = _jsonl(
         tmp_path / "u.jsonl",
         [
@@ -142,7 +143,10 @@ def test_an_outputs_update_splices_every_shard(tmp_path, made):
     assert front == (fresh / "README.md").read_text().split("\n---\n", 1)[0]
     assert "num_examples: 8" in front and "num_examples: 3" in front
     changed = {p.name for p in _shards(out) if p.read_bytes() != before[p.name]}
-    assert len(changed) == 2  # the shards of id1 and id8; the others are copied as they were
+    assert len(changed) == 2  # the shards of id1 and id8
+    # the others did not change: the old files themselves, hard-linked into the new dataset
+    assert counts["shards_linked"] == len(before) - 2
+    assert {p.name for p in _shards(out) if p.stat().st_ino == inodes[p.name]} == set(before) - changed
     # readers of the spliced files
     got = {r["image_id"]: r for r in datasets.load_dataset(str(out), split="train")}
     assert got["id1"]["output"] == '{"price":123.25,"currency":"USD"}' and got["id1"]["image_id"] == "id1"

@@ -585,21 +585,23 @@ def write_shards(
 ) -> list:
     """Write the planned shards, one after another (a crash point after the first): a shard in
     ``splices`` is assembled from the old shards' bytes, the others go through convert's writers.
-    ``counts`` gets ``shards_spliced`` and ``shards_rewritten``."""
+    ``counts`` gets ``shards_spliced`` (of which ``shards_linked``: unchanged, hard-linked) and
+    ``shards_rewritten``."""
     if specs:
         specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
     shards = []
     counts = Counter() if counts is None else counts
-    counts.update({"shards_spliced": 0, "shards_rewritten": 0})
+    counts.update({"shards_spliced": 0, "shards_linked": 0, "shards_rewritten": 0})
     with Finisher() as finisher:
         for i, spec in enumerate(specs):
             result = None
             groups = (splices or {}).get(spec.relpath)
             if groups:
                 try:
-                    result = splice_parquet_shard(spec, groups, finisher)
+                    result, linked = splice_parquet_shard(spec, groups, finisher)
                     counts["shards_spliced"] += 1
+                    counts["shards_linked"] += linked
                 except NotSpliceable as exc:
                     log.debug("%s is rewritten: %s", spec.relpath, exc)
             if result is None:

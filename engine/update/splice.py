@@ -201,9 +201,11 @@ class _Bytes:
 
 def splice_parquet_shard(
     spec: ShardSpec, groups: Sequence[SourceGroup], finisher: Finisher | None = None
-) -> ShardResult:
+) -> tuple[ShardResult, bool]:
     """Write ``spec``'s shard from the old row groups ``groups`` (one per row group of the spec);
-    raises NotSpliceable, before anything is written, when an old footer is not the writer's."""
+    raises NotSpliceable, before anything is written, when an old footer is not the writer's.
+    Returns the shard and whether it is the old file itself, hard-linked (a shard that did not
+    change, on a local folder)."""
     if len(groups) != len(spec.row_groups):
         raise ValueError(f"{spec.relpath}: {len(groups)} source row groups for {len(spec.row_groups)}")
     template = template_footer(spec.schema)
@@ -219,6 +221,9 @@ def splice_parquet_shard(
         first = files[groups[0].source].footer.get(FMD_ROW_GROUPS).values[groups[0].group]
         names = [".".join(v.decode() for v in cc.get(CC_META).get(MD_PATH).values) for cc in _ccs(first)]
         ranges, row_groups = _layout(spec, groups, files, thin, names)
+        if _unchanged(groups, files, ranges) and _link(spec, groups[0].source, finisher):
+            size = os.fstat(files[groups[0].source].fd).st_size
+            return ShardResult(spec.relpath, spec.split, sum(spec.row_groups), size), True
         with spec.store.writing(spec.relpath, finisher=finisher) as tmp, open(tmp, "wb") as out:
             pos = _write_ranges(out, ranges)
             row_groups = _page_index(out, pos, row_groups)
@@ -228,7 +233,31 @@ def splice_parquet_shard(
             data = thrift.dumps(footer)
             out.write(data + struct.pack("<i", len(data)) + MAGIC)
             size = out.tell()
-    return ShardResult(spec.relpath, spec.split, sum(spec.row_groups), size)
+    return ShardResult(spec.relpath, spec.split, sum(spec.row_groups), size), False
+
+
+def _unchanged(groups: Sequence[SourceGroup], files: dict[str, _File], ranges) -> bool:
+    """The new shard would be the old file byte for byte: all its row groups in order, no new
+    text, and nothing in the old file but the chunks, the page index and the footer."""
+    (source,) = files.values() if len(files) == 1 else (None,)
+    if source is None or source.fd is None or any(g.texts for g in groups):
+        return False
+    if [g.group for g in groups] != list(range(len(source.footer.get(FMD_ROW_GROUPS).values))):
+        return False
+    index_start = source._index[0] if source._index is not None else -1
+    return len(ranges) == 1 and ranges[0][1] == len(MAGIC) and len(MAGIC) + ranges[0][2] == index_start
+
+
+def _link(spec: ShardSpec, source: str, finisher: Finisher | None) -> bool:
+    """Hard-link the old shard as the new one; False where the folder cannot (then it is copied)."""
+    if spec.store.remote:
+        return False
+    try:
+        with spec.store.writing(spec.relpath, finisher=finisher) as tmp:
+            os.link(local_path(source), tmp)
+    except OSError:
+        return False
+    return True
 
 
 def _ccs(rg: thrift.Struct) -> list[thrift.Struct]:
