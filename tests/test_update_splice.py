@@ -235,3 +235,19 @@ def test_image_sizes_come_from_the_length_prefixes(tmp_path):
     assert (
         plain_lengths(str(path), f, [c.path for c in f.schema].index("image.path"), 0) is None
     )  # compressed
+
+
+def test_arrays_built_from_buffers_equal_pyarrows():
+    """The update's own conversions (they keep pandas unimported) against pyarrow's."""
+    import pyarrow.compute as pc
+
+    from engine.update.core import _lengths
+    from engine.update.splice import string_array
+
+    values = ['{"price":1}', None, "", "prix: 3,50 €", "x" * 70_000, None]
+    built = string_array(values)
+    assert built.equals(pa.array(values, pa.string())) and built.null_count == 2
+    column = pa.chunked_array([pa.array(values[:4]), pa.array(values[4:])])
+    for array in (column, column.combine_chunks().slice(1, 4), pa.chunked_array([], pa.string())):
+        want = pc.utf8_length(array).fill_null(0).to_numpy(zero_copy_only=False).tolist()
+        assert _lengths(pc.utf8_length(array)).tolist() == want

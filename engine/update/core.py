@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime
 import difflib
+import functools
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -216,10 +218,10 @@ def _update(
     )
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
     images = _place_images(ds, scans, next_store) if ds.fs_image else None
-    specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added, images)
+    specs, features, num_bytes, row_ids, edits = _plan(ds, copts, next_store, scans, added, images)
     splices = splice_groups(ds, scans, specs) if ds.layout == "parquet" else {}
     log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
-    shards = write_shards(specs, progress, splices, report.counts)
+    shards = write_shards(specs, progress, splices, report.counts, edits)
     log.debug("shards written at %.2f s", time.perf_counter() - started)
     doc = _finish(
         ds,
@@ -264,7 +266,23 @@ def _open_parquet(store: Store, rel: str) -> pq.ParquetFile:
 
 
 def _utf8(column) -> np.ndarray:
-    return pc.utf8_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return _lengths(pc.utf8_length(column))
+
+
+def _lengths(lengths) -> np.ndarray:
+    """An integer array's values as int64, a null as 0, read from its buffers: pyarrow's
+    ``to_numpy`` and scalars import pandas (0.3 s), which an update that keeps the features does
+    not otherwise need."""
+    chunks = lengths.chunks if isinstance(lengths, pa.ChunkedArray) else [lengths]
+    out = []
+    for a in chunks:
+        width = a.type.bit_width // 8
+        values = np.frombuffer(a.buffers()[1], f"<i{width}", len(a), a.offset * width).astype(np.int64)
+        if a.null_count:
+            bits = np.unpackbits(np.frombuffer(a.buffers()[0], np.uint8), bitorder="little")
+            values[bits[a.offset : a.offset + len(a)] == 0] = 0
+        out.append(values)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def scan(
@@ -375,15 +393,15 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
             lengths = plain_lengths(local, f, column, g) if local is not None else None
             if lengths is None:
                 images = f.read_row_group(g, columns=["image.bytes"]).column("image").combine_chunks()
-                lengths = pc.binary_length(images.field("bytes")).fill_null(0).to_numpy(zero_copy_only=False)
+                lengths = _lengths(pc.binary_length(images.field("bytes")))
                 del images
             size += lengths
             for k, key in enumerate(meta.type):
                 values = meta.field(k)
-                size = size + _utf8(values)
-                if key.name not in META_FIXED:
-                    valid = pc.and_(pc.is_valid(values), pc.not_equal(values, "")).fill_null(False)
-                    extra.setdefault(key.name, []).append(valid.to_numpy(zero_copy_only=False))
+                chars = _utf8(values)
+                size = size + chars
+                if key.name not in META_FIXED:  # the rows with a value (not null, not empty)
+                    extra.setdefault(key.name, []).append(chars > 0)
             base.append(size)
             ids += t.column("image_id").to_pylist()
             outputs.append(t.column("output").combine_chunks())
@@ -582,11 +600,12 @@ def write_shards(
     progress: Progress,
     splices: dict[str, list[SourceGroup]] | None = None,
     counts: Counter | None = None,
+    edits: dict[str, Callable[[], None]] | None = None,
 ) -> list:
     """Write the planned shards, one after another (a crash point after the first): a shard in
     ``splices`` is assembled from the old shards' bytes, the others go through convert's writers.
     ``counts`` gets ``shards_spliced`` (of which ``shards_linked``: unchanged, hard-linked) and
-    ``shards_rewritten``."""
+    ``shards_rewritten``. ``edits`` writes the edit files a rewritten shard reads, by name."""
     if specs:
         specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
@@ -605,6 +624,9 @@ def write_shards(
                 except NotSpliceable as exc:
                     log.debug("%s is rewritten: %s", spec.relpath, exc)
             if result is None:
+                for piece in spec.pieces:
+                    if edits and piece.part in edits:
+                        edits.pop(piece.part)()
                 result = write_shard(spec, finisher)
                 counts["shards_rewritten"] += 1
             shards.append(result)
@@ -675,6 +697,7 @@ def _plan(
     splits = ordered_splits([sc.split for sc in scans] + [s for r in added for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
+    edits: dict[str, Callable[[], None]] = {}
     layout = layout_for(copts)
     for split in splits:
         parts = []
@@ -682,7 +705,9 @@ def _plan(
             if sc.split != split or not sc.keep.any():
                 continue
             rel = f"{EDITS_DIR}/{k:05d}{EDIT_SUFFIX}"
-            write_edit_file(
+            # written when a shard that reads it is rewritten (a spliced one reads the old shard)
+            edits[rel] = functools.partial(
+                write_edit_file,
                 next_store,
                 rel,
                 ds.store.path(sc.rel),
@@ -737,8 +762,8 @@ def _plan(
         path_prefix=images[0] if images else "",
     )
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
-    table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
-    return specs, features, num_bytes, table
+    table = pa.concat_tables(row_ids) if row_ids else None  # None: the layout keeps none, or no row
+    return specs, features, num_bytes, table, edits
 
 
 def _kept_features(ds: Dataset, seen: SeenColumns) -> CardFeatures | None:
@@ -831,7 +856,7 @@ def _finish(
     if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
         doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
     if layout.keeps_row_ids:
-        write_row_ids(next_store, row_ids)
+        write_row_ids(next_store, row_ids if row_ids is not None else ROW_IDS_SCHEMA.empty_table())
     next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
     return doc
 
