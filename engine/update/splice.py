@@ -10,7 +10,8 @@ offset recomputed. Nothing is decoded but the old ``output`` of the row groups t
 
 The footer's other fields (schema, key-value metadata, ``created_by``, column orders) must be
 those the current writer gives the shard's schema; otherwise (another pyarrow, another meta
-key) the shard is written the usual way.
+key) the shard is written the usual way. A shard that would come out as the old file byte for
+byte (no change in it) is the old file, hard-linked, on a local folder.
 """
 
 from __future__ import annotations
@@ -39,14 +40,8 @@ CHANGED = ("output",)  # the only column an update of the Parquet layout rewrite
 # Parquet thrift field ids (parquet.thrift): FileMetaData, RowGroup, ColumnChunk, ColumnMetaData,
 # PageLocation; the footer fields a splice keeps must be the writer's own
 FMD_NUM_ROWS, FMD_ROW_GROUPS, FMD_KEPT = 3, 4, (1, 2, 5, 6, 7)
-RG_COLUMNS, RG_TOTAL_BYTE_SIZE, RG_NUM_ROWS, RG_FILE_OFFSET, RG_TOTAL_COMPRESSED, RG_ORDINAL = (
-    1,
-    2,
-    3,
-    5,
-    6,
-    7,
-)
+RG_COLUMNS, RG_TOTAL_BYTE_SIZE, RG_NUM_ROWS = 1, 2, 3
+RG_FILE_OFFSET, RG_TOTAL_COMPRESSED, RG_ORDINAL = 5, 6, 7
 CC_FILE_OFFSET, CC_META = 2, 3
 CC_OFFSET_INDEX, CC_OFFSET_INDEX_LEN, CC_COLUMN_INDEX, CC_COLUMN_INDEX_LEN = 4, 5, 6, 7
 CC_ENCRYPTED = (8, 9)
