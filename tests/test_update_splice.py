@@ -251,3 +251,19 @@ def test_arrays_built_from_buffers_equal_pyarrows():
     for array in (column, column.combine_chunks().slice(1, 4), pa.chunked_array([], pa.string())):
         want = pc.utf8_length(array).fill_null(0).to_numpy(zero_copy_only=False).tolist()
         assert _lengths(pc.utf8_length(array)).tolist() == want
+
+
+def test_new_instructions_alone_leave_every_shard_as_it_was(tmp_path, made):
+    """``--config`` with new instructions and the same schema: no output changes, so every shard
+    is the old file, linked; the data files are a fresh convert's with the new config."""
+    from conftest import SCHEMA
+
+    inp, out = made
+    config = tmp_path / "v2.json"
+    config.write_text(json.dumps({"instructions": "Read the price and its currency.", "json_schema": SCHEMA}))
+    assert _update(out, "--config", str(config)) == 0
+    counts = _counts(out)
+    assert counts["shards_spliced"] == counts["shards_linked"] == len(_shards(out))
+    assert counts["shards_rewritten"] == 0
+    assert _data_files(out) == _data_files(_fresh(tmp_path, inp, _rows(), "parquet", config=config))
+    assert "Read the price and its currency." in (out / "README.md").read_text()
