@@ -112,5 +112,8 @@ def test_bench_update_smoke(tmp_path):
     point = json.loads(path.read_text())["points"][0]
     assert point["status"] == "ok" and point["num_rows"] == 12, point
     assert {"speed_vs_cp", "speed_vs_rewrite", "max_peak_rss_mb"} <= set(point)
+    # every new output was applied (the outputs pass the corpus's schema), and the shards spliced
+    assert [u["counts"]["outputs_applied"] for u in point["update"]] == [2]
+    assert point["shards_spliced"] >= 1 and point["shards_rewritten"] == 0
     assert "load average" in point["uptime_before"]
     assert "## Update: an outputs-only" in (tmp_path / "RESULTS.md").read_text()

@@ -163,3 +163,22 @@ def test_crash_before_the_s3_commit_leaves_the_old_dataset(s3, inp, tmp_path, on
     assert again.returncode == 0, again.stderr
     assert _s3_hashes(s3, "bucket/staged") == parquet_hashes(_fresh(tmp_path, inp))
     assert not [k for k in s3.find("bucket/staged") if "/.engine" in k]
+
+
+def test_an_outputs_update_on_s3_splices_the_shards(s3, inp, tmp_path, online):
+    """The old shards' column chunks are read by range from the bucket and copied into the new ones."""
+    out = "s3://bucket/splice"
+    assert convert(inp, out, *OPTS) == 0  # type: ignore[arg-type]
+    updates = tmp_path / "u.jsonl"
+    updates.write_text(json.dumps({"image_id": "id4", "output": {"price": 4.25}}) + "\n")
+    assert run_main(["update", out, "--runner", "local", "--quiet", "--outputs", str(updates)]) == 0
+    counts = json.loads(s3.cat_file("bucket/splice/stats.json"))["updates"][-1]["counts"]
+    assert counts["shards_spliced"] == 3 and counts["shards_rewritten"] == 0
+    rows = [row(f"id{i}", f"img/{i}.jpg", output={"price": i + 0.5}) for i in range(8)]
+    rows[4]["output"] = {"price": 4.25}
+    manifest = inp.root / "final.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fresh = tmp_path / "fresh"
+    argv = ["convert", "--manifest", str(manifest), "--config", str(inp.config), "--out", str(fresh)]
+    assert run_main([*argv, "--runner", "local", "--quiet", *OPTS]) == 0
+    assert _s3_hashes(s3, "bucket/splice") == parquet_hashes(fresh)

@@ -43,6 +43,27 @@ def extraction_features(meta_keys: list[str]):
     )
 
 
+@dataclass(frozen=True)
+class CardFeatures:
+    """An existing dataset's features as its shards' schema and its card's YAML hold them:
+    ``engine update`` passes them where the features do not change, so it needs no ``datasets``
+    (whose import is a second or two of CPU)."""
+
+    arrow_schema: pa.Schema
+    yaml: list  # the card's dataset_info.features
+
+
+def card_front_matter(text: str) -> dict[str, Any] | None:
+    """The YAML front matter of a dataset card, or None when it has none."""
+    if not text.startswith("---\n"):
+        return None
+    end = text.find("\n---\n", 4)
+    if end < 0:
+        return None
+    front = yaml.safe_load(text[4 : end + 1])
+    return front if isinstance(front, dict) else None
+
+
 def meta_struct_array(meta: pa.Array, meta_keys: list[str]) -> pa.StructArray:
     """The parts' meta map column as the struct column of the run's keys, in order (a key a row
     lacks is null)."""
@@ -65,22 +86,33 @@ def extraction_table(group: pa.Table, spec: ShardSpec) -> pa.Table:
     return pa.Table.from_arrays([group["image_id"], image, group["output"], meta], schema=spec.schema)
 
 
-def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
-    meta_keys = meta_keys_of(spec.schema)
-    leaves = ["image_id", "image.bytes", "image.path", "output"] + [f"meta.{k}" for k in meta_keys]
+def parquet_writer(where, schema: pa.Schema) -> pq.ParquetWriter:
+    """The layout's ParquetWriter for ``schema`` (the shard's, or a subset of its columns, whose
+    column chunks then come out byte for byte as in the whole shard: ``engine update`` splices)."""
+    leaves = [
+        f"{f.name}.{c.name}" if pa.types.is_struct(f.type) else f.name
+        for f in schema
+        for c in (f.type if pa.types.is_struct(f.type) else [f])
+    ]
     compression = {c: "zstd" for c in leaves}
-    compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
+    if "image.bytes" in compression:
+        compression["image.bytes"] = "none"  # encoded images do not compress (FORMATS.md §6)
+    writer = pq.ParquetWriter(
+        where,
+        schema,
+        compression=compression,
+        use_dictionary=[c for c in leaves if c.startswith("meta.")],  # never on image bytes
+        write_statistics=[c for c in leaves if c not in ("image.bytes", "image.path")],
+        write_page_index=True,
+        use_content_defined_chunking=CDC_OPTIONS,
+    )
+    writer.add_key_value_metadata(CDC_METADATA)
+    return writer
+
+
+def write_parquet_shard(spec: ShardSpec, finisher: Finisher | None = None) -> ShardResult:
     with spec.store.writing(spec.relpath, finisher=finisher) as tmp:
-        with pq.ParquetWriter(
-            tmp,
-            spec.schema,
-            compression=compression,
-            use_dictionary=[f"meta.{k}" for k in meta_keys],  # never on image bytes
-            write_statistics=[c for c in leaves if c not in ("image.bytes", "image.path")],
-            write_page_index=True,
-            use_content_defined_chunking=CDC_OPTIONS,
-        ) as writer:
-            writer.add_key_value_metadata(CDC_METADATA)
+        with parquet_writer(tmp, spec.schema) as writer:
             num_rows = write_row_groups(
                 spec,
                 lambda group: writer.write_table(
@@ -104,12 +136,21 @@ def dataset_card(
 ) -> str:
     """The dataset card (README.md): YAML front matter the Hub and ``load_dataset(OUT)`` read, plus
     a short human summary."""
-    from datasets import DatasetInfo, SplitDict, SplitInfo
+    if isinstance(features, CardFeatures):  # as datasets' DatasetInfo._to_yaml_dict writes them
+        info = {
+            "features": features.yaml,
+            "splits": [
+                {"name": n, "num_bytes": s["num_bytes"], "num_examples": s["num_rows"]}
+                for n, s in splits.items()
+            ],
+        }
+    else:
+        from datasets import DatasetInfo, SplitDict, SplitInfo
 
-    split_dict = SplitDict()
-    for name, s in splits.items():
-        split_dict.add(SplitInfo(name=name, num_bytes=s["num_bytes"], num_examples=s["num_rows"]))
-    info = DatasetInfo(features=features, splits=split_dict)._to_yaml_dict()
+        split_dict = SplitDict()
+        for name, s in splits.items():
+            split_dict.add(SplitInfo(name=name, num_bytes=s["num_bytes"], num_examples=s["num_rows"]))
+        info = DatasetInfo(features=features, splits=split_dict)._to_yaml_dict()
     info["download_size"] = sum(s["file_bytes"] for s in splits.values())
     info["dataset_size"] = sum(s["num_bytes"] for s in splits.values())
     front = {

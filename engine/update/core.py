@@ -4,7 +4,8 @@ dataset, without decoding its images.
 The update re-plans the shards from the updated rows' byte sizes and writes them through the
 same writers as ``convert``, so the data files are those a fresh ``convert`` of the equivalent
 final manifest makes: the old manifest without the deleted (and replaced) rows, with the new
-outputs, and the ``--add`` manifest's lines after it.
+outputs, and the ``--add`` manifest's lines after it. A Parquet shard whose row groups are whole
+old row groups is spliced from the old shards' bytes instead (``engine.update.splice``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime
 import difflib
+import functools
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ import shutil
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+import yaml
 
 from engine.config import TaskConfig
 from engine.conversation import build_conversation
@@ -44,10 +48,11 @@ from engine.errors import EngineError, UsageError
 from engine.imaging import configure_pillow
 from engine.layouts import layout_for, write_shard
 from engine.layouts.base import SeenColumns
+from engine.layouts.parquet import CardFeatures, card_front_matter, meta_keys_of
 from engine.layouts.plan import cut_shards
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.progress import NullProgress, Progress
-from engine.records import META_FIXED, Reject
+from engine.records import META_FIXED, Reject, order_meta_keys
 from engine.runners import make_runner
 from engine.sinks.store import Finisher, Store
 from engine.stats import merge_image_changes
@@ -64,6 +69,7 @@ from engine.update.rows import (
     read_rows,
     write_edit_file,
 )
+from engine.update.splice import NotSpliceable, SourceGroup, plain_lengths, splice_parquet_shard
 from engine.validate import OutputValidator
 from engine.versions import versions
 from engine.workdir import EDITS_DIR
@@ -95,6 +101,7 @@ class ShardScan:
         default_factory=set
     )  # rows --drop-invalid removes (they keep their manifest line)
     lines: np.ndarray | None = None  # fs-image: every row's new manifest line
+    group_rows: np.ndarray | None = None  # Parquet: the rows of each of the shard's row groups
 
     def old_output(self, i: int) -> str | None:
         if self.old is None:
@@ -165,7 +172,8 @@ def _update(
         progress.message(f"engine: {opts.out} already has this update (same inputs); nothing to do")
         return ds.stats
     task = new_task or ds.task
-    _prewarm_datasets()  # needed for the features only once the rows are read
+    if opts.add or new_task is not None or ds.layout != "parquet":
+        _prewarm_datasets()  # needed for the features only once the rows are read
     report = Report()
     report.counts["outputs_repeated"] = inputs.outputs_repeated
     config_path = opts.config or (store.path("config.json") if ds.task else None)
@@ -210,9 +218,10 @@ def _update(
     )
     added = _run_add(ds, opts, copts, task, next_store, scans, report) if opts.add else []
     images = _place_images(ds, scans, next_store) if ds.fs_image else None
-    specs, features, num_bytes, row_ids = _plan(ds, copts, next_store, scans, added, images)
+    specs, features, num_bytes, row_ids, edits = _plan(ds, copts, next_store, scans, added, images)
+    splices = splice_groups(ds, scans, specs) if ds.layout == "parquet" else {}
     log.debug("%d shards planned at %.2f s", len(specs), time.perf_counter() - started)
-    shards = write_shards(specs, progress)
+    shards = write_shards(specs, progress, splices, report.counts, edits)
     log.debug("shards written at %.2f s", time.perf_counter() - started)
     doc = _finish(
         ds,
@@ -257,7 +266,23 @@ def _open_parquet(store: Store, rel: str) -> pq.ParquetFile:
 
 
 def _utf8(column) -> np.ndarray:
-    return pc.utf8_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return _lengths(pc.utf8_length(column))
+
+
+def _lengths(lengths) -> np.ndarray:
+    """An integer array's values as int64, a null as 0, read from its buffers: pyarrow's
+    ``to_numpy`` and scalars import pandas (0.3 s), which an update that keeps the features does
+    not otherwise need."""
+    chunks = lengths.chunks if isinstance(lengths, pa.ChunkedArray) else [lengths]
+    out = []
+    for a in chunks:
+        width = a.type.bit_width // 8
+        values = np.frombuffer(a.buffers()[1], f"<i{width}", len(a), a.offset * width).astype(np.int64)
+        if a.null_count:
+            bits = np.unpackbits(np.frombuffer(a.buffers()[0], np.uint8), bitorder="little")
+            values[bits[a.offset : a.offset + len(a)] == 0] = 0
+        out.append(values)
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
 def scan(
@@ -356,18 +381,27 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
     outputs: list[pa.Array] = []
     base: list[np.ndarray] = []
     extra: dict[str, list[np.ndarray]] = {}
+    local = None if ds.store.remote else ds.store.path(rel)
     with _open_parquet(ds.store, rel) as f:
+        group_rows = np.array([f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)], np.int64)
+        column = [c.path for c in f.schema].index("image.bytes")
         for g in range(f.num_row_groups):
-            t = f.read_row_group(g, columns=["image_id", "image", "output", "meta"])
+            t = f.read_row_group(g, columns=["image_id", "image.path", "output", "meta"])
             image, meta = t.column("image").combine_chunks(), t.column("meta").combine_chunks()
             size = _utf8(t.column("image_id")) + _utf8(image.field("path"))
-            size += pc.binary_length(image.field("bytes")).fill_null(0).to_numpy(zero_copy_only=False)
+            # the images' sizes from their length prefixes where the pages allow (never their bytes)
+            lengths = plain_lengths(local, f, column, g) if local is not None else None
+            if lengths is None:
+                images = f.read_row_group(g, columns=["image.bytes"]).column("image").combine_chunks()
+                lengths = _lengths(pc.binary_length(images.field("bytes")))
+                del images
+            size += lengths
             for k, key in enumerate(meta.type):
                 values = meta.field(k)
-                size = size + _utf8(values)
-                if key.name not in META_FIXED:
-                    valid = pc.and_(pc.is_valid(values), pc.not_equal(values, "")).fill_null(False)
-                    extra.setdefault(key.name, []).append(valid.to_numpy(zero_copy_only=False))
+                chars = _utf8(values)
+                size = size + chars
+                if key.name not in META_FIXED:  # the rows with a value (not null, not empty)
+                    extra.setdefault(key.name, []).append(chars > 0)
             base.append(size)
             ids += t.column("image_id").to_pylist()
             outputs.append(t.column("output").combine_chunks())
@@ -385,6 +419,7 @@ def _scan_parquet_shard(ds: Dataset, split: str, rel: str) -> ShardScan:
         base=base_sizes,
         old=old,
         extra_meta={k: np.concatenate(v) for k, v in extra.items()},
+        group_rows=group_rows,
     )
 
 
@@ -560,21 +595,95 @@ def commit_staged(staging: Staging, ds: Dataset, store: Store, next_store: Store
     )
 
 
-def write_shards(specs: list, progress: Progress) -> list:
-    """Write the planned shards through convert's writers, one after another
-    (a crash point after the first)."""
+def write_shards(
+    specs: list,
+    progress: Progress,
+    splices: dict[str, list[SourceGroup]] | None = None,
+    counts: Counter | None = None,
+    edits: dict[str, Callable[[], None]] | None = None,
+) -> list:
+    """Write the planned shards, one after another (a crash point after the first): a shard in
+    ``splices`` is assembled from the old shards' bytes, the others go through convert's writers.
+    ``counts`` gets ``shards_spliced`` (of which ``shards_linked``: unchanged, hard-linked) and
+    ``shards_rewritten``. ``edits`` writes the edit files a rewritten shard reads, by name."""
     if specs:
         specs[0].layout.on_write_start(specs[0].store)
     progress.start(len(specs), "writing shards", unit="shard")
     shards = []
+    counts = Counter() if counts is None else counts
+    counts.update({"shards_spliced": 0, "shards_linked": 0, "shards_rewritten": 0})
     with Finisher() as finisher:
         for i, spec in enumerate(specs):
-            shards.append(write_shard(spec, finisher))
+            result = None
+            groups = (splices or {}).get(spec.relpath)
+            if groups:
+                try:
+                    result, linked = splice_parquet_shard(spec, groups, finisher)
+                    counts["shards_spliced"] += 1
+                    counts["shards_linked"] += linked
+                except NotSpliceable as exc:
+                    log.debug("%s is rewritten: %s", spec.relpath, exc)
+            if result is None:
+                for piece in spec.pieces:
+                    if edits and piece.part in edits:
+                        edits.pop(piece.part)()
+                result = write_shard(spec, finisher)
+                counts["shards_rewritten"] += 1
+            shards.append(result)
             progress.advance(1, 0)
             if i == 0:
                 crash_point("update-first-shard")
     progress.close()
     return shards
+
+
+def splice_groups(ds: Dataset, scans: list[ShardScan], specs: list) -> dict[str, list[SourceGroup]]:
+    """The Parquet shards whose every row group holds exactly the rows of one old row group (in
+    order, none removed), each with those old row groups and their new outputs: they are spliced."""
+    edits = {f"{EDITS_DIR}/{k:05d}{EDIT_SUFFIX}": k for k in range(len(scans))}
+    kept: dict[int, np.ndarray] = {}
+    plans = {}
+    for spec in specs:
+        segments = []
+        for piece in spec.pieces:
+            k = edits.get(piece.part)
+            if k is None:  # an --add part's rows
+                break
+            if k not in kept:
+                kept[k] = np.flatnonzero(scans[k].keep)
+            segments.append((k, kept[k][piece.start : piece.stop]))
+        else:
+            groups = _whole_groups(ds, scans, spec.row_groups, segments)
+            if groups:
+                plans[spec.relpath] = groups
+    return plans
+
+
+def _whole_groups(ds: Dataset, scans: list[ShardScan], counts, segments) -> list[SourceGroup] | None:
+    groups: list[SourceGroup] = []
+    segment, offset = 0, 0
+    for count in counts:
+        if segment == len(segments):
+            return None
+        k, rows = segments[segment]
+        sc = scans[k]
+        first = int(rows[offset]) if offset < len(rows) else -1
+        starts = np.concatenate([[0], np.cumsum(sc.group_rows)[:-1]])
+        g = int(np.searchsorted(starts, first))
+        if (
+            offset + count > len(rows)
+            or g == len(starts)
+            or starts[g] != first
+            or sc.group_rows[g] != count
+            or rows[offset + count - 1] != first + count - 1
+        ):
+            return None
+        texts = {i - first: t for i, t in sc.texts.items() if first <= i < first + count}
+        groups.append(SourceGroup(ds.store.path(sc.rel), g, texts))
+        offset += count
+        if offset == len(rows):
+            segment, offset = segment + 1, 0
+    return groups if groups and segment == len(segments) else None
 
 
 def _plan(
@@ -588,6 +697,7 @@ def _plan(
     splits = ordered_splits([sc.split for sc in scans] + [s for r in added for s in r.sizes])
     segments: dict[str, list[tuple[str, np.ndarray]]] = {}
     row_ids: list[pa.Table] = []
+    edits: dict[str, Callable[[], None]] = {}
     layout = layout_for(copts)
     for split in splits:
         parts = []
@@ -595,7 +705,9 @@ def _plan(
             if sc.split != split or not sc.keep.any():
                 continue
             rel = f"{EDITS_DIR}/{k:05d}{EDIT_SUFFIX}"
-            write_edit_file(
+            # written when a shard that reads it is rewritten (a spliced one reads the old shard)
+            edits[rel] = functools.partial(
+                write_edit_file,
                 next_store,
                 rel,
                 ds.store.path(sc.rel),
@@ -639,7 +751,7 @@ def _plan(
                 "'conversations'); add them to a dataset of their kind"
             )
         seen = SeenColumns(text_columns=frozenset(columns))
-    features = layout.features(seen)
+    features = (_kept_features(ds, seen) if ds.layout == "parquet" else None) or layout.features(seen)
     specs = cut_shards(
         segments,
         copts,
@@ -650,8 +762,26 @@ def _plan(
         path_prefix=images[0] if images else "",
     )
     num_bytes = {split: int(sum(int(s.sum()) for _, s in parts)) for split, parts in segments.items()}
-    table = pa.concat_tables(row_ids) if row_ids else ROW_IDS_SCHEMA.empty_table()
-    return specs, features, num_bytes, table
+    table = pa.concat_tables(row_ids) if row_ids else None  # None: the layout keeps none, or no row
+    return specs, features, num_bytes, table, edits
+
+
+def _kept_features(ds: Dataset, seen: SeenColumns) -> CardFeatures | None:
+    """The dataset's own features when the update keeps them (the same meta keys), read from a
+    shard's schema and the card; None when they change, or the card was edited away."""
+    shards = [rel for rels in ds.files.values() for rel in rels]
+    if not shards or not ds.store.is_file("README.md"):
+        return None
+    try:
+        front = card_front_matter(ds.store.read_bytes("README.md").decode())
+        features = front["dataset_info"]["features"] if front else None
+    except (UnicodeDecodeError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    with _open_parquet(ds.store, shards[0]) as f:
+        schema = f.schema_arrow
+    if not isinstance(features, list) or meta_keys_of(schema) != order_meta_keys(seen.meta_keys):
+        return None
+    return CardFeatures(schema, features)
 
 
 def _finish(
@@ -726,7 +856,7 @@ def _finish(
     if "packed_paths" in doc:  # where the splits will be once committed, not the staging folder
         doc["packed_paths"] = {n: ds.store.path(n) if len(splits) > 1 else ds.store.root for n in splits}
     if layout.keeps_row_ids:
-        write_row_ids(next_store, row_ids)
+        write_row_ids(next_store, row_ids if row_ids is not None else ROW_IDS_SCHEMA.empty_table())
     next_store.write_bytes("stats.json", orjson.dumps(doc, option=orjson.OPT_INDENT_2))  # last
     return doc
 
