@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -26,9 +25,8 @@ from engine.layouts.base import MAX_OUTPUT_BYTES, Checked, Layout  # noqa: F401 
 from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
-from engine.sources.base import ImageInput, InlineImage, ManifestRow, Source, Unit
+from engine.sources.base import ManifestRow, Source, Unit
 from engine.sources.fetch import Fetcher, FetchFailure, FetchTally
-from engine.sources.location import local_path
 from engine.stats import ImageTally
 from engine.workdir import UnitResult, unit_paths
 
@@ -113,7 +111,7 @@ def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
             if isinstance(images, Reject):
                 rejects.append(images)
                 continue
-            stored = _store_images(row, images, [st for _, st in payloads], ctx)
+            stored = _store_images(row, images, [origin for _, origin in payloads], ctx)
             sample = Sample(
                 line=row.line,
                 split=row.split,
@@ -184,55 +182,51 @@ def _transform_all(
 
 
 def _store_images(
-    row: ManifestRow, images: list[EncodedImage], stats: list[os.stat_result | None], ctx: UnitContext
+    row: ManifestRow, images: list[EncodedImage], origins: list[SourceRef | None], ctx: UnitContext
 ) -> tuple[StoredImage, ...]:
     """The images to embed under the names the layout gives (bytes, or a reference to the local
     source), or, for a layout of image files, each file written at its path under OUT (no bytes kept)."""
     names = ctx.layout.image_names(row, [im.extension for im in images])
     if not ctx.layout.image_files:
         return tuple(
-            StoredImage(_source_or_bytes(im, loc, st, ctx), name)
-            for im, loc, st, name in zip(images, row.locations, stats, names)
+            StoredImage(_source_or_bytes(im, origin, ctx), name)
+            for im, origin, name in zip(images, origins, names)
         )
     for im, name in zip(images, names):
         ctx.store.write_bytes(name, im.data)
     return tuple(StoredImage(None, name) for name in names)
 
 
-def _source_or_bytes(
-    image: EncodedImage, location: ImageInput, st: os.stat_result | None, ctx: UnitContext
-) -> bytes | SourceRef:
-    """A pass-through image of a local file is referenced, not copied (see ``engine.sinks.parts``),
-    as long as the bytes read have the size the open file had. ``st`` is the file's status taken
-    by the fetcher before it read the bytes, so a file rewritten since shows a newer mtime when
-    its shard is written, and stops the run instead of writing bytes that were never checked.
-    Inline bytes that name their place in a local file (a tar member) are referenced there."""
-    if isinstance(location, InlineImage):
-        origin = location.origin
-        keep = (
-            ctx.reference_sources
-            and image.passthrough
-            and origin is not None
-            and origin.size == len(image.data)
-        )
-        return origin if keep else image.data
-    path = local_path(location) if ctx.reference_sources and image.passthrough and st is not None else None
-    if path is None or st.st_size != len(image.data):
-        return image.data
-    return SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+def _source_or_bytes(image: EncodedImage, origin: SourceRef | None, ctx: UnitContext) -> bytes | SourceRef:
+    """A pass-through image whose bytes lie in a local file (the file itself, a local tar's
+    member, a local download-cache entry) is referenced there, not copied (see
+    ``engine.sinks.parts``), as long as the bytes read have the size the reference records.
+    The fetcher took the file's status before it read the bytes, so a file rewritten since
+    shows a newer mtime when its shard is written, and stops the run instead of writing bytes
+    that were never checked."""
+    keep = (
+        ctx.reference_sources and image.passthrough and origin is not None and origin.size == len(image.data)
+    )
+    return origin if keep else image.data
 
 
 def _fetch_all(
-    fetcher: Fetcher, row: ManifestRow
-) -> list[tuple[bytes | FetchFailure, os.stat_result | None]]:
-    return [fetcher.fetch_with_stat(loc) for loc in row.locations]
+    fetcher: Fetcher, row: ManifestRow, tally: FetchTally
+) -> list[tuple[bytes | FetchFailure, SourceRef | None]]:
+    payloads = []
+    for loc in row.locations:
+        fetched = fetcher.read(loc)
+        tally.add(fetched)
+        fetched.release()
+        payloads.append((fetched.data, fetched.origin))
+    return payloads
 
 
-def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, os.stat_result | None]:
+def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, SourceRef | None]:
     fetched = future.result()
     tally.add(fetched)
     fetched.release()  # the bytes are the unit's now: they no longer count against the fetch buffer
-    return fetched.data, fetched.stat
+    return fetched.data, fetched.origin
 
 
 def _prefetched(
@@ -243,24 +237,25 @@ def _prefetched(
     lookahead: Callable[[], Iterator[str]] | None = None,
     concurrency: int | None = None,
 ):
-    """Yield (row, [(bytes | FetchFailure, local file status or None) per image]) in order,
-    fetching a bounded window ahead, so file and network I/O overlap with decoding: up to
-    ``concurrency`` rows ahead when some are URLs (their requests share the process's event
-    loop, and the fetch buffer bounds their bytes), ``threads`` for files. A unit of
-    local files is read inline while they are small and quick to read (see
-    INLINE_LOCAL_READ_BYTES). In the driver's threads, which share one process and take the
-    units in order, a unit of URLs also starts fetching the rows after it (``lookahead``), so
-    the next unit's images are not waited for when it starts."""
+    """Yield (row, [(bytes | FetchFailure, where they lie in a local file or None) per image])
+    in order, fetching a bounded window ahead, so file and network I/O overlap with decoding: up
+    to ``concurrency`` rows ahead when some are URLs (their requests share the process's event
+    loop, and the fetch buffer bounds their bytes), ``threads`` for files. A unit of local
+    files (or of URLs a local download cache holds) is read inline while they are small and
+    quick to read (see INLINE_LOCAL_READ_BYTES). In the driver's threads, which share one
+    process and take the units in order, a unit of URLs also starts fetching the rows after it
+    (``lookahead``), so the next unit's images are not waited for when it starts."""
     if not rows:
         return
-    if fetcher.inline_local_reads and all(fetcher.is_local(loc) for c in rows for loc in c.row.locations):
+    tally = tally if tally is not None else FetchTally()
+    local = [fetcher.reads_locally(loc) for c in rows for loc in c.row.locations]
+    if fetcher.inline_local_reads and all(local):
         for checked in rows:
-            yield checked, _fetch_all(fetcher, checked.row)
+            yield checked, _fetch_all(fetcher, checked.row, tally)
         return
-    remote = any(not fetcher.is_local(loc) for c in rows for loc in c.row.locations)
+    remote = not all(local)
     concurrency = concurrency or threads
     ahead = max(1, concurrency if remote else threads)
-    tally = tally if tally is not None else FetchTally()
     window: deque[tuple[Checked, list[Future]]] = deque()
     pending = iter(rows)
 

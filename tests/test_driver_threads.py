@@ -197,10 +197,12 @@ def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_p
 
     got = [(checked.row.image_id, [data for data, _ in payloads]) for checked, payloads in first + second]
     assert got == [(f"r{i % 6}", [bytes([i]) * (1000 + i)]) for i in range(12)]
-    # each local read comes with the status of the file it was read from
-    assert [st.st_size for _, payloads in first + second for _, st in payloads] == [
-        1000 + i for i in range(12)
+    # each local read comes with where its bytes lie: the file, its size and mtime before the read
+    refs = [ref for _, payloads in first + second for _, ref in payloads]
+    assert [(ref.path, ref.size, ref.offset) for ref in refs] == [
+        (str(p), 1000 + i, None) for i, p in enumerate(paths)
     ]
+    assert [ref.mtime_ns for ref in refs] == [p.stat().st_mtime_ns for p in paths]
     me = threading.current_thread().name
     assert readers[:6] == [me] * 6  # nothing measured yet: local reads are assumed fast
     if case == "small":

@@ -23,6 +23,7 @@ from engine.sources.fetch import Fetcher, FetchFailure
 
 GOOD = imagegen.jpeg(size=(96, 64))
 ROT6 = imagegen.oriented(6)
+NOISE = [imagegen.noise_jpeg((400, 300), seed=i) for i in range(6)]  # kept as they are, and big
 STOP = threading.Event()
 
 
@@ -139,6 +140,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(half):x}\r\n".encode() + half + b"\r\n")
             self.wfile.flush()
             self.close_connection = True
+        elif kind == "noise":  # /noise/<i>.jpg: NOISE[i]
+            self._image(NOISE[int(parts[1].split(".")[0])])
         elif kind == "html":  # an error page with status 200
             self._image(b"<html><body>Sorry, this product has no photo.</body></html>", "text/html")
         elif kind == "missing":
@@ -341,6 +344,104 @@ def test_corrupt_cache_entry_is_fetched_again(server, tmp_path):
     assert STATE.hits == {"/img/0/c1.jpg": 1, "/img/0/c2.jpg": 1}
     assert o.stats["fetch"]["num_cache_corrupt"] == 2 and o.stats["fetch"]["num_cache_hits"] == 1
     assert DownloadCache(str(cache)).get(victim).data == GOOD  # rewritten whole
+
+
+@pytest.fixture
+def part_bytes(monkeypatch):
+    """The total size of the part files of each run, as its units reported it."""
+    import engine.driver
+
+    seen: list[int] = []
+    plan = engine.driver.plan_shards
+
+    def spy(results, opts, store):
+        seen.append(sum(r.part_bytes for r in results))
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", spy)
+    return seen
+
+
+def test_cached_passthrough_rows_are_referenced_not_copied(server, tmp_path, part_bytes):
+    """A pass-through row whose bytes a local download cache holds goes the way of a local file:
+    its part references the cache entry, and the shard gets the server's bytes from there. So
+    does a row fetched into the cache; without a cache the fetched bytes are in the part."""
+    cache = tmp_path / "cache"
+    rows = [row(f"n{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(6)]
+    total = sum(len(b) for b in NOISE)
+    filled = _run(tmp_path, rows, "--download-cache", str(cache), name="fill")
+    STATE.reset()
+    cached = _run(tmp_path, rows, "--download-cache", str(cache), "--unit-rows", "2", name="cached")
+    assert STATE.hits == {}
+    without = _run(tmp_path, rows, name="without")
+    for o in (filled, cached, without):
+        assert o.rejects == []
+        assert [o.by_id()[f"n{i}"]["image"]["bytes"] for i in range(6)] == NOISE  # the server's bytes
+    assert cached.stats["fetch"]["num_cache_hits"] == 6
+    assert cached.stats["num_passthrough"] == 6
+    fill_parts, cached_parts, copied_parts = part_bytes
+    assert copied_parts > total  # the fetched bytes are in the parts
+    assert fill_parts < total / 10 and cached_parts < total / 10, part_bytes  # only references
+    assert parquet_hashes(filled.root) == parquet_hashes(cached.root) == parquet_hashes(without.root)
+
+
+def test_cache_entries_are_read_and_checked_in_the_unit_not_the_event_loop(server, tmp_path, monkeypatch):
+    """Cache hits are read like local files, in the thread that decodes them (nothing goes
+    through the event loop's executor); the check is made there, so a corrupt entry is still
+    fetched again, and rewritten."""
+    from engine.sources import cache as cache_module
+    from engine.sources import http
+
+    cache = tmp_path / "cache"
+    rows = [row(f"r{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(4)]
+    _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+    victim = f"{server}/noise/2.jpg"
+    key = DownloadCache.key(victim)
+    entry = cache / key[:2] / key
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF
+    entry.write_bytes(bytes(data))
+
+    readers: list[str] = []
+    real_read = cache_module.DownloadCache.read_local
+
+    def read_local(path, max_body):
+        readers.append(threading.current_thread().name)
+        return real_read(path, max_body)
+
+    def no_lookup(self, url):
+        raise AssertionError(f"looked up on the event loop: {url}")
+
+    monkeypatch.setattr(cache_module.DownloadCache, "read_local", staticmethod(read_local))
+    monkeypatch.setattr(http.HttpClient, "_cache_get", no_lookup)
+    STATE.reset()
+    o = _run(tmp_path, rows, "--download-cache", str(cache), "--workers", "1", name="second")
+    assert STATE.hits == {"/noise/2.jpg": 1}
+    assert [o.by_id()[f"r{i}"]["image"]["bytes"] for i in range(4)] == NOISE[:4]
+    assert len(readers) == 4 and not any(name.startswith(("asyncio", "engine-http")) for name in readers)
+    fetch = o.stats["fetch"]
+    assert (fetch["num_cache_hits"], fetch["num_cache_corrupt"], fetch["num_requests"]) == (3, 1, 1)
+    assert DownloadCache(str(cache)).get(victim).data == NOISE[2]
+
+
+def test_a_sound_entry_is_kept_when_a_miss_is_stored(tmp_path):
+    """An entry that appears between a miss and its store (another run filling the same cache)
+    is kept, so a part file of that run that references it stays valid; a corrupt one is replaced."""
+    cache = DownloadCache(str(tmp_path / "c"))
+    cache.put("http://x/a", b"first")
+    path = Path(cache.local_entry("http://x/a"))
+    before = path.stat()
+    size, mtime_ns = cache.put_local("http://x/a", b"second", replace=False)
+    assert mtime_ns is None and cache.get("http://x/a").data == b"first"
+    assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns
+    size, mtime_ns = cache.put_local("http://x/b", b"new", replace=False)
+    assert (
+        cache.get("http://x/b").data == b"new"
+        and mtime_ns == Path(cache.local_entry("http://x/b")).stat().st_mtime_ns
+    )
+    size, mtime_ns = cache.put_local("http://x/a", b"second")
+    assert cache.get("http://x/a").data == b"second" and mtime_ns is not None
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
 
 
 def test_download_cache_on_fsspec(server, tmp_path):

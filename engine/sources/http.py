@@ -26,7 +26,8 @@ from concurrent.futures import Future
 from urllib.parse import urlsplit
 
 from engine.config import FetchOptions
-from engine.sources.cache import CacheRead, DownloadCache
+from engine.records import SourceRef
+from engine.sources.cache import HEADER_BYTES, CacheRead, DownloadCache
 from engine.sources.fetch import Fetched, FetchFailure
 
 log = logging.getLogger(__name__)
@@ -140,11 +141,12 @@ class HttpClient:
         self._next_start: dict[str, float] = {}
         self.in_flight = self.max_in_flight = 0
 
-    def submit(self, url: str, speculative: bool = False) -> Future:
+    def submit(self, url: str, speculative: bool = False, cached: str | None = None) -> Future:
         """Fetch ``url``; the future's result is a :class:`Fetched`. Cancelling it stops the request.
         A speculative fetch (a row this process will probably need soon) does not wait for room
-        in the buffer, nor counts in it: the caller bounds how many it starts."""
-        return asyncio.run_coroutine_threadsafe(self._fetch(url, speculative), self._loop)
+        in the buffer, nor counts in it: the caller bounds how many it starts. ``cached`` is what
+        the caller found in a local download cache (``miss`` or ``corrupt``): not looked up again."""
+        return asyncio.run_coroutine_threadsafe(self._fetch(url, speculative, cached), self._loop)
 
     @property
     def mean_body_bytes(self) -> float:
@@ -166,13 +168,13 @@ class HttpClient:
             fetched.hold = weakref.finalize(fetched, self._release_later, held)
         return fetched
 
-    async def _fetch(self, url: str, speculative: bool) -> Fetched:
+    async def _fetch(self, url: str, speculative: bool, cached: str | None = None) -> Fetched:
         # look-ahead fetches stay out of the buffer (their number is capped instead), so the rows
         # units wait for never wait behind rows no unit has asked for yet
         held = 0 if speculative else await self._gate.acquire()
         try:
-            fetched = Fetched(None)
-            if self._cache is not None:
+            fetched = Fetched(None, cache=cached)
+            if self._cache is not None and cached is None:
                 found = await self._loop.run_in_executor(None, self._cache_get, url)
                 if found.data is not None:
                     fetched.data, fetched.cache, fetched.num_cache_bytes = found.data, "hit", found.size
@@ -183,9 +185,7 @@ class HttpClient:
                 if isinstance(fetched.data, bytes):
                     self._gate.note_size(len(fetched.data))
                     if self._cache is not None:
-                        fetched.num_cache_bytes = await self._loop.run_in_executor(
-                            None, self._cache_put, url, fetched.data
-                        )
+                        await self._loop.run_in_executor(None, self._cache_put, url, fetched)
             if speculative:
                 return fetched
             size = len(fetched.data) if isinstance(fetched.data, bytes) else 0
@@ -203,12 +203,23 @@ class HttpClient:
             self._warn_cache(exc)
             return CacheRead(None)
 
-    def _cache_put(self, url: str, data: bytes) -> int:
+    def _cache_put(self, url: str, fetched: Fetched) -> None:
+        """Keep the body; in a local folder, the row's bytes are then also where the entry is
+        (``origin``), so a part file may reference them as it does a local file's."""
+        data = fetched.data
         try:
-            return self._cache.put(url, data)
+            path = self._cache.local_entry(url)
+            if path is None:
+                fetched.num_cache_bytes = self._cache.put(url, data)
+                return
+            # an entry found sound meanwhile (another run's) is kept: a part may reference it
+            fetched.num_cache_bytes, mtime_ns = self._cache.put_local(
+                url, data, replace=fetched.cache != "miss"
+            )
+            if mtime_ns is not None:
+                fetched.origin = SourceRef(path, len(data), mtime_ns, HEADER_BYTES)
         except Exception as exc:  # noqa: BLE001 - the row has its bytes; only the next run loses them
             self._warn_cache(exc)
-            return 0
 
     def _warn_cache(self, exc: Exception) -> None:
         if not self._cache_warned:
