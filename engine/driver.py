@@ -20,7 +20,7 @@ from engine.imaging import configure_pillow
 from engine.layouts import layout_for, write_shard
 from engine.layouts.base import SeenColumns
 from engine.layouts.plan import cut_shards
-from engine.pipeline import UnitContext, process_unit
+from engine.pipeline import UnitContext, process_unit, start_fetching
 from engine.progress import NullProgress, Progress
 from engine.runners import make_runner
 from engine.runners.base import Runner, run_item
@@ -139,6 +139,14 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
         return ConvertResult(out=opts.out, stats=stats_doc)
     prepare_out(store, opts.overwrite, opts.resume)
+    if not opts.resume:  # a resumed run's first rows are usually done already
+        start_fetching(
+            source,
+            opts.fetch,
+            opts.image.max_image_bytes,
+            base=opts.base_path or source.default_base(),
+            default_split=opts.split,
+        )
     stats = RunStats()
     results: list[UnitResult] = []
     with (

@@ -31,6 +31,7 @@ from engine.stats import ImageTally
 from engine.workdir import UnitResult, unit_paths
 
 log = logging.getLogger(__name__)
+LOOKAHEAD_EVERY = 4  # rows taken between top-ups of the look-ahead (each reads the manifest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,33 @@ class UnitContext:
 @functools.lru_cache(maxsize=4)
 def _fetcher(opts: FetchOptions, max_bytes: int) -> Fetcher:
     return Fetcher(opts, max_bytes)
+
+
+def start_fetching(
+    source: Source, fetch: FetchOptions, max_bytes: int, *, base: str, default_split: str
+) -> None:
+    """In the background: when the input's first rows are URLs, import and start this process's
+    HTTP client and begin fetching them (as look-ahead, which the first units take over), so
+    the import and the first round trip overlap the planning instead of delaying the first units."""
+
+    def start() -> None:
+        started = time.perf_counter()
+        try:
+            urls = source.first_urls(fetch.concurrency, base=base, default_split=default_split)
+            first = next(urls, None)  # drawn lazily: the look-ahead goes on from the last row drawn
+            if first is not None:
+                num = _fetcher(fetch, max_bytes).speculate(
+                    itertools.chain([first], urls), limit=fetch.concurrency
+                )
+                log.debug(
+                    "HTTP client started, %d first rows fetching, in %.2f s",
+                    num,
+                    time.perf_counter() - started,
+                )
+        except Exception as exc:  # noqa: BLE001 - only a head start is lost; the units fetch their rows
+            log.debug("fetching the first rows early failed: %s: %s", type(exc).__name__, exc)
+
+    threading.Thread(target=start, name="engine-http-start", daemon=True).start()
 
 
 def check_row(row: ManifestRow, ctx: UnitContext) -> Checked | Reject:
@@ -262,16 +290,25 @@ def _prefetched(
     def submit(checked: Checked) -> None:
         window.append((checked, [fetcher.submit(loc) for loc in checked.row.locations]))
 
+    looking_ahead = (
+        remote and lookahead is not None and threading.current_thread() is not threading.main_thread()
+    )
     try:
         for checked in itertools.islice(pending, ahead):
             submit(checked)
-        if remote and lookahead is not None and threading.current_thread() is not threading.main_thread():
+        if looking_ahead:
             fetcher.speculate(lookahead(), limit=concurrency)
-        while window:
+        for taken in itertools.count(1):
+            if not window:
+                break
             checked, futures = window.popleft()
             nxt = next(pending, None)
             if nxt is not None:
                 submit(nxt)
+            # topped up as rows are taken (and the first bodies show their size), so the rows
+            # after this unit are ready when a thread takes them, not only at this unit's start
+            if looking_ahead and taken % LOOKAHEAD_EVERY == 0 and fetcher.lookahead_room() >= LOOKAHEAD_EVERY:
+                fetcher.speculate(lookahead(), limit=concurrency)
             payloads = [_take(future, tally) for future in futures]
             futures = None  # nothing here keeps the fetched results alive
             yield checked, payloads

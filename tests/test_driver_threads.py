@@ -230,3 +230,41 @@ def test_remote_locations_are_prefetched_in_threads(monkeypatch):
     got = [payloads for _, payloads in _prefetched(fetcher, _rows(urls), threads=3)]
     assert got == [[(u.encode(), None)] for u in urls]  # no file status for a remote image
     assert readers and all(name == "engine-http" for name in readers)
+
+
+def test_the_look_ahead_is_topped_up_while_a_unit_runs(monkeypatch):
+    """In a driver thread, a unit of URLs starts fetching the rows after it, and tops that up as
+    it takes its own rows (the first bodies show how small the images are), so the next units'
+    rows are in flight before a thread takes them, not only as many as the first guess allowed."""
+    from engine.config import FetchOptions
+    from engine.pipeline import _prefetched
+    from engine.sources import fetch, http
+
+    fetched: list[str] = []
+
+    async def download(self, url, fetched_):
+        fetched.append(url)
+        return b"x" * 1000
+
+    monkeypatch.setattr(http.HttpClient, "_download", download)
+    fetcher = fetch.Fetcher(FetchOptions(concurrency=256), max_bytes=1 << 20)
+    unit = [f"http://example.invalid/u{i}.jpg" for i in range(16)]
+    after = [f"http://example.invalid/next{i}.jpg" for i in range(400)]
+    drawn = iter(after)
+    got = []
+
+    def run():
+        got.extend(_prefetched(fetcher, _rows(unit), threads=2, lookahead=lambda: drawn, concurrency=256))
+
+    thread = threading.Thread(target=run)  # not the main thread: where the driver's threads look ahead
+    thread.start()
+    thread.join(30)
+    assert [payloads for _, payloads in got] == [[(b"x" * 1000, None)]] * 16
+    deadline = time.monotonic() + 10
+    while len(fetched) < 16 + 128 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ahead = [u for u in fetched if "/next" in u]
+    # at first an unknown size allows 32 rows ahead (a 1 MiB guess), once: about 50; topped up, far more
+    assert len(ahead) > 128, len(ahead)
+    assert sorted(ahead, key=after.index) == after[: len(ahead)]  # in order, each once
+    assert len(set(fetched)) == len(fetched)

@@ -198,6 +198,54 @@ def test_concurrency_follows_latency_across_units(server, tmp_path):
     assert im.size == (96, 64)
 
 
+def test_first_rows_are_fetched_while_the_run_starts(server, tmp_path, monkeypatch):
+    """The HTTP client starts and the first rows' requests go out while the manifest is planned:
+    the first unit finds them sent (here it waits until the server has seen them, which on the
+    code before never happened). Each URL is still fetched once, and counted once."""
+    import engine.driver
+
+    rows = [row(f"r{i}", f"{server}/img/100/first-{i}.jpg", key="image_url") for i in range(40)]
+    real = engine.driver.process_unit
+    seen_at_start: list[int] = []
+
+    def first_unit_waits(unit, ctx):
+        if not seen_at_start:
+            deadline = time.monotonic() + 10
+            while STATE.count("/img/") < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_at_start.append(STATE.count("/img/"))
+        return real(unit, ctx)
+
+    monkeypatch.setattr(engine.driver, "process_unit", first_unit_waits)
+    o = _run(tmp_path, rows, "--unit-rows", "16")
+    assert seen_at_start[0] >= 8, seen_at_start
+    assert len(o.by_id()) == 40 and o.rejects == []
+    assert STATE.count("/img/") == 40 and all(n == 1 for n in STATE.hits.values())
+    assert o.stats["fetch"]["num_requests"] == 40
+
+
+def test_first_urls_then_urls_after_go_on_from_the_last_row_drawn(tmp_path):
+    from engine.sources.jsonl import JsonlSource
+
+    rows = [row(f"r{i}", f"http://h/{i}.jpg", key="image_url") for i in range(40)]
+    rows[3] = row("local", "a.jpg")  # a local file: not fetched ahead
+    inp = write_input(tmp_path / "in", rows)
+    source = JsonlSource(str(inp.manifest))
+    first = source.first_urls(256, base=str(tmp_path), default_split="train")
+    drawn = [next(first) for _ in range(20)]
+    assert drawn == [f"http://h/{i}.jpg" for i in range(21) if i != 3]
+    unit = source.plan(16).units[0]  # rows 0-15; rows up to 20 were drawn ahead already
+    assert list(source.urls_after(unit, 8, base=str(tmp_path), default_split="train"))[:3] == [
+        f"http://h/{i}.jpg" for i in (21, 22, 23)
+    ]
+    source.close()
+    local = write_input(tmp_path / "local", [row("a", "a.jpg"), row("b", "b.jpg")])
+    assert (
+        list(JsonlSource(str(local.manifest)).first_urls(256, base=str(tmp_path), default_split="train"))
+        == []
+    )
+
+
 def test_retry_after_and_503_then_success(server, tmp_path):
     rows = [
         row("r429", f"{server}/retry-after/429/1/a.jpg", key="image_url"),

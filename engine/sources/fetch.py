@@ -257,9 +257,7 @@ class Fetcher:
         client = self._http_client()
         local_cache = self._local_cache() is not None
         now, started = time.monotonic(), 0
-        # rows ahead: enough to cover the latency at any rate for small images; for large ones,
-        # what an eighth of the buffer holds, so photos are not held in memory long before use
-        cap = min(self._opts.concurrency, max(8, int(self._opts.buffer_bytes / 8 / client.mean_body_bytes)))
+        cap = self._lookahead_cap(client)
         with self._http_lock:
             table = self._speculative
             while table and next(iter(table.values()))[0] < now - SPECULATIVE_SECONDS:
@@ -279,6 +277,18 @@ class Fetcher:
                         table[url] = (now, client.submit(url, speculative=True))
                     started += 1
         return started
+
+    def lookahead_room(self) -> int:
+        """How many look-ahead fetches :meth:`speculate` could start now (read without a lock: a hint)."""
+        client = self._http
+        if client is None or not client.has_room():
+            return 0
+        return self._lookahead_cap(client) - len(self._speculative)
+
+    def _lookahead_cap(self, client) -> int:
+        # rows ahead: enough to cover the latency at any rate for small images; for large ones,
+        # what an eighth of the buffer holds, so photos are not held in memory long before use
+        return min(self._opts.concurrency, max(8, int(self._opts.buffer_bytes / 8 / client.mean_body_bytes)))
 
     def _http_client(self):
         if self._http is None:
