@@ -39,6 +39,7 @@ class Server:
             self.hits: dict[str, int] = {}
             self.times: dict[str, list[float]] = {}
             self.agents: list[str] = []
+            self.auth: list[str] = []
             self.in_flight = self.max_in_flight = 0
 
     def count(self, prefix: str = "/") -> int:
@@ -69,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
             STATE.hits[path] = STATE.hits.get(path, 0) + 1
             STATE.times.setdefault(path, []).append(time.monotonic())
             STATE.agents.append(self.headers.get("User-Agent", ""))
+            STATE.auth.append(self.headers.get("Authorization", ""))
             STATE.in_flight += 1
             STATE.max_in_flight = max(STATE.max_in_flight, STATE.in_flight)
         try:
@@ -342,6 +344,24 @@ def test_user_agent_is_sent(server, tmp_path):
         "labelr-export/1.0 (contact@example.org)",
     )
     assert STATE.agents == ["labelr-export/1.0 (contact@example.org)"]
+
+
+def test_proxy_and_netrc_from_the_environment_are_used(server, tmp_path, monkeypatch):
+    """HTTP_PROXY / NO_PROXY and .netrc are honoured (looked up once per host, not per request):
+    the test server doubles as the proxy for a host that does not exist."""
+    import base64
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine images.example.invalid login bot password s3cret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, server)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "localhost")
+    fetcher = Fetcher(FetchOptions(retries=0), max_bytes=1 << 20)
+    got = [fetcher.fetch(f"http://images.example.invalid/img/0/p{i}.jpg") for i in range(3)]
+    assert got == [GOOD] * 3 and STATE.count("/img/") == 3
+    assert STATE.auth == ["Basic " + base64.b64encode(b"bot:s3cret").decode()] * 3
 
 
 def test_download_cache_second_run_sends_no_request(server, tmp_path):

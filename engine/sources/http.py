@@ -16,6 +16,7 @@ bench/GAP.md says why this is an event loop rather than a larger thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import threading
@@ -129,7 +130,8 @@ class HttpClient:
             ),
             headers={"User-Agent": opts.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=True,
+            # proxies and .netrc are read once per host (_env_for), not per request as trust_env does
+            trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.timeout, sock_read=opts.timeout),
         )
         if hasattr(self._session, "_retry_connection"):
@@ -139,6 +141,8 @@ class HttpClient:
         self._slots = asyncio.Semaphore(opts.concurrency)
         self._gate = _ByteGate(opts.buffer_bytes)
         self._next_start: dict[str, float] = {}
+        self._netrc = _netrc()
+        self._host_env: dict[tuple[str, str], dict] = {}
         self.in_flight = self.max_in_flight = 0
 
     def submit(self, url: str, speculative: bool = False, cached: str | None = None) -> Future:
@@ -290,7 +294,7 @@ class HttpClient:
         aiohttp = self._aiohttp
         try:
             # aiohttp raises on reaching max_redirects hops, so one more lets the fifth be followed
-            async with self._session.get(url, max_redirects=MAX_REDIRECTS + 1) as resp:
+            async with self._session.get(url, max_redirects=MAX_REDIRECTS + 1, **self._env_for(url)) as resp:
                 status = resp.status
                 if status in RETRY_STATUS:
                     after = _retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
@@ -324,6 +328,39 @@ class HttpClient:
 
     def _too_big(self, size: int):
         return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
+
+    def _env_for(self, url: str) -> dict:
+        """The proxy (HTTP(S)_PROXY, NO_PROXY) and .netrc credentials for ``url``'s host, as
+        aiohttp's ``trust_env`` finds them, looked up once per host: ``trust_env`` looks them up
+        on every request, in two hops through the executor threads (bench/GAP.md)."""
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        found = self._host_env.get(key)
+        if found is None:
+            from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url
+            from yarl import URL
+
+            found = {}
+            try:
+                target = URL(url)
+                with contextlib.suppress(LookupError):
+                    found["proxy"], found["proxy_auth"] = get_env_proxy_for_url(target)
+                if self._netrc is not None and target.host and target.user is None:
+                    with contextlib.suppress(LookupError):
+                        found["headers"] = {
+                            "Authorization": basicauth_from_netrc(self._netrc, target.host).encode()
+                        }
+            except ValueError:  # a malformed URL: the request itself says so
+                pass
+            self._host_env[key] = found
+        return found
+
+
+def _netrc():
+    """The user's .netrc (NETRC or ~/.netrc) as aiohttp reads it, or None."""
+    from aiohttp.helpers import netrc_from_env
+
+    return netrc_from_env()
 
 
 def _ssl_context():
