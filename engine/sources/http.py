@@ -54,7 +54,7 @@ class _ByteGate:
     A started request reserves the running mean of body sizes, corrected as its body arrives."""
 
     def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
+        self.limit, self.held, self.num_sizes = limit, 0, 0
         self.mean = (
             1 << 20
         )  # a guess until bodies arrive: high, so large images do not flood the buffer at first
@@ -88,7 +88,9 @@ class _ByteGate:
         self._wake()
 
     def note_size(self, size: int) -> None:
-        self.mean += (size - self.mean) / 16
+        # the mean of the guess and the first bodies, then a running mean over about the last 16
+        self.num_sizes += 1
+        self.mean += (size - self.mean) / min(self.num_sizes + 1, 16)
 
     def _wake(self) -> None:
         while self._waiters and self.held < self.limit:
