@@ -492,6 +492,31 @@ def test_cache_entries_are_read_and_checked_in_the_unit_not_the_event_loop(serve
     assert DownloadCache(str(cache)).get(victim).data == NOISE[2]
 
 
+def test_a_cache_entry_removed_before_its_shard_stops_the_run(server, tmp_path, monkeypatch, capsys):
+    """A referenced entry must stay in place until the run ends, like a local source file: one
+    removed before its shard is written stops the run with one line naming it, and no shard."""
+    import engine.driver
+
+    cache = tmp_path / "cache"
+    rows = [row(f"n{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(3)]
+    _run(tmp_path, rows, "--download-cache", str(cache), name="fill")
+    key = DownloadCache.key(f"{server}/noise/1.jpg")
+    entry = cache / key[:2] / key
+    plan = engine.driver.plan_shards
+
+    def then_remove(results, opts, store):
+        entry.unlink()
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", then_remove)
+    inp = write_input(tmp_path / "in-again", rows)
+    capsys.readouterr()
+    assert convert(inp, tmp_path / "again", "--download-cache", str(cache)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(entry) in err[0] and "cannot be read back" in err[0], err
+    assert not list((tmp_path / "again").rglob("*.parquet"))
+
+
 def test_a_sound_entry_is_kept_when_a_miss_is_stored(tmp_path):
     """An entry that appears between a miss and its store (another run filling the same cache)
     is kept, so a part file of that run that references it stays valid; a corrupt one is replaced."""
