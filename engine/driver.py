@@ -139,14 +139,6 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
         return ConvertResult(out=opts.out, stats=stats_doc)
     prepare_out(store, opts.overwrite, opts.resume)
-    if not opts.resume:  # a resumed run's first rows are usually done already
-        start_fetching(
-            source,
-            opts.fetch,
-            opts.image.max_image_bytes,
-            base=opts.base_path or source.default_base(),
-            default_split=opts.split,
-        )
     stats = RunStats()
     results: list[UnitResult] = []
     with (
@@ -154,6 +146,10 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         _closing(source),
     ):  # an embedded Ray starts only when the work is worth it
         ctx = unit_context(opts, task, store, runner.embedded, source)
+        # the driver's threads take the first units (on a cluster they do not), and a resumed
+        # run's first rows are usually done already
+        if runner.embedded and not opts.resume:
+            start_fetching(ctx)
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
         plan = source.plan(grain)
         unit_rows = run_state(

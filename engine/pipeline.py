@@ -58,20 +58,19 @@ def _fetcher(opts: FetchOptions, max_bytes: int) -> Fetcher:
     return Fetcher(opts, max_bytes)
 
 
-def start_fetching(
-    source: Source, fetch: FetchOptions, max_bytes: int, *, base: str, default_split: str
-) -> None:
+def start_fetching(ctx: UnitContext) -> None:
     """In the background: when the input's first rows are URLs, import and start this process's
     HTTP client and begin fetching them (as look-ahead, which the first units take over), so
     the import and the first round trip overlap the planning instead of delaying the first units."""
+    fetch, source = ctx.fetch, ctx.source
 
     def start() -> None:
         started = time.perf_counter()
         try:
-            urls = source.first_urls(fetch.concurrency, base=base, default_split=default_split)
+            urls = source.first_urls(fetch.concurrency, base=ctx.base, default_split=ctx.default_split)
             first = next(urls, None)  # drawn lazily: the look-ahead goes on from the last row drawn
             if first is not None:
-                num = _fetcher(fetch, max_bytes).speculate(
+                num = _fetcher(fetch, ctx.image.max_image_bytes).speculate(
                     itertools.chain([first], urls), limit=fetch.concurrency
                 )
                 log.debug(
