@@ -67,12 +67,17 @@ def start_fetching(ctx: UnitContext) -> None:
     def start() -> None:
         started = time.perf_counter()
         try:
-            urls = source.first_urls(fetch.concurrency, base=ctx.base, default_split=ctx.default_split)
+            fetcher = _fetcher(fetch, ctx.image.max_image_bytes)
+            urls = (
+                url  # a URL a local download cache holds is read like a file: no client for it
+                for url in source.first_urls(
+                    fetch.concurrency, base=ctx.base, default_split=ctx.default_split
+                )
+                if not fetcher.reads_locally(url)
+            )
             first = next(urls, None)  # drawn lazily: the look-ahead goes on from the last row drawn
             if first is not None:
-                num = _fetcher(fetch, ctx.image.max_image_bytes).speculate(
-                    itertools.chain([first], urls), limit=fetch.concurrency
-                )
+                num = fetcher.speculate(itertools.chain([first], urls), limit=fetch.concurrency)
                 log.debug(
                     "HTTP client started, %d first rows fetching, in %.2f s",
                     num,

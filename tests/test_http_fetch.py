@@ -517,6 +517,31 @@ def test_a_cache_entry_removed_before_its_shard_stops_the_run(server, tmp_path, 
     assert not list((tmp_path / "again").rglob("*.parquet"))
 
 
+def test_a_run_the_cache_holds_whole_starts_no_http_client(server, tmp_path, monkeypatch):
+    """Every row in a local cache: nothing is fetched, so no HTTP client is started (its start
+    would take CPU from the planning); one uncached row starts one."""
+    from engine.sources import http
+
+    cache = tmp_path / "cache"
+    rows = [row(f"r{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(4)]
+    _run(tmp_path, rows, "--download-cache", str(cache), name="fill")
+    started: list[int] = []
+    real_init = http.HttpClient.__init__
+
+    def init(self, *args, **kwargs):
+        started.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(http.HttpClient, "__init__", init)
+    STATE.reset()
+    # other fetch options than the first run's: another fetcher, with no client yet
+    _run(tmp_path, rows, "--download-cache", str(cache), "--http-timeout", "29", name="cached")
+    assert STATE.hits == {} and started == []
+    more = [*rows, row("new", f"{server}/noise/5.jpg", key="image_url")]
+    _run(tmp_path, more, "--download-cache", str(cache), "--http-timeout", "28", name="one-more")
+    assert STATE.hits == {"/noise/5.jpg": 1} and started == [1]
+
+
 def test_a_sound_entry_is_kept_when_a_miss_is_stored(tmp_path):
     """An entry that appears between a miss and its store (another run filling the same cache)
     is kept, so a part file of that run that references it stays valid; a corrupt one is replaced."""
