@@ -20,7 +20,7 @@ from engine.imaging import configure_pillow
 from engine.layouts import layout_for, write_shard
 from engine.layouts.base import SeenColumns
 from engine.layouts.plan import cut_shards
-from engine.pipeline import UnitContext, process_unit
+from engine.pipeline import UnitContext, process_unit, start_fetching
 from engine.progress import NullProgress, Progress
 from engine.runners import make_runner
 from engine.runners.base import Runner, run_item
@@ -146,6 +146,10 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         _closing(source),
     ):  # an embedded Ray starts only when the work is worth it
         ctx = unit_context(opts, task, store, runner.embedded, source)
+        # the driver's threads take the first units (on a cluster they do not), and a resumed
+        # run's first rows are usually done already
+        if runner.embedded and not opts.resume:
+            start_fetching(ctx)
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
         plan = source.plan(grain)
         unit_rows = run_state(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import os
 import threading
 import time
 from collections import Counter, deque
@@ -26,13 +25,13 @@ from engine.layouts.base import MAX_OUTPUT_BYTES, Checked, Layout  # noqa: F401 
 from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
-from engine.sources.base import ImageInput, InlineImage, ManifestRow, Source, Unit
+from engine.sources.base import ManifestRow, Source, Unit
 from engine.sources.fetch import Fetcher, FetchFailure, FetchTally
-from engine.sources.location import local_path
 from engine.stats import ImageTally
 from engine.workdir import UnitResult, unit_paths
 
 log = logging.getLogger(__name__)
+LOOKAHEAD_EVERY = 4  # rows taken between top-ups of the look-ahead (each reads the manifest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +56,37 @@ class UnitContext:
 @functools.lru_cache(maxsize=4)
 def _fetcher(opts: FetchOptions, max_bytes: int) -> Fetcher:
     return Fetcher(opts, max_bytes)
+
+
+def start_fetching(ctx: UnitContext) -> None:
+    """In the background: when the input's first rows are URLs, import and start this process's
+    HTTP client and begin fetching them (as look-ahead, which the first units take over), so
+    the import and the first round trip overlap the planning instead of delaying the first units."""
+    fetch, source = ctx.fetch, ctx.source
+
+    def start() -> None:
+        started = time.perf_counter()
+        try:
+            fetcher = _fetcher(fetch, ctx.image.max_image_bytes)
+            urls = (
+                url  # a URL a local download cache holds is read like a file: no client for it
+                for url in source.first_urls(
+                    fetch.concurrency, base=ctx.base, default_split=ctx.default_split
+                )
+                if not fetcher.reads_locally(url)
+            )
+            first = next(urls, None)  # drawn lazily: the look-ahead goes on from the last row drawn
+            if first is not None:
+                num = fetcher.speculate(itertools.chain([first], urls), limit=fetch.concurrency)
+                log.debug(
+                    "HTTP client started, %d first rows fetching, in %.2f s",
+                    num,
+                    time.perf_counter() - started,
+                )
+        except Exception as exc:  # noqa: BLE001 - only a head start is lost; the units fetch their rows
+            log.debug("fetching the first rows early failed: %s: %s", type(exc).__name__, exc)
+
+    threading.Thread(target=start, name="engine-http-start", daemon=True).start()
 
 
 def check_row(row: ManifestRow, ctx: UnitContext) -> Checked | Reject:
@@ -113,7 +143,7 @@ def process_unit(unit: Unit, ctx: UnitContext) -> UnitResult:
             if isinstance(images, Reject):
                 rejects.append(images)
                 continue
-            stored = _store_images(row, images, [st for _, st in payloads], ctx)
+            stored = _store_images(row, images, [origin for _, origin in payloads], ctx)
             sample = Sample(
                 line=row.line,
                 split=row.split,
@@ -184,55 +214,51 @@ def _transform_all(
 
 
 def _store_images(
-    row: ManifestRow, images: list[EncodedImage], stats: list[os.stat_result | None], ctx: UnitContext
+    row: ManifestRow, images: list[EncodedImage], origins: list[SourceRef | None], ctx: UnitContext
 ) -> tuple[StoredImage, ...]:
     """The images to embed under the names the layout gives (bytes, or a reference to the local
     source), or, for a layout of image files, each file written at its path under OUT (no bytes kept)."""
     names = ctx.layout.image_names(row, [im.extension for im in images])
     if not ctx.layout.image_files:
         return tuple(
-            StoredImage(_source_or_bytes(im, loc, st, ctx), name)
-            for im, loc, st, name in zip(images, row.locations, stats, names)
+            StoredImage(_source_or_bytes(im, origin, ctx), name)
+            for im, origin, name in zip(images, origins, names)
         )
     for im, name in zip(images, names):
         ctx.store.write_bytes(name, im.data)
     return tuple(StoredImage(None, name) for name in names)
 
 
-def _source_or_bytes(
-    image: EncodedImage, location: ImageInput, st: os.stat_result | None, ctx: UnitContext
-) -> bytes | SourceRef:
-    """A pass-through image of a local file is referenced, not copied (see ``engine.sinks.parts``),
-    as long as the bytes read have the size the open file had. ``st`` is the file's status taken
-    by the fetcher before it read the bytes, so a file rewritten since shows a newer mtime when
-    its shard is written, and stops the run instead of writing bytes that were never checked.
-    Inline bytes that name their place in a local file (a tar member) are referenced there."""
-    if isinstance(location, InlineImage):
-        origin = location.origin
-        keep = (
-            ctx.reference_sources
-            and image.passthrough
-            and origin is not None
-            and origin.size == len(image.data)
-        )
-        return origin if keep else image.data
-    path = local_path(location) if ctx.reference_sources and image.passthrough and st is not None else None
-    if path is None or st.st_size != len(image.data):
-        return image.data
-    return SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+def _source_or_bytes(image: EncodedImage, origin: SourceRef | None, ctx: UnitContext) -> bytes | SourceRef:
+    """A pass-through image whose bytes lie in a local file (the file itself, a local tar's
+    member, a local download-cache entry) is referenced there, not copied (see
+    ``engine.sinks.parts``), as long as the bytes read have the size the reference records.
+    The fetcher took the file's status before it read the bytes, so a file rewritten since
+    shows a newer mtime when its shard is written, and stops the run instead of writing bytes
+    that were never checked."""
+    keep = (
+        ctx.reference_sources and image.passthrough and origin is not None and origin.size == len(image.data)
+    )
+    return origin if keep else image.data
 
 
 def _fetch_all(
-    fetcher: Fetcher, row: ManifestRow
-) -> list[tuple[bytes | FetchFailure, os.stat_result | None]]:
-    return [fetcher.fetch_with_stat(loc) for loc in row.locations]
+    fetcher: Fetcher, row: ManifestRow, tally: FetchTally
+) -> list[tuple[bytes | FetchFailure, SourceRef | None]]:
+    payloads = []
+    for loc in row.locations:
+        fetched = fetcher.read(loc)
+        tally.add(fetched)
+        fetched.release()
+        payloads.append((fetched.data, fetched.origin))
+    return payloads
 
 
-def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, os.stat_result | None]:
+def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, SourceRef | None]:
     fetched = future.result()
     tally.add(fetched)
     fetched.release()  # the bytes are the unit's now: they no longer count against the fetch buffer
-    return fetched.data, fetched.stat
+    return fetched.data, fetched.origin
 
 
 def _prefetched(
@@ -243,40 +269,50 @@ def _prefetched(
     lookahead: Callable[[], Iterator[str]] | None = None,
     concurrency: int | None = None,
 ):
-    """Yield (row, [(bytes | FetchFailure, local file status or None) per image]) in order,
-    fetching a bounded window ahead, so file and network I/O overlap with decoding: up to
-    ``concurrency`` rows ahead when some are URLs (their requests share the process's event
-    loop, and the fetch buffer bounds their bytes), ``threads`` for files. A unit of
-    local files is read inline while they are small and quick to read (see
-    INLINE_LOCAL_READ_BYTES). In the driver's threads, which share one process and take the
-    units in order, a unit of URLs also starts fetching the rows after it (``lookahead``), so
-    the next unit's images are not waited for when it starts."""
+    """Yield (row, [(bytes | FetchFailure, where they lie in a local file or None) per image])
+    in order, fetching a bounded window ahead, so file and network I/O overlap with decoding: up
+    to ``concurrency`` rows ahead when some are URLs (their requests share the process's event
+    loop, and the fetch buffer bounds their bytes), ``threads`` for files. A unit of local
+    files (or of URLs a local download cache holds) is read inline while they are small and
+    quick to read (see INLINE_LOCAL_READ_BYTES). In the driver's threads, which share one
+    process and take the units in order, a unit of URLs also starts fetching the rows after it
+    (``lookahead``), so the next unit's images are not waited for when it starts."""
     if not rows:
         return
-    if fetcher.inline_local_reads and all(fetcher.is_local(loc) for c in rows for loc in c.row.locations):
+    tally = tally if tally is not None else FetchTally()
+    local = [fetcher.reads_locally(loc) for c in rows for loc in c.row.locations]
+    if fetcher.inline_local_reads and all(local):
         for checked in rows:
-            yield checked, _fetch_all(fetcher, checked.row)
+            yield checked, _fetch_all(fetcher, checked.row, tally)
         return
-    remote = any(not fetcher.is_local(loc) for c in rows for loc in c.row.locations)
+    remote = not all(local)
     concurrency = concurrency or threads
     ahead = max(1, concurrency if remote else threads)
-    tally = tally if tally is not None else FetchTally()
     window: deque[tuple[Checked, list[Future]]] = deque()
     pending = iter(rows)
 
     def submit(checked: Checked) -> None:
         window.append((checked, [fetcher.submit(loc) for loc in checked.row.locations]))
 
+    looking_ahead = (
+        remote and lookahead is not None and threading.current_thread() is not threading.main_thread()
+    )
     try:
         for checked in itertools.islice(pending, ahead):
             submit(checked)
-        if remote and lookahead is not None and threading.current_thread() is not threading.main_thread():
+        if looking_ahead:
             fetcher.speculate(lookahead(), limit=concurrency)
-        while window:
+        for taken in itertools.count(1):
+            if not window:
+                break
             checked, futures = window.popleft()
             nxt = next(pending, None)
             if nxt is not None:
                 submit(nxt)
+            # topped up as rows are taken (and the first bodies show their size), so the rows
+            # after this unit are ready when a thread takes them, not only at this unit's start
+            if looking_ahead and taken % LOOKAHEAD_EVERY == 0 and fetcher.lookahead_room() >= LOOKAHEAD_EVERY:
+                fetcher.speculate(lookahead(), limit=concurrency)
             payloads = [_take(future, tally) for future in futures]
             futures = None  # nothing here keeps the fetched results alive
             yield checked, payloads

@@ -197,10 +197,12 @@ def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_p
 
     got = [(checked.row.image_id, [data for data, _ in payloads]) for checked, payloads in first + second]
     assert got == [(f"r{i % 6}", [bytes([i]) * (1000 + i)]) for i in range(12)]
-    # each local read comes with the status of the file it was read from
-    assert [st.st_size for _, payloads in first + second for _, st in payloads] == [
-        1000 + i for i in range(12)
+    # each local read comes with where its bytes lie: the file, its size and mtime before the read
+    refs = [ref for _, payloads in first + second for _, ref in payloads]
+    assert [(ref.path, ref.size, ref.offset) for ref in refs] == [
+        (str(p), 1000 + i, None) for i, p in enumerate(paths)
     ]
+    assert [ref.mtime_ns for ref in refs] == [p.stat().st_mtime_ns for p in paths]
     me = threading.current_thread().name
     assert readers[:6] == [me] * 6  # nothing measured yet: local reads are assumed fast
     if case == "small":
@@ -228,3 +230,41 @@ def test_remote_locations_are_prefetched_in_threads(monkeypatch):
     got = [payloads for _, payloads in _prefetched(fetcher, _rows(urls), threads=3)]
     assert got == [[(u.encode(), None)] for u in urls]  # no file status for a remote image
     assert readers and all(name == "engine-http" for name in readers)
+
+
+def test_the_look_ahead_is_topped_up_while_a_unit_runs(monkeypatch):
+    """In a driver thread, a unit of URLs starts fetching the rows after it, and tops that up as
+    it takes its own rows (the first bodies show how small the images are), so the next units'
+    rows are in flight before a thread takes them, not only as many as the first guess allowed."""
+    from engine.config import FetchOptions
+    from engine.pipeline import _prefetched
+    from engine.sources import fetch, http
+
+    fetched: list[str] = []
+
+    async def download(self, url, fetched_):
+        fetched.append(url)
+        return b"x" * 1000
+
+    monkeypatch.setattr(http.HttpClient, "_download", download)
+    fetcher = fetch.Fetcher(FetchOptions(concurrency=256), max_bytes=1 << 20)
+    unit = [f"http://example.invalid/u{i}.jpg" for i in range(16)]
+    after = [f"http://example.invalid/next{i}.jpg" for i in range(400)]
+    drawn = iter(after)
+    got = []
+
+    def run():
+        got.extend(_prefetched(fetcher, _rows(unit), threads=2, lookahead=lambda: drawn, concurrency=256))
+
+    thread = threading.Thread(target=run)  # not the main thread: where the driver's threads look ahead
+    thread.start()
+    thread.join(30)
+    assert [payloads for _, payloads in got] == [[(b"x" * 1000, None)]] * 16
+    deadline = time.monotonic() + 10
+    while len(fetched) < 16 + 128 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ahead = [u for u in fetched if "/next" in u]
+    # at first an unknown size allows 32 rows ahead (a 1 MiB guess), once: about 50; topped up, far more
+    assert len(ahead) > 128, len(ahead)
+    assert sorted(ahead, key=after.index) == after[: len(ahead)]  # in order, each once
+    assert len(set(fetched)) == len(fetched)

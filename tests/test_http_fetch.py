@@ -23,6 +23,7 @@ from engine.sources.fetch import Fetcher, FetchFailure
 
 GOOD = imagegen.jpeg(size=(96, 64))
 ROT6 = imagegen.oriented(6)
+NOISE = [imagegen.noise_jpeg((400, 300), seed=i) for i in range(6)]  # kept as they are, and big
 STOP = threading.Event()
 
 
@@ -38,6 +39,7 @@ class Server:
             self.hits: dict[str, int] = {}
             self.times: dict[str, list[float]] = {}
             self.agents: list[str] = []
+            self.auth: list[str] = []
             self.in_flight = self.max_in_flight = 0
 
     def count(self, prefix: str = "/") -> int:
@@ -68,6 +70,7 @@ class Handler(BaseHTTPRequestHandler):
             STATE.hits[path] = STATE.hits.get(path, 0) + 1
             STATE.times.setdefault(path, []).append(time.monotonic())
             STATE.agents.append(self.headers.get("User-Agent", ""))
+            STATE.auth.append(self.headers.get("Authorization", ""))
             STATE.in_flight += 1
             STATE.max_in_flight = max(STATE.max_in_flight, STATE.in_flight)
         try:
@@ -139,6 +142,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(f"{len(half):x}\r\n".encode() + half + b"\r\n")
             self.wfile.flush()
             self.close_connection = True
+        elif kind == "noise":  # /noise/<i>.jpg: NOISE[i]
+            self._image(NOISE[int(parts[1].split(".")[0])])
         elif kind == "html":  # an error page with status 200
             self._image(b"<html><body>Sorry, this product has no photo.</body></html>", "text/html")
         elif kind == "missing":
@@ -193,6 +198,54 @@ def test_concurrency_follows_latency_across_units(server, tmp_path):
     assert 16 < fetch["max_in_flight"] <= 64
     im = decode(o.by_id()["r7"]["image"])
     assert im.size == (96, 64)
+
+
+def test_first_rows_are_fetched_while_the_run_starts(server, tmp_path, monkeypatch):
+    """The HTTP client starts and the first rows' requests go out while the manifest is planned:
+    the first unit finds them sent (here it waits until the server has seen them, which on the
+    code before never happened). Each URL is still fetched once, and counted once."""
+    import engine.driver
+
+    rows = [row(f"r{i}", f"{server}/img/100/first-{i}.jpg", key="image_url") for i in range(40)]
+    real = engine.driver.process_unit
+    seen_at_start: list[int] = []
+
+    def first_unit_waits(unit, ctx):
+        if not seen_at_start:
+            deadline = time.monotonic() + 10
+            while STATE.count("/img/") < 8 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_at_start.append(STATE.count("/img/"))
+        return real(unit, ctx)
+
+    monkeypatch.setattr(engine.driver, "process_unit", first_unit_waits)
+    o = _run(tmp_path, rows, "--unit-rows", "16")
+    assert seen_at_start[0] >= 8, seen_at_start
+    assert len(o.by_id()) == 40 and o.rejects == []
+    assert STATE.count("/img/") == 40 and all(n == 1 for n in STATE.hits.values())
+    assert o.stats["fetch"]["num_requests"] == 40
+
+
+def test_first_urls_then_urls_after_go_on_from_the_last_row_drawn(tmp_path):
+    from engine.sources.jsonl import JsonlSource
+
+    rows = [row(f"r{i}", f"http://h/{i}.jpg", key="image_url") for i in range(40)]
+    rows[3] = row("local", "a.jpg")  # a local file: not fetched ahead
+    inp = write_input(tmp_path / "in", rows)
+    source = JsonlSource(str(inp.manifest))
+    first = source.first_urls(256, base=str(tmp_path), default_split="train")
+    drawn = [next(first) for _ in range(20)]
+    assert drawn == [f"http://h/{i}.jpg" for i in range(21) if i != 3]
+    unit = source.plan(16).units[0]  # rows 0-15; rows up to 20 were drawn ahead already
+    assert list(source.urls_after(unit, 8, base=str(tmp_path), default_split="train"))[:3] == [
+        f"http://h/{i}.jpg" for i in (21, 22, 23)
+    ]
+    source.close()
+    local = write_input(tmp_path / "local", [row("a", "a.jpg"), row("b", "b.jpg")])
+    assert (
+        list(JsonlSource(str(local.manifest)).first_urls(256, base=str(tmp_path), default_split="train"))
+        == []
+    )
 
 
 def test_retry_after_and_503_then_success(server, tmp_path):
@@ -293,6 +346,24 @@ def test_user_agent_is_sent(server, tmp_path):
     assert STATE.agents == ["labelr-export/1.0 (contact@example.org)"]
 
 
+def test_proxy_and_netrc_from_the_environment_are_used(server, tmp_path, monkeypatch):
+    """HTTP_PROXY / NO_PROXY and .netrc are honoured (looked up once per host, not per request):
+    the test server doubles as the proxy for a host that does not exist."""
+    import base64
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine images.example.invalid login bot password s3cret\n")
+    monkeypatch.setenv("NETRC", str(netrc))
+    for name in ("HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(name, server)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "localhost")
+    fetcher = Fetcher(FetchOptions(retries=0), max_bytes=1 << 20)
+    got = [fetcher.fetch(f"http://images.example.invalid/img/0/p{i}.jpg") for i in range(3)]
+    assert got == [GOOD] * 3 and STATE.count("/img/") == 3
+    assert STATE.auth == ["Basic " + base64.b64encode(b"bot:s3cret").decode()] * 3
+
+
 def test_download_cache_second_run_sends_no_request(server, tmp_path):
     """The second run, with another --max-size, is served from the cache: the server sees no
     request, the images are right, and the cache changes no output byte."""
@@ -341,6 +412,154 @@ def test_corrupt_cache_entry_is_fetched_again(server, tmp_path):
     assert STATE.hits == {"/img/0/c1.jpg": 1, "/img/0/c2.jpg": 1}
     assert o.stats["fetch"]["num_cache_corrupt"] == 2 and o.stats["fetch"]["num_cache_hits"] == 1
     assert DownloadCache(str(cache)).get(victim).data == GOOD  # rewritten whole
+
+
+@pytest.fixture
+def part_bytes(monkeypatch):
+    """The total size of the part files of each run, as its units reported it."""
+    import engine.driver
+
+    seen: list[int] = []
+    plan = engine.driver.plan_shards
+
+    def spy(results, opts, store):
+        seen.append(sum(r.part_bytes for r in results))
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", spy)
+    return seen
+
+
+def test_cached_passthrough_rows_are_referenced_not_copied(server, tmp_path, part_bytes):
+    """A pass-through row whose bytes a local download cache holds goes the way of a local file:
+    its part references the cache entry, and the shard gets the server's bytes from there. So
+    does a row fetched into the cache; without a cache the fetched bytes are in the part."""
+    cache = tmp_path / "cache"
+    rows = [row(f"n{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(6)]
+    total = sum(len(b) for b in NOISE)
+    filled = _run(tmp_path, rows, "--download-cache", str(cache), name="fill")
+    STATE.reset()
+    cached = _run(tmp_path, rows, "--download-cache", str(cache), "--unit-rows", "2", name="cached")
+    assert STATE.hits == {}
+    without = _run(tmp_path, rows, name="without")
+    for o in (filled, cached, without):
+        assert o.rejects == []
+        assert [o.by_id()[f"n{i}"]["image"]["bytes"] for i in range(6)] == NOISE  # the server's bytes
+    assert cached.stats["fetch"]["num_cache_hits"] == 6
+    assert cached.stats["num_passthrough"] == 6
+    fill_parts, cached_parts, copied_parts = part_bytes
+    assert copied_parts > total  # the fetched bytes are in the parts
+    assert fill_parts < total / 10 and cached_parts < total / 10, part_bytes  # only references
+    assert parquet_hashes(filled.root) == parquet_hashes(cached.root) == parquet_hashes(without.root)
+
+
+def test_cache_entries_are_read_and_checked_in_the_unit_not_the_event_loop(server, tmp_path, monkeypatch):
+    """Cache hits are read like local files, in the thread that decodes them (nothing goes
+    through the event loop's executor); the check is made there, so a corrupt entry is still
+    fetched again, and rewritten."""
+    from engine.sources import cache as cache_module
+    from engine.sources import http
+
+    cache = tmp_path / "cache"
+    rows = [row(f"r{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(4)]
+    _run(tmp_path, rows, "--download-cache", str(cache), name="first")
+    victim = f"{server}/noise/2.jpg"
+    key = DownloadCache.key(victim)
+    entry = cache / key[:2] / key
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF
+    entry.write_bytes(bytes(data))
+
+    readers: list[str] = []
+    real_read = cache_module.DownloadCache.read_local
+
+    def read_local(path, max_body):
+        readers.append(threading.current_thread().name)
+        return real_read(path, max_body)
+
+    def no_lookup(self, url):
+        raise AssertionError(f"looked up on the event loop: {url}")
+
+    monkeypatch.setattr(cache_module.DownloadCache, "read_local", staticmethod(read_local))
+    monkeypatch.setattr(http.HttpClient, "_cache_get", no_lookup)
+    STATE.reset()
+    o = _run(tmp_path, rows, "--download-cache", str(cache), "--workers", "1", name="second")
+    assert STATE.hits == {"/noise/2.jpg": 1}
+    assert [o.by_id()[f"r{i}"]["image"]["bytes"] for i in range(4)] == NOISE[:4]
+    assert len(readers) == 4 and not any(name.startswith(("asyncio", "engine-http")) for name in readers)
+    fetch = o.stats["fetch"]
+    assert (fetch["num_cache_hits"], fetch["num_cache_corrupt"], fetch["num_requests"]) == (3, 1, 1)
+    assert DownloadCache(str(cache)).get(victim).data == NOISE[2]
+
+
+def test_a_cache_entry_removed_before_its_shard_stops_the_run(server, tmp_path, monkeypatch, capsys):
+    """A referenced entry must stay in place until the run ends, like a local source file: one
+    removed before its shard is written stops the run with one line naming it, and no shard."""
+    import engine.driver
+
+    cache = tmp_path / "cache"
+    rows = [row(f"n{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(3)]
+    _run(tmp_path, rows, "--download-cache", str(cache), name="fill")
+    key = DownloadCache.key(f"{server}/noise/1.jpg")
+    entry = cache / key[:2] / key
+    plan = engine.driver.plan_shards
+
+    def then_remove(results, opts, store):
+        entry.unlink()
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", then_remove)
+    inp = write_input(tmp_path / "in-again", rows)
+    capsys.readouterr()
+    assert convert(inp, tmp_path / "again", "--download-cache", str(cache)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(entry) in err[0] and "cannot be read back" in err[0], err
+    assert not list((tmp_path / "again").rglob("*.parquet"))
+
+
+def test_a_run_the_cache_holds_whole_starts_no_http_client(server, tmp_path, monkeypatch):
+    """Every row in a local cache: nothing is fetched, so no HTTP client is started (its start
+    would take CPU from the planning); one uncached row starts one."""
+    from engine.sources import http
+
+    cache = tmp_path / "cache"
+    rows = [row(f"r{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(4)]
+    _run(tmp_path, rows, "--download-cache", str(cache), name="fill")
+    started: list[int] = []
+    real_init = http.HttpClient.__init__
+
+    def init(self, *args, **kwargs):
+        started.append(1)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(http.HttpClient, "__init__", init)
+    STATE.reset()
+    # other fetch options than the first run's: another fetcher, with no client yet
+    _run(tmp_path, rows, "--download-cache", str(cache), "--http-timeout", "29", name="cached")
+    assert STATE.hits == {} and started == []
+    more = [*rows, row("new", f"{server}/noise/5.jpg", key="image_url")]
+    _run(tmp_path, more, "--download-cache", str(cache), "--http-timeout", "28", name="one-more")
+    assert STATE.hits == {"/noise/5.jpg": 1} and started == [1]
+
+
+def test_a_sound_entry_is_kept_when_a_miss_is_stored(tmp_path):
+    """An entry that appears between a miss and its store (another run filling the same cache)
+    is kept, so a part file of that run that references it stays valid; a corrupt one is replaced."""
+    cache = DownloadCache(str(tmp_path / "c"))
+    cache.put("http://x/a", b"first")
+    path = Path(cache.local_entry("http://x/a"))
+    before = path.stat()
+    size, mtime_ns = cache.put_local("http://x/a", b"second", replace=False)
+    assert mtime_ns is None and cache.get("http://x/a").data == b"first"
+    assert path.stat().st_ino == before.st_ino and path.stat().st_mtime_ns == before.st_mtime_ns
+    size, mtime_ns = cache.put_local("http://x/b", b"new", replace=False)
+    assert (
+        cache.get("http://x/b").data == b"new"
+        and mtime_ns == Path(cache.local_entry("http://x/b")).stat().st_mtime_ns
+    )
+    size, mtime_ns = cache.put_local("http://x/a", b"second")
+    assert cache.get("http://x/a").data == b"second" and mtime_ns is not None
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
 
 
 def test_download_cache_on_fsspec(server, tmp_path):

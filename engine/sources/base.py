@@ -132,6 +132,12 @@ class Source:
         process has started yet: fetched ahead, so the next unit does not wait for them."""
         return iter(())
 
+    def first_urls(self, num_rows: int, *, base: str, default_split: str) -> Iterator[str]:
+        """HTTP(S) image URLs of about the first ``num_rows`` rows: fetched while the run starts
+        (``engine.driver``), so its first units do not wait for them; ``urls_after`` goes on
+        from the last row seen here."""
+        return iter(())
+
     def default_base(self) -> str:
         """The folder relative image paths resolve against when --base-path is not given."""
         from engine.sources import location

@@ -13,6 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.config import FetchOptions
+from engine.records import SourceRef
 from engine.sources.base import ImageInput, InlineImage
 from engine.sources.location import local_path
 
@@ -37,6 +38,9 @@ class Fetched:
 
     data: bytes | FetchFailure
     stat: os.stat_result | None = None  # a local file's status, taken before its read
+    # where these bytes lie in a local file (the file itself, or a local download-cache entry),
+    # as it was before the read, so a part file may reference them instead of copying them
+    origin: SourceRef | None = None
     num_requests: int = 0
     num_bytes_downloaded: int = 0
     cache: str | None = None  # hit | miss | corrupt (a miss whose entry failed its check); None: no cache
@@ -77,7 +81,8 @@ class Fetcher:
     """Reads image bytes. One per worker process and set of options; thread-safe.
 
     HTTP(S) goes through one event loop per process (:mod:`engine.sources.http`), with the
-    download cache when one is set; local files and other fsspec URLs are read in threads."""
+    download cache when one is set; local files and other fsspec URLs are read in threads. A URL
+    whose entry a local download cache holds is read like a local file (:meth:`reads_locally`)."""
 
     def __init__(self, opts: FetchOptions, max_bytes: int):
         self._opts = opts
@@ -87,6 +92,9 @@ class Fetcher:
         self._speculative: dict[str, tuple[float, Future]] = {}  # URL -> (when, fetch), oldest first
         self._recent: dict[str, None] = {}  # URLs units have asked for lately, oldest first
         self._pool: ThreadPoolExecutor | None = None
+        self._cache = None  # the DownloadCache, made with the first URL
+        self._cache_made = False
+        self._cache_lock = threading.Lock()
         self._local_read_seconds = 0.0  # running means over the last ~64 local reads
         self._local_read_bytes = 0.0
         self._local_reads = 0
@@ -101,6 +109,34 @@ class Fetcher:
     def is_http(location: ImageInput) -> bool:
         return not isinstance(location, InlineImage) and location.startswith(("http://", "https://"))
 
+    def reads_locally(self, location: ImageInput) -> bool:
+        """:meth:`is_local`, or a URL whose bytes a local download cache holds (its entry is read
+        in this process like a file, and checked there; a corrupt one is fetched again)."""
+        return self.is_local(location) or (
+            self.is_http(location) and self._cached_entry(location) is not None
+        )
+
+    def _download_cache(self):
+        if not self._cache_made:
+            with self._cache_lock:
+                if not self._cache_made:
+                    from engine.sources.cache import DownloadCache
+
+                    self._cache = DownloadCache(self._opts.cache) if self._opts.cache else None
+                    self._cache_made = True
+        return self._cache
+
+    def _local_cache(self):
+        """The download cache when it is a local folder, else None."""
+        cache = self._download_cache() if self._opts.cache else None
+        return cache if cache is not None and cache.is_local else None
+
+    def _cached_entry(self, url: str) -> str | None:
+        """The local cache entry's path for ``url`` when one exists (not yet checked)."""
+        cache = self._local_cache()
+        path = cache.local_entry(url) if cache is not None else None
+        return path if path is not None and os.path.exists(path) else None
+
     @property
     def inline_local_reads(self) -> bool:
         """Whether local files have been small and quick to read so far (assumed until measured)."""
@@ -114,15 +150,28 @@ class Fetcher:
 
     def fetch_with_stat(self, location: ImageInput) -> tuple[bytes | FetchFailure, os.stat_result | None]:
         """The bytes and, for a local file, the status of the open file they were read from
-        (taken before the read: a file rewritten meanwhile shows a newer mtime later). An
-        InlineImage's bytes pass through as they are (its size is checked like a file's)."""
+        (taken before the read: a file rewritten meanwhile shows a newer mtime later)."""
+        fetched = self.read(location)
+        fetched.release()
+        return fetched.data, fetched.stat
+
+    def read(self, location: ImageInput) -> Fetched:
+        """Fetch one image in this thread (waiting for an HTTP answer), with where its bytes lie
+        when that is a local file (``origin``). An InlineImage's bytes pass through as they are
+        (its size is checked like a file's). Call ``release`` on the result once it is taken."""
         if isinstance(location, InlineImage):
             data = location.data
-            return (self._too_big(len(data)) if len(data) > self._max_bytes else data), None
+            return Fetched(
+                self._too_big(len(data)) if len(data) > self._max_bytes else data, origin=location.origin
+            )
         if self.is_http(location):
-            fetched = self.submit(location).result()
-            fetched.release()
-            return fetched.data, None
+            claimed = self._claim(location)
+            if claimed is not None:
+                return claimed.result()
+            entry = self._cached_entry(location)
+            if entry is None:
+                return self._fetch_http(location).result()
+            return self._read_cached(location, entry)
         try:
             path = local_path(location)
             if path is not None:
@@ -131,32 +180,73 @@ class Fetcher:
                 self._note_local_read(
                     time.perf_counter() - started, len(data) if isinstance(data, bytes) else 0
                 )
-                return data, st
-            return self._read_fsspec(location), None
+                if st is None:
+                    return Fetched(data)
+                return Fetched(
+                    data, stat=st, origin=SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+                )
+            return Fetched(self._read_fsspec(location))
         except Exception as exc:  # noqa: BLE001 - any I/O problem is this row's failure
-            return FetchFailure(f"{type(exc).__name__}: {exc}"), None
+            return Fetched(FetchFailure(f"{type(exc).__name__}: {exc}"))
+
+    def _read_cached(self, url: str, entry: str) -> Fetched:
+        """``url`` from its local cache entry, read and checked here like a local file; an entry
+        that fails its check (or is gone) is fetched again, and rewritten."""
+        from engine.sources.cache import HEADER_BYTES, DownloadCache
+
+        started = time.perf_counter()
+        try:
+            found, st = DownloadCache.read_local(entry, self._max_bytes)
+        except OSError:  # unreadable: fetched again, and the entry rewritten if it can be
+            found, st = None, None
+        if found is not None and found.data is not None:
+            self._note_local_read(time.perf_counter() - started, len(found.data))
+            origin = SourceRef(entry, len(found.data), st.st_mtime_ns, HEADER_BYTES)
+            return Fetched(found.data, cache="hit", num_cache_bytes=found.size, origin=origin)
+        if found is not None and st is not None and not found.corrupt:  # sound length, over the limit
+            return Fetched(self._too_big(found.size - HEADER_BYTES), cache="hit", num_cache_bytes=found.size)
+        state = "corrupt" if found is not None and found.corrupt else "miss"
+        return self._fetch_http(url, cached=state).result()
 
     def submit(self, location: ImageInput) -> Future:
         """Start fetching (or take over a speculative fetch of the same URL); the future's result
         is a :class:`Fetched`."""
         if isinstance(location, InlineImage):  # nothing to wait for
             done: Future = Future()
-            done.set_result(Fetched(self.fetch_with_stat(location)[0]))
+            done.set_result(self.read(location))
             return done
         if self.is_http(location):
-            with self._http_lock:
-                found = self._speculative.pop(location, None)
-                self._recent[location] = None  # so no look-ahead fetches it again
-                if len(self._recent) > RECENT_URLS:
-                    del self._recent[next(iter(self._recent))]
-            return found[1] if found is not None else self._http_client().submit(location)
+            claimed = self._claim(location)
+            if claimed is not None:
+                return claimed
+            entry = self._cached_entry(location)
+            if entry is None:
+                return self._fetch_http(location)
+            return self._io_pool().submit(self._read_cached, location, entry)
+        return self._io_pool().submit(self.read, location)
+
+    def _claim(self, url: str) -> Future | None:
+        """A look-ahead fetch of ``url`` taken over, if one was started; no look-ahead starts one now."""
+        with self._http_lock:
+            found = self._speculative.pop(url, None)
+            self._recent[url] = None
+            if len(self._recent) > RECENT_URLS:
+                del self._recent[next(iter(self._recent))]
+        return found[1] if found is not None else None
+
+    def _fetch_http(self, url: str, cached: str | None = None) -> Future:
+        # a local cache has been looked up already: a miss, unless the caller found the entry corrupt
+        cached = cached or ("miss" if self._local_cache() is not None else None)
+        return self._http_client().submit(url, cached=cached)
+
+    def _io_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             with self._http_lock:
                 if self._pool is None:
                     self._pool = ThreadPoolExecutor(
                         max_workers=self._opts.io_threads, thread_name_prefix="fetch"
                     )
-        return self._pool.submit(self._read_in_thread, location)
+        return self._pool
 
     def speculate(self, urls: Iterable[str], limit: int) -> int:
         """Start fetching up to ``limit`` of ``urls`` that this process will probably need soon
@@ -165,10 +255,9 @@ class Fetcher:
         is held ahead; unclaimed ones are dropped after SPECULATIVE_SECONDS. Returns how many
         were started."""
         client = self._http_client()
+        local_cache = self._local_cache() is not None
         now, started = time.monotonic(), 0
-        # rows ahead: enough to cover the latency at any rate for small images; for large ones,
-        # what an eighth of the buffer holds, so photos are not held in memory long before use
-        cap = min(self._opts.concurrency, max(8, int(self._opts.buffer_bytes / 8 / client.mean_body_bytes)))
+        cap = self._lookahead_cap(client)
         with self._http_lock:
             table = self._speculative
             while table and next(iter(table.values()))[0] < now - SPECULATIVE_SECONDS:
@@ -180,23 +269,34 @@ class Fetcher:
                 if url is None:
                     break
                 if url not in table and url not in self._recent:
-                    table[url] = (now, client.submit(url, speculative=True))
+                    if local_cache:
+                        if self._cached_entry(url) is not None:
+                            continue  # read from the cache like a local file, by its unit
+                        table[url] = (now, client.submit(url, speculative=True, cached="miss"))
+                    else:
+                        table[url] = (now, client.submit(url, speculative=True))
                     started += 1
         return started
 
-    def _read_in_thread(self, location: str) -> Fetched:
-        data, st = self.fetch_with_stat(location)
-        return Fetched(data, stat=st)
+    def lookahead_room(self) -> int:
+        """How many look-ahead fetches :meth:`speculate` could start now (read without a lock: a hint)."""
+        client = self._http
+        if client is None or not client.has_room():
+            return 0
+        return self._lookahead_cap(client) - len(self._speculative)
+
+    def _lookahead_cap(self, client) -> int:
+        # rows ahead: enough to cover the latency at any rate for small images; for large ones,
+        # what an eighth of the buffer holds, so photos are not held in memory long before use
+        return min(self._opts.concurrency, max(8, int(self._opts.buffer_bytes / 8 / client.mean_body_bytes)))
 
     def _http_client(self):
         if self._http is None:
             with self._http_lock:
                 if self._http is None:
-                    from engine.sources.cache import DownloadCache
                     from engine.sources.http import HttpClient
 
-                    cache = DownloadCache(self._opts.cache) if self._opts.cache else None
-                    self._http = HttpClient(self._opts, self._max_bytes, cache)
+                    self._http = HttpClient(self._opts, self._max_bytes, self._download_cache())
         return self._http
 
     @property

@@ -16,6 +16,7 @@ bench/GAP.md says why this is an event loop rather than a larger thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import threading
@@ -26,7 +27,8 @@ from concurrent.futures import Future
 from urllib.parse import urlsplit
 
 from engine.config import FetchOptions
-from engine.sources.cache import CacheRead, DownloadCache
+from engine.records import SourceRef
+from engine.sources.cache import HEADER_BYTES, CacheRead, DownloadCache
 from engine.sources.fetch import Fetched, FetchFailure
 
 log = logging.getLogger(__name__)
@@ -52,7 +54,7 @@ class _ByteGate:
     A started request reserves the running mean of body sizes, corrected as its body arrives."""
 
     def __init__(self, limit: int):
-        self.limit, self.held = limit, 0
+        self.limit, self.held, self.num_sizes = limit, 0, 0
         self.mean = (
             1 << 20
         )  # a guess until bodies arrive: high, so large images do not flood the buffer at first
@@ -86,7 +88,9 @@ class _ByteGate:
         self._wake()
 
     def note_size(self, size: int) -> None:
-        self.mean += (size - self.mean) / 16
+        # the mean of the guess and the first bodies, then a running mean over about the last 16
+        self.num_sizes += 1
+        self.mean += (size - self.mean) / min(self.num_sizes + 1, 16)
 
     def _wake(self) -> None:
         while self._waiters and self.held < self.limit:
@@ -128,7 +132,8 @@ class HttpClient:
             ),
             headers={"User-Agent": opts.user_agent},
             cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=True,
+            # proxies and .netrc are read once per host (_env_for), not per request as trust_env does
+            trust_env=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.timeout, sock_read=opts.timeout),
         )
         if hasattr(self._session, "_retry_connection"):
@@ -138,13 +143,16 @@ class HttpClient:
         self._slots = asyncio.Semaphore(opts.concurrency)
         self._gate = _ByteGate(opts.buffer_bytes)
         self._next_start: dict[str, float] = {}
+        self._netrc = _netrc()
+        self._host_env: dict[tuple[str, str], dict] = {}
         self.in_flight = self.max_in_flight = 0
 
-    def submit(self, url: str, speculative: bool = False) -> Future:
+    def submit(self, url: str, speculative: bool = False, cached: str | None = None) -> Future:
         """Fetch ``url``; the future's result is a :class:`Fetched`. Cancelling it stops the request.
         A speculative fetch (a row this process will probably need soon) does not wait for room
-        in the buffer, nor counts in it: the caller bounds how many it starts."""
-        return asyncio.run_coroutine_threadsafe(self._fetch(url, speculative), self._loop)
+        in the buffer, nor counts in it: the caller bounds how many it starts. ``cached`` is what
+        the caller found in a local download cache (``miss`` or ``corrupt``): not looked up again."""
+        return asyncio.run_coroutine_threadsafe(self._fetch(url, speculative, cached), self._loop)
 
     @property
     def mean_body_bytes(self) -> float:
@@ -166,13 +174,13 @@ class HttpClient:
             fetched.hold = weakref.finalize(fetched, self._release_later, held)
         return fetched
 
-    async def _fetch(self, url: str, speculative: bool) -> Fetched:
+    async def _fetch(self, url: str, speculative: bool, cached: str | None = None) -> Fetched:
         # look-ahead fetches stay out of the buffer (their number is capped instead), so the rows
         # units wait for never wait behind rows no unit has asked for yet
         held = 0 if speculative else await self._gate.acquire()
         try:
-            fetched = Fetched(None)
-            if self._cache is not None:
+            fetched = Fetched(None, cache=cached)
+            if self._cache is not None and cached is None:
                 found = await self._loop.run_in_executor(None, self._cache_get, url)
                 if found.data is not None:
                     fetched.data, fetched.cache, fetched.num_cache_bytes = found.data, "hit", found.size
@@ -183,9 +191,7 @@ class HttpClient:
                 if isinstance(fetched.data, bytes):
                     self._gate.note_size(len(fetched.data))
                     if self._cache is not None:
-                        fetched.num_cache_bytes = await self._loop.run_in_executor(
-                            None, self._cache_put, url, fetched.data
-                        )
+                        await self._loop.run_in_executor(None, self._cache_put, url, fetched)
             if speculative:
                 return fetched
             size = len(fetched.data) if isinstance(fetched.data, bytes) else 0
@@ -203,12 +209,23 @@ class HttpClient:
             self._warn_cache(exc)
             return CacheRead(None)
 
-    def _cache_put(self, url: str, data: bytes) -> int:
+    def _cache_put(self, url: str, fetched: Fetched) -> None:
+        """Keep the body; in a local folder, the row's bytes are then also where the entry is
+        (``origin``), so a part file may reference them as it does a local file's."""
+        data = fetched.data
         try:
-            return self._cache.put(url, data)
+            path = self._cache.local_entry(url)
+            if path is None:
+                fetched.num_cache_bytes = self._cache.put(url, data)
+                return
+            # an entry found sound meanwhile (another run's) is kept: a part may reference it
+            fetched.num_cache_bytes, mtime_ns = self._cache.put_local(
+                url, data, replace=fetched.cache != "miss"
+            )
+            if mtime_ns is not None:
+                fetched.origin = SourceRef(path, len(data), mtime_ns, HEADER_BYTES)
         except Exception as exc:  # noqa: BLE001 - the row has its bytes; only the next run loses them
             self._warn_cache(exc)
-            return 0
 
     def _warn_cache(self, exc: Exception) -> None:
         if not self._cache_warned:
@@ -279,7 +296,7 @@ class HttpClient:
         aiohttp = self._aiohttp
         try:
             # aiohttp raises on reaching max_redirects hops, so one more lets the fifth be followed
-            async with self._session.get(url, max_redirects=MAX_REDIRECTS + 1) as resp:
+            async with self._session.get(url, max_redirects=MAX_REDIRECTS + 1, **self._env_for(url)) as resp:
                 status = resp.status
                 if status in RETRY_STATUS:
                     after = _retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
@@ -313,6 +330,39 @@ class HttpClient:
 
     def _too_big(self, size: int):
         return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
+
+    def _env_for(self, url: str) -> dict:
+        """The proxy (HTTP(S)_PROXY, NO_PROXY) and .netrc credentials for ``url``'s host, as
+        aiohttp's ``trust_env`` finds them, looked up once per host: ``trust_env`` looks them up
+        on every request, in two hops through the executor threads (bench/GAP.md)."""
+        parts = urlsplit(url)
+        key = (parts.scheme, parts.netloc)
+        found = self._host_env.get(key)
+        if found is None:
+            from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url
+            from yarl import URL
+
+            found = {}
+            try:
+                target = URL(url)
+                with contextlib.suppress(LookupError):
+                    found["proxy"], found["proxy_auth"] = get_env_proxy_for_url(target)
+                if self._netrc is not None and target.host and target.user is None:
+                    with contextlib.suppress(LookupError):
+                        found["headers"] = {
+                            "Authorization": basicauth_from_netrc(self._netrc, target.host).encode()
+                        }
+            except ValueError:  # a malformed URL: the request itself says so
+                pass
+            self._host_env[key] = found
+        return found
+
+
+def _netrc():
+    """The user's .netrc (NETRC or ~/.netrc) as aiohttp reads it, or None."""
+    from aiohttp.helpers import netrc_from_env
+
+    return netrc_from_env()
 
 
 def _ssl_context():

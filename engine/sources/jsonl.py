@@ -315,15 +315,27 @@ class JsonlSource(Source):
     def urls_after(self, unit: UnitSpec, num_rows: int, *, base: str, default_split: str) -> Iterator[str]:
         """The URLs of about ``num_rows`` rows after ``unit`` that no unit of this process has
         started and no earlier look-ahead has seen."""
-        from engine.sources.fetch import Fetcher
-
         progress = self._progress()
         with _RUNS_LOCK:
             start = max(unit.byte_end, progress.frontier)
         per_row = (unit.byte_end - unit.byte_start) / max(unit.num_rows, 1)
-        with location.open_binary(unit.manifest) as f:
+        return self._urls_from(unit.manifest, start, int(per_row * num_rows * 2) + 4096, base, default_split)
+
+    def first_urls(self, num_rows: int, *, base: str, default_split: str) -> Iterator[str]:
+        # about 1 KB a row at most (labelr rows are a few hundred bytes); rows past it are the units'
+        return self._urls_from(self.where, 0, num_rows * 1024 + 4096, base, default_split)
+
+    def _urls_from(
+        self, manifest: str, start: int, size: int, base: str, default_split: str
+    ) -> Iterator[str]:
+        from engine.sources.fetch import Fetcher
+
+        progress = self._progress()
+        with location.open_binary(manifest) as f:
             f.seek(start)
-            data = f.read(int(per_row * num_rows * 2) + 4096)
+            data = f.read(size)
+        if start == 0 and data.startswith(BOM):
+            data, start = data[len(BOM) :], len(BOM)
         offset = start
         for raw in data.split(b"\n")[:-1]:  # the last piece may be cut short
             pos, offset = offset, offset + len(raw) + 1
