@@ -163,7 +163,6 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             plan.num_duplicates,
             time.perf_counter() - started,
         )
-        _prewarm_datasets()  # after planning, which it would slow down
         progress.start(plan.num_rows, "converting")
         todo = []
         for unit in plan.units:
@@ -178,8 +177,15 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             log.info(
                 "resuming: %d of %d units already complete", len(plan.units) - len(todo), len(plan.units)
             )
+        prewarm = True
         for result in runner.map_unordered(process_unit, [(unit, ctx) for unit in todo]):
             results.append(result)
+            if prewarm and result.num_written:
+                # decoding threads leave the GIL to a background import; pass-through ones hold
+                # it, and there the import costs them more than it saves at the end (bench/GAP.md)
+                if result.num_passthrough * 2 < result.num_written:
+                    _prewarm_datasets()
+                prewarm = False
             stats.add_unit(result)
             progress.advance(result.num_rows, sum(result.rejected.values()))
         progress.close()

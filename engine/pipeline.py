@@ -31,6 +31,7 @@ from engine.stats import ImageTally
 from engine.workdir import UnitResult, unit_paths
 
 log = logging.getLogger(__name__)
+EARLY_TOPUP_SECONDS, EARLY_TOPUP_POLL = 3.0, 0.02  # the early start's top-ups: how long, how often
 LOOKAHEAD_EVERY = 4  # rows taken between top-ups of the look-ahead (each reads the manifest)
 
 
@@ -58,6 +59,23 @@ def _fetcher(opts: FetchOptions, max_bytes: int) -> Fetcher:
     return Fetcher(opts, max_bytes)
 
 
+class _Drawn:
+    """An iterator that says when it has run out (``speculate`` draws from it in several calls)."""
+
+    def __init__(self, items: Iterator[str]):
+        self._items, self.exhausted = items, False
+
+    def __iter__(self) -> _Drawn:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._items)
+        except StopIteration:
+            self.exhausted = True
+            raise
+
+
 def start_fetching(ctx: UnitContext) -> None:
     """In the background: when the input's first rows are URLs, import and start this process's
     HTTP client and begin fetching them (as look-ahead, which the first units take over), so
@@ -76,13 +94,20 @@ def start_fetching(ctx: UnitContext) -> None:
                 if not fetcher.reads_locally(url)
             )
             first = next(urls, None)  # drawn lazily: the look-ahead goes on from the last row drawn
-            if first is not None:
-                num = fetcher.speculate(itertools.chain([first], urls), limit=fetch.concurrency)
-                log.debug(
-                    "HTTP client started, %d first rows fetching, in %.2f s",
-                    num,
-                    time.perf_counter() - started,
-                )
+            if first is None:
+                return
+            rest = _Drawn(itertools.chain([first], urls))
+            num = fetcher.speculate(rest, limit=fetch.concurrency)
+            log.debug(
+                "HTTP client started, %d first rows fetching, in %.2f s", num, time.perf_counter() - started
+            )
+            # the look-ahead's cap follows the body sizes (a large guess until the first answers):
+            # top it up as they come, until the first rows are all asked for or the units took over
+            until = time.monotonic() + EARLY_TOPUP_SECONDS
+            while not rest.exhausted and num < fetch.concurrency and time.monotonic() < until:
+                time.sleep(EARLY_TOPUP_POLL)
+                num += fetcher.speculate(rest, limit=fetch.concurrency - num)
+            log.debug("%d first rows fetching at %.2f s", num, time.perf_counter() - started)
         except Exception as exc:  # noqa: BLE001 - only a head start is lost; the units fetch their rows
             log.debug("fetching the first rows early failed: %s: %s", type(exc).__name__, exc)
 

@@ -226,6 +226,32 @@ def test_first_rows_are_fetched_while_the_run_starts(server, tmp_path, monkeypat
     assert o.stats["fetch"]["num_requests"] == 40
 
 
+def test_the_early_start_tops_up_once_the_first_bodies_show_their_size(server, tmp_path, monkeypatch):
+    """Before any body has come, the look-ahead assumes large images and sends 32 requests; once
+    the first small ones are in, the early start asks for more of the first rows (up to what the
+    estimate allows and --fetch-concurrency) without waiting for a unit to take any. Each URL is
+    still fetched once."""
+    import engine.driver
+
+    rows = [row(f"r{i}", f"{server}/img/100/early-{i}.jpg", key="image_url") for i in range(120)]
+    real = engine.driver.process_unit
+    seen_at_start: list[int] = []
+
+    def first_units_wait(unit, ctx):
+        if len(seen_at_start) < 2:
+            deadline = time.monotonic() + 10
+            while STATE.count("/img/") < 64 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_at_start.append(STATE.count("/img/"))
+        return real(unit, ctx)
+
+    monkeypatch.setattr(engine.driver, "process_unit", first_units_wait)
+    o = _run(tmp_path, rows, "--unit-rows", "16")
+    assert seen_at_start[0] >= 64, seen_at_start  # twice what the guess allows before any body came
+    assert len(o.by_id()) == 120 and o.rejects == []
+    assert STATE.count("/img/") == 120 and all(n == 1 for n in STATE.hits.values())
+
+
 def test_first_urls_then_urls_after_go_on_from_the_last_row_drawn(tmp_path):
     from engine.sources.jsonl import JsonlSource
 
