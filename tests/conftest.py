@@ -216,6 +216,22 @@ def orientation_tag(im: Image.Image):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def part_bytes(monkeypatch):
+    """The total size of the part files of each run, as its units reported it."""
+    import engine.driver
+
+    seen: list[int] = []
+    plan = engine.driver.plan_shards
+
+    def spy(results, opts, store):
+        seen.append(sum(r.part_bytes for r in results))
+        return plan(results, opts, store)
+
+    monkeypatch.setattr(engine.driver, "plan_shards", spy)
+    return seen
+
+
 @pytest.fixture(scope="session")
 def convert_help() -> str:
     """The text of `convert --help`, for tests whose option may not exist yet."""

@@ -440,22 +440,6 @@ def test_corrupt_cache_entry_is_fetched_again(server, tmp_path):
     assert DownloadCache(str(cache)).get(victim).data == GOOD  # rewritten whole
 
 
-@pytest.fixture
-def part_bytes(monkeypatch):
-    """The total size of the part files of each run, as its units reported it."""
-    import engine.driver
-
-    seen: list[int] = []
-    plan = engine.driver.plan_shards
-
-    def spy(results, opts, store):
-        seen.append(sum(r.part_bytes for r in results))
-        return plan(results, opts, store)
-
-    monkeypatch.setattr(engine.driver, "plan_shards", spy)
-    return seen
-
-
 def test_cached_passthrough_rows_are_referenced_not_copied(server, tmp_path, part_bytes):
     """A pass-through row whose bytes a local download cache holds goes the way of a local file:
     its part references the cache entry, and the shard gets the server's bytes from there. So

@@ -34,20 +34,6 @@ def inp(tmp_path):
     return write_input(tmp_path / "in", rows, images)
 
 
-@pytest.fixture
-def part_bytes(monkeypatch):
-    """The total size of the part files, as each unit reported it."""
-    seen: list[int] = []
-    plan = engine.driver.plan_shards
-
-    def spy(results, opts, store):
-        seen.append(sum(r.part_bytes for r in results))
-        return plan(results, opts, store)
-
-    monkeypatch.setattr(engine.driver, "plan_shards", spy)
-    return seen
-
-
 def shard_hashes(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.parquet"))}
 
