@@ -26,7 +26,7 @@ from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
 from engine.sources.base import ManifestRow, Source, Unit
-from engine.sources.fetch import Fetcher, FetchFailure, FetchTally
+from engine.sources.fetch import Fetched, Fetcher, FetchFailure, FetchTally
 from engine.stats import ImageTally
 from engine.workdir import UnitResult, unit_paths
 
@@ -267,20 +267,7 @@ def _source_or_bytes(image: EncodedImage, origin: SourceRef | None, ctx: UnitCon
     return origin if keep else image.data
 
 
-def _fetch_all(
-    fetcher: Fetcher, row: ManifestRow, tally: FetchTally
-) -> list[tuple[bytes | FetchFailure, SourceRef | None]]:
-    payloads = []
-    for loc in row.locations:
-        fetched = fetcher.read(loc)
-        tally.add(fetched)
-        fetched.release()
-        payloads.append((fetched.data, fetched.origin))
-    return payloads
-
-
-def _take(future: Future, tally: FetchTally) -> tuple[bytes | FetchFailure, SourceRef | None]:
-    fetched = future.result()
+def _take(fetched: Fetched, tally: FetchTally) -> tuple[bytes | FetchFailure, SourceRef | None]:
     tally.add(fetched)
     fetched.release()  # the bytes are the unit's now: they no longer count against the fetch buffer
     return fetched.data, fetched.origin
@@ -308,7 +295,7 @@ def _prefetched(
     local = [fetcher.reads_locally(loc) for c in rows for loc in c.row.locations]
     if fetcher.inline_local_reads and all(local):
         for checked in rows:
-            yield checked, _fetch_all(fetcher, checked.row, tally)
+            yield checked, [_take(fetcher.read(loc), tally) for loc in checked.row.locations]
         return
     remote = not all(local)
     concurrency = concurrency or threads
@@ -338,7 +325,7 @@ def _prefetched(
             # after this unit are ready when a thread takes them, not only at this unit's start
             if looking_ahead and taken % LOOKAHEAD_EVERY == 0 and fetcher.lookahead_room() >= LOOKAHEAD_EVERY:
                 fetcher.speculate(lookahead(), limit=concurrency)
-            payloads = [_take(future, tally) for future in futures]
+            payloads = [_take(future.result(), tally) for future in futures]
             futures = None  # nothing here keeps the fetched results alive
             yield checked, payloads
     finally:  # the unit failed or was abandoned: fetch nothing more for it

@@ -151,7 +151,8 @@ def test_the_fetcher_passes_inline_bytes_through_and_checks_their_size():
     fetcher = Fetcher(FetchOptions(), max_bytes=4)
     image = InlineImage(b"1234", "a.jpg")
     assert Fetcher.is_local(image) and not Fetcher.is_http(image)
-    assert fetcher.fetch_with_stat(image) == (b"1234", None)
+    read = fetcher.read(image)
+    assert (read.data, read.origin) == (b"1234", None)
     assert fetcher.submit(image).result().data == b"1234"
     too_big = fetcher.fetch(InlineImage(b"12345"))
     assert isinstance(too_big, FetchFailure) and "over the limit of 4" in too_big.reason

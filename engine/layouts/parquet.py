@@ -53,17 +53,6 @@ class CardFeatures:
     yaml: list  # the card's dataset_info.features
 
 
-def card_front_matter(text: str) -> dict[str, Any] | None:
-    """The YAML front matter of a dataset card, or None when it has none."""
-    if not text.startswith("---\n"):
-        return None
-    end = text.find("\n---\n", 4)
-    if end < 0:
-        return None
-    front = yaml.safe_load(text[4 : end + 1])
-    return front if isinstance(front, dict) else None
-
-
 def meta_struct_array(meta: pa.Array, meta_keys: list[str]) -> pa.StructArray:
     """The parts' meta map column as the struct column of the run's keys, in order (a key a row
     lacks is null)."""

@@ -300,10 +300,8 @@ def _parquet_files(where: str) -> tuple[list[DataFile], bytes]:
     return files, card
 
 
-def _card_patterns(card: bytes) -> dict[str, list[str]] | None:
-    """The ``data_files`` of the card's default config (``default: true``, else the one named
-    ``default``, else the first) as split -> patterns, the way ``datasets`` normalises them; None
-    when the card has no ``configs``."""
+def card_front_matter(card: bytes) -> dict[str, Any] | None:
+    """A dataset card's YAML front matter, or None when it has none (or it does not parse)."""
     import yaml
 
     text = card.decode("utf-8", "replace")
@@ -314,6 +312,14 @@ def _card_patterns(card: bytes) -> dict[str, list[str]] | None:
         doc = yaml.load(text[3:end], Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except yaml.YAMLError:
         return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _card_patterns(card: bytes) -> dict[str, list[str]] | None:
+    """The ``data_files`` of the card's default config (``default: true``, else the one named
+    ``default``, else the first) as split -> patterns, the way ``datasets`` normalises them; None
+    when the card has no ``configs``."""
+    doc = card_front_matter(card)
     configs = [
         c for c in (doc.get("configs") if isinstance(doc, dict) else None) or [] if isinstance(c, dict)
     ]

@@ -37,7 +37,6 @@ class Fetched:
     bytes count against the fetch buffer (``FetchOptions.buffer_bytes``)."""
 
     data: bytes | FetchFailure
-    stat: os.stat_result | None = None  # a local file's status, taken before its read
     # where these bytes lie in a local file (the file itself, or a local download-cache entry),
     # as it was before the read, so a part file may reference them instead of copying them
     origin: SourceRef | None = None
@@ -146,14 +145,9 @@ class Fetcher:
         )
 
     def fetch(self, location: ImageInput) -> bytes | FetchFailure:
-        return self.fetch_with_stat(location)[0]
-
-    def fetch_with_stat(self, location: ImageInput) -> tuple[bytes | FetchFailure, os.stat_result | None]:
-        """The bytes and, for a local file, the status of the open file they were read from
-        (taken before the read: a file rewritten meanwhile shows a newer mtime later)."""
         fetched = self.read(location)
         fetched.release()
-        return fetched.data, fetched.stat
+        return fetched.data
 
     def read(self, location: ImageInput) -> Fetched:
         """Fetch one image in this thread (waiting for an HTTP answer), with where its bytes lie
@@ -165,13 +159,7 @@ class Fetcher:
                 self._too_big(len(data)) if len(data) > self._max_bytes else data, origin=location.origin
             )
         if self.is_http(location):
-            claimed = self._claim(location)
-            if claimed is not None:
-                return claimed.result()
-            entry = self._cached_entry(location)
-            if entry is None:
-                return self._fetch_http(location).result()
-            return self._read_cached(location, entry)
+            return self._start_http(location, inline=True).result()
         try:
             path = local_path(location)
             if path is not None:
@@ -182,9 +170,9 @@ class Fetcher:
                 )
                 if st is None:
                     return Fetched(data)
-                return Fetched(
-                    data, stat=st, origin=SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns)
-                )
+                # the status of the open file, taken before the read: a file rewritten meanwhile
+                # shows a newer mtime when its shard is written
+                return Fetched(data, origin=SourceRef(os.path.abspath(path), st.st_size, st.st_mtime_ns))
             return Fetched(self._read_fsspec(location))
         except Exception as exc:  # noqa: BLE001 - any I/O problem is this row's failure
             return Fetched(FetchFailure(f"{type(exc).__name__}: {exc}"))
@@ -212,18 +200,23 @@ class Fetcher:
         """Start fetching (or take over a speculative fetch of the same URL); the future's result
         is a :class:`Fetched`."""
         if isinstance(location, InlineImage):  # nothing to wait for
-            done: Future = Future()
-            done.set_result(self.read(location))
-            return done
+            return _done(self.read(location))
         if self.is_http(location):
-            claimed = self._claim(location)
-            if claimed is not None:
-                return claimed
-            entry = self._cached_entry(location)
-            if entry is None:
-                return self._fetch_http(location)
-            return self._io_pool().submit(self._read_cached, location, entry)
+            return self._start_http(location, inline=False)
         return self._io_pool().submit(self.read, location)
+
+    def _start_http(self, url: str, inline: bool) -> Future:
+        """Take over a look-ahead fetch of ``url``, or read its local cache entry (in this thread
+        when ``inline``, else in the pool), or send the request."""
+        claimed = self._claim(url)
+        if claimed is not None:
+            return claimed
+        entry = self._cached_entry(url)
+        if entry is None:
+            return self._fetch_http(url)
+        if inline:
+            return _done(self._read_cached(url, entry))
+        return self._io_pool().submit(self._read_cached, url, entry)
 
     def _claim(self, url: str) -> Future | None:
         """A look-ahead fetch of ``url`` taken over, if one was started; no look-ahead starts one now."""
@@ -269,12 +262,10 @@ class Fetcher:
                 if url is None:
                     break
                 if url not in table and url not in self._recent:
-                    if local_cache:
-                        if self._cached_entry(url) is not None:
-                            continue  # read from the cache like a local file, by its unit
-                        table[url] = (now, client.submit(url, speculative=True, cached="miss"))
-                    else:
-                        table[url] = (now, client.submit(url, speculative=True))
+                    if local_cache and self._cached_entry(url) is not None:
+                        continue  # read from the cache like a local file, by its unit
+                    cached = "miss" if local_cache else None
+                    table[url] = (now, client.submit(url, speculative=True, cached=cached))
                     started += 1
         return started
 
@@ -336,3 +327,9 @@ class Fetcher:
         except FileNotFoundError:
             return FetchFailure(f"not found: {url}")
         return self._too_big(len(data)) if len(data) > self._max_bytes else data
+
+
+def _done(fetched: Fetched) -> Future:
+    future: Future = Future()
+    future.set_result(fetched)
+    return future

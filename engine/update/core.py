@@ -31,7 +31,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
-import yaml
 
 from engine.config import TaskConfig
 from engine.conversation import build_conversation
@@ -48,13 +47,14 @@ from engine.errors import EngineError, UsageError
 from engine.imaging import configure_pillow
 from engine.layouts import layout_for, write_shard
 from engine.layouts.base import SeenColumns
-from engine.layouts.parquet import CardFeatures, card_front_matter, meta_keys_of
+from engine.layouts.parquet import CardFeatures, meta_keys_of
 from engine.layouts.plan import cut_shards
 from engine.pipeline import MAX_OUTPUT_BYTES, process_unit
 from engine.progress import NullProgress, Progress
 from engine.records import META_FIXED, Reject, order_meta_keys
 from engine.runners import make_runner
 from engine.sinks.store import Finisher, Store
+from engine.sources.dataset import card_front_matter
 from engine.stats import merge_image_changes
 from engine.update.commit import Staging, crash_point
 from engine.update.dataset import Dataset, convert_options, dataset_layout, open_dataset
@@ -772,10 +772,10 @@ def _kept_features(ds: Dataset, seen: SeenColumns) -> CardFeatures | None:
     shards = [rel for rels in ds.files.values() for rel in rels]
     if not shards or not ds.store.is_file("README.md"):
         return None
+    front = card_front_matter(ds.store.read_bytes("README.md"))
     try:
-        front = card_front_matter(ds.store.read_bytes("README.md").decode())
         features = front["dataset_info"]["features"] if front else None
-    except (UnicodeDecodeError, KeyError, TypeError, yaml.YAMLError):
+    except (KeyError, TypeError):
         return None
     with _open_parquet(ds.store, shards[0]) as f:
         schema = f.schema_arrow
