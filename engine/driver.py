@@ -143,7 +143,7 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
     results: list[UnitResult] = []
     with (
         make_runner(opts) as runner,
-        _closing(source),
+        contextlib.closing(source),  # its per-process state (look-ahead) goes with the run
     ):  # an embedded Ray starts only when the work is worth it
         ctx = unit_context(opts, task, store, runner.embedded, source)
         # the driver's threads take the first units (on a cluster they do not), and a resumed
@@ -226,15 +226,6 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
             f"see {os.path.join(opts.out, 'rejects.jsonl')}"
         )
     return ConvertResult(out=opts.out, stats=summary)
-
-
-@contextlib.contextmanager
-def _closing(source: Source) -> Iterator[Source]:
-    """The source's per-process state (look-ahead) goes when the run ends, however it ends."""
-    try:
-        yield source
-    finally:
-        source.close()
 
 
 def _write_shards(runner: Runner, specs: list[ShardSpec]) -> Iterator[ShardResult]:

@@ -10,6 +10,7 @@ old row groups is spliced from the old shards' bytes instead (``engine.update.sp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import difflib
@@ -483,21 +484,8 @@ def _run_add(
     in_dataset: dict[int, str] = {}
     with make_runner(copts) as runner:
         ctx = unit_context(copts, task, next_store, runner.embedded)
-        plan = ctx.source.plan(UNIT_GRAIN)
-        plan = plan.coalesce(unit_rows_for(plan.num_rows, runner.num_workers))
-        scanning = copy.copy(ctx.source)  # reading here must not count as the units starting (look-ahead)
-        units = []
-        for unit in plan.units:
-            seen = set(unit.duplicate_lines)
-            extra = []
-            for row in scanning.read(unit, base=ctx.base, default_split=ctx.default_split):
-                if isinstance(row, Reject) or row.line in seen or row.image_id not in existing:
-                    continue
-                if not opts.replace:
-                    extra.append(row.line)
-                    in_dataset[row.line] = row.image_id
-            units.append(replace(unit, duplicate_lines=tuple(sorted(seen | set(extra)))))
-        results = sorted(runner.map_unordered(process_unit, [(u, ctx) for u in units]), key=lambda r: r.index)
+        with contextlib.closing(ctx.source):  # its look-ahead state goes with the run, as in convert
+            results = _convert_added(runner, ctx, existing, in_dataset, opts.replace)
     report.images = merge_image_changes(r.images for r in results)
     name = os.path.basename(opts.add)
     update_index = len(ds.history) + 1
@@ -523,6 +511,26 @@ def _run_add(
                         sc.keep[i] = False
                         report.counts["replaced"] += 1
     return results
+
+
+def _convert_added(runner, ctx, existing: dict, in_dataset: dict[int, str], replace_rows: bool) -> list:
+    """Convert the --add rows; rows whose id is in the dataset become duplicates unless replaced."""
+    plan = ctx.source.plan(UNIT_GRAIN)
+    plan = plan.coalesce(unit_rows_for(plan.num_rows, runner.num_workers))
+    units = []
+    # reading here must not count as the units starting (look-ahead), so a copy reads
+    with contextlib.closing(copy.copy(ctx.source)) as scanning:
+        for unit in plan.units:
+            seen = set(unit.duplicate_lines)
+            extra = []
+            for row in scanning.read(unit, base=ctx.base, default_split=ctx.default_split):
+                if isinstance(row, Reject) or row.line in seen or row.image_id not in existing:
+                    continue
+                if not replace_rows:
+                    extra.append(row.line)
+                    in_dataset[row.line] = row.image_id
+            units.append(replace(unit, duplicate_lines=tuple(sorted(seen | set(extra)))))
+    return sorted(runner.map_unordered(process_unit, [(u, ctx) for u in units]), key=lambda r: r.index)
 
 
 # ---- planning and writing ---------------------------------------------------------------------
