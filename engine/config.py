@@ -165,7 +165,7 @@ class FetchOptions:
     retries: int = 3
     total_timeout: float = 120.0  # per image, retries, pauses and the whole body read included
     io_threads: int = 8  # local and fsspec reads (and download-cache I/O) per process
-    concurrency: int = 256  # HTTP requests in flight per process, shared by its threads
+    concurrency: int = 512  # HTTP requests in flight per process, shared by its threads
     max_per_host: int = 0  # connections per host; 0: only the concurrency bounds them
     max_rps_per_host: float = 0.0  # requests started per second per host; 0: no limit
     user_agent: str = DEFAULT_USER_AGENT

@@ -33,9 +33,10 @@ from engine.versions import versions
 from engine.workdir import (
     UnitResult,
     check_finished_matches,
+    check_out,
+    clear_out,
     is_finished,
     load_unit_result,
-    prepare_out,
     run_fingerprint,
     run_state,
 )
@@ -138,18 +139,20 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         stats_doc = check_finished_matches(store, opts, task, source.sha256())
         progress.message(f"engine: {opts.out} is already complete; nothing to resume")
         return ConvertResult(out=opts.out, stats=stats_doc)
-    prepare_out(store, opts.overwrite, opts.resume)
+    replaced = check_out(store, opts.overwrite, opts.resume)
     stats = RunStats()
     results: list[UnitResult] = []
-    with (
-        make_runner(opts) as runner,
-        contextlib.closing(source),  # its per-process state (look-ahead) goes with the run
-    ):  # an embedded Ray starts only when the work is worth it
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(contextlib.closing(source))  # its per-process look-ahead state goes with the run
+        runner = make_runner(opts)
         ctx = unit_context(opts, task, store, runner.embedded, source)
         # the driver's threads take the first units (on a cluster they do not), and a resumed
-        # run's first rows are usually done already
+        # run's first rows are usually done already; the first requests go out before the old
+        # output is removed (--overwrite), which takes a while and leaves the GIL
         if runner.embedded and not opts.resume:
             start_fetching(ctx)
+        clear_out(store, replaced)
+        stack.enter_context(runner)  # an embedded Ray starts only when the work is worth it
         grain = min(UNIT_GRAIN, opts.unit_rows or UNIT_GRAIN)
         plan = source.plan(grain)
         unit_rows = run_state(

@@ -115,24 +115,32 @@ def in_progress(store: Store) -> bool:
 
 
 def prepare_out(store: Store, overwrite: bool, resume: bool) -> None:
-    """Check the output folder is free (or may be replaced, or resumed)."""
+    """Check the output folder is free (or may be replaced, or resumed), and make it so."""
+    clear_out(store, check_out(store, overwrite, resume))
+
+
+def check_out(store: Store, overwrite: bool, resume: bool) -> list[str]:
+    """Check the output folder is free (or may be replaced, or resumed); returns the entries
+    that ``clear_out`` removes (what --overwrite replaces)."""
     if not store.remote and os.path.exists(store.root) and not os.path.isdir(store.root):
         raise UsageError(f"--out {store.root} exists and is not a folder")
     entries = store.entries()
-    if entries:
-        if resume:
-            if WORK_DIR not in entries:
-                raise UsageError(
-                    f"cannot resume: {store.root} holds no interrupted run (no {WORK_DIR}/ folder)"
-                )
-        elif not overwrite:
-            raise UsageError(
-                f"output folder {store.root} is not empty; pass --overwrite to replace its contents, "
-                "or --resume to finish an interrupted run"
-            )
-        else:
-            for entry in entries:
-                store.remove(entry)
+    if not entries or resume:
+        if resume and entries and WORK_DIR not in entries:
+            raise UsageError(f"cannot resume: {store.root} holds no interrupted run (no {WORK_DIR}/ folder)")
+        return []
+    if not overwrite:
+        raise UsageError(
+            f"output folder {store.root} is not empty; pass --overwrite to replace its contents, "
+            "or --resume to finish an interrupted run"
+        )
+    return entries
+
+
+def clear_out(store: Store, entries: list[str]) -> None:
+    """Remove what ``check_out`` returned and create the work folder."""
+    for entry in entries:
+        store.remove(entry)
     make(store)
 
 

@@ -24,6 +24,7 @@ INLINE_LOCAL_READ_BYTES = 512 * 1024
 SLOW_LOCAL_READ_SECONDS = 0.002
 SPECULATIVE_SECONDS = 30.0  # a look-ahead fetch no unit has claimed by then is dropped
 RECENT_URLS = 1 << 14  # URLs remembered as asked for by units, so look-ahead never fetches them again
+LOOKAHEAD_SHARE = 4  # the look-ahead holds about buffer_bytes / this of bodies (bench/GAP.md)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +245,7 @@ class Fetcher:
     def speculate(self, urls: Iterable[str], limit: int) -> int:
         """Start fetching up to ``limit`` of ``urls`` that this process will probably need soon
         (the rows after its unit: see ``engine.pipeline``), while the fetch buffer is less than
-        half full; :meth:`submit` takes them over. At most about an eighth of the buffer's worth
+        half full; :meth:`submit` takes them over. At most about a quarter of the buffer's worth
         is held ahead; unclaimed ones are dropped after SPECULATIVE_SECONDS. Returns how many
         were started."""
         client = self._http_client()
@@ -277,9 +278,10 @@ class Fetcher:
         return self._lookahead_cap(client) - len(self._speculative)
 
     def _lookahead_cap(self, client) -> int:
-        # rows ahead: enough to cover the latency at any rate for small images; for large ones,
-        # what an eighth of the buffer holds, so photos are not held in memory long before use
-        return min(self._opts.concurrency, max(8, int(self._opts.buffer_bytes / 8 / client.mean_body_bytes)))
+        # rows ahead: enough to cover the latency at the local pace for small images; for large
+        # ones, what a quarter of the buffer holds, so photos are not held in memory long before use
+        share = self._opts.buffer_bytes / LOOKAHEAD_SHARE
+        return min(self._opts.concurrency, max(8, int(share / client.mean_body_bytes)))
 
     def _http_client(self):
         if self._http is None:

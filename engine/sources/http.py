@@ -34,6 +34,7 @@ from engine.sources.fetch import Fetched, FetchFailure
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
+FIRST_SIZES = 4  # bodies whose mean replaces the size guess (1 MiB)
 _DOWNLOADED = [0]  # bytes received over HTTP by this process, for the progress bar
 
 
@@ -54,7 +55,7 @@ class _ByteGate:
     A started request reserves the running mean of body sizes, corrected as its body arrives."""
 
     def __init__(self, limit: int):
-        self.limit, self.held, self.num_sizes = limit, 0, 0
+        self.limit, self.held, self.num_sizes, self._first = limit, 0, 0, 0
         self.mean = (
             1 << 20
         )  # a guess until bodies arrive: high, so large images do not flood the buffer at first
@@ -88,9 +89,14 @@ class _ByteGate:
         self._wake()
 
     def note_size(self, size: int) -> None:
-        # the mean of the guess and the first bodies, then a running mean over about the last 16
+        # the guess until a few bodies came, then their mean, then a running mean over about the last 16
         self.num_sizes += 1
-        self.mean += (size - self.mean) / min(self.num_sizes + 1, 16)
+        if self.num_sizes <= FIRST_SIZES:
+            self._first += size
+            if self.num_sizes == FIRST_SIZES:
+                self.mean = self._first / FIRST_SIZES
+            return
+        self.mean += (size - self.mean) / min(self.num_sizes, 16)
 
     def _wake(self) -> None:
         while self._waiters and self.held < self.limit:
