@@ -25,6 +25,7 @@ GOOD = imagegen.jpeg(size=(96, 64))
 ROT6 = imagegen.oriented(6)
 NOISE = [imagegen.noise_jpeg((400, 300), seed=i) for i in range(6)]  # kept as they are, and big
 STOP = threading.Event()
+BIG = [bytes([i]) * (3 << 19) for i in range(3)]  # 1.5 MiB each
 
 
 class Server:
@@ -144,6 +145,9 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         elif kind == "noise":  # /noise/<i>.jpg: NOISE[i]
             self._image(NOISE[int(parts[1].split(".")[0])])
+        elif kind == "big":  # /big/<i>: a body over LARGE_BODY_BYTES, 100 ms after the request
+            time.sleep(0.1)
+            self._image(BIG[int(parts[1]) % len(BIG)], "application/octet-stream")
         elif kind == "html":  # an error page with status 200
             self._image(b"<html><body>Sorry, this product has no photo.</body></html>", "text/html")
         elif kind == "missing":
@@ -611,6 +615,34 @@ def test_fetch_buffer_bounds_the_bytes_held(server):
         taken.append(fetched.data)
         fetched.release()
     assert taken == [GOOD] * 60 and STATE.count("/img/") == 60
+
+
+def test_large_bodies_are_read_a_few_at_a_time_per_host(server, monkeypatch):
+    """Bodies over LARGE_BODY_BYTES from one host are read LARGE_BODIES_AT_ONCE at a time (so the
+    first photos arrive whole first); small ones are not held back, and every body arrives whole."""
+    from engine.sources import http
+
+    reading = {"now": 0, "most": 0, "small": 0}
+    real = http.HttpClient._read_body
+
+    async def counted(self, resp, fetched):
+        large = (resp.content_length or 0) >= http.LARGE_BODY_BYTES
+        key = "now" if large else "small"
+        reading[key] += 1
+        reading["most"] = max(reading["most"], reading["now"])
+        try:
+            return await real(self, resp, fetched)
+        finally:
+            reading[key] -= 1
+
+    monkeypatch.setattr(http.HttpClient, "_read_body", counted)
+    fetcher = Fetcher(FetchOptions(concurrency=64), max_bytes=8 << 20)
+    futures = [fetcher.submit(f"{server}/big/{i}") for i in range(12)]
+    small = [fetcher.submit(f"{server}/img/0/s{i}.jpg") for i in range(12)]
+    assert [f.result(timeout=30).data for f in small] == [GOOD] * 12
+    assert [f.result(timeout=30).data for f in futures] == [BIG[i % 3] for i in range(12)]
+    assert 1 <= reading["most"] <= http.LARGE_BODIES_AT_ONCE, reading
+    assert STATE.count("/big/") == 12
 
 
 def test_dead_host_reason_names_the_connection_error():

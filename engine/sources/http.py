@@ -34,7 +34,8 @@ from engine.sources.fetch import Fetched, FetchFailure
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
-FIRST_SIZES = 4  # bodies whose mean replaces the size guess (1 MiB)
+LARGE_BODY_BYTES, LARGE_BODIES_AT_ONCE = 1 << 20, 4  # see _attempt
+FIRST_SIZES = 4  # bodies whose mean replaces the size guess (2 MiB)
 _DOWNLOADED = [0]  # bytes received over HTTP by this process, for the progress bar
 
 
@@ -56,9 +57,8 @@ class _ByteGate:
 
     def __init__(self, limit: int):
         self.limit, self.held, self.num_sizes, self._first = limit, 0, 0, 0
-        self.mean = (
-            1 << 20
-        )  # a guess until bodies arrive: high, so large images do not flood the buffer at first
+        # a guess until bodies arrive: high, so large images do not flood the buffer at first
+        self.mean = 2 << 20
         self._waiters: deque[asyncio.Future] = deque()
 
     async def acquire(self) -> int:
@@ -149,6 +149,7 @@ class HttpClient:
         self._slots = asyncio.Semaphore(opts.concurrency)
         self._gate = _ByteGate(opts.buffer_bytes)
         self._next_start: dict[str, float] = {}
+        self._large: dict[str, asyncio.Semaphore] = {}
         self._netrc = _netrc()
         self._host_env: dict[tuple[str, str], dict] = {}
         self.in_flight = self.max_in_flight = 0
@@ -312,15 +313,12 @@ class HttpClient:
                 declared = resp.content_length
                 if declared is not None and declared > self._max_bytes:
                     return self._too_big(declared)
-                chunks, size = [], 0
-                async for chunk in resp.content.iter_any():
-                    size += len(chunk)
-                    fetched.num_bytes_downloaded += len(chunk)
-                    _DOWNLOADED[0] += len(chunk)
-                    if size > self._max_bytes:
-                        return self._too_big(size)
-                    chunks.append(chunk)
-                return b"".join(chunks)
+                if declared is not None and declared >= LARGE_BODY_BYTES:
+                    # large bodies are read a few at a time per host, in the order their answers
+                    # came, so the first photos arrive whole first instead of all sharing the link
+                    async with self._large_bodies(url):
+                        return await self._read_body(resp, fetched)
+                return await self._read_body(resp, fetched)
         except aiohttp.TooManyRedirects:
             return FetchFailure(f"too many redirects (more than {MAX_REDIRECTS}): {url}")
         except aiohttp.ClientPayloadError as exc:  # cut off mid-body, or fewer bytes than promised
@@ -333,6 +331,24 @@ class HttpClient:
             return _Retry(f"ConnectionError: {_short(exc) or type(exc).__name__}")
         except (aiohttp.ClientError, ValueError) as exc:  # a bad URL or a malformed answer
             return FetchFailure(f"{type(exc).__name__}: {_short(exc)}: {url}")
+
+    async def _read_body(self, resp, fetched: Fetched):
+        chunks, size = [], 0
+        async for chunk in resp.content.iter_any():
+            size += len(chunk)
+            fetched.num_bytes_downloaded += len(chunk)
+            _DOWNLOADED[0] += len(chunk)
+            if size > self._max_bytes:
+                return self._too_big(size)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _large_bodies(self, url: str) -> asyncio.Semaphore:
+        host = urlsplit(url).netloc
+        gate = self._large.get(host)
+        if gate is None:
+            gate = self._large[host] = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
+        return gate
 
     def _too_big(self, size: int):
         return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
