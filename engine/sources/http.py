@@ -285,7 +285,8 @@ class HttpClient:
                 self.in_flight += 1
                 self.max_in_flight = max(self.max_in_flight, self.in_flight)
                 try:
-                    outcome = await asyncio.wait_for(self._attempt(url, fetched), remaining)
+                    async with asyncio.timeout(remaining):  # no task of its own, as wait_for makes
+                        outcome = await self._attempt(url, fetched)
                 except TimeoutError:
                     return FetchFailure(
                         f"timed out after {opts.total_timeout:g} s (--http-total-timeout), "
