@@ -353,7 +353,8 @@ def _cycled_section(runs: dict[tuple[str, int], dict]) -> list[str]:
 HTTP_TOOLS = ("engine-local", "engine-http", "engine-cache-fill", "engine-cached", "img2dataset-http")
 
 
-def _http_section(result: dict) -> list[str]:
+def _http_section(result: dict, memory_result: dict | None = None) -> list[str]:
+    """``memory_result``: the batch whose memory points to show when ``result`` ran none."""
     before, after = (" / ".join(f"{x:.2f}" for x in result[k]) for k in ("load_before", "load_after"))
     lines = [
         f"## Images over HTTP ({result['_file']})",
@@ -403,12 +404,15 @@ def _http_section(result: dict) -> list[str]:
             )
         lines.append(f"| {sc['scenario']} | " + " | ".join(cells) + " |")
     memory = result.get("memory")
+    source = ""
+    if not memory and memory_result is not None:
+        memory, source = memory_result.get("memory"), f", from {memory_result['_file']}"
     if memory:
         lines += [
             "",
             f"Memory over URLs of tiny images at {memory['latency_seconds']:g} s latency "
             f"(engine pass-through, distinct URLs, Ray started {memory.get('ray_start', 'lazily')}ly "
-            "at every size):",
+            f"at every size{source}):",
             "",
             "| rows | images/s | peak RSS (MB) | in flight at the server |",
             "|---:|---:|---:|---:|",
@@ -502,7 +506,7 @@ def write_results_md(results_dir: Path) -> Path:
         lines += inspect_section(inspect_runs[-1])
     http = [r for r in results if r.get("kind") == "http"]
     if http:
-        lines += _http_section(http[-1])
+        lines += _http_section(http[-1], next((r for r in reversed(http) if r.get("memory")), None))
     sources = [r for r in results if r.get("kind") == "source" and r.get("source") in ("webdataset", "llava")]
     if sources:
         from bench.source_tars_llava import source_section
