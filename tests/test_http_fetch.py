@@ -643,6 +643,7 @@ def test_large_bodies_are_read_a_few_at_a_time_per_host(server, monkeypatch):
     assert [f.result(timeout=30).data for f in futures] == [BIG[i % 3] for i in range(12)]
     assert 1 <= reading["most"] <= http.LARGE_BODIES_AT_ONCE, reading
     assert STATE.count("/big/") == 12
+    assert fetcher._http._large == {}  # a host's gate goes with its last large body
 
 
 def test_dead_host_reason_names_the_connection_error():

@@ -149,7 +149,7 @@ class HttpClient:
         self._slots = asyncio.Semaphore(opts.concurrency)
         self._gate = _ByteGate(opts.buffer_bytes)
         self._next_start: dict[str, float] = {}
-        self._large: dict[str, asyncio.Semaphore] = {}
+        self._large: dict[str, list] = {}  # host: [its large-body gate, bodies using it]
         self._netrc = _netrc()
         self._host_env: dict[tuple[str, str], dict] = {}
         self.in_flight = self.max_in_flight = 0
@@ -344,12 +344,20 @@ class HttpClient:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    def _large_bodies(self, url: str) -> asyncio.Semaphore:
+    @contextlib.asynccontextmanager
+    async def _large_bodies(self, url: str):
         host = urlsplit(url).netloc
         gate = self._large.get(host)
         if gate is None:
-            gate = self._large[host] = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
-        return gate
+            gate = self._large[host] = [asyncio.Semaphore(LARGE_BODIES_AT_ONCE), 0]
+        gate[1] += 1
+        try:
+            async with gate[0]:
+                yield
+        finally:
+            gate[1] -= 1
+            if not gate[1]:  # no host's gate outlives its bodies (a manifest may name many hosts)
+                del self._large[host]
 
     def _too_big(self, size: int):
         return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
