@@ -188,6 +188,26 @@ def _run(tmp_path: Path, rows: list[dict], *options: str, runner: str = "local",
     return o
 
 
+def _first_units_wait_for_requests(monkeypatch, *, units: int, requests: int) -> list[int]:
+    """The first ``units`` units wait (up to 10 s) until the server has seen ``requests`` image
+    requests; returns the counts each saw as it started."""
+    import engine.driver
+
+    real = engine.driver.process_unit
+    seen_at_start: list[int] = []
+
+    def first_units_wait(unit, ctx):
+        if len(seen_at_start) < units:
+            deadline = time.monotonic() + 10
+            while STATE.count("/img/") < requests and time.monotonic() < deadline:
+                time.sleep(0.01)
+            seen_at_start.append(STATE.count("/img/"))
+        return real(unit, ctx)
+
+    monkeypatch.setattr(engine.driver, "process_unit", first_units_wait)
+    return seen_at_start
+
+
 def test_concurrency_follows_latency_across_units(server, tmp_path):
     """200 ms per answer, 16 rows per unit and the driver's threads: far more requests than one
     unit's rows (or the old 8 threads) are in flight, and no URL is fetched twice."""
@@ -208,21 +228,8 @@ def test_first_rows_are_fetched_while_the_run_starts(server, tmp_path, monkeypat
     """The HTTP client starts and the first rows' requests go out while the manifest is planned:
     the first unit finds them sent (here it waits until the server has seen them, which on the
     code before never happened). Each URL is still fetched once, and counted once."""
-    import engine.driver
-
     rows = [row(f"r{i}", f"{server}/img/100/first-{i}.jpg", key="image_url") for i in range(40)]
-    real = engine.driver.process_unit
-    seen_at_start: list[int] = []
-
-    def first_unit_waits(unit, ctx):
-        if not seen_at_start:
-            deadline = time.monotonic() + 10
-            while STATE.count("/img/") < 8 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            seen_at_start.append(STATE.count("/img/"))
-        return real(unit, ctx)
-
-    monkeypatch.setattr(engine.driver, "process_unit", first_unit_waits)
+    seen_at_start = _first_units_wait_for_requests(monkeypatch, units=1, requests=8)
     o = _run(tmp_path, rows, "--unit-rows", "16")
     assert seen_at_start[0] >= 8, seen_at_start
     assert len(o.by_id()) == 40 and o.rejects == []
@@ -235,21 +242,8 @@ def test_the_early_start_tops_up_once_the_first_bodies_show_their_size(server, t
     the first small ones are in, the early start asks for more of the first rows (up to what the
     estimate allows and --fetch-concurrency) without waiting for a unit to take any. Each URL is
     still fetched once."""
-    import engine.driver
-
     rows = [row(f"r{i}", f"{server}/img/100/early-{i}.jpg", key="image_url") for i in range(120)]
-    real = engine.driver.process_unit
-    seen_at_start: list[int] = []
-
-    def first_units_wait(unit, ctx):
-        if len(seen_at_start) < 2:
-            deadline = time.monotonic() + 10
-            while STATE.count("/img/") < 64 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            seen_at_start.append(STATE.count("/img/"))
-        return real(unit, ctx)
-
-    monkeypatch.setattr(engine.driver, "process_unit", first_units_wait)
+    seen_at_start = _first_units_wait_for_requests(monkeypatch, units=2, requests=64)
     o = _run(tmp_path, rows, "--unit-rows", "16")
     assert seen_at_start[0] >= 64, seen_at_start  # twice what the guess allows before any body came
     assert len(o.by_id()) == 120 and o.rejects == []

@@ -43,6 +43,15 @@ def _rows() -> list[dict]:
     return rows
 
 
+def _rows_with_outputs(outputs: dict[str, dict]) -> list[dict]:
+    """The manifest's rows, with the outputs of the ids in ``outputs`` replaced."""
+    rows = _rows()
+    for r in rows:
+        if r["image_id"] in outputs:
+            r["output"] = outputs[r["image_id"]]
+    return rows
+
+
 def _data_files(out: Path) -> dict[str, str]:
     """sha256 of the files that are the dataset's data (not stats.json, the card or rejects)."""
     found = {}
@@ -188,12 +197,7 @@ def test_outputs_replace_validate_and_list_unknown_ids(tmp_path, made, layout, c
     assert "schema violation" in entry["invalid_outputs"][0]["reason"]
     assert entry["inputs"]["outputs"]["sha256"] == hashlib.sha256(updates.read_bytes()).hexdigest()
     # the same dataset a fresh convert makes of the manifest with those outputs
-    rows = _rows()
-    for r in rows:
-        if r["image_id"] == "id1":
-            r["output"] = {"price": 7.25, "currency": "USD"}
-        if r["image_id"] == "id4":
-            r["output"] = {"price": 4.0}
+    rows = _rows_with_outputs({"id1": {"price": 7.25, "currency": "USD"}, "id4": {"price": 4.0}})
     assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, layout))
     stats = Output(out).stats
     assert stats["num_input_rows"] == stats["num_written"] + stats["num_rejected"] == 12

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import Output, convert, row, write_input
-from test_update import _data_files, _fresh, _images, _jsonl, _layout_opts, _rows, _update
+from test_update import _data_files, _fresh, _images, _jsonl, _layout_opts, _rows, _rows_with_outputs, _update
 
 from engine.layouts.parquet import extraction_features, parquet_writer
 from engine.update import thrift
@@ -130,12 +130,7 @@ def test_an_outputs_update_splices_every_shard(tmp_path, made):
     assert _update(out, "--outputs", str(updates)) == 0
     counts = _counts(out)
     assert counts["shards_spliced"] == len(before) and counts.get("shards_rewritten", 0) == 0
-    rows = _rows()
-    for r in rows:
-        if r["image_id"] == "id1":
-            r["output"] = {"price": 123.25, "currency": "USD"}
-        if r["image_id"] == "id8":
-            r["output"] = {"price": 0.0}
+    rows = _rows_with_outputs({"id1": {"price": 123.25, "currency": "USD"}, "id8": {"price": 0.0}})
     fresh = _fresh(tmp_path, inp, rows, "parquet")
     assert _data_files(out) == _data_files(fresh)
     # the card's front matter, made without datasets from the old card, is the one convert writes
@@ -199,10 +194,7 @@ def test_a_shard_another_writer_made_is_rewritten(tmp_path, made):
     assert _update(out, "--outputs", str(updates)) == 0
     counts = _counts(out)
     assert counts["shards_rewritten"] == 1 and counts["shards_spliced"] == len(_shards(out)) - 1
-    rows = _rows()
-    for r in rows:
-        if r["image_id"] == "id1":
-            r["output"] = {"price": 1.0}
+    rows = _rows_with_outputs({"id1": {"price": 1.0}})
     assert _data_files(out) == _data_files(_fresh(tmp_path, inp, rows, "parquet"))
 
 
