@@ -336,6 +336,10 @@ class JsonlSource(Source):
             data = f.read(size)
         if start == 0 and data.startswith(BOM):
             data, start = data[len(BOM) :], len(BOM)
+        if b"://" not in data:  # no URL in these rows (a manifest of files): nothing to parse
+            with _RUNS_LOCK:
+                progress.frontier = max(progress.frontier, start + data.rfind(b"\n") + 1)
+            return
         offset = start
         for raw in data.split(b"\n")[:-1]:  # the last piece may be cut short
             pos, offset = offset, offset + len(raw) + 1
