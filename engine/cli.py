@@ -335,6 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
         "fsspec URL), by URL: a later run with other options fetches nothing again; a damaged "
         "entry is fetched again",
     )
+    net.add_argument(
+        "--http-in-process",
+        action="store_true",
+        help="run the HTTP client on a thread of each process instead of a child process of its "
+        "own (the default, which keeps its Python work off the units' GIL): for a sandbox that "
+        "forbids starting processes, or to profile the client with the units",
+    )
     run.add_argument(
         "--max-reject-ratio",
         type=float,
@@ -463,6 +470,7 @@ def options_from_args(args: argparse.Namespace) -> ConvertOptions:
         max_rps_per_host=args.max_requests_per_second_per_host,
         user_agent=args.user_agent,
         cache=args.download_cache,
+        in_process=args.http_in_process,
     )
     _check_download_cache(args.download_cache)
     return ConvertOptions(
@@ -579,6 +587,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             update(uopts, NullProgress() if args.quiet else BarProgress(), command=public_command(argv))
             return 0
         opts = options_from_args(args)
+        if not opts.fetch.in_process and opts.ray_address is None:
+            from engine.sources.http_process import prespawn
+
+            prespawn(opts.manifest)  # its start overlaps the imports below
         from engine.driver import convert
 
         convert(opts, NullProgress() if opts.quiet else BarProgress(), command=public_command(argv))

@@ -170,6 +170,7 @@ class FetchOptions:
     max_rps_per_host: float = 0.0  # requests started per second per host; 0: no limit
     user_agent: str = DEFAULT_USER_AGENT
     cache: str | None = None  # download cache folder or fsspec URL
+    in_process: bool = False  # the HTTP client on a thread of this process, not a child process
     # Fetched bytes held per process (being read, or waiting for their unit): no new request
     # starts above it, so memory does not follow the concurrency times the image size.
     buffer_bytes: int = 256 * 2**20

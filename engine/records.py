@@ -10,6 +10,8 @@ from typing import NamedTuple
 import orjson
 import pyarrow as pa
 
+from engine.refs import SourceRef  # noqa: F401 - re-exported: where it was first
+
 # Fixed meta fields of the LLM image-extraction layout, in this order; extra manifest keys
 # follow, sorted by name.
 META_FIXED = ("barcode", "off_image_id", "image_url")
@@ -34,21 +36,6 @@ class Reject:
         return orjson.dumps(
             {"line": self.line, "image_id": self.image_id, "stage": self.stage, "reason": self.reason}
         )
-
-
-@dataclass(frozen=True, slots=True)
-class SourceRef:
-    """An image kept as it is, stored in a part file as a reference to its local source file
-    instead of a copy: the shard writer reads it from there (see ``engine.sinks.parts``).
-    ``size`` and ``mtime_ns`` are the file's when it was converted; a file that no longer
-    matches them stops the run rather than write other bytes than were checked. With an
-    ``offset`` the image is ``size`` bytes inside the file from there (a tar member), and the
-    file's mtime must match and still hold the range."""
-
-    path: str
-    size: int
-    mtime_ns: int
-    offset: int | None = None  # None: the whole file
 
 
 class StoredImage(NamedTuple):

@@ -225,7 +225,7 @@ def test_remote_locations_are_prefetched_in_threads(monkeypatch):
         return url.encode()
 
     monkeypatch.setattr(http.HttpClient, "_download", download)
-    fetcher = fetch.Fetcher(FetchOptions(), max_bytes=1 << 20)
+    fetcher = fetch.Fetcher(FetchOptions(in_process=True), max_bytes=1 << 20)
     urls = [f"http://example.invalid/{i}.jpg" for i in range(5)]
     got = [payloads for _, payloads in _prefetched(fetcher, _rows(urls), threads=3)]
     assert got == [[(u.encode(), None)] for u in urls]  # no file status for a remote image
@@ -247,7 +247,7 @@ def test_the_look_ahead_is_topped_up_while_a_unit_runs(monkeypatch):
         return b"x" * 1000
 
     monkeypatch.setattr(http.HttpClient, "_download", download)
-    fetcher = fetch.Fetcher(FetchOptions(concurrency=256), max_bytes=1 << 20)
+    fetcher = fetch.Fetcher(FetchOptions(concurrency=256, in_process=True), max_bytes=1 << 20)
     unit = [f"http://example.invalid/u{i}.jpg" for i in range(16)]
     after = [f"http://example.invalid/next{i}.jpg" for i in range(400)]
     drawn = iter(after)

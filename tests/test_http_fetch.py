@@ -491,7 +491,10 @@ def test_cache_entries_are_read_and_checked_in_the_unit_not_the_event_loop(serve
     monkeypatch.setattr(cache_module.DownloadCache, "read_local", staticmethod(read_local))
     monkeypatch.setattr(http.HttpClient, "_cache_get", no_lookup)
     STATE.reset()
-    o = _run(tmp_path, rows, "--download-cache", str(cache), "--workers", "1", name="second")
+    # the client's own lookup is patched: it runs in this process
+    o = _run(
+        tmp_path, rows, "--download-cache", str(cache), "--workers", "1", "--http-in-process", name="second"
+    )
     assert STATE.hits == {"/noise/2.jpg": 1}
     assert [o.by_id()[f"r{i}"]["image"]["bytes"] for i in range(4)] == NOISE[:4]
     assert len(readers) == 4 and not any(name.startswith(("asyncio", "engine-http")) for name in readers)
@@ -525,29 +528,33 @@ def test_a_cache_entry_removed_before_its_shard_stops_the_run(server, tmp_path, 
     assert not list((tmp_path / "again").rglob("*.parquet"))
 
 
-def test_a_run_the_cache_holds_whole_starts_no_http_client(server, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["child", "in-process"])
+def test_a_run_the_cache_holds_whole_starts_no_http_client(server, tmp_path, monkeypatch, where):
     """Every row in a local cache: nothing is fetched, so no HTTP client is started (its start
-    would take CPU from the planning); one uncached row starts one."""
-    from engine.sources import http
+    would take CPU from the planning, and a child process with it); one uncached row starts one."""
+    from engine.sources import http, http_process
 
     cache = tmp_path / "cache"
     rows = [row(f"r{i}", f"{server}/noise/{i}.jpg", key="image_url") for i in range(4)]
     _run(tmp_path, rows, "--download-cache", str(cache), name="fill")
-    started: list[int] = []
-    real_init = http.HttpClient.__init__
+    started: list[str] = []
+    for cls in (http.HttpClient, http_process.RemoteHttpClient):
+        real_init = cls.__init__
 
-    def init(self, *args, **kwargs):
-        started.append(1)
-        real_init(self, *args, **kwargs)
+        def init(self, *args, real_init=real_init, **kwargs):
+            started.append(type(self).__name__)
+            real_init(self, *args, **kwargs)
 
-    monkeypatch.setattr(http.HttpClient, "__init__", init)
+        monkeypatch.setattr(cls, "__init__", init)
     STATE.reset()
+    extra = ["--http-in-process"] if where == "in-process" else []
     # other fetch options than the first run's: another fetcher, with no client yet
-    _run(tmp_path, rows, "--download-cache", str(cache), "--http-timeout", "29", name="cached")
+    _run(tmp_path, rows, "--download-cache", str(cache), "--http-timeout", "29", *extra, name="cached")
     assert STATE.hits == {} and started == []
     more = [*rows, row("new", f"{server}/noise/5.jpg", key="image_url")]
-    _run(tmp_path, more, "--download-cache", str(cache), "--http-timeout", "28", name="one-more")
-    assert STATE.hits == {"/noise/5.jpg": 1} and started == [1]
+    _run(tmp_path, more, "--download-cache", str(cache), "--http-timeout", "28", *extra, name="one-more")
+    assert STATE.hits == {"/noise/5.jpg": 1}
+    assert started == ["HttpClient" if where == "in-process" else "RemoteHttpClient"]
 
 
 def test_a_sound_entry_is_kept_when_a_miss_is_stored(tmp_path):
@@ -634,7 +641,7 @@ def test_large_bodies_are_read_a_few_at_a_time_per_host(server, monkeypatch):
             reading[key] -= 1
 
     monkeypatch.setattr(http.HttpClient, "_read_body", counted)
-    fetcher = Fetcher(FetchOptions(concurrency=64), max_bytes=8 << 20)
+    fetcher = Fetcher(FetchOptions(concurrency=64, in_process=True), max_bytes=8 << 20)
     futures = [fetcher.submit(f"{server}/big/{i}") for i in range(12)]
     small = [fetcher.submit(f"{server}/img/0/s{i}.jpg") for i in range(12)]
     assert [f.result(timeout=30).data for f in small] == [GOOD] * 12

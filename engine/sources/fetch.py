@@ -13,7 +13,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from engine.config import FetchOptions
-from engine.records import SourceRef
+from engine.refs import SourceRef
 from engine.sources.base import ImageInput, InlineImage
 from engine.sources.location import local_path
 
@@ -286,10 +286,16 @@ class Fetcher:
     def _http_client(self):
         if self._http is None:
             with self._http_lock:
-                if self._http is None:
+                # an fsspec memory:// cache is this process's own: its client stays here too
+                in_process = self._opts.in_process or (self._opts.cache or "").startswith("memory://")
+                if self._http is None and in_process:
                     from engine.sources.http import HttpClient
 
                     self._http = HttpClient(self._opts, self._max_bytes, self._download_cache())
+                elif self._http is None:
+                    from engine.sources.http_process import RemoteHttpClient
+
+                    self._http = RemoteHttpClient(self._opts, self._max_bytes)
         return self._http
 
     @property

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from urllib.parse import urlsplit
 
 from engine.config import FetchOptions
-from engine.records import SourceRef
+from engine.refs import SourceRef
 from engine.sources.cache import HEADER_BYTES, CacheRead, DownloadCache
 from engine.sources.fetch import Fetched, FetchFailure
 
