@@ -45,8 +45,8 @@ def _write_frame(fd: int, lock: threading.Lock, message, body: bytes = b"") -> N
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    # os.write on the descriptor: through a BufferedWriter, a write interrupted by SIGSTOP and
-    # SIGCONT (a profiler attaching) put bytes out of order on the pipe (bench/GAP.md)
+    # a pipe write that a stop signal interrupts (a profiler attaching) returns having written
+    # part: the rest must follow, or the stream loses its frames
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
