@@ -244,6 +244,9 @@ def _child() -> None:
     stdin, out = open(0, "rb", buffering=0, closefd=False), os.dup(1)
     os.dup2(2, 1)  # only frames on the pipe: anything printed goes to stderr
     sys.stdout = sys.stderr
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # as the CLI's
     _, opts, max_bytes = _read_frame(stdin)
     client = HttpClient(opts, max_bytes, DownloadCache(opts.cache) if opts.cache else None)
     out_lock = threading.Lock()
@@ -277,6 +280,8 @@ def _child() -> None:
                 _write_frame(out, out_lock, (kind, ident, meta, size, *state()), data if size > 0 else b"")
             except OSError:  # the parent is gone
                 os._exit(0)
+            # the parent has the bytes now; what stays here until it releases them is their count
+            fetched.data = None
             del fetched, data
 
     threading.Thread(target=write, name="engine-http-writer", daemon=True).start()
