@@ -146,10 +146,10 @@ def convert(opts: ConvertOptions, progress: Progress | None = None, command: str
         stack.enter_context(contextlib.closing(source))  # its per-process look-ahead state goes with the run
         runner = make_runner(opts)
         ctx = unit_context(opts, task, store, runner.embedded, source)
-        # the driver's threads take the first units (on a cluster they do not), and a resumed
-        # run's first rows are usually done already; the first requests go out before the old
-        # output is removed (--overwrite), which takes a while and leaves the GIL
-        if runner.embedded and not opts.resume:
+        # only when the driver's threads take the first units (not on a cluster, nor with Ray
+        # started at once), and a resumed run's first rows are usually done already; the first
+        # requests go out before the old output is removed (--overwrite), which leaves the GIL
+        if runner.driver_takes_first_units and not opts.resume:
             start_fetching(ctx)
         clear_out(store, replaced)
         stack.enter_context(runner)  # an embedded Ray starts only when the work is worth it

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -282,6 +283,14 @@ def _take(fetched: Fetched, tally: FetchTally) -> tuple[bytes | FetchFailure, So
     return fetched.data, fetched.origin
 
 
+def _ray_running() -> bool:
+    """Whether this driver has started (or joined) Ray: the units after a driver thread's may
+    then go to Ray's workers, which would fetch the rows it looked ahead at again. Read from
+    sys.modules, so a run without Ray never imports it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 def _prefetched(
     fetcher: Fetcher,
     rows: list[Checked],
@@ -316,7 +325,10 @@ def _prefetched(
         window.append((checked, [fetcher.submit(loc) for loc in checked.row.locations]))
 
     looking_ahead = (
-        remote and lookahead is not None and threading.current_thread() is not threading.main_thread()
+        remote
+        and lookahead is not None
+        and threading.current_thread() is not threading.main_thread()
+        and not _ray_running()
     )
     try:
         for checked in itertools.islice(pending, ahead):
@@ -332,7 +344,12 @@ def _prefetched(
                 submit(nxt)
             # topped up as rows are taken (and the first bodies show their size), so the rows
             # after this unit are ready when a thread takes them, not only at this unit's start
-            if looking_ahead and taken % LOOKAHEAD_EVERY == 0 and fetcher.lookahead_room() >= LOOKAHEAD_EVERY:
+            if (
+                looking_ahead
+                and taken % LOOKAHEAD_EVERY == 0
+                and fetcher.lookahead_room() >= LOOKAHEAD_EVERY
+                and not _ray_running()
+            ):
                 fetcher.speculate(lookahead(), limit=concurrency)
             payloads = [_take(future.result(), tally) for future in futures]
             futures = None  # nothing here keeps the fetched results alive

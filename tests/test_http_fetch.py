@@ -736,3 +736,36 @@ def test_rows_rejected_after_their_fetch_are_not_downloaded_again(server, tmp_pa
     second = _run(tmp_path, rows, "--download-cache", str(cache), name="second")
     assert STATE.hits == {} and [r["stage"] for r in second.rejects] == ["decode"]
     assert DownloadCache(str(cache)).contains(f"{server}/html/p.jpg")
+
+
+def test_ray_started_at_once_fetches_each_url_once(server, tmp_path):
+    """With Ray started at once (ENGINE_RAY_START=eager), Ray's workers take the first units,
+    so the driver does not fetch their rows early: the server sees each URL once, and every
+    Ray worker fetches through a child process of its own."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import REPO
+
+    rows = [row(f"r{i}", f"{server}/img/20/{i}.jpg", key="image_url") for i in range(120)]
+    inp = write_input(tmp_path / "in", rows)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="eng-ray-", dir="/tmp"))  # short: Ray's socket paths
+    env = dict(os.environ, ENGINE_RAY_START="eager", RAY_TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
+    argv = [sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest), "--config"]
+    argv += [
+        str(inp.config),
+        "--out",
+        str(tmp_path / "out"),
+        "--workers",
+        "2",
+        "--unit-rows",
+        "10",
+        "--quiet",
+    ]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    o = Output(tmp_path / "out")
+    assert len(o.by_id()) == 120 and o.rejects == []
+    assert STATE.count("/img/") == 120 and all(n == 1 for n in STATE.hits.values()), STATE.count("/img/")

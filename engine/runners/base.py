@@ -12,6 +12,7 @@ class Runner(Protocol):
     num_workers: int
     embedded: bool  # every process runs on this machine (no cluster)
     in_process: bool  # so far everything ran in this process (no Ray started or joined)
+    driver_takes_first_units: bool  # the driver's threads run the first units
 
     def __enter__(self) -> Runner: ...
 

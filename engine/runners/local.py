@@ -12,6 +12,7 @@ class LocalRunner:
     num_workers = 1
     embedded = True  # everything runs on this machine
     in_process = True  # ... in this process
+    driver_takes_first_units = True
 
     def __enter__(self) -> LocalRunner:
         return self

@@ -165,6 +165,13 @@ class RayRunner:
         return self._address is None
 
     @property
+    def driver_takes_first_units(self) -> bool:
+        """The driver's threads take the first units (Ray starts later, if at all): rows fetched
+        early in the driver are then the ones its units use, not fetched again by a worker."""
+        ray = sys.modules.get("ray")
+        return self.embedded and self._lazy_start and not (ray is not None and ray.is_initialized())
+
+    @property
     def in_process(self) -> bool:
         """No Ray was started or joined: everything so far ran in the driver's threads."""
         return self._init_thread is None and not self._init_done.is_set()
