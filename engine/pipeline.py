@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import sys
 import threading
 import time
 from collections import Counter, deque
@@ -24,6 +23,7 @@ from engine.config import FetchOptions, ImageOptions
 from engine.imaging import EncodedImage, ImageFailure, configure_pillow
 from engine.layouts.base import MAX_OUTPUT_BYTES, Checked, Layout  # noqa: F401 - MAX_OUTPUT_BYTES: engine update's
 from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
+from engine.runners.ray_startup import ray_running
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
 from engine.sources.base import ManifestRow, Source, Unit
@@ -283,14 +283,6 @@ def _take(fetched: Fetched, tally: FetchTally) -> tuple[bytes | FetchFailure, So
     return fetched.data, fetched.origin
 
 
-def _ray_running() -> bool:
-    """Whether this driver has started (or joined) Ray: the units after a driver thread's may
-    then go to Ray's workers, which would fetch the rows it looked ahead at again. Read from
-    sys.modules, so a run without Ray never imports it."""
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
-
-
 def _prefetched(
     fetcher: Fetcher,
     rows: list[Checked],
@@ -324,11 +316,13 @@ def _prefetched(
     def submit(checked: Checked) -> None:
         window.append((checked, [fetcher.submit(loc) for loc in checked.row.locations]))
 
+    # once Ray runs beside the driver, the units after a thread's may go to Ray's workers, which
+    # would fetch again the rows it looked ahead at
     looking_ahead = (
         remote
         and lookahead is not None
         and threading.current_thread() is not threading.main_thread()
-        and not _ray_running()
+        and not ray_running()
     )
     try:
         for checked in itertools.islice(pending, ahead):
@@ -348,7 +342,7 @@ def _prefetched(
                 looking_ahead
                 and taken % LOOKAHEAD_EVERY == 0
                 and fetcher.lookahead_room() >= LOOKAHEAD_EVERY
-                and not _ray_running()
+                and not ray_running()
             ):
                 fetcher.speculate(lookahead(), limit=concurrency)
             payloads = [_take(future.result(), tally) for future in futures]

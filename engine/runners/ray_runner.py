@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -26,7 +25,7 @@ from engine.errors import EngineError, ShardError, UsageError, reason
 from engine.runners.base import describe
 from engine.runners.cost import estimate_ray, worth_starting_ray
 from engine.runners.lane import LocalLane
-from engine.runners.ray_startup import start_ray, stop_ray
+from engine.runners.ray_startup import ray_running, start_ray, stop_ray
 
 log = logging.getLogger(__name__)
 MAX_TASK_RETRIES = 3  # a worker process that dies is retried this many times
@@ -72,8 +71,7 @@ class RayRunner:
 
     def __enter__(self) -> RayRunner:
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray = sys.modules.get("ray")  # importing ray costs 0.4 s, which a small job never needs
-        if ray is not None and ray.is_initialized():
+        if ray_running():  # read without importing ray (0.4 s, which a small job never needs)
             self._resolve_workers()
             self._init_done.set()
         elif self._address or not self._lazy_start:
@@ -168,8 +166,7 @@ class RayRunner:
     def driver_takes_first_units(self) -> bool:
         """The driver's threads take the first units (Ray starts later, if at all): rows fetched
         early in the driver are then the ones its units use, not fetched again by a worker."""
-        ray = sys.modules.get("ray")
-        return self.embedded and self._lazy_start and not (ray is not None and ray.is_initialized())
+        return self.embedded and self._lazy_start and not ray_running()
 
     @property
     def in_process(self) -> bool:

@@ -8,12 +8,20 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
 log = logging.getLogger(__name__)
 EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # results are small; images never go through it
+
+
+def ray_running() -> bool:
+    """Whether this process has started (or joined) Ray; read from sys.modules, so a run
+    without Ray never imports it."""
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def start_ray(address: str | None, num_cpus: int) -> None:

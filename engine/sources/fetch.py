@@ -286,17 +286,19 @@ class Fetcher:
     def _http_client(self):
         if self._http is None:
             with self._http_lock:
-                # an fsspec memory:// cache is this process's own: its client stays here too
-                in_process = self._opts.in_process or (self._opts.cache or "").startswith("memory://")
-                if self._http is None and in_process:
-                    from engine.sources.http import HttpClient
-
-                    self._http = HttpClient(self._opts, self._max_bytes, self._download_cache())
-                elif self._http is None:
-                    from engine.sources.http_process import RemoteHttpClient
-
-                    self._http = RemoteHttpClient(self._opts, self._max_bytes)
+                if self._http is None:
+                    self._http = self._new_http_client()
         return self._http
+
+    def _new_http_client(self):
+        # an fsspec memory:// cache is this process's own: its client stays here too
+        if self._opts.in_process or (self._opts.cache or "").startswith("memory://"):
+            from engine.sources.http import HttpClient
+
+            return HttpClient(self._opts, self._max_bytes, self._download_cache())
+        from engine.sources.http_process import RemoteHttpClient
+
+        return RemoteHttpClient(self._opts, self._max_bytes)
 
     @property
     def max_in_flight(self) -> int:

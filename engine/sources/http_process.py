@@ -126,6 +126,7 @@ class _Link:
             self.proc = _spawn()
         self._out_lock = threading.Lock()
         self.futures: dict[int, Future] = {}
+        self.closed = False  # the child ended: fetches fail at once
         self.lock = threading.Lock()
         self.mean_body_bytes, self.room, self.max_in_flight = float(2 << 20), True, 0
         # releases come from finalizers, which may run inside a send: they are queued (a
@@ -178,12 +179,13 @@ class _Link:
         self._posted.put(None)
 
     def fail_waiting(self) -> None:
-        """The child ended: every fetch still waiting on it is that row's fetch failure."""
+        """The child ended: every fetch still waiting on it, or asked of it later, is that row's
+        fetch failure."""
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=1)
         code = self.proc.poll()
         with self.lock:
-            waiting, self.futures = self.futures, {}
+            waiting, self.futures, self.closed = self.futures, {}, True
         failure = FetchFailure(f"the HTTP fetch process ended (exit code {code}); see the log above")
         for future in waiting.values():
             if future.set_running_or_notify_cancel():
@@ -212,11 +214,14 @@ class RemoteHttpClient:
     def submit(self, url: str, speculative: bool = False, cached: str | None = None) -> Future:
         link, ident, future = self._link, next(self._ids), Future()
         with link.lock:
-            link.futures[ident] = future
+            if not link.closed:  # else the reader has failed what waited: this one fails here
+                link.futures[ident] = future
+        if link.closed:
+            future.set_running_or_notify_cancel()
+            future.set_result(Fetched(FetchFailure(f"the HTTP fetch process ended: {url}")))
+            return future
         future.add_done_callback(lambda f: f.cancelled() and link.post(("cancel", ident)))
         link.send(("get", ident, url, speculative, cached))
-        if link.proc.poll() is not None:  # gone before the reader saw it: fail it now
-            link.fail_waiting()
         return future
 
     @property
