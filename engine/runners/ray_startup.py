@@ -20,8 +20,9 @@ EMBEDDED_OBJECT_STORE_BYTES = 256 * 2**20  # results are small; images never go 
 def ray_running() -> bool:
     """Whether this process has started (or joined) Ray; read from sys.modules, so a run
     without Ray never imports it."""
-    ray = sys.modules.get("ray")
-    return ray is not None and ray.is_initialized()
+    # ray may be half imported (the lazy start imports it in a thread): not running yet
+    is_initialized = getattr(sys.modules.get("ray"), "is_initialized", None)
+    return is_initialized is not None and is_initialized()
 
 
 def start_ray(address: str | None, num_cpus: int) -> None:
