@@ -53,15 +53,21 @@ class _Retry:
 
 class _ByteGate:
     """Lets requests start, first come first served, while the bytes held stay under the limit.
-    A started request reserves the running mean of body sizes, corrected as its body arrives."""
+    The bytes held are the bodies that arrived and are not yet released, plus each started
+    request's share at the running mean of body sizes: so the first bodies' sizes correct at
+    once every reservation made at the first guess."""
 
     def __init__(self, limit: int):
-        self.limit, self.held, self.num_sizes, self._first = limit, 0, 0, 0
+        self.limit, self.bodies, self.pending, self.num_sizes, self._first = limit, 0, 0, 0, 0
         # a guess until bodies arrive: high, so large images do not flood the buffer at first
         self.mean = 2 << 20
         self._waiters: deque[asyncio.Future] = deque()
 
-    async def acquire(self) -> int:
+    @property
+    def held(self) -> float:
+        return self.bodies + self.pending * self.mean
+
+    async def acquire(self) -> None:
         if self._waiters or self.held >= self.limit:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -69,23 +75,26 @@ class _ByteGate:
                 await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
-                    self._wake()  # it was let in: pass the turn on
+                    self.arrived(0)  # it was let in, and reserved for: give the share back
                 else:
-                    self._waiters.remove(waiter)
+                    with contextlib.suppress(ValueError):  # _wake may have dropped it already
+                        self._waiters.remove(waiter)
                 raise
-        reserve = int(self.mean)
-        self.held += reserve
-        return reserve
+            return  # _wake reserved its share
+        self.pending += 1
 
     @property
     def waiting(self) -> bool:
         return bool(self._waiters)
 
-    def grow(self, n: int) -> None:
-        self.held += n
+    def arrived(self, size: int) -> None:
+        """A started request's body (``size`` bytes, 0 for a failure) is in: held until released."""
+        self.pending -= 1
+        self.bodies += size
+        self._wake()
 
-    def release(self, n: int) -> None:
-        self.held -= n
+    def release(self, size: int) -> None:
+        self.bodies -= size
         self._wake()
 
     def note_size(self, size: int) -> None:
@@ -99,11 +108,13 @@ class _ByteGate:
         self.mean += (size - self.mean) / min(self.num_sizes, 16)
 
     def _wake(self) -> None:
+        # every waiter that fits is let in at once, its share reserved here: waking one at a time
+        # would take one pass of the event loop per request
         while self._waiters and self.held < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self.pending += 1
                 waiter.set_result(None)
-                return  # it reserves before the next one is considered
 
 
 class HttpClient:
@@ -176,15 +187,17 @@ class HttpClient:
         except RuntimeError:  # the loop is gone (interpreter exit)
             pass
 
-    def _hold(self, fetched: Fetched, held: int) -> Fetched:
-        if held:
-            fetched.hold = weakref.finalize(fetched, self._release_later, held)
+    def _hold(self, fetched: Fetched, size: int) -> Fetched:
+        if size:
+            fetched.hold = weakref.finalize(fetched, self._release_later, size)
         return fetched
 
     async def _fetch(self, url: str, speculative: bool, cached: str | None = None) -> Fetched:
         # look-ahead fetches stay out of the buffer (their number is capped instead), so the rows
         # units wait for never wait behind rows no unit has asked for yet
-        held = 0 if speculative else await self._gate.acquire()
+        reserved = not speculative
+        if reserved:
+            await self._gate.acquire()
         try:
             fetched = Fetched(None, cache=cached)
             if self._cache is not None and cached is None:
@@ -202,11 +215,12 @@ class HttpClient:
             if speculative:
                 return fetched
             size = len(fetched.data) if isinstance(fetched.data, bytes) else 0
-            self._gate.grow(size - held)
-            held = size
-            return self._hold(fetched, held)
+            reserved = False
+            self._gate.arrived(size)
+            return self._hold(fetched, size)
         except BaseException:
-            self._gate.release(held)
+            if reserved:
+                self._gate.arrived(0)
             raise
 
     def _cache_get(self, url: str) -> CacheRead:
