@@ -99,9 +99,6 @@ def start_fetching(ctx: UnitContext) -> None:
                 return
             rest = _Drawn(itertools.chain([first], urls))
             num = fetcher.speculate(rest, limit=fetch.concurrency)
-            # pyarrow imports pandas on its first array (about 0.3 s, under the import lock the
-            # units' first part writes would wait on): here it overlaps the first round trip
-            threading.Thread(target=_first_array, name="engine-import-pandas", daemon=True).start()
             log.debug(
                 "HTTP client started, %d first rows fetching, in %.2f s", num, time.perf_counter() - started
             )
@@ -116,12 +113,6 @@ def start_fetching(ctx: UnitContext) -> None:
             log.debug("fetching the first rows early failed: %s: %s", type(exc).__name__, exc)
 
     threading.Thread(target=start, name="engine-http-start", daemon=True).start()
-
-
-def _first_array() -> None:
-    import pyarrow as pa
-
-    pa.array([0])
 
 
 def check_row(row: ManifestRow, ctx: UnitContext) -> Checked | Reject:

@@ -1,4 +1,5 @@
-"""HTTP(S) fetching on one asyncio event loop per process (aiohttp), shared by its threads.
+"""HTTP(S) fetching on libcurl's multi interface (pycurl), one loop thread per process, shared by
+its threads.
 
 Any thread submits a URL and gets a ``concurrent.futures.Future``; up to
 ``FetchOptions.concurrency`` requests are in flight at once on kept-alive connections, at most
@@ -10,21 +11,30 @@ Requests start in submission order while fewer than ``buffer_bytes`` of fetched 
 concurrency; a unit takes its rows in order, so the oldest waiting row always gets to start.
 Look-ahead fetches (rows no unit has asked for yet) are capped in number by their caller and
 stay out of that count, so they never hold up a row a unit waits for.
-bench/GAP.md says why this is an event loop rather than a larger thread pool.
+
+libcurl parses, connects and reads in C: a request costs about a fifth of the CPU that aiohttp's
+Python took (bench/GAP.md, "libcurl instead of aiohttp"). Only the loop's bookkeeping, a header
+callback per header line and a write callback per 512 KiB are Python.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.utils
+import heapq
+import itertools
 import logging
+import os
+import selectors
 import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future
-from urllib.parse import urlsplit
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import pycurl
 
 from engine.config import FetchOptions
 from engine.refs import SourceRef
@@ -34,9 +44,12 @@ from engine.sources.fetch import Fetched, FetchFailure
 log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_REDIRECTS = 5
-LARGE_BODY_BYTES, LARGE_BODIES_AT_ONCE = 1 << 20, 4  # see _attempt
+LARGE_BODY_BYTES, LARGE_BODIES_AT_ONCE = 1 << 20, 4  # see _Job.on_body
 FIRST_SIZES = 4  # bodies whose mean replaces the size guess (2 MiB)
+READ_BUFFER = 512 << 10  # libcurl hands over at most this much per write callback
+IDLE_CONNECTION_SECONDS = 15  # kept-alive connections older than this are not reused
 _DOWNLOADED = [0]  # bytes received over HTTP by this process, for the progress bar
+_URL_SAFE = "!#$%&'()*+,/:;=?@[]~"  # kept as they are when a URL is quoted for the wire
 
 
 def downloaded_bytes() -> int:
@@ -55,33 +68,33 @@ class _ByteGate:
     """Lets requests start, first come first served, while the bytes held stay under the limit.
     The bytes held are the bodies that arrived and are not yet released, plus each started
     request's share at the running mean of body sizes: so the first bodies' sizes correct at
-    once every reservation made at the first guess."""
+    once every reservation made at the first guess. Used on the loop thread only."""
 
     def __init__(self, limit: int):
         self.limit, self.bodies, self.pending, self.num_sizes, self._first = limit, 0, 0, 0, 0
         # a guess until bodies arrive: high, so large images do not flood the buffer at first
         self.mean = 2 << 20
-        self._waiters: deque[asyncio.Future] = deque()
+        self._waiters: deque[Callable[[], None]] = deque()
 
     @property
     def held(self) -> float:
         return self.bodies + self.pending * self.mean
 
-    async def acquire(self) -> None:
+    def acquire(self, start: Callable[[], None]) -> None:
+        """Call ``start`` once the request has its share: now, or when room comes."""
         if self._waiters or self.held >= self.limit:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self.arrived(0)  # it was let in, and reserved for: give the share back
-                else:
-                    with contextlib.suppress(ValueError):  # _wake may have dropped it already
-                        self._waiters.remove(waiter)
-                raise
-            return  # _wake reserved its share
+            self._waiters.append(start)
+            return
         self.pending += 1
+        start()
+
+    def forget(self, start: Callable[[], None]) -> bool:
+        """Take a waiting request out of the line; False when it was let in already."""
+        try:
+            self._waiters.remove(start)
+        except ValueError:
+            return False
+        return True
 
     @property
     def waiting(self) -> bool:
@@ -104,17 +117,60 @@ class _ByteGate:
             self._first += size
             if self.num_sizes == FIRST_SIZES:
                 self.mean = self._first / FIRST_SIZES
+                self._wake()
             return
         self.mean += (size - self.mean) / min(self.num_sizes, 16)
 
     def _wake(self) -> None:
-        # every waiter that fits is let in at once, its share reserved here: waking one at a time
-        # would take one pass of the event loop per request
+        # every waiter that fits is let in at once, its share reserved before the next is weighed
         while self._waiters and self.held < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.pending += 1
-                waiter.set_result(None)
+            start = self._waiters.popleft()
+            self.pending += 1
+            start()
+
+
+class _Job:
+    """One image: its future, its outcome so far, and the current attempt's transfer."""
+
+    __slots__ = (
+        "url",
+        "wire",
+        "host",
+        "speculative",
+        "cached",
+        "future",
+        "fetched",
+        "reserved",
+        "deadline",
+        "attempts",
+        "last",
+        "handle",
+        "chunks",
+        "size",
+        "status",
+        "reason",
+        "declared",
+        "retry_after",
+        "failure",
+        "progress",
+        "large",
+        "paused",
+        "done",
+        "admit",
+        "__weakref__",
+    )
+
+    def __init__(self, url: str, speculative: bool, cached: str | None):
+        self.url, self.speculative, self.cached = url, speculative, cached
+        self.future: Future = Future()
+        self.fetched = Fetched(None, cache=cached)
+        self.reserved = self.large = self.paused = self.done = False
+        self.deadline: float | None = None
+        self.attempts, self.last = 0, "no attempt made"
+        self.handle = None
+        self.wire = self.host = ""
+        self.failure: FetchFailure | None = None
+        self.admit: Callable[[], None] | None = None
 
 
 class HttpClient:
@@ -123,54 +179,29 @@ class HttpClient:
     def __init__(self, opts: FetchOptions, max_bytes: int, cache: DownloadCache | None = None):
         self._opts, self._max_bytes, self._cache = opts, max_bytes, cache
         self._cache_warned = False
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
+        self._gate = _ByteGate(opts.buffer_bytes)
+        self._commands: deque = deque()
+        self._woken = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.in_flight = self.max_in_flight = 0
+        self.max_large_at_once = 0  # the most large bodies read at once from one host
         self._thread = threading.Thread(target=self._run, name="engine-http", daemon=True)
         self._thread.start()
-        self._ready.wait()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._setup())
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _setup(self) -> None:
-        import aiohttp
-
-        opts = self._opts
-        self._aiohttp = aiohttp
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(
-                limit=opts.concurrency,
-                limit_per_host=opts.max_per_host,
-                ttl_dns_cache=300,
-                ssl=_ssl_context(),
-            ),
-            headers={"User-Agent": opts.user_agent},
-            cookie_jar=aiohttp.DummyCookieJar(),
-            # proxies and .netrc are read once per host (_env_for), not per request as trust_env does
-            trust_env=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=opts.timeout, sock_read=opts.timeout),
-        )
-        if hasattr(self._session, "_retry_connection"):
-            # aiohttp resends a GET once after any disconnect; the attempts here are counted and
-            # bounded by --http-retries (idle connections close after 15 s, before servers drop them)
-            self._session._retry_connection = False
-        self._slots = asyncio.Semaphore(opts.concurrency)
-        self._gate = _ByteGate(opts.buffer_bytes)
-        self._next_start: dict[str, float] = {}
-        self._large: dict[str, list] = {}  # host: [its large-body gate, bodies using it]
-        self._netrc = _netrc()
-        self._host_env: dict[tuple[str, str], dict] = {}
-        self.in_flight = self.max_in_flight = 0
+    # -- any thread -------------------------------------------------------------------------
 
     def submit(self, url: str, speculative: bool = False, cached: str | None = None) -> Future:
         """Fetch ``url``; the future's result is a :class:`Fetched`. Cancelling it stops the request.
         A speculative fetch (a row this process will probably need soon) does not wait for room
         in the buffer, nor counts in it: the caller bounds how many it starts. ``cached`` is what
         the caller found in a local download cache (``miss`` or ``corrupt``): not looked up again."""
-        return asyncio.run_coroutine_threadsafe(self._fetch(url, speculative, cached), self._loop)
+        job = _Job(url, speculative, cached)
+        ref = weakref.ref(job)
+        job.future.add_done_callback(lambda f: f.cancelled() and self._post(("cancel", ref)))
+        self._post(("get", job))
+        return job.future
 
     @property
     def mean_body_bytes(self) -> float:
@@ -181,47 +212,475 @@ class HttpClient:
         """Whether the buffer is less than half full (read from any thread; a hint)."""
         return self._gate.held < self._gate.limit // 2 and not self._gate.waiting
 
+    def _post(self, command) -> None:
+        # safe from finalizers and from the loop thread itself: a deque append and one byte
+        self._commands.append(command)
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"\0")
+
     def _release_later(self, n: int) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._gate.release, n)
-        except RuntimeError:  # the loop is gone (interpreter exit)
-            pass
+        self._post(("release", n))
 
-    def _hold(self, fetched: Fetched, size: int) -> Fetched:
-        if size:
-            fetched.hold = weakref.finalize(fetched, self._release_later, size)
-        return fetched
+    # -- the loop thread --------------------------------------------------------------------
 
-    async def _fetch(self, url: str, speculative: bool, cached: str | None = None) -> Fetched:
-        # look-ahead fetches stay out of the buffer (their number is capped instead), so the rows
-        # units wait for never wait behind rows no unit has asked for yet
-        reserved = not speculative
-        if reserved:
-            await self._gate.acquire()
+    def _run(self) -> None:
+        opts = self._opts
+        self._multi = multi = pycurl.CurlMulti()
+        multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, opts.concurrency)
+        multi.setopt(pycurl.M_MAXCONNECTS, opts.concurrency)
+        if opts.max_per_host:
+            multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, opts.max_per_host)
+        multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._curl_due: float | None = None
+        self._timers: list = []  # (when, seq, callback): retry pauses, per-host pacing
+        self._seq = itertools.count()
+        self._ready: deque[_Job] = deque()  # waiting for a slot, in order
+        self._per_host: dict[str, int] = {}  # transfers in flight per host
+        self._active: dict[object, _Job] = {}  # curl handle -> job
+        self._free: list = []  # curl handles to reuse
+        self._next_start: dict[str, float] = {}
+        self._large: dict[str, list] = {}  # host: [bodies reading, jobs waiting to read]
+        self._host_env: dict[tuple[str, str], tuple] = {}
+        self._netrc = _netrc()
+        self._cainfo = _cainfo()
+        self._pool: ThreadPoolExecutor | None = None
+        self._next_sweep = time.monotonic() + self._sweep_every()
+        while True:
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - a bug here must not hang every row: log, go on
+                log.exception("HTTP loop")
+
+    def _turn(self) -> None:
+        now = time.monotonic()
+        due = [t for t in (self._curl_due, self._timers[0][0] if self._timers else None) if t is not None]
+        due.append(self._next_sweep)
+        events = self._selector.select(max(0.0, min(due) - now))
+        multi = self._multi
+        for key, mask in events:
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                continue
+            flags = (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0) | (
+                pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0
+            )
+            multi.socket_action(key.fd, flags)
+        now = time.monotonic()
+        if self._curl_due is not None and now >= self._curl_due:
+            self._curl_due = None
+            multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        self._woken = False
+        while self._commands:
+            self._command(self._commands.popleft())
+        self._collect()
+        while self._timers and self._timers[0][0] <= now:
+            heapq.heappop(self._timers)[2]()
+        if now >= self._next_sweep:
+            self._sweep(now)
+        self._start_ready()
+
+    def _on_socket(self, what: int, fd: int, multi, socketp) -> None:
+        sel = self._selector
+        if what == pycurl.POLL_REMOVE:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                sel.unregister(fd)
+            return
+        events = (selectors.EVENT_READ if what in (pycurl.POLL_IN, pycurl.POLL_INOUT) else 0) | (
+            selectors.EVENT_WRITE if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT) else 0
+        )
         try:
-            fetched = Fetched(None, cache=cached)
-            if self._cache is not None and cached is None:
-                found = await self._loop.run_in_executor(None, self._cache_get, url)
-                if found.data is not None:
-                    fetched.data, fetched.cache, fetched.num_cache_bytes = found.data, "hit", found.size
-                else:
-                    fetched.cache = "corrupt" if found.corrupt else "miss"
-            if fetched.data is None:
-                fetched.data = await self._download(url, fetched)
-                if isinstance(fetched.data, bytes):
-                    self._gate.note_size(len(fetched.data))
-                    if self._cache is not None:
-                        await self._loop.run_in_executor(None, self._cache_put, url, fetched)
-            if speculative:
-                return fetched
-            size = len(fetched.data) if isinstance(fetched.data, bytes) else 0
-            reserved = False
+            sel.modify(fd, events, fd)
+        except KeyError:
+            sel.register(fd, events, fd)
+
+    def _on_timer(self, ms: int) -> None:
+        self._curl_due = None if ms < 0 else time.monotonic() + ms / 1000
+
+    def _later(self, seconds: float, callback: Callable[[], None]) -> None:
+        heapq.heappush(self._timers, (time.monotonic() + seconds, next(self._seq), callback))
+
+    def _command(self, command) -> None:
+        kind = command[0]
+        if kind == "get":
+            self._admit(command[1])
+        elif kind == "release":
+            self._gate.release(command[1])
+        elif kind == "cancel":
+            job = command[1]()
+            if job is not None:
+                self._cancel(job)
+        elif kind == "call":
+            command[1]()
+
+    def _admit(self, job: _Job) -> None:
+        """A new job: its share of the buffer, then the cache, then a slot."""
+        if job.future.cancelled():
+            return
+        if job.speculative:
+            if self._cache_first(job):
+                self._looked_up(job)
+            return
+
+        def admit() -> None:
+            job.reserved = True
+            if self._cache_first(job):
+                self._looked_up(job)
+
+        job.admit = admit
+        self._gate.acquire(admit)
+
+    def _cache_first(self, job: _Job) -> bool:
+        """True to go on to the request now; else the cache is read in a thread, which goes on."""
+        if self._cache is None or job.cached is not None:
+            return True
+        self._io_pool().submit(self._lookup, job)
+        return False
+
+    def _lookup(self, job: _Job) -> None:
+        found = self._cache_get(job.url)
+        self._post(("call", lambda: self._found(job, found)))
+
+    def _found(self, job: _Job, found: CacheRead) -> None:
+        fetched = job.fetched
+        if found.data is not None:
+            fetched.data, fetched.cache, fetched.num_cache_bytes = found.data, "hit", found.size
+            self._complete(job, found.data)
+            return
+        fetched.cache = "corrupt" if found.corrupt else "miss"
+        self._looked_up(job)
+
+    def _looked_up(self, job: _Job) -> None:
+        if job.done:
+            return
+        try:
+            parts = urlsplit(job.url)
+            job.host = parts.netloc
+            job.wire = _wire_url(parts)
+            job.wire.encode("ascii")
+        except (ValueError, UnicodeError) as exc:
+            self._finish(job, FetchFailure(f"InvalidURL: {_short(str(exc))}: {job.url}"))
+            return
+        self._pace(job)
+
+    def _pace(self, job: _Job) -> None:
+        """At most ``max_rps_per_host`` requests start per second on one host."""
+        rate = self._opts.max_rps_per_host
+        if rate > 0:
+            now = time.monotonic()
+            start = max(now, self._next_start.get(job.host, now))
+            self._next_start[job.host] = start + 1.0 / rate
+            if start > now:
+                self._later(start - now, lambda: self._queue(job))
+                return
+        self._queue(job)
+
+    def _queue(self, job: _Job) -> None:
+        if not job.done:
+            self._ready.append(job)
+
+    def _start_ready(self) -> None:
+        limit, per_host = self._opts.concurrency, self._opts.max_per_host
+        ready = self._ready
+        while ready and self.in_flight < limit:
+            if not per_host:
+                job = ready.popleft()
+            else:  # the oldest job whose host has a free connection
+                job = next((j for j in ready if self._per_host.get(j.host, 0) < per_host), None)
+                if job is None:
+                    return
+                ready.remove(job)
+            if not job.done:
+                self._attempt(job)
+
+    def _attempt(self, job: _Job) -> None:
+        opts, now = self._opts, time.monotonic()
+        if job.deadline is None:  # the clock starts once the request may go
+            job.deadline = now + opts.total_timeout
+        remaining = job.deadline - now
+        if remaining <= 0:
+            self._finish(job, self._timed_out(job))
+            return
+        job.attempts += 1
+        job.fetched.num_requests += 1
+        job.chunks, job.size, job.status, job.reason = [], 0, 0, ""
+        job.declared = job.retry_after = None
+        job.progress = now
+        c = self._free.pop() if self._free else pycurl.Curl()
+        job.handle = c
+        c.reset()
+        c.setopt(pycurl.URL, job.wire)
+        c.setopt(pycurl.NOSIGNAL, 1)
+        c.setopt(pycurl.FOLLOWLOCATION, 1)
+        c.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
+        c.setopt(pycurl.PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.REDIR_PROTOCOLS, pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS)
+        c.setopt(pycurl.TIMEOUT_MS, max(1, int(remaining * 1000)))
+        c.setopt(pycurl.CONNECTTIMEOUT_MS, max(1, int(opts.timeout * 1000)))
+        c.setopt(pycurl.USERAGENT, opts.user_agent)
+        c.setopt(pycurl.ACCEPT_ENCODING, "")  # whatever libcurl decodes; images are sent as they are
+        c.setopt(pycurl.BUFFERSIZE, READ_BUFFER)
+        c.setopt(pycurl.MAXAGE_CONN, IDLE_CONNECTION_SECONDS)
+        if self._cainfo:
+            c.setopt(pycurl.CAINFO, self._cainfo)
+        proxy, auth = self._env_for(job.url)
+        c.setopt(pycurl.PROXY, proxy)  # "" turns libcurl's own lookup off: looked up here once per host
+        if auth is not None:
+            c.setopt(pycurl.HTTPAUTH, pycurl.HTTPAUTH_BASIC)
+            c.setopt(pycurl.USERPWD, auth)
+        c.setopt(pycurl.HEADERFUNCTION, lambda line: self._on_header(job, line))
+        c.setopt(pycurl.WRITEFUNCTION, lambda chunk: self._on_body(job, chunk))
+        self._active[c] = job
+        self._per_host[job.host] = self._per_host.get(job.host, 0) + 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self._multi.add_handle(c)
+
+    def _on_header(self, job: _Job, line: bytes) -> None:
+        job.progress = time.monotonic()
+        if line.startswith(b"HTTP/"):  # a new response (after a redirect, or a 100 Continue)
+            parts = line.decode("latin-1").split(None, 2)
+            job.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            job.reason = parts[2].strip() if len(parts) > 2 else ""
+            job.declared = job.retry_after = None
+            return
+        name, sep, value = line.partition(b":")
+        if not sep:
+            return
+        name = name.strip().lower()
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                job.declared = int(value.strip())
+        elif name == b"retry-after":
+            job.retry_after = value.decode("latin-1").strip()
+
+    def _on_body(self, job: _Job, chunk: bytes):
+        job.progress = time.monotonic()
+        if not job.chunks and not job.large:
+            declared = job.declared
+            if declared is not None and declared > self._max_bytes and job.status < 300:
+                job.failure = self._too_big(declared)
+                return 0  # stops the transfer
+            if declared is not None and declared >= LARGE_BODY_BYTES and job.status < 300:
+                # large bodies are read a few at a time per host, in the order their answers
+                # came, so the first photos arrive whole first instead of all sharing the link
+                gate = self._large.setdefault(job.host, [0, deque()])
+                if gate[0] >= LARGE_BODIES_AT_ONCE:
+                    if not job.paused:
+                        job.paused = True
+                        gate[1].append(job)
+                    return pycurl.WRITEFUNC_PAUSE
+                gate[0] += 1
+                job.large, job.paused = True, False
+                self.max_large_at_once = max(self.max_large_at_once, gate[0])
+        n = len(chunk)
+        job.size += n
+        job.fetched.num_bytes_downloaded += n
+        _DOWNLOADED[0] += n
+        if job.size > self._max_bytes:
+            job.failure = self._too_big(job.size)
+            return 0
+        job.chunks.append(chunk)
+        return None
+
+    def _collect(self) -> None:
+        multi = self._multi
+        while True:
+            queued, ok, failed = multi.info_read()
+            for c in ok:
+                self._ended(c, None, "")
+            for c, code, message in failed:
+                self._ended(c, code, message)
+            if not queued:
+                return
+
+    def _ended(self, c, code: int | None, message: str) -> None:
+        job = self._active.pop(c, None)
+        self._drop_transfer(c, job)
+        if job is None or job.done:
+            return
+        job.handle = None
+        self._finish_large(job)
+        outcome = self._outcome(job, c, code, message)
+        if isinstance(outcome, _Retry):
+            self._retry_or_fail(job, outcome)
+        else:
+            self._finish(job, outcome)
+
+    def _drop_transfer(self, c, job: _Job | None) -> None:
+        with contextlib.suppress(pycurl.error):
+            self._multi.remove_handle(c)
+        if job is not None:
+            self.in_flight -= 1
+            left = self._per_host.get(job.host, 1) - 1
+            if left:
+                self._per_host[job.host] = left
+            else:
+                self._per_host.pop(job.host, None)
+        c.setopt(pycurl.HEADERFUNCTION, _ignore)  # the callbacks hold the job
+        c.setopt(pycurl.WRITEFUNCTION, _ignore)
+        self._free.append(c)
+
+    def _outcome(self, job: _Job, c, code: int | None, message: str):
+        """The attempt's result: bytes, a FetchFailure, or a _Retry."""
+        url, opts = job.url, self._opts
+        if job.failure is not None:  # stopped here: too big
+            return job.failure
+        if code is None:
+            status = job.status or c.getinfo(pycurl.RESPONSE_CODE)
+            if status in RETRY_STATUS:
+                after = _retry_after(job.retry_after) if status in (429, 503) else None
+                return _Retry(self._status_line(job, status), after)
+            if status >= 300:
+                return FetchFailure(f"{self._status_line(job, status)}: {url}")
+            return b"".join(job.chunks)
+        if code == pycurl.E_OPERATION_TIMEDOUT:
+            if time.monotonic() >= job.deadline - 0.05:
+                return self._timed_out(job)
+            return _Retry(f"Timeout: no answer within {opts.timeout:g} s ({message})")
+        if code == pycurl.E_TOO_MANY_REDIRECTS:
+            return FetchFailure(f"too many redirects (more than {MAX_REDIRECTS}): {url}")
+        if code == pycurl.E_PARTIAL_FILE:
+            return _Retry(f"body cut short: {_short(message)}")
+        if code in _FAILURES:
+            return FetchFailure(f"{_FAILURES[code]}: {_short(message)}: {url}")
+        return _Retry(f"ConnectionError: {_short(message)}")
+
+    def _status_line(self, job: _Job, status: int) -> str:
+        return f"HTTP {status} {job.reason}" if job.reason else f"HTTP {status}"
+
+    def _timed_out(self, job: _Job) -> FetchFailure:
+        return FetchFailure(
+            f"timed out after {self._opts.total_timeout:g} s (--http-total-timeout), "
+            f"{job.attempts} attempt(s): {job.url}"
+        )
+
+    def _gave_up(self, job: _Job) -> FetchFailure:
+        return FetchFailure(f"gave up after {job.attempts} attempt(s) ({job.last}): {job.url}")
+
+    def _sweep_every(self) -> float:
+        return min(1.0, max(0.05, self._opts.timeout / 4))
+
+    def _sweep(self, now: float) -> None:
+        """A transfer that received nothing for ``timeout`` (waiting for an answer, or for the
+        next bytes) ends its attempt, as a retry."""
+        self._next_sweep = now + self._sweep_every()
+        limit = self._opts.timeout
+        for c, job in list(self._active.items()):
+            if not job.paused and now - job.progress > limit:
+                self._active.pop(c)
+                self._drop_transfer(c, job)
+                job.handle = None
+                self._finish_large(job)
+                self._retry_or_fail(job, _Retry(f"Timeout: no answer within {limit:g} s"))
+
+    def _retry_or_fail(self, job: _Job, outcome: _Retry) -> None:
+        """Another attempt after a pause (the server's Retry-After, or a backoff), while the
+        retries and the total bound allow; else the row's failure, with the last reason."""
+        opts = self._opts
+        job.last = outcome.reason
+        if job.attempts > opts.retries:
+            self._finish(job, self._gave_up(job))
+            return
+        pause = outcome.after if outcome.after is not None else min(0.25 * 2 ** (job.attempts - 1), 4.0)
+        if time.monotonic() + pause >= job.deadline:
+            if outcome.after is not None:
+                job.last += (
+                    f"; it asked to retry after {outcome.after:g} s, past the {opts.total_timeout:g} s bound"
+                )
+            self._finish(job, self._gave_up(job))
+            return
+        self._later(pause, lambda: self._pace(job))
+
+    def _finish_large(self, job: _Job) -> None:
+        """A large body's turn is over (read, failed or given up): the next one on its host reads."""
+        gate = self._large.get(job.host)
+        if gate is None:
+            return
+        if job.paused:
+            job.paused = False
+            with contextlib.suppress(ValueError):
+                gate[1].remove(job)
+        elif job.large:
+            job.large = False
+            gate[0] -= 1
+            while gate[1] and gate[0] < LARGE_BODIES_AT_ONCE:
+                nxt = gate[1].popleft()
+                if nxt.handle is None or nxt.done:
+                    continue
+                gate[0] += 1
+                nxt.large, nxt.paused, nxt.progress = True, False, time.monotonic()
+                self.max_large_at_once = max(self.max_large_at_once, gate[0])
+                with contextlib.suppress(pycurl.error):
+                    nxt.handle.pause(pycurl.PAUSE_CONT)
+        if not gate[0] and not gate[1]:  # no host's gate outlives its bodies
+            del self._large[job.host]
+
+    def _finish(self, job: _Job, data) -> None:
+        """The job's outcome is known: keep it in the cache when there is one, then hand it over."""
+        job.chunks = None
+        fetched = job.fetched
+        if isinstance(data, bytes):
+            self._gate.note_size(len(data))
+            if self._cache is not None:
+                fetched.data = data
+                self._io_pool().submit(self._store, job)
+                return
+        self._complete(job, data)
+
+    def _store(self, job: _Job) -> None:
+        self._cache_put(job.url, job.fetched)
+        self._post(("call", lambda: self._complete(job, job.fetched.data)))
+
+    def _complete(self, job: _Job, data) -> None:
+        if job.done:
+            return
+        job.done = True
+        fetched = job.fetched
+        fetched.data = data
+        size = len(data) if isinstance(data, bytes) else 0
+        if job.reserved:
+            job.reserved = False
             self._gate.arrived(size)
-            return self._hold(fetched, size)
-        except BaseException:
-            if reserved:
-                self._gate.arrived(0)
-            raise
+            if size:
+                fetched.hold = weakref.finalize(fetched, self._release_later, size)
+        if job.future.set_running_or_notify_cancel():
+            job.future.set_result(fetched)
+        elif fetched.hold is not None:  # cancelled meanwhile: nobody will take it
+            fetched.hold.detach()
+            fetched.hold = None
+            self._gate.release(size)
+
+    def _cancel(self, job: _Job) -> None:
+        if job.done:
+            return
+        job.done = True
+        if job.handle is not None:
+            c, job.handle = job.handle, None
+            self._active.pop(c, None)
+            self._drop_transfer(c, job)
+            self._finish_large(job)
+        elif job.paused:
+            self._finish_large(job)
+        with contextlib.suppress(ValueError):
+            self._ready.remove(job)
+        if job.admit is not None and self._gate.forget(job.admit):
+            return  # it never had its share
+        if job.reserved:
+            job.reserved = False
+            self._gate.arrived(0)
+
+    def _io_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self._opts.io_threads, thread_name_prefix="http-cache"
+            )
+        return self._pool
 
     def _cache_get(self, url: str) -> CacheRead:
         try:
@@ -258,167 +717,83 @@ class HttpClient:
                 exc,
             )
 
-    async def _pace(self, host: str) -> None:
-        """At most ``max_rps_per_host`` requests start per second on one host."""
-        rate = self._opts.max_rps_per_host
-        if rate <= 0:
-            return
-        now = self._loop.time()
-        start = max(now, self._next_start.get(host, now))
-        self._next_start[host] = start + 1.0 / rate
-        if start > now:
-            await asyncio.sleep(start - now)
-
-    async def _download(self, url: str, fetched: Fetched):
-        """GET with retries: connection errors and retryable statuses are retried with exponential
-        backoff, or after the server's Retry-After on 429 and 503, all within the total bound."""
-        opts, loop = self._opts, self._loop
-        host = urlsplit(url).netloc
-        deadline: float | None = None
-        last, attempts, pause = "no attempt made", 0, 0.0
-        outcome = None  # the previous attempt's, read before a retry
-        for attempt in range(opts.retries + 1):
-            if attempt:
-                if loop.time() + pause >= deadline:
-                    if isinstance(outcome, _Retry) and outcome.after is not None:
-                        last += (
-                            f"; it asked to retry after {outcome.after:g} s, "
-                            f"past the {opts.total_timeout:g} s bound"
-                        )
-                    break
-                await asyncio.sleep(pause)
-            await self._pace(host)
-            async with self._slots:
-                if deadline is None:  # the clock starts once the request may go
-                    deadline = loop.time() + opts.total_timeout
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                attempts += 1
-                fetched.num_requests += 1
-                self.in_flight += 1
-                self.max_in_flight = max(self.max_in_flight, self.in_flight)
-                try:
-                    async with asyncio.timeout(remaining):  # no task of its own, as wait_for makes
-                        outcome = await self._attempt(url, fetched)
-                except TimeoutError:
-                    return FetchFailure(
-                        f"timed out after {opts.total_timeout:g} s (--http-total-timeout), "
-                        f"{attempts} attempt(s): {url}"
-                    )
-                finally:
-                    self.in_flight -= 1
-            if not isinstance(outcome, _Retry):
-                return outcome
-            last = outcome.reason
-            pause = outcome.after if outcome.after is not None else min(0.25 * 2**attempt, 4.0)
-        return FetchFailure(f"gave up after {attempts} attempt(s) ({last}): {url}")
-
-    async def _attempt(self, url: str, fetched: Fetched):
-        aiohttp = self._aiohttp
-        try:
-            # aiohttp raises on reaching max_redirects hops, so one more lets the fifth be followed
-            async with self._session.get(url, max_redirects=MAX_REDIRECTS + 1, **self._env_for(url)) as resp:
-                status = resp.status
-                if status in RETRY_STATUS:
-                    after = _retry_after(resp.headers.get("Retry-After")) if status in (429, 503) else None
-                    return _Retry(_status_line(resp), after)
-                if status >= 300:
-                    return FetchFailure(f"{_status_line(resp)}: {url}")
-                declared = resp.content_length
-                if declared is not None and declared > self._max_bytes:
-                    return self._too_big(declared)
-                if declared is not None and declared >= LARGE_BODY_BYTES:
-                    # large bodies are read a few at a time per host, in the order their answers
-                    # came, so the first photos arrive whole first instead of all sharing the link
-                    async with self._large_bodies(url):
-                        return await self._read_body(resp, fetched)
-                return await self._read_body(resp, fetched)
-        except aiohttp.TooManyRedirects:
-            return FetchFailure(f"too many redirects (more than {MAX_REDIRECTS}): {url}")
-        except aiohttp.ClientPayloadError as exc:  # cut off mid-body, or fewer bytes than promised
-            return _Retry(f"body cut short: {_short(exc)}")
-        except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError) as exc:
-            return _Retry(
-                f"Timeout: no answer within {self._opts.timeout:g} s ({_short(exc) or type(exc).__name__})"
-            )
-        except aiohttp.ClientConnectionError as exc:
-            return _Retry(f"ConnectionError: {_short(exc) or type(exc).__name__}")
-        except (aiohttp.ClientError, ValueError) as exc:  # a bad URL or a malformed answer
-            return FetchFailure(f"{type(exc).__name__}: {_short(exc)}: {url}")
-
-    async def _read_body(self, resp, fetched: Fetched):
-        chunks, size = [], 0
-        async for chunk in resp.content.iter_any():
-            size += len(chunk)
-            fetched.num_bytes_downloaded += len(chunk)
-            _DOWNLOADED[0] += len(chunk)
-            if size > self._max_bytes:
-                return self._too_big(size)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    @contextlib.asynccontextmanager
-    async def _large_bodies(self, url: str):
-        host = urlsplit(url).netloc
-        gate = self._large.get(host)
-        if gate is None:
-            gate = self._large[host] = [asyncio.Semaphore(LARGE_BODIES_AT_ONCE), 0]
-        gate[1] += 1
-        try:
-            async with gate[0]:
-                yield
-        finally:
-            gate[1] -= 1
-            if not gate[1]:  # no host's gate outlives its bodies (a manifest may name many hosts)
-                del self._large[host]
-
-    def _too_big(self, size: int):
+    def _too_big(self, size: int) -> FetchFailure:
         return FetchFailure(f"image is {size:,} bytes, over the limit of {self._max_bytes:,}")
 
-    def _env_for(self, url: str) -> dict:
-        """The proxy (HTTP(S)_PROXY, NO_PROXY) and .netrc credentials for ``url``'s host, as
-        aiohttp's ``trust_env`` finds them, looked up once per host: ``trust_env`` looks them up
-        on every request, in two hops through the executor threads (bench/GAP.md)."""
+    def _env_for(self, url: str) -> tuple[str, str | None]:
+        """The proxy (HTTP(S)_PROXY, NO_PROXY) and .netrc credentials for ``url``'s host, looked
+        up once per host: ("", None) when neither applies."""
         parts = urlsplit(url)
         key = (parts.scheme, parts.netloc)
         found = self._host_env.get(key)
         if found is None:
-            from aiohttp.helpers import basicauth_from_netrc, get_env_proxy_for_url
-            from yarl import URL
+            import urllib.request
 
-            found = {}
-            try:
-                target = URL(url)
-                with contextlib.suppress(LookupError):
-                    found["proxy"], found["proxy_auth"] = get_env_proxy_for_url(target)
-                if self._netrc is not None and target.host and target.user is None:
-                    with contextlib.suppress(LookupError):
-                        found["headers"] = {
-                            "Authorization": basicauth_from_netrc(self._netrc, target.host).encode()
-                        }
-            except ValueError:  # a malformed URL: the request itself says so
-                pass
-            self._host_env[key] = found
+            proxies = urllib.request.getproxies_environment()
+            host = parts.hostname or ""
+            proxy = proxies.get(parts.scheme, "") if proxies.get(parts.scheme) else ""
+            if proxy and urllib.request.proxy_bypass_environment(host, proxies):
+                proxy = ""
+            auth = None
+            if self._netrc is not None and host and parts.username is None:
+                with contextlib.suppress(LookupError, TypeError):
+                    login, _, password = self._netrc.authenticators(host)
+                    auth = f"{login}:{password}"
+            found = self._host_env[key] = (proxy, auth)
         return found
 
 
+# libcurl's errors that no retry can mend, by the name the reason gives them
+_FAILURES = {
+    pycurl.E_UNSUPPORTED_PROTOCOL: "InvalidURL",
+    pycurl.E_URL_MALFORMAT: "InvalidURL",
+    pycurl.E_BAD_CONTENT_ENCODING: "ContentEncodingError",
+    pycurl.E_FILESIZE_EXCEEDED: "TooLarge",
+}
+
+
+def _ignore(data: bytes) -> None:
+    return None
+
+
+def _wire_url(parts) -> str:
+    """``url`` as it goes on the wire: the host in IDNA, spaces and other characters that a URL
+    may not hold percent-encoded (existing escapes are kept, as browsers do)."""
+    netloc = parts.netloc
+    host = parts.hostname or ""
+    if host and not host.isascii():
+        with contextlib.suppress(UnicodeError):
+            netloc = netloc.replace(host, host.encode("idna").decode("ascii"))
+    return urlunsplit(
+        (
+            parts.scheme,
+            netloc,
+            quote(parts.path, safe=_URL_SAFE),
+            quote(parts.query, safe=_URL_SAFE),
+            "",
+        )
+    )
+
+
 def _netrc():
-    """The user's .netrc (NETRC or ~/.netrc) as aiohttp reads it, or None."""
-    from aiohttp.helpers import netrc_from_env
+    """The user's .netrc (NETRC, else ~/.netrc), or None."""
+    import netrc
 
-    return netrc_from_env()
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path) if os.path.isfile(path) else None
+    except (netrc.NetrcParseError, OSError) as exc:
+        log.warning("could not read %s: %s", path, exc)
+        return None
 
 
-def _ssl_context():
-    """Certificates from certifi when it is installed (as requests did), else the system's."""
-    import ssl
-
+def _cainfo() -> str | None:
+    """Certificates from certifi when it is installed (as requests did), else libcurl's own."""
     try:
         import certifi
     except ImportError:
-        return ssl.create_default_context()
-    return ssl.create_default_context(cafile=certifi.where())
+        return None
+    return certifi.where()
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -435,10 +810,5 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _status_line(resp) -> str:
-    return f"HTTP {resp.status} {resp.reason}" if resp.reason else f"HTTP {resp.status}"
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc)
+def _short(text: str) -> str:
     return text if len(text) < 200 else text[:200] + "…"

@@ -246,7 +246,7 @@ def _child() -> None:
     # Ctrl-C reaches the whole process group: the parent handles it, and this child ends when
     # the parent closes the pipe (no traceback of its own on the terminal)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import aiohttp  # noqa: F401 - imported while the parent may not have sent the options yet
+    import pycurl  # noqa: F401 - imported while the parent may not have sent the options yet
 
     from engine.sources.cache import DownloadCache
     from engine.sources.http import HttpClient

@@ -30,49 +30,35 @@ def test_then_a_running_mean_follows_a_change_in_sizes():
 def test_the_first_sizes_let_every_waiting_request_in_at_once():
     # reservations are valued at the current mean: when the first small bodies show the 2 MiB
     # guess was high, the requests waiting behind it all start, not one per body released
-    import asyncio
-
-    async def run() -> tuple[int, int]:
-        gate = _ByteGate(256 << 20)
-        for _ in range(128):  # the first guess fills the buffer
-            await gate.acquire()
-        assert gate.held >= gate.limit
-        waiting = [asyncio.ensure_future(gate.acquire()) for _ in range(300)]
-        await asyncio.sleep(0)
-        assert not any(t.done() for t in waiting)
-        for _ in range(FIRST_SIZES):
-            gate.note_size(130_000)
-            gate.arrived(130_000)
-        await asyncio.sleep(0)
-        started = sum(t.done() for t in waiting)
-        return started, gate.pending
-
-    started, pending = asyncio.run(run())
-    assert started == 300
-    assert pending == 128 - FIRST_SIZES + 300
+    gate = _ByteGate(256 << 20)
+    started: list[int] = []
+    for i in range(128):  # the first guess fills the buffer
+        gate.acquire(lambda i=i: started.append(i))
+    assert len(started) == 128 and gate.held >= gate.limit
+    for i in range(128, 428):
+        gate.acquire(lambda i=i: started.append(i))
+    assert len(started) == 128 and gate.waiting
+    for _ in range(FIRST_SIZES):
+        gate.note_size(130_000)
+        gate.arrived(130_000)
+    assert started == list(range(428))  # all of them, in order
+    assert gate.pending == 428 - FIRST_SIZES and not gate.waiting
 
 
-def test_a_released_body_and_a_cancelled_waiter_give_their_room_back():
-    import asyncio
-
-    async def run() -> None:
-        gate = _ByteGate(10 << 20)
-        for _ in range(FIRST_SIZES):
-            gate.note_size(1 << 20)
-        for _ in range(10):
-            await gate.acquire()
-        first = asyncio.ensure_future(gate.acquire())
-        second = asyncio.ensure_future(gate.acquire())
-        await asyncio.sleep(0)
-        assert not first.done() and not second.done()
-        first.cancel()
-        await asyncio.sleep(0)
-        gate.arrived(1 << 20)  # a body in: still held, so nobody starts
-        await asyncio.sleep(0)
-        assert not second.done()
-        gate.release(1 << 20)
-        await asyncio.sleep(0)
-        assert second.done() and gate.pending == 10 and gate.bodies == 0
-        assert not gate.waiting
-
-    asyncio.run(run())
+def test_a_released_body_and_a_forgotten_waiter_give_their_room_back():
+    gate = _ByteGate(10 << 20)
+    for _ in range(FIRST_SIZES):
+        gate.note_size(1 << 20)
+    started: list[str] = []
+    for _ in range(10):
+        gate.acquire(lambda: started.append("early"))
+    first, second = (lambda: started.append("first")), (lambda: started.append("second"))
+    gate.acquire(first)
+    gate.acquire(second)
+    assert started == ["early"] * 10
+    assert gate.forget(first) and not gate.forget(first)  # a cancelled request leaves the line
+    gate.arrived(1 << 20)  # a body in: still held, so nobody starts
+    assert started == ["early"] * 10
+    gate.release(1 << 20)
+    assert started == ["early"] * 10 + ["second"]
+    assert gate.pending == 10 and gate.bodies == 0 and not gate.waiting
