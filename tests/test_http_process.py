@@ -177,3 +177,23 @@ def test_ctrl_c_ends_the_run_and_its_child_with_one_line(tmp_path):
     assert err.strip().splitlines() == ["engine: interrupted"], err
     _, alive = psutil.wait_procs(children, timeout=10)
     assert alive == []
+
+
+def test_a_spare_child_the_run_never_needs_ends_quietly(server, tmp_path):
+    """A manifest of URLs that a local download cache holds whole: the child started early is
+    never given its options, and ends without a word when the run does."""
+    import sys
+
+    from conftest import REPO
+
+    rows = [row(f"r{i}", f"{server}/img/{i}", key="image_url") for i in range(4)]
+    inp = write_input(tmp_path / "in", rows)
+    cache = tmp_path / "cache"
+    assert convert(inp, tmp_path / "fill", "--download-cache", str(cache)) == 0
+    argv = [sys.executable, "-m", "engine", "convert", "--manifest", str(inp.manifest), "--config"]
+    argv += [str(inp.config), "--out", str(tmp_path / "out"), "--runner", "local", "--quiet"]
+    argv += ["--download-cache", str(cache)]
+    # the child's stderr is this pipe too: communicate() waits until the child has ended
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""

@@ -16,6 +16,7 @@ stdin closes: when the client is dropped or closed, or when the parent dies howe
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import os
 import pickle
@@ -53,15 +54,20 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def _read_exact(stream, n: int) -> bytes | None:
-    """``n`` bytes from the unbuffered ``stream``, or None at its end."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = stream.readinto(view[got:])
-        if not k:
-            return None
-        got += k
-    return bytes(buf)
+    """``n`` bytes from the buffered ``stream``, or None at its end."""
+    data = stream.read(n)
+    return data if len(data) == n else None
+
+
+def _buffered(fd_or_file) -> io.BufferedReader:
+    # one read brings many frames: each system call on the parent's reader thread gives the
+    # GIL away, and the units' threads may keep it for a switch interval before it comes back
+    raw = (
+        fd_or_file
+        if isinstance(fd_or_file, io.RawIOBase)
+        else open(fd_or_file, "rb", buffering=0, closefd=False)
+    )
+    return io.BufferedReader(raw, buffer_size=PIPE_BYTES)
 
 
 def _read_frame(stream):
@@ -151,7 +157,7 @@ class _Link:
     def read(self) -> None:
         from engine.sources import http
 
-        stream = self.proc.stdout
+        stream = _buffered(self.proc.stdout)
         while True:
             try:
                 message = _read_frame(stream)
@@ -251,13 +257,16 @@ def _child() -> None:
     from engine.sources.cache import DownloadCache
     from engine.sources.http import HttpClient
 
-    stdin, out = open(0, "rb", buffering=0, closefd=False), os.dup(1)
+    stdin, out = _buffered(0), os.dup(1)
     os.dup2(2, 1)  # only frames on the pipe: anything printed goes to stderr
     sys.stdout = sys.stderr
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # as the CLI's
-    _, opts, max_bytes = _read_frame(stdin)
+    init = _read_frame(stdin)
+    if init is None:  # a spare child whose parent needed no HTTP after all
+        os._exit(0)
+    _, opts, max_bytes = init
     client = HttpClient(opts, max_bytes, DownloadCache(opts.cache) if opts.cache else None)
     out_lock = threading.Lock()
     outbox: queue.SimpleQueue = queue.SimpleQueue()
