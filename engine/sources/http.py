@@ -727,13 +727,14 @@ class HttpClient:
         key = (parts.scheme, parts.netloc)
         found = self._host_env.get(key)
         if found is None:
-            import urllib.request
+            host, proxy = parts.hostname or "", ""
+            if any(name.lower().endswith("_proxy") for name in os.environ):  # urllib.request: 20 ms
+                import urllib.request
 
-            proxies = urllib.request.getproxies_environment()
-            host = parts.hostname or ""
-            proxy = proxies.get(parts.scheme, "") if proxies.get(parts.scheme) else ""
-            if proxy and urllib.request.proxy_bypass_environment(host, proxies):
-                proxy = ""
+                proxies = urllib.request.getproxies_environment()
+                proxy = proxies.get(parts.scheme) or ""
+                if proxy and urllib.request.proxy_bypass_environment(host, proxies):
+                    proxy = ""
             auth = None
             if self._netrc is not None and host and parts.username is None:
                 with contextlib.suppress(LookupError, TypeError):
