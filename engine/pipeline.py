@@ -14,6 +14,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ from engine.config import FetchOptions, ImageOptions
 from engine.imaging import EncodedImage, ImageFailure, configure_pillow
 from engine.layouts.base import MAX_OUTPUT_BYTES, Checked, Layout  # noqa: F401 - MAX_OUTPUT_BYTES: engine update's
 from engine.records import META_FIXED, Reject, Sample, SourceRef, StoredImage
+from engine.runners.lane import WAIT_STEP
 from engine.runners.ray_startup import ray_running
 from engine.sinks.parts import PartWriter
 from engine.sinks.store import Store
@@ -274,6 +276,16 @@ def _take(fetched: Fetched, tally: FetchTally) -> tuple[bytes | FetchFailure, So
     return fetched.data, fetched.origin
 
 
+def _result(future: Future) -> Fetched:
+    """The future's result, waited for in steps: Ctrl-C may reach another thread than the one
+    waiting, and the main thread acts on it only when a wait ends."""
+    while True:
+        try:
+            return future.result(timeout=WAIT_STEP)
+        except FutureTimeout:
+            continue
+
+
 def _prefetched(
     fetcher: Fetcher,
     rows: list[Checked],
@@ -336,7 +348,7 @@ def _prefetched(
                 and not ray_running()
             ):
                 fetcher.speculate(lookahead(), limit=concurrency)
-            payloads = [_take(future.result(), tally) for future in futures]
+            payloads = [_take(_result(future), tally) for future in futures]
             futures = None  # nothing here keeps the fetched results alive
             yield checked, payloads
     finally:  # the unit failed or was abandoned: fetch nothing more for it

@@ -11,6 +11,8 @@ from typing import Any
 from engine.runners.base import run_item
 from engine.runners.cost import LaneMeasurement, measure_lane
 
+WAIT_STEP = 0.25  # seconds the driver's main thread waits at a time
+
 
 class LocalLane:
     """Items the driver runs itself, on up to ``threads`` threads; results in completion order.
@@ -69,11 +71,17 @@ class LocalLane:
         """Results of the items that finished, waiting up to ``timeout`` (None: until one does)."""
         if not self._running:
             return
-        done, self._running = wait(self._running, timeout=timeout, return_when=FIRST_COMPLETED)
+        while True:  # in steps: Ctrl-C may reach another thread, and acts only when a wait ends
+            step = WAIT_STEP if timeout is None else min(timeout, WAIT_STEP)
+            done, self._running = wait(self._running, timeout=step, return_when=FIRST_COMPLETED)
+            if done or timeout is not None:
+                break
         for future in done:
             yield future.result()
 
-    def close(self) -> None:
-        """Let running items finish (their files must not be cut off), drop the rest."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait_running: bool = True) -> None:
+        """Let running items finish (their files must not be cut off), drop the rest; after
+        Ctrl-C, do not wait (a unit's part is written under a temporary name until it is whole)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait_running, cancel_futures=True)

@@ -24,7 +24,7 @@ from typing import Any
 from engine.errors import EngineError, ShardError, UsageError, reason
 from engine.runners.base import describe
 from engine.runners.cost import estimate_ray, worth_starting_ray
-from engine.runners.lane import LocalLane
+from engine.runners.lane import WAIT_STEP, LocalLane
 from engine.runners.ray_startup import ray_running, start_ray, stop_ray
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,9 @@ class RayRunner:
                     return
                 yield from lane.collect(timeout=None if self._init_thread is None else 0.05)
             yield from self._map_ray(fn, pending, lane, local_first and self.embedded and lane.idle)
+        except KeyboardInterrupt:
+            lane.close(wait_running=False)  # the user asked to stop now: running units are dropped
+            raise
         finally:
             lane.close()
 
@@ -238,7 +241,7 @@ class RayRunner:
                 if not lane.idle:
                     yield from lane.collect(timeout=None)
                 continue
-            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=None if lane.idle else 0.05)
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=WAIT_STEP if lane.idle else 0.05)
             if not done:
                 continue
             if not seen_result:
