@@ -213,43 +213,74 @@ def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_p
         assert all(name.startswith("fetch") for name in readers[6:])
 
 
-def test_remote_locations_are_prefetched_in_threads(monkeypatch):
+@pytest.fixture(scope="module")
+def echo_server():
+    """On 127.0.0.1: /echo/... answers its own path, anything else 1,000 bytes of x."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = self.path.encode() if self.path.startswith("/echo/") else b"x" * 1000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def _attempts(monkeypatch) -> list[tuple[str, str]]:
+    """(thread, URL) of every request the in-process HTTP client starts, in the order it starts them."""
+    from engine.sources import http
+
+    started: list[tuple[str, str]] = []
+    real = http.HttpClient._attempt
+
+    def attempt(self, job):
+        started.append((threading.current_thread().name, job.url))
+        return real(self, job)
+
+    monkeypatch.setattr(http.HttpClient, "_attempt", attempt)
+    return started
+
+
+def test_remote_locations_are_prefetched_in_threads(monkeypatch, echo_server):
     from engine.config import FetchOptions
     from engine.pipeline import _prefetched
-    from engine.sources import fetch, http
+    from engine.sources import fetch
 
-    readers: list[str] = []
-
-    async def download(self, url, fetched):  # HTTP runs on the process's event-loop thread
-        readers.append(threading.current_thread().name)
-        return url.encode()
-
-    monkeypatch.setattr(http.HttpClient, "_download", download)
+    started = _attempts(monkeypatch)
     fetcher = fetch.Fetcher(FetchOptions(in_process=True), max_bytes=1 << 20)
-    urls = [f"http://example.invalid/{i}.jpg" for i in range(5)]
-    got = [payloads for _, payloads in _prefetched(fetcher, _rows(urls), threads=3)]
-    assert got == [[(u.encode(), None)] for u in urls]  # no file status for a remote image
-    assert readers and all(name == "engine-http" for name in readers)
+    paths = [f"/echo/{i}.jpg" for i in range(5)]
+    got = [
+        payloads for _, payloads in _prefetched(fetcher, _rows([echo_server + p for p in paths]), threads=3)
+    ]
+    assert got == [[(p.encode(), None)] for p in paths]  # no file status for a remote image
+    assert started and all(name == "engine-http" for name, _ in started)  # HTTP runs on its loop thread
 
 
-def test_the_look_ahead_is_topped_up_while_a_unit_runs(monkeypatch):
+def test_the_look_ahead_is_topped_up_while_a_unit_runs(monkeypatch, echo_server):
     """In a driver thread, a unit of URLs starts fetching the rows after it, and tops that up as
     it takes its own rows (the first bodies show how small the images are), so the next units'
     rows are in flight before a thread takes them, not only as many as the first guess allowed."""
     from engine.config import FetchOptions
     from engine.pipeline import _prefetched
-    from engine.sources import fetch, http
+    from engine.sources import fetch
 
-    fetched: list[str] = []
-
-    async def download(self, url, fetched_):
-        fetched.append(url)
-        return b"x" * 1000
-
-    monkeypatch.setattr(http.HttpClient, "_download", download)
+    started = _attempts(monkeypatch)
     fetcher = fetch.Fetcher(FetchOptions(concurrency=256, in_process=True), max_bytes=1 << 20)
-    unit = [f"http://example.invalid/u{i}.jpg" for i in range(16)]
-    after = [f"http://example.invalid/next{i}.jpg" for i in range(400)]
+    unit = [f"{echo_server}/u{i}.jpg" for i in range(16)]
+    after = [f"{echo_server}/next{i}.jpg" for i in range(400)]
     drawn = iter(after)
     got = []
 
@@ -261,10 +292,11 @@ def test_the_look_ahead_is_topped_up_while_a_unit_runs(monkeypatch):
     thread.join(30)
     assert [payloads for _, payloads in got] == [[(b"x" * 1000, None)]] * 16
     deadline = time.monotonic() + 10
-    while len(fetched) < 16 + 128 and time.monotonic() < deadline:
+    while len(started) < 16 + 128 and time.monotonic() < deadline:
         time.sleep(0.01)
+    fetched = [url for _, url in started]
     ahead = [u for u in fetched if "/next" in u]
-    # at first an unknown size allows 32 rows ahead (a 1 MiB guess), once: about 50; topped up, far more
+    # at first an unknown size allows 32 rows ahead (a 2 MiB guess), once: about 50; topped up, far more
     assert len(ahead) > 128, len(ahead)
     assert sorted(ahead, key=after.index) == after[: len(ahead)]  # in order, each once
     assert len(set(fetched)) == len(fetched)

@@ -80,7 +80,7 @@ class FetchTally:
 class Fetcher:
     """Reads image bytes. One per worker process and set of options; thread-safe.
 
-    HTTP(S) goes through one event loop per process (:mod:`engine.sources.http`), with the
+    HTTP(S) goes through one libcurl loop per process (:mod:`engine.sources.http`), with the
     download cache when one is set; local files and other fsspec URLs are read in threads. A URL
     whose entry a local download cache holds is read like a local file (:meth:`reads_locally`)."""
 

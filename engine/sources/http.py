@@ -294,6 +294,10 @@ class HttpClient:
         events = (selectors.EVENT_READ if what in (pycurl.POLL_IN, pycurl.POLL_INOUT) else 0) | (
             selectors.EVENT_WRITE if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT) else 0
         )
+        if not events:  # POLL_NONE: known to libcurl, watched for nothing now
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                sel.unregister(fd)
+            return
         try:
             sel.modify(fd, events, fd)
         except KeyError:
@@ -396,7 +400,16 @@ class HttpClient:
                     return
                 ready.remove(job)
             if not job.done:
-                self._attempt(job)
+                try:
+                    self._attempt(job)
+                except (
+                    pycurl.error,
+                    ValueError,
+                    TypeError,
+                    UnicodeError,
+                ) as exc:  # an option libcurl refused
+                    self._abandon(job)
+                    self._finish(job, FetchFailure(f"{type(exc).__name__}: {_short(str(exc))}: {job.url}"))
 
     def _attempt(self, job: _Job) -> None:
         opts, now = self._opts, time.monotonic()
@@ -440,6 +453,16 @@ class HttpClient:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self._multi.add_handle(c)
+
+    def _abandon(self, job: _Job) -> None:
+        """Undo a transfer ``_attempt`` set up but could not start."""
+        c, job.handle = job.handle, None
+        if c is None:
+            return
+        if self._active.pop(c, None) is job:
+            self._drop_transfer(c, job)
+        else:
+            self._free.append(c)
 
     def _on_header(self, job: _Job, line: bytes) -> None:
         job.progress = time.monotonic()

@@ -1,10 +1,10 @@
 """HTTP(S) fetching in a child process of its own (the default; ``--http-in-process`` turns it off).
 
-The event loop of :mod:`engine.sources.http` costs about 0.4 ms of Python per request (aiohttp
-builds and parses every request in Python). On a thread of the units' process that time is
-taken from their GIL; here the same :class:`~engine.sources.http.HttpClient` runs in a child
-process, and the parent only frames requests and results over two pipes (bench/GAP.md, "A
-process of its own for HTTP").
+The loop of :mod:`engine.sources.http` still spends Python on every request (its bookkeeping
+and libcurl's callbacks). On a thread of the units' process that time is taken from their GIL;
+here the same :class:`~engine.sources.http.HttpClient` runs in a child process, and the parent
+only frames requests and results over two pipes (bench/GAP.md, "A process of its own for
+HTTP", and "libcurl instead of aiohttp").
 
 :class:`RemoteHttpClient` has the client's interface (``submit``, ``has_room``,
 ``mean_body_bytes``, ``max_in_flight``). A body counts against the child's fetch buffer until
@@ -108,7 +108,7 @@ def _spawn() -> subprocess.Popen:
 
 def prespawn(manifest: str) -> None:
     """Start a child now when the head of the local file ``manifest`` holds URL strings: its
-    start (Python, aiohttp) then overlaps the parent's imports and planning, and the first
+    start (Python, pycurl) then overlaps the parent's imports and planning, and the first
     client of this process takes it. An unused one ends with this process."""
     try:
         with open(manifest, "rb") as f:
@@ -277,7 +277,7 @@ def _child() -> None:
     def state() -> tuple:
         return client.mean_body_bytes, client.has_room(), client.max_in_flight
 
-    def write() -> None:  # a thread of its own: a full pipe never stalls the event loop
+    def write() -> None:  # a thread of its own: a full pipe never stalls the client's loop
         while True:
             ident, fetched = outbox.get()
             data = fetched.data
