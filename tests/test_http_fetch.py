@@ -135,6 +135,16 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(GOOD)
             self.close_connection = True
+        elif kind == "cl-extra":  # sends its promised half, then, later, more on the same connection
+            half = len(GOOD) // 2
+            self.send_response(200)
+            self.send_header("Content-Length", str(half))
+            self.end_headers()
+            self.wfile.write(GOOD[:half])
+            self.wfile.flush()
+            time.sleep(0.1)  # the client has taken the answer as whole, and keeps the connection
+            self.wfile.write(GOOD[half:])
+            self.wfile.flush()
         elif kind == "chunked-cut":  # a chunked body cut off before its last chunk
             self.send_response(200)
             self.send_header("Transfer-Encoding", "chunked")
@@ -344,6 +354,17 @@ def test_lying_and_broken_bodies_are_rejected(server, tmp_path):
     assert stages["short"][0] in ("fetch", "decode"), stages
     assert stages["html"][0] == "decode", stages
     assert stages["gone"] == ("fetch", f"HTTP 404 Not Found: {server}/missing/e.jpg"), stages
+
+
+def test_a_retry_does_not_trust_a_kept_alive_connection_again(server):
+    """A lying server leaves bytes past its answer on two kept-alive connections. The next
+    request reads them as its answer ("Invalid status line"); its retry opens a fresh
+    connection instead of taking the other spoilt one, so the row is not lost."""
+    fetcher = Fetcher(FetchOptions(max_per_host=2, retries=1, in_process=True), max_bytes=1 << 20)
+    spoilt = [fetcher.submit(f"{server}/cl-extra/{i}.jpg") for i in range(2)]
+    assert [f.result(timeout=30).data for f in spoilt] == [GOOD[: len(GOOD) // 2]] * 2
+    time.sleep(0.3)  # the extra bytes have arrived on both connections
+    assert fetcher.fetch(f"{server}/plain.jpg") == GOOD
 
 
 def test_per_host_cap_and_rate_are_observed_at_the_server(server, tmp_path):

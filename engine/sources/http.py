@@ -441,6 +441,8 @@ class HttpClient:
         c.setopt(pycurl.MAXAGE_CONN, IDLE_CONNECTION_SECONDS)
         if self._cainfo:
             c.setopt(pycurl.CAINFO, self._cainfo)
+        if job.attempts > 1:  # after a broken answer, not on a kept-alive connection that may hold its rest
+            c.setopt(pycurl.FRESH_CONNECT, 1)
         proxy, auth = self._env_for(job.url)
         c.setopt(pycurl.PROXY, proxy)  # "" turns libcurl's own lookup off: looked up here once per host
         if auth is not None:
@@ -773,6 +775,7 @@ _FAILURES = {
     pycurl.E_URL_MALFORMAT: "InvalidURL",
     pycurl.E_BAD_CONTENT_ENCODING: "ContentEncodingError",
     pycurl.E_FILESIZE_EXCEEDED: "TooLarge",
+    pycurl.E_PEER_FAILED_VERIFICATION: "SSLCertVerificationError",
 }
 
 
