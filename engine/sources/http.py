@@ -12,9 +12,9 @@ concurrency; a unit takes its rows in order, so the oldest waiting row always ge
 Look-ahead fetches (rows no unit has asked for yet) are capped in number by their caller and
 stay out of that count, so they never hold up a row a unit waits for.
 
-libcurl parses, connects and reads in C: a request costs about a fifth of the CPU that aiohttp's
-Python took (bench/GAP.md, "libcurl instead of aiohttp"). Only the loop's bookkeeping, a header
-callback per header line and a write callback per 512 KiB are Python.
+libcurl connects, sends, parses and reads in C: a request costs half the CPU that aiohttp took
+(bench/GAP.md, "libcurl instead of aiohttp"). Only the loop's bookkeeping, a header callback per
+header line and a write callback per 512 KiB are Python.
 """
 
 from __future__ import annotations
