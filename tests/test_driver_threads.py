@@ -214,29 +214,14 @@ def test_small_quick_local_reads_run_inline_others_in_the_prefetch_threads(tmp_p
 
 
 @pytest.fixture(scope="module")
-def echo_server():
-    """On 127.0.0.1: /echo/... answers its own path, anything else 1,000 bytes of x."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            body = self.path.encode() if self.path.startswith("/echo/") else b"x" * 1000
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def echo_server(http_server):
+    """conftest's file server: /echo/<i>.jpg holds its own path, /u<i>.jpg and /next<i>.jpg 1,000 x."""
+    (http_server.root / "echo").mkdir(exist_ok=True)
+    for i in range(5):
+        (http_server.root / "echo" / f"{i}.jpg").write_bytes(f"/echo/{i}.jpg".encode())
+    for name in [f"u{i}" for i in range(16)] + [f"next{i}" for i in range(400)]:
+        (http_server.root / f"{name}.jpg").write_bytes(b"x" * 1000)
+    return http_server.base_url
 
 
 def _attempts(monkeypatch) -> list[tuple[str, str]]:
