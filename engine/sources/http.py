@@ -287,14 +287,10 @@ class HttpClient:
 
     def _on_socket(self, what: int, fd: int, multi, socketp) -> None:
         sel = self._selector
-        if what == pycurl.POLL_REMOVE:
-            with contextlib.suppress(KeyError, ValueError, OSError):
-                sel.unregister(fd)
-            return
         events = (selectors.EVENT_READ if what in (pycurl.POLL_IN, pycurl.POLL_INOUT) else 0) | (
             selectors.EVENT_WRITE if what in (pycurl.POLL_OUT, pycurl.POLL_INOUT) else 0
         )
-        if not events:  # POLL_NONE: known to libcurl, watched for nothing now
+        if not events:  # POLL_REMOVE, or POLL_NONE: watched for nothing now
             with contextlib.suppress(KeyError, ValueError, OSError):
                 sel.unregister(fd)
             return
@@ -458,13 +454,9 @@ class HttpClient:
 
     def _abandon(self, job: _Job) -> None:
         """Undo a transfer ``_attempt`` set up but could not start."""
-        c, job.handle = job.handle, None
-        if c is None:
-            return
-        if self._active.pop(c, None) is job:
-            self._drop_transfer(c, job)
-        else:
-            self._free.append(c)
+        if job.handle is not None:
+            self._end_transfer(job.handle)
+            job.handle = None
 
     def _on_header(self, job: _Job, line: bytes) -> None:
         job.progress = time.monotonic()
@@ -525,21 +517,25 @@ class HttpClient:
                 return
 
     def _ended(self, c, code: int | None, message: str) -> None:
-        job = self._active.pop(c, None)
-        self._drop_transfer(c, job)
+        job = self._end_transfer(c)
         if job is None or job.done:
             return
-        job.handle = None
-        self._finish_large(job)
         outcome = self._outcome(job, c, code, message)
         if isinstance(outcome, _Retry):
             self._retry_or_fail(job, outcome)
         else:
             self._finish(job, outcome)
 
-    def _drop_transfer(self, c, job: _Job | None) -> None:
+    def _end_transfer(self, c) -> _Job | None:
+        """The attempt on handle ``c`` is over, however it ended: the handle goes back to the
+        pool, its slot to the next job, a large body's turn to the next one on its host.
+        Returns the job it was for (None for a handle never started)."""
+        job = self._active.pop(c, None)
         with contextlib.suppress(pycurl.error):
             self._multi.remove_handle(c)
+        c.setopt(pycurl.HEADERFUNCTION, _ignore)  # the callbacks hold the job
+        c.setopt(pycurl.WRITEFUNCTION, _ignore)
+        self._free.append(c)
         if job is not None:
             self.in_flight -= 1
             left = self._per_host.get(job.host, 1) - 1
@@ -547,9 +543,9 @@ class HttpClient:
                 self._per_host[job.host] = left
             else:
                 self._per_host.pop(job.host, None)
-        c.setopt(pycurl.HEADERFUNCTION, _ignore)  # the callbacks hold the job
-        c.setopt(pycurl.WRITEFUNCTION, _ignore)
-        self._free.append(c)
+            job.handle = None
+            self._finish_large(job)
+        return job
 
     def _outcome(self, job: _Job, c, code: int | None, message: str):
         """The attempt's result: bytes, a FetchFailure, or a _Retry."""
@@ -598,10 +594,7 @@ class HttpClient:
         limit = self._opts.timeout
         for c, job in list(self._active.items()):
             if not job.paused and now - job.progress > limit:
-                self._active.pop(c)
-                self._drop_transfer(c, job)
-                job.handle = None
-                self._finish_large(job)
+                self._end_transfer(c)
                 self._retry_or_fail(job, _Retry(f"Timeout: no answer within {limit:g} s"))
 
     def _retry_or_fail(self, job: _Job, outcome: _Retry) -> None:
@@ -685,13 +678,8 @@ class HttpClient:
         if job.done:
             return
         job.done = True
-        if job.handle is not None:
-            c, job.handle = job.handle, None
-            self._active.pop(c, None)
-            self._drop_transfer(c, job)
-            self._finish_large(job)
-        elif job.paused:
-            self._finish_large(job)
+        if job.handle is not None:  # in a transfer (a paused one too)
+            self._end_transfer(job.handle)
         with contextlib.suppress(ValueError):
             self._ready.remove(job)
         if job.admit is not None and self._gate.forget(job.admit):
