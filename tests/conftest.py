@@ -307,6 +307,15 @@ class _Handler(SimpleHTTPRequestHandler):
             pass
 
 
+class LoopbackServer(ThreadingHTTPServer):
+    """A test HTTP server on 127.0.0.1 with a listen backlog as real servers have (nginx: 511).
+    http.server's default of 5 drops the handshakes of dozens of connections opened at once,
+    and those requests then reach the server seconds later, after the client has retried."""
+
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 @dataclass
 class HTTPFolder:
     root: Path
@@ -321,7 +330,7 @@ class HTTPFolder:
 def http_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("http_root")
     handler = type("Handler", (_Handler,), {"flaky_seen": set(), "lock": threading.Lock(), "requests": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
+    server = LoopbackServer(("127.0.0.1", 0), partial(handler, directory=str(root)))
     server.daemon_threads = True
     server.block_on_close = False
     thread = threading.Thread(target=server.serve_forever, name="test-http", daemon=True)

@@ -9,13 +9,13 @@ import hashlib
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import imagegen
 import pytest
-from conftest import Output, convert, decode, parquet_hashes, row, write_input
+from conftest import LoopbackServer, Output, convert, decode, parquet_hashes, row, write_input
 
 from engine.config import FetchOptions
 from engine.sources.cache import DownloadCache
@@ -171,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
 @pytest.fixture(scope="module")
 def server():
     STOP.clear()
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = LoopbackServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     httpd.block_on_close = False
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import socket
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import imagegen
 import pytest
-from conftest import Output, convert, row, write_input
+from conftest import LoopbackServer, Output, convert, row, write_input
 
 from engine.config import FetchOptions
 from engine.sources.fetch import Fetcher, FetchFailure
@@ -47,7 +47,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = LoopbackServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
     httpd.shutdown()

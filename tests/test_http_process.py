@@ -14,7 +14,7 @@ import time
 
 import imagegen
 import pytest
-from conftest import convert, row, write_input
+from conftest import LoopbackServer, convert, row, write_input
 
 from engine.config import FetchOptions
 from engine.sources import http_process
@@ -28,7 +28,7 @@ LARGE = [bytes([i]) * (3 << 19) + os.urandom(64) for i in range(3)]
 
 @pytest.fixture(scope="module")
 def server():
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -44,7 +44,7 @@ def server():
             self.end_headers()
             self.wfile.write(body)
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd = LoopbackServer(("127.0.0.1", 0), Handler)
     httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"

@@ -13,13 +13,13 @@ import signal
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import imagegen
 import pyarrow.parquet as pq
 import pytest
-from conftest import CONFIG_BYTES, REPO, Output, convert, row, run_main, write_input
+from conftest import CONFIG_BYTES, REPO, LoopbackServer, Output, convert, row, run_main, write_input
 
 try:  # object storage through the moto server the update tests use, where s3fs and moto are installed
     from test_update_s3 import s3  # noqa: F401  (a fixture)
@@ -71,7 +71,7 @@ class _Server:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = LoopbackServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, name="test-retry-http", daemon=True).start()
